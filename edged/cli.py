@@ -1,0 +1,150 @@
+"""The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged import __version__
+from edged.config import describe, load_config
+from edged.core.errors import ConfigError, EdgedError
+
+
+def _config_epilog() -> str:
+    lines = ["configuration keys (TOML [section] key, or the environment variable):"]
+    for key, env, default, doc in describe():
+        lines.append(f"  {key:32} {env:36} default {default!r}")
+        lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the daemon",
+        description="Serve a model repository over the KServe v2 gRPC protocol until SIGTERM "
+                    "or SIGINT.",
+        epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--config", type=Path,
+                       help="TOML config file (default /etc/edged/edged.toml when it exists)")
+    serve.add_argument("--models", type=Path, help="model repository folder (models.repository)")
+    serve.add_argument("--grpc-address", help="HOST:PORT to listen on (server.grpc_address)")
+
+    infer = commands.add_parser(
+        "infer", help="send one inference request to a running daemon",
+        description="Send one ModelInfer request and print the outputs as JSON.")
+    infer.add_argument("model", help="model name")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                       required=True, help="an input tensor from a .npy file (repeat per input)")
+    infer.add_argument("--output", action="append", default=[], metavar="NAME",
+                       help="return only these outputs (repeatable; default all)")
+    infer.add_argument("--model-version", default="", help="version to ask for (default latest)")
+    infer.add_argument("--address", default="127.0.0.1:8001", help="daemon's gRPC HOST:PORT")
+    infer.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+    infer.add_argument("--save", type=Path, metavar="DIR",
+                       help="also write each output to DIR/NAME.npy")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edged import logs
+    from edged.daemon import Daemon
+
+    overrides: dict[str, Any] = {}
+    if args.models is not None:
+        overrides["models.repository"] = str(args.models)
+    if args.grpc_address is not None:
+        overrides["server.grpc_address"] = args.grpc_address
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"edged: {e}", file=sys.stderr)
+        return 2
+    logs.configure(config.log.level, config.log.format)
+    try:
+        asyncio.run(Daemon(config).run_until_signalled())
+    except ConfigError as e:
+        print(f"edged: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _load_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--input {spec!r}: expected NAME=FILE.npy")
+    array = np.load(path, allow_pickle=False)
+    if array.dtype.kind in "SU":  # fixed-width strings stand for a BYTES tensor
+        flat = np.empty(array.size, dtype=object)
+        flat[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
+        array = flat.reshape(array.shape)
+    return name, array
+
+
+def _jsonable(array: np.ndarray[Any, Any]) -> Any:
+    if array.dtype == object:
+        return [v.decode(errors="replace") for v in array.reshape(-1)]
+    return array.reshape(-1).tolist()
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import grpc
+
+    from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
+    from edged.core.types import InferRequest
+    from edged.frontends.kserve_codec import request_to_proto, response_from_proto
+
+    try:
+        inputs = dict(_load_input(s) for s in args.input)
+    except (OSError, ValueError) as e:
+        print(f"edged infer: {e}", file=sys.stderr)
+        return 2
+    request = InferRequest(model_name=args.model, model_version=args.model_version,
+                           inputs=inputs, requested_outputs=tuple(args.output), id="edged-cli")
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            reply = stub.ModelInfer(request_to_proto(request), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"edged infer: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    try:
+        response = response_from_proto(reply)
+    except EdgedError as e:
+        print(f"edged infer: bad reply: {e}", file=sys.stderr)
+        return 1
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        for name, array in response.outputs.items():
+            np.save(args.save / f"{name.replace('/', '_')}.npy", array, allow_pickle=True)
+    print(json.dumps({
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "id": response.id,
+        "outputs": {name: {"datatype": str(array.dtype), "shape": list(array.shape),
+                           "data": _jsonable(array)}
+                    for name, array in response.outputs.items()},
+    }, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edged`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _infer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

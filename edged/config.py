@@ -1,0 +1,259 @@
+"""The daemon's configuration: typed dataclasses, loaded from TOML with EDGED_ overrides.
+
+Every key ``[section] key`` can also be set by the environment variable
+``EDGED_<SECTION>_<KEY>`` (upper case), which wins over the file. An unknown key, section or
+``EDGED_`` variable, or a value of the wrong type or range, stops the start with a
+``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged.core.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+ENV_PREFIX = "EDGED_"
+# Environment variables with the prefix that are not config keys.
+_ENV_NOT_KEYS = frozenset({"EDGED_CONFIG"})
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _address(value: Any) -> str | None:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "must be HOST:PORT with a port from 0 to 65535"
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _key(doc: str, check: Callable[[Any], str | None] | None = None) -> dict[str, Any]:
+    return {"doc": doc, "check": check}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: the network frontends and the daemon's lifecycle."""
+
+    grpc_address: str = field(
+        default="127.0.0.1:8001",
+        metadata=_key("HOST:PORT the KServe v2 gRPC service listens on; port 0 picks one.", _address),
+    )
+    max_request_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_key("Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.", _positive),
+    )
+    shutdown_grace_s: float = field(
+        default=10.0,
+        metadata=_key("On SIGTERM, how long in-flight requests may take to finish.", _non_negative),
+    )
+    stream_max_in_flight: int = field(
+        default=64,
+        metadata=_key("Requests one ModelStreamInfer stream may have running at once.", _positive),
+    )
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """[models]: the model repository and how models are loaded."""
+
+    repository: str = field(
+        default="/var/lib/edged/models",
+        metadata=_key("Folder holding <model>/model.toml and <model>/<version>/ folders."),
+    )
+    strict_readiness: bool = field(
+        default=True,
+        metadata=_key("ServerReady only when every model in the repository loaded."),
+    )
+    default_max_batch_size: int = field(
+        default=8,
+        metadata=_key(
+            "max_batch_size for a model whose model.toml omits it and whose inputs and outputs "
+            "all have a dynamic axis 0; 0 turns batching off for such models.",
+            _non_negative,
+        ),
+    )
+    load_timeout_s: float = field(
+        default=300.0,
+        metadata=_key("Longest a model may take to load and warm up before it is failed.", _positive),
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log]: structured logs on stdout."""
+
+    level: str = field(
+        default="info",
+        metadata=_key("Lowest level logged.", _one_of("debug", "info", "warning", "error")),
+    )
+    format: str = field(
+        default="json",
+        metadata=_key("json: one JSON object per line; console: for a person at a terminal.",
+                      _one_of("json", "console")),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; each field is one TOML section."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _sections() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, kind: Any, raw: Any, from_env: bool) -> Any:
+    """``raw`` as ``kind``; environment values arrive as strings."""
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if from_env and str(raw).lower() in {"1", "true", "yes", "on"}:
+                return True
+            if from_env and str(raw).lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or not (isinstance(raw, int) or from_env):
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool) or not (isinstance(raw, int | float) or from_env):
+                raise ValueError
+            return float(raw)
+        if kind is str:
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except ValueError:
+        pass
+    raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {raw!r}")
+
+
+def build_config(
+    data: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """A Config from parsed TOML ``data``, then ``EDGED_`` variables in ``env``, then
+    ``overrides`` (dotted keys such as ``"models.repository"``, from command-line flags).
+
+    Raises:
+        ConfigError: an unknown section, key or EDGED_ variable, or a bad value; the message
+            names the key.
+    """
+    sections = _sections()
+    values: dict[str, dict[str, tuple[Any, bool]]] = {name: {} for name in sections}
+
+    for section, table in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section '[{section}]' (known: {', '.join(sections)})")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config key '{section}' must be a table")
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{section}.{key}'")
+            values[section][key] = (value, False)
+
+    env_keys = {
+        f"{ENV_PREFIX}{section}_{f.name}".upper(): (section, f.name)
+        for section, cls in sections.items()
+        for f in dataclasses.fields(cls)
+    }
+    for name, value in (env or {}).items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        if name not in env_keys:
+            raise ConfigError(f"unknown config environment variable '{name}'")
+        section, key = env_keys[name]
+        values[section][key] = (value, True)
+
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        values[section][key] = (value, False)
+
+    built: dict[str, Any] = {}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values[section]:
+                continue
+            raw, from_env = values[section][f.name]
+            key = f"{section}.{f.name}"
+            value = _coerce(key, hints[f.name], raw, from_env)
+            check = f.metadata.get("check")
+            problem = check(value) if check else None
+            if problem:
+                raise ConfigError(f"config key '{key}': {problem} (got {value!r})")
+            kwargs[f.name] = value
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the TOML file at ``path`` (or the default path when it exists) and apply ``env``
+    (default: ``os.environ``) and ``overrides``.
+
+    Raises:
+        ConfigError: the file named is missing or is not valid TOML, or any key is bad.
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get("EDGED_CONFIG"):
+        path = Path(env["EDGED_CONFIG"])
+    data: dict[str, Any] = {}
+    if path is None:
+        path = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    return build_config(data, env, overrides)
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every key as (dotted key, environment variable, default, doc), for docs and --help."""
+    rows = []
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            rows.append((
+                f"{section}.{f.name}",
+                f"{ENV_PREFIX}{section}_{f.name}".upper(),
+                f.default,
+                f.metadata.get("doc", ""),
+            ))
+    return rows

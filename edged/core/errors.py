@@ -1,0 +1,52 @@
+"""Every failure a client can see, one type each.
+
+Errors know nothing of transports: each frontend maps these types to its own status codes in
+one place (``edged.frontends.grpc.STATUS_BY_ERROR``). Foreign exceptions are wrapped with
+``raise ... from e`` so the cause survives in logs but never leaks into a reply.
+"""
+
+from __future__ import annotations
+
+
+class EdgedError(Exception):
+    """Base of every error edged reports to a client."""
+
+
+class InvalidInputError(EdgedError):
+    """The request is malformed: a tensor's name, dtype, shape or contents is wrong."""
+
+
+class ModelNotFoundError(EdgedError):
+    """No model (or no such version of it) exists in the repository."""
+
+
+class ModelNotReadyError(EdgedError):
+    """The model exists but is not serving: loading, unloading or failed to load."""
+
+
+class UnavailableError(EdgedError):
+    """The daemon is not taking requests (starting or shutting down)."""
+
+
+class OverloadedError(EdgedError):
+    """A bounded resource is full: a queue, or the size limit of one request."""
+
+
+class DeadlineExceededError(EdgedError):
+    """The request's timeout expired before it was answered."""
+
+
+class ExecutorError(EdgedError):
+    """The executor running the model failed while loading or running it."""
+
+
+class ModelLoadError(EdgedError):
+    """A model could not be loaded: bad model.toml, unreadable artifact, failed warm-up."""
+
+
+class ConfigError(EdgedError):
+    """A configuration key is unknown or its value is invalid; names the key."""
+
+
+class UnsupportedError(EdgedError):
+    """The request asks for a feature edged does not implement."""

@@ -1,0 +1,127 @@
+"""Wiring: the model manager, the gRPC frontend, and their lifecycle.
+
+``start`` binds the gRPC port first, so ServerLive answers while models are still loading;
+each model answers ModelReady only once it has loaded and warmed up. ``stop`` runs in a fixed
+order: stop intake -> let in-flight requests finish (bounded grace) -> stop the server ->
+unload models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import structlog
+
+from edged.config import Config
+from edged.core.errors import ConfigError
+from edged.frontends.grpc import HealthPublisher, build_server
+from edged.serving.manager import ModelManager
+
+log = structlog.get_logger("edged.daemon")
+
+
+class Daemon:
+    """One edged process's serving machinery."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.manager = ModelManager(
+            Path(config.models.repository),
+            default_max_batch_size=config.models.default_max_batch_size,
+            load_timeout_s=config.models.load_timeout_s,
+            drain_timeout_s=config.server.shutdown_grace_s,
+        )
+        self.grpc_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: HealthPublisher | None = None
+        self._startup: asyncio.Task[None] | None = None
+        self._loaded = False
+        self._failed: dict[str, str] = {}
+        self._stopping = False
+
+    def is_ready(self) -> bool:
+        """ServerReady: start-up loading is done, and (strict) every model loaded."""
+        if self._stopping or not self._loaded:
+            return False
+        if self.config.models.strict_readiness:
+            return all(self.manager.is_ready(n) for n in self.manager.models_on_disk())
+        return True
+
+    async def start(self) -> None:
+        """Bind and serve, then load the repository in the background.
+
+        Raises:
+            ConfigError: the repository folder is missing or the address cannot be bound.
+        """
+        repo = Path(self.config.models.repository)
+        if not repo.is_dir():
+            raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
+        server, health = build_server(
+            self.manager, is_ready=self.is_ready,
+            max_request_bytes=self.config.server.max_request_bytes,
+            stream_max_in_flight=self.config.server.stream_max_in_flight)
+        address = self.config.server.grpc_address
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}: {e}") from e
+        if port == 0 and not address.endswith(":0"):
+            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}")
+        await server.start()
+        self._server, self._health, self.grpc_port = server, health, port
+        health.server_changed(False)
+        host = address.rpartition(":")[0]
+        log.info("server_live", grpc_address=f"{host}:{port}", repository=str(repo))
+        self._startup = asyncio.create_task(self._load_repository())
+
+    async def _load_repository(self) -> None:
+        started = time.monotonic()
+        self._failed = await self.manager.load_all()
+        for model, error in self._failed.items():
+            log.error("model_load_failed", model=model, error=error)
+        self._loaded = True
+        assert self._health is not None
+        self._health.server_changed(self.is_ready())
+        log.info("server_ready" if self.is_ready() else "server_not_ready",
+                 models=len(self.manager.ready_models()), failed=sorted(self._failed),
+                 seconds=round(time.monotonic() - started, 3))
+
+    async def wait_loaded(self) -> None:
+        """Return once start-up loading has finished (for tests and `edged serve`)."""
+        if self._startup is not None:
+            await asyncio.shield(self._startup)
+
+    async def stop(self) -> None:
+        """Stop intake, drain, stop the server, unload models. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.server.shutdown_grace_s
+        log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+        self.manager.stop_intake()
+        if self._health is not None:
+            await self._health.shutdown()
+        deadline = time.monotonic() + grace
+        drained = await self.manager.drain(grace)
+        if not drained:
+            log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        await self.manager.unload_all()
+        log.info("shutdown_complete")
+
+    async def run_until_signalled(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()

@@ -1,0 +1,1 @@
+"""Frontends: wire messages <-> edged.core types, and nothing else."""

@@ -1,0 +1,340 @@
+"""The KServe v2 gRPC frontend (GRPCInferenceService), grpc.health.v1 and reflection.
+
+A thin servicer: protobuf in -> edged.core types -> the ModelManager -> protobuf out. Domain
+errors become gRPC status codes in one place, ``STATUS_BY_ERROR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from edged import __version__
+from edged._proto.inference import grpc_service_pb2 as pb
+from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edged.core import errors
+from edged.frontends import kserve_codec as codec
+from edged.serving.manager import ModelManager
+from edged.serving.repository import PLATFORMS
+from edged.serving.stats import Duration, ModelStats
+
+log = structlog.get_logger("edged.grpc")
+
+STATUS_BY_ERROR: dict[type[errors.EdgedError], grpc.StatusCode] = {
+    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ExecutorError: grpc.StatusCode.INTERNAL,
+    errors.ModelLoadError: grpc.StatusCode.INTERNAL,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+#: what ServerMetadata lists as implemented
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+
+SERVER_NAME = "edged"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_of(error: errors.EdgedError) -> grpc.StatusCode:
+    """The gRPC status for a domain error (its nearest mapped base class)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def handle_errors(
+    rpc: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Answer domain errors with their status and message, anything else with INTERNAL."""
+
+    @functools.wraps(rpc)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await rpc(self, request, context)
+        except errors.EdgedError as e:
+            await context.abort(status_of(e), str(e))
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("rpc_failed", rpc=rpc.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
+    with stats._lock:
+        message = pb.ModelStatistics(
+            name=name, version=str(version), last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count, execution_count=stats.execution_count)
+        s = message.inference_stats
+        s.success.CopyFrom(_duration(stats.success))
+        s.fail.CopyFrom(_duration(stats.fail))
+        s.queue.CopyFrom(_duration(stats.queue))
+        s.compute_input.CopyFrom(_duration(stats.compute_input))
+        s.compute_infer.CopyFrom(_duration(stats.compute_infer))
+        s.compute_output.CopyFrom(_duration(stats.compute_output))
+        for size in sorted(stats.batches):
+            b = stats.batches[size]
+            message.batch_stats.add(batch_size=size, compute_input=_duration(b.compute_input),
+                                    compute_infer=_duration(b.compute_infer),
+                                    compute_output=_duration(b.compute_output))
+    return message
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService over one ModelManager."""
+
+    def __init__(self, manager: ModelManager, *, is_ready: Callable[[], bool],
+                 stream_max_in_flight: int = 64) -> None:
+        self._manager = manager
+        self._is_ready = is_ready
+        self._stream_max_in_flight = stream_max_in_flight
+
+    # -- health ----------------------------------------------------------------------------
+
+    @handle_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @handle_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @handle_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(
+            ready=self._manager.accepting and self._manager.is_ready(request.name,
+                                                                     request.version))
+
+    # -- metadata --------------------------------------------------------------------------
+
+    @handle_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=EXTENSIONS)
+
+    @handle_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        mv = self._manager.get(request.name, request.version)
+        sig = mv.signature
+        return pb.ModelMetadataResponse(
+            name=mv.name,
+            versions=[str(v.version) for v in self._manager.versions(mv.name)],
+            platform=PLATFORMS[mv.spec.format][0],
+            inputs=codec.tensor_metadata(sig, sig.inputs),
+            outputs=codec.tensor_metadata(sig, sig.outputs),
+        )
+
+    @handle_errors
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        mv = self._manager.get(request.name, request.version)
+        platform, backend = PLATFORMS[mv.spec.format]
+        config = codec.model_config(
+            mv.name, mv.signature, platform, backend, mv.spec.instances,
+            [v.version for v in self._manager.versions(mv.name)])
+        return pb.ModelConfigResponse(config=config)
+
+    @handle_errors
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                versions = [self._manager.get(request.name, request.version)]
+            else:
+                versions = self._manager.versions(request.name)
+        else:
+            versions = self._manager.ready_models()
+        return pb.ModelStatisticsResponse(
+            model_stats=[_statistics(mv.name, mv.version, mv.stats) for mv in versions])
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        with structlog.contextvars.bound_contextvars(
+            model=message.model_name, version=message.model_version, request_id=message.id
+        ):
+            try:
+                request = codec.request_from_proto(message)
+                response = await self._manager.infer(request)
+            except errors.EdgedError as e:
+                log.info("infer_refused", error=str(e), status=status_of(e).name)
+                raise
+            return codec.response_to_proto(response)
+
+    @handle_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently (bounded); each answer, or its error as
+        ``error_message``, goes back as it completes. An error never ends the stream."""
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(message: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(message)
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except errors.EdgedError as e:
+                results.put_nowait(self._stream_error(message, str(e)))
+            except Exception as e:
+                log.exception("stream_infer_failed")
+                results.put_nowait(self._stream_error(message, f"internal error: {e}"))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                results.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    @staticmethod
+    def _stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(
+            error_message=error,
+            infer_response=pb.ModelInferResponse(model_name=message.model_name,
+                                                 model_version=message.model_version,
+                                                 id=message.id))
+
+    # -- repository ------------------------------------------------------------------------
+
+    @handle_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        entries = self._manager.index()
+        if request.ready:
+            entries = [e for e in entries if e.state == "READY"]
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version,
+                                                  state=e.state.value, reason=e.reason)
+            for e in entries])
+
+    @handle_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext,
+    ) -> pb.RepositoryModelLoadResponse:
+        self._check_repository(request.repository_name)
+        if request.parameters:
+            names = ", ".join(sorted(request.parameters))
+            raise errors.UnsupportedError(f"load parameters are not supported ({names}); "
+                                          "edit model.toml in the repository instead")
+        started = time.monotonic()
+        await self._manager.load(request.model_name)
+        log.info("model_loaded", model=request.model_name,
+                 seconds=round(time.monotonic() - started, 3))
+        return pb.RepositoryModelLoadResponse()
+
+    @handle_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext,
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_repository(request.repository_name)
+        await self._manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @staticmethod
+    def _check_repository(name: str) -> None:
+        if name not in ("", "models"):
+            raise errors.ModelNotFoundError(f"unknown repository '{name}' (edged serves one, "
+                                            "'models'; leave repository_name empty)")
+
+
+class HealthPublisher:
+    """Keeps grpc.health.v1 in step: "" for the server, one service name per model."""
+
+    def __init__(self, servicer: HealthServicer) -> None:
+        self.servicer = servicer
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _set(self, service: str, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        task = asyncio.get_running_loop().create_task(self.servicer.set(service, status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def model_changed(self, model: str, ready: bool) -> None:
+        """ModelManager listener."""
+        self._set(model, ready)
+
+    def server_changed(self, ready: bool) -> None:
+        """The daemon's readiness changed."""
+        self._set("", ready)
+
+    async def shutdown(self) -> None:
+        """Every service NOT_SERVING from now on."""
+        await asyncio.gather(*self._tasks)
+        await self.servicer.enter_graceful_shutdown()
+
+
+def build_server(manager: ModelManager, *, is_ready: Callable[[], bool], max_request_bytes: int,
+                 stream_max_in_flight: int) -> tuple[grpc.aio.Server, HealthPublisher]:
+    """A gRPC server with the inference service, health and reflection (not yet bound)."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", 2**31 - 1),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(manager, is_ready=is_ready, stream_max_in_flight=stream_max_in_flight),
+        server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    publisher = HealthPublisher(health)
+    manager.on_change(publisher.model_changed)
+    reflection.enable_server_reflection((
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ), server)
+    return server, publisher

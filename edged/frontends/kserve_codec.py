@@ -1,0 +1,224 @@
+"""KServe v2 protobuf messages <-> edged.core requests and responses.
+
+Inputs come as ``raw_input_contents`` (viewed without copying) or typed ``contents``; outputs
+always go out as ``raw_output_contents``, the only form the Triton client decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edged._proto.inference import grpc_service_pb2 as pb
+from edged._proto.inference import model_config_pb2 as mc
+from edged.core.errors import InvalidInputError, UnsupportedError
+from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw, to_bytes_element
+from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
+
+#: which typed ``contents`` field carries each datatype (FP16 has none: raw only)
+CONTENTS_FIELD: dict[DataType, str] = {
+    DataType.BOOL: "bool_contents",
+    DataType.INT8: "int_contents",
+    DataType.INT16: "int_contents",
+    DataType.INT32: "int_contents",
+    DataType.INT64: "int64_contents",
+    DataType.UINT8: "uint_contents",
+    DataType.UINT16: "uint_contents",
+    DataType.UINT32: "uint_contents",
+    DataType.UINT64: "uint64_contents",
+    DataType.FP32: "fp32_contents",
+    DataType.FP64: "fp64_contents",
+    DataType.BYTES: "bytes_contents",
+}
+_ALL_CONTENTS_FIELDS = tuple(sorted(set(CONTENTS_FIELD.values())))
+
+#: Triton's ModelConfig data_type for each datatype
+CONFIG_DATATYPE: dict[DataType, int] = {
+    dt: mc.DataType.Value("TYPE_STRING" if dt is DataType.BYTES else f"TYPE_{dt.value}")
+    for dt in DataType
+}
+
+_SHM_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+
+
+def parameter_value(param: pb.InferParameter) -> object:
+    """The Python value an InferParameter holds."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def _datatype(name: str, text: str) -> DataType:
+    try:
+        return DataType(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"tensor '{name}': datatype '{text}' is not one of {', '.join(DataType)}"
+        ) from None
+
+
+def _typed_contents(name: str, datatype: DataType, shape: tuple[int, ...],
+                    contents: pb.InferTensorContents) -> Array:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInputError(f"tensor '{name}': {datatype} has no typed contents field; "
+                                "send it in raw_input_contents")
+    for other in _ALL_CONTENTS_FIELDS:
+        if other != field and len(getattr(contents, other)):
+            raise InvalidInputError(f"tensor '{name}': {datatype} data must be in "
+                                    f"contents.{field}, not contents.{other}")
+    values = getattr(contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidInputError(f"tensor '{name}': contents.{field} holds {len(values)} "
+                                f"elements, shape {list(shape)} needs {count}")
+    if datatype is DataType.BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = datatype.numpy_dtype
+    if dtype.kind in "iu" and count:
+        wide = np.fromiter(values, dtype=np.int64 if dtype.kind == "i" else np.uint64, count=count)
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidInputError(f"tensor '{name}': a value in contents.{field} is outside "
+                                    f"the range of {datatype}")
+        return wide.astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _has_typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
+    return tensor.HasField("contents") and any(
+        len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS)
+
+
+def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
+    """Decode and check a ModelInferRequest's wire-level form.
+
+    Raises:
+        InvalidInputError: bad datatype, shape, byte length, contents, or a tensor given
+            twice or both raw and typed; names the tensor.
+        UnsupportedError: shared-memory or classification parameters (not implemented yet).
+    """
+    if not message.model_name:
+        raise InvalidInputError("model_name is empty")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInputError(f"raw_input_contents has {len(raw)} entries for "
+                                f"{len(message.inputs)} inputs; it needs one per input")
+    inputs: dict[str, Array] = {}
+    for i, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if not name:
+            raise InvalidInputError(f"inputs[{i}] has no name")
+        if name in inputs:
+            raise InvalidInputError(f"tensor '{name}' is given more than once")
+        if any(p in tensor.parameters for p in _SHM_PARAMETERS):
+            raise UnsupportedError(f"tensor '{name}': shared memory inputs are not supported")
+        datatype = _datatype(name, tensor.datatype)
+        shape = check_shape(name, tensor.shape)
+        typed = _has_typed_contents(tensor)
+        if raw:
+            if typed:
+                raise InvalidInputError(f"tensor '{name}': both raw_input_contents and typed "
+                                        "contents are set; send one")
+            inputs[name] = decode_raw(name, datatype, shape, raw[i])
+        elif typed or element_count(shape) == 0:
+            inputs[name] = _typed_contents(name, datatype, shape, tensor.contents)
+        else:
+            raise InvalidInputError(f"tensor '{name}': no data (neither raw_input_contents nor "
+                                    "contents is set)")
+    requested = []
+    for out in message.outputs:
+        if any(p in out.parameters for p in _SHM_PARAMETERS):
+            raise UnsupportedError(f"output '{out.name}': shared memory outputs are not supported")
+        if "classification" in out.parameters:
+            raise UnsupportedError(f"output '{out.name}': the classification extension is not "
+                                   "supported")
+        if out.name not in requested:
+            requested.append(out.name)
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        inputs=inputs,
+        requested_outputs=tuple(requested),
+        parameters=parameters_of(message.parameters),
+    )
+
+
+def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
+    """A ModelInferResponse carrying every output in ``raw_output_contents``."""
+    message = pb.ModelInferResponse(model_name=response.model_name,
+                                    model_version=response.model_version, id=response.id)
+    for name, array in response.outputs.items():
+        datatype = DataType.from_numpy(array.dtype)
+        message.outputs.add(name=name, datatype=datatype.value, shape=array.shape)
+        message.raw_output_contents.append(encode_raw(array))
+    return message
+
+
+def tensor_metadata(signature: Signature, specs: tuple[TensorSpec, ...]
+                    ) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """ModelMetadata tensors: shapes as a client sends them (batch axis as -1)."""
+    return [pb.ModelMetadataResponse.TensorMetadata(
+        name=s.name, datatype=s.datatype.value, shape=signature.client_shape(s)) for s in specs]
+
+
+def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, dims: tuple[int, ...], batched: bool) -> None:
+    """Triton never has empty dims: a batched tensor with only the batch axis is written as
+    dims [1] reshaped to [], as Triton's own configs do."""
+    if batched and not dims:
+        tensor.dims.append(1)
+        tensor.reshape.SetInParent()
+    else:
+        tensor.dims.extend(dims)
+
+
+def model_config(name: str, signature: Signature, platform: str, backend: str,
+                 instances: int, versions: list[int]) -> mc.ModelConfig:
+    """Triton's ModelConfig for a served model: enough for perf_analyzer and model_analyzer."""
+    config = mc.ModelConfig(name=name, platform=platform, backend=backend,
+                            max_batch_size=signature.max_batch_size)
+    for spec in signature.inputs:
+        tensor = config.input.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype])  # type: ignore[arg-type]
+        _set_dims(tensor, signature.config_dims(spec), signature.max_batch_size > 0)
+    for spec in signature.outputs:
+        tensor = config.output.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype])  # type: ignore[arg-type]
+        _set_dims(tensor, signature.config_dims(spec), signature.max_batch_size > 0)
+    config.version_policy.specific.versions.extend(versions)
+    config.instance_group.add(name=f"{name}_cpu", count=instances,
+                              kind=mc.ModelInstanceGroup.Kind.KIND_CPU)
+    return config
+
+
+def request_to_proto(request: InferRequest) -> pb.ModelInferRequest:
+    """Encode a request (used by ``edged infer`` and tests)."""
+    message = pb.ModelInferRequest(model_name=request.model_name,
+                                   model_version=request.model_version, id=request.id)
+    for name, array in request.inputs.items():
+        datatype = DataType.from_numpy(array.dtype)
+        if datatype is DataType.BYTES:
+            flat = np.empty(array.size, dtype=object)
+            flat[:] = [to_bytes_element(v) for v in array.reshape(-1)]
+            array = flat.reshape(array.shape)
+        message.inputs.add(name=name, datatype=datatype.value, shape=array.shape)
+        message.raw_input_contents.append(encode_raw(array))
+    for name in request.requested_outputs:
+        message.outputs.add(name=name)
+    return message
+
+
+def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
+    """Decode a response's raw outputs (used by ``edged infer`` and tests)."""
+    outputs: dict[str, Any] = {}
+    for i, tensor in enumerate(message.outputs):
+        outputs[tensor.name] = decode_raw(tensor.name, DataType(tensor.datatype),
+                                          tensor.shape, message.raw_output_contents[i])
+    return InferResponse(message.model_name, message.model_version, outputs, message.id)
+
+
+def parameters_of(mapping: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    """A protobuf parameter map as plain values."""
+    return {k: parameter_value(v) for k, v in mapping.items()}

@@ -1,0 +1,1 @@
+"""The data plane: the model repository, loaded model versions, and the router over them."""

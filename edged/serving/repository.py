@@ -1,0 +1,312 @@
+"""The model repository on disk: model.toml, version folders, ACTIVE, version policy.
+
+Rules only (parsing, validation, policy selection, signature resolution); the manager does the
+loading. Layout::
+
+    <repo>/<model>/model.toml
+    <repo>/<model>/<version>/model.onnx     numeric version folders; others are ignored
+    <repo>/<model>/ACTIVE                   optional: the versions served, one per line
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged.core.errors import ModelLoadError, ModelNotFoundError
+from edged.core.types import DataType, Signature, TensorSpec
+
+MODEL_TOML = "model.toml"
+ACTIVE_FILE = "ACTIVE"
+
+#: artifact file name and default executors for each format
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "onnx": ("model.onnx", ("cpu-onnx",)),
+}
+
+#: Triton's platform and backend names, which its tools key on
+PLATFORMS: dict[str, tuple[str, str]] = {
+    "onnx": ("onnxruntime_onnx", "onnxruntime"),
+}
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions to serve: the ``latest`` N, a ``specific`` list, or ``all``."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+    all: bool = False
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions to serve out of ``available``, ascending."""
+        versions = sorted(available)
+        if self.all:
+            return versions
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        return versions[-(self.latest or 1) :]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """An input or output as model.toml declares it (dims exclude the batch axis when the
+    model batches, as in Triton's config.pbtxt)."""
+
+    name: str
+    datatype: DataType | None = None
+    dims: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's model.toml, validated."""
+
+    name: str
+    path: Path
+    format: str = "onnx"
+    max_batch_size: int | None = None
+    """None: batch when the artifact allows it, up to the daemon's default."""
+    executors: tuple[str, ...] = ()
+    instances: int = 1
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    inputs: tuple[TensorDecl, ...] = ()
+    outputs: tuple[TensorDecl, ...] = ()
+
+    @property
+    def artifact_name(self) -> str:
+        """The artifact's file name inside a version folder."""
+        return FORMATS[self.format][0]
+
+    @property
+    def executor_preference(self) -> tuple[str, ...]:
+        """Executors to try, best first."""
+        return self.executors or FORMATS[self.format][1]
+
+
+_MODEL_KEYS = {"name", "format", "max_batch_size", "executors", "instances", "version_policy",
+               "inputs", "outputs"}
+
+
+def _fail(path: Path, message: str) -> ModelLoadError:
+    return ModelLoadError(f"{path}: {message}")
+
+
+def _tensor_decls(path: Path, key: str, raw: Any) -> tuple[TensorDecl, ...]:
+    if not isinstance(raw, list):
+        raise _fail(path, f"'{key}' must be an array of tables ([[{key}]])")
+    decls = []
+    for i, item in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(path, f"'{where}' must be a table")
+        unknown = set(item) - {"name", "datatype", "dims"}
+        if unknown:
+            raise _fail(path, f"unknown key '{where}.{sorted(unknown)[0]}'")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(path, f"'{where}.name' must be a non-empty string")
+        datatype = None
+        if "datatype" in item:
+            try:
+                datatype = DataType(str(item["datatype"]).upper().removeprefix("TYPE_"))
+            except ValueError:
+                raise _fail(path, f"'{where}.datatype' {item['datatype']!r} is not a KServe "
+                                  "datatype") from None
+        dims = None
+        if "dims" in item:
+            d = item["dims"]
+            if not isinstance(d, list) or not all(isinstance(x, int) and x >= -1 for x in d):
+                raise _fail(path, f"'{where}.dims' must be a list of integers >= -1")
+            dims = tuple(d)
+        decls.append(TensorDecl(name, datatype, dims))
+    return tuple(decls)
+
+
+def _version_policy(path: Path, raw: Any) -> VersionPolicy:
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise _fail(path, "'version_policy' must be one of { latest = N }, "
+                          "{ specific = [..] }, { all = true }")
+    (kind, value), = raw.items()
+    if kind == "latest" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return VersionPolicy(latest=value)
+    if kind == "specific" and isinstance(value, list) and value and all(
+        isinstance(v, int) and v > 0 for v in value
+    ):
+        return VersionPolicy(latest=None, specific=tuple(value))
+    if kind == "all" and value is True:
+        return VersionPolicy(latest=None, all=True)
+    raise _fail(path, f"'version_policy.{kind}' = {value!r} is not valid")
+
+
+def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
+    """Validate model.toml's ``data`` for the model in ``model_dir``.
+
+    Raises:
+        ModelLoadError: an unknown key or a bad value, named.
+    """
+    path = model_dir / MODEL_TOML
+    unknown = set(data) - _MODEL_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key '{sorted(unknown)[0]}'")
+    name = data.get("name", model_dir.name)
+    if name != model_dir.name:
+        raise _fail(path, f"'name' is {name!r} but the folder is {model_dir.name!r}")
+    fmt = data.get("format", "onnx")
+    if fmt not in FORMATS:
+        raise _fail(path, f"'format' {fmt!r} is not one of {', '.join(FORMATS)}")
+    mbs = data.get("max_batch_size")
+    if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0):
+        raise _fail(path, "'max_batch_size' must be an integer >= 0")
+    executors = data.get("executors", [])
+    if not isinstance(executors, list) or not all(isinstance(e, str) for e in executors):
+        raise _fail(path, "'executors' must be a list of executor kinds")
+    instances = data.get("instances", 1)
+    if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 64:
+        raise _fail(path, "'instances' must be an integer from 1 to 64")
+    policy = _version_policy(path, data["version_policy"]) if "version_policy" in data else (
+        VersionPolicy())
+    return ModelSpec(
+        name=name,
+        path=model_dir,
+        format=fmt,
+        max_batch_size=mbs,
+        executors=tuple(executors),
+        instances=instances,
+        version_policy=policy,
+        inputs=_tensor_decls(path, "inputs", data.get("inputs", [])),
+        outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),
+    )
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    """Read and validate ``model_dir``/model.toml.
+
+    Raises:
+        ModelNotFoundError: the folder or its model.toml does not exist.
+        ModelLoadError: model.toml is not valid TOML or not a valid model spec.
+    """
+    path = model_dir / MODEL_TOML
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model '{model_dir.name}' has no {MODEL_TOML} in the "
+                                 "repository") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"not valid TOML: {e}") from e
+    return parse_model_toml(model_dir, data)
+
+
+def list_models(repo: Path) -> list[str]:
+    """Names of the model folders (those holding a model.toml), sorted."""
+    if not repo.is_dir():
+        return []
+    return sorted(p.name for p in repo.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / MODEL_TOML).is_file())
+
+
+def available_versions(model_dir: Path) -> list[int]:
+    """Numeric version folders, ascending; temporary and other folders are ignored."""
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def read_active(model_dir: Path) -> list[int] | None:
+    """The versions ACTIVE names, or None when there is no ACTIVE file.
+
+    Raises:
+        ModelLoadError: ACTIVE holds something other than version numbers.
+    """
+    path = model_dir / ACTIVE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    words = text.split()
+    if not words or not all(w.isdigit() and int(w) > 0 for w in words):
+        raise _fail(path, "must list one or more version numbers")
+    return sorted({int(w) for w in words})
+
+
+def versions_to_serve(spec: ModelSpec) -> list[int]:
+    """ACTIVE when present, else the version policy over the folders present.
+
+    Raises:
+        ModelLoadError: no version to serve, or ACTIVE names a missing version.
+    """
+    available = available_versions(spec.path)
+    active = read_active(spec.path)
+    if active is not None:
+        missing = [v for v in active if v not in available]
+        if missing:
+            raise _fail(spec.path / ACTIVE_FILE, f"names version {missing[0]}, which has no folder")
+        return active
+    chosen = spec.version_policy.select(available)
+    if not chosen:
+        raise ModelLoadError(f"model '{spec.name}': no version folder matches its version policy "
+                             f"(folders: {available or 'none'})")
+    return chosen
+
+
+def _batchable(sig: Signature) -> str | None:
+    """None when every tensor has a dynamic axis 0, else why not."""
+    for spec in sig.inputs:
+        if not spec.shape or spec.shape[0] != -1:
+            return f"input '{spec.name}' has shape {list(spec.shape)}, not a dynamic axis 0"
+    for spec in sig.outputs:
+        if spec.shape and spec.shape[0] != -1:
+            return f"output '{spec.name}' has shape {list(spec.shape)}, not a dynamic axis 0"
+    return None
+
+
+def _apply_decls(
+    specs: tuple[TensorSpec, ...], decls: tuple[TensorDecl, ...], batched: bool, where: str,
+    model: str,
+) -> tuple[TensorSpec, ...]:
+    by_name = {s.name: s for s in specs}
+    for decl in decls:
+        if decl.name not in by_name:
+            raise ModelLoadError(f"model '{model}': model.toml declares {where} '{decl.name}', "
+                                 f"which the artifact does not have (it has: "
+                                 f"{', '.join(by_name)})")
+        actual = by_name[decl.name]
+        if decl.datatype is not None and decl.datatype is not actual.datatype:
+            raise ModelLoadError(f"model '{model}': {where} '{decl.name}' is declared "
+                                 f"{decl.datatype} but the artifact has {actual.datatype}")
+        if decl.dims is None:
+            continue
+        artifact_dims = actual.shape[1:] if batched else actual.shape
+        if len(decl.dims) != len(artifact_dims) or any(
+            a not in (-1, d) for d, a in zip(decl.dims, artifact_dims, strict=True)
+        ):
+            raise ModelLoadError(f"model '{model}': {where} '{decl.name}' is declared with dims "
+                                 f"{list(decl.dims)} but the artifact has {list(artifact_dims)}")
+        shape = ((-1,) if batched else ()) + decl.dims
+        by_name[decl.name] = TensorSpec(actual.name, actual.datatype, shape)
+    return tuple(by_name[s.name] for s in specs)
+
+
+def resolve_signature(artifact: Signature, spec: ModelSpec, default_max_batch_size: int) -> Signature:
+    """The signature served: the artifact's, narrowed by model.toml, with max_batch_size.
+
+    Raises:
+        ModelLoadError: model.toml asks for batching the artifact cannot do, or declares a
+            tensor the artifact lacks or disagrees with.
+    """
+    why_not = _batchable(artifact)
+    if spec.max_batch_size is None:
+        mbs = default_max_batch_size if why_not is None else 0
+    else:
+        mbs = spec.max_batch_size
+        if mbs > 0 and why_not is not None:
+            raise ModelLoadError(f"model '{spec.name}': max_batch_size = {mbs} but {why_not}; "
+                                 "set max_batch_size = 0")
+    batched = mbs > 0
+    return Signature(
+        inputs=_apply_decls(artifact.inputs, spec.inputs, batched, "input", spec.name),
+        outputs=_apply_decls(artifact.outputs, spec.outputs, batched, "output", spec.name),
+        max_batch_size=mbs,
+    )

@@ -1,0 +1,62 @@
+"""Check a decoded request against the model's signature before it is queued."""
+
+from __future__ import annotations
+
+from edged.core.errors import InvalidInputError
+from edged.core.types import DataType, InferRequest, Signature
+
+
+def validate_request(request: InferRequest, signature: Signature) -> int:
+    """Check names, datatypes, ranks, dims and the batch size; return the batch size (1 for a
+    model that does not batch).
+
+    Raises:
+        InvalidInputError: naming the tensor and what is wrong with it.
+    """
+    model = request.model_name
+    for name in request.inputs:
+        if signature.input(name) is None:
+            raise InvalidInputError(
+                f"unknown input tensor '{name}' for model '{model}' (it takes: "
+                f"{', '.join(t.name for t in signature.inputs)})"
+            )
+    batch: int | None = None
+    batch_from = ""
+    for spec in signature.inputs:
+        array = request.inputs.get(spec.name)
+        if array is None:
+            raise InvalidInputError(f"missing input tensor '{spec.name}' for model '{model}'")
+        datatype = DataType.from_numpy(array.dtype)
+        if datatype is not spec.datatype:
+            raise InvalidInputError(
+                f"input tensor '{spec.name}': datatype {datatype} does not match the model's "
+                f"{spec.datatype}"
+            )
+        expected = signature.client_shape(spec)
+        if array.ndim != len(expected) or any(
+            e != -1 and e != a for e, a in zip(expected, array.shape, strict=True)
+        ):
+            raise InvalidInputError(
+                f"input tensor '{spec.name}': shape {list(array.shape)} does not match the "
+                f"model's {list(expected)}"
+            )
+        if signature.max_batch_size > 0:
+            size = array.shape[0]
+            if size < 1 or size > signature.max_batch_size:
+                raise InvalidInputError(
+                    f"input tensor '{spec.name}': batch size {size} is outside 1.."
+                    f"{signature.max_batch_size} (the model's max_batch_size)"
+                )
+            if batch is not None and size != batch:
+                raise InvalidInputError(
+                    f"input tensor '{spec.name}': batch size {size} differs from input "
+                    f"'{batch_from}' ({batch})"
+                )
+            batch, batch_from = size, spec.name
+    for name in request.requested_outputs:
+        if signature.output(name) is None:
+            raise InvalidInputError(
+                f"unknown output tensor '{name}' requested from model '{model}' (it returns: "
+                f"{', '.join(t.name for t in signature.outputs)})"
+            )
+    return batch or 1

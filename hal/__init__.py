@@ -1,0 +1,17 @@
+"""Hardware abstraction layer: executors that run models, and how edged finds them.
+
+An executor kind ("cpu-onnx", ...) is registered under the ``edged.executors`` entry-point
+group, so a vendor package can add one without touching edged.
+"""
+
+from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
+from hal.registry import available_kinds, get_executor
+
+__all__ = [
+    "Executor",
+    "ExecutorOptions",
+    "LoadedModel",
+    "ModelArtifact",
+    "available_kinds",
+    "get_executor",
+]

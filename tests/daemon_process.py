@@ -1,0 +1,104 @@
+"""Start a real `edged serve` process on loopback and follow its JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_MODELS = REPO_ROOT / "models"
+
+
+class DaemonProcess:
+    """A running `edged serve`; ``events`` collects its parsed log lines."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+        full_env.update(env or {})
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edged.cli", "serve", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True,
+            cwd=REPO_ROOT)
+        self.events: list[dict[str, Any]] = []
+        self.other_lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.stderr = ""
+        self.address = ""
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                try:
+                    event = json.loads(line)
+                    event["_t"] = time.monotonic() - self.started
+                    self.events.append(event)
+                except json.JSONDecodeError:
+                    self.other_lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """The first log event named ``event`` (with ``fields``); fails on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in self.events:
+                    if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
+                        return e
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError(f"edged exited ({self.proc.returncode}) before '{event}': "
+                                       f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                                       f" {self.events[-5:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no '{event}' within {timeout}s; events: {self.events[-5:]}")
+                self._cond.wait(min(left, 0.1))
+
+    def wait_live(self, timeout: float = 30.0) -> str:
+        """Wait for the gRPC port and return HOST:PORT."""
+        event = self.wait_for("server_live", timeout)
+        self.address = event["grpc_address"]
+        return self.address
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the daemon and wait for it to exit; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.stderr = self.proc.stderr.read()
+        return code
+
+
+def copy_example_models(target: Path) -> Path:
+    """A writable copy of the example repository in models/."""
+    shutil.copytree(EXAMPLE_MODELS, target,
+                    ignore=shutil.ignore_patterns("*.py", "README.md", "__pycache__"))
+    return target
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+            ) -> subprocess.CompletedProcess[str]:
+    """Run the edged CLI to completion."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edged.cli", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=REPO_ROOT, check=False)
