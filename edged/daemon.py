@@ -44,11 +44,12 @@ class Daemon:
         self._stopping = False
 
     def is_ready(self) -> bool:
-        """ServerReady: start-up loading is done, and (strict) every model loaded."""
+        """ServerReady: start-up loading is done and, with strict readiness, every model asked
+        to serve (at start-up or by RepositoryModelLoad, and not unloaded since) is serving."""
         if self._stopping or not self._loaded:
             return False
         if self.config.models.strict_readiness:
-            return all(self.manager.is_ready(n) for n in self.manager.models_on_disk())
+            return all(self.manager.is_ready(n) for n in self.manager.wanted())
         return True
 
     async def start(self) -> None:

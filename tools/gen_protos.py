@@ -49,6 +49,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2
+from grpc_tools import protoc  # type: ignore[import-untyped]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
 OUT_DIR = REPO_ROOT / "edged" / "_proto"
@@ -91,7 +94,8 @@ def _ensure_file(name: str) -> None:
         # dependency that is not one of ours (google/protobuf/*.proto) is there.
         source = descriptor_pool.Default().FindFileByName(name)
     except KeyError:
-        raise ImportError(f"{name} is neither in edged._proto.POOL nor in the default pool") from None
+        message = f"{name} is neither in edged._proto.POOL nor in the default pool"
+        raise ImportError(message) from None
     proto = descriptor_pb2.FileDescriptorProto()
     source.CopyToProto(proto)
     for dependency in proto.dependency:
@@ -149,8 +153,6 @@ def _toolchain() -> tuple[str, str]:
 
 
 def _run_protoc(protos: list[str], raw_dir: Path, descriptor_set: Path, plugin: str) -> None:
-    from grpc_tools import protoc  # imported late: --help works without grpcio-tools
-
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -168,8 +170,6 @@ def _run_protoc(protos: list[str], raw_dir: Path, descriptor_set: Path, plugin: 
 
 
 def _files_with_services(descriptor_set: Path) -> set[str]:
-    from google.protobuf import descriptor_pb2
-
     file_set = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
     return {f.name for f in file_set.file if f.service}
 
@@ -180,6 +180,7 @@ def _module_name(relpath: str) -> str:
 
 def _rewrite(text: str, relpath: str, modules: set[str]) -> str:
     """Make generated-module references absolute and use edged's pool."""
+
     # `from inference import model_config_pb2` -> `from edged._proto.inference import ...`
     def _from_import(match: re.Match[str]) -> str:
         package, name = match.group(2), match.group(3)
@@ -244,12 +245,13 @@ def generate() -> dict[str, bytes]:
     for relpath, text in raw.items():
         out[relpath] = _rewrite(text, relpath, modules).encode("utf-8")
 
-    packages = {Path(relpath).parent.as_posix() for relpath in out}
-    for package in list(packages):
-        while package not in ("", "."):
-            packages.add(package)
-            package = Path(package).parent.as_posix()
-    for package in sorted(packages - {"."}):
+    packages = {
+        parent.as_posix()
+        for relpath in out
+        for parent in Path(relpath).parents
+        if parent != Path(".")
+    }
+    for package in sorted(packages):
         out[f"{package}/__init__.py"] = _package_init(package).encode("utf-8")
     out["__init__.py"] = _root_init(versions).encode("utf-8")
     out["_pool.py"] = _POOL_MODULE.encode("utf-8")

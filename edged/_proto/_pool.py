@@ -32,7 +32,8 @@ def _ensure_file(name: str) -> None:
         # dependency that is not one of ours (google/protobuf/*.proto) is there.
         source = descriptor_pool.Default().FindFileByName(name)
     except KeyError:
-        raise ImportError(f"{name} is neither in edged._proto.POOL nor in the default pool") from None
+        message = f"{name} is neither in edged._proto.POOL nor in the default pool"
+        raise ImportError(message) from None
     proto = descriptor_pb2.FileDescriptorProto()
     source.CopyToProto(proto)
     for dependency in proto.dependency:

@@ -55,7 +55,9 @@ def decode_raw(name: str, datatype: DataType, shape: Sequence[int], raw: bytes |
         )
     array = np.frombuffer(raw, dtype=datatype.numpy_dtype.newbyteorder("<"), count=count)
     if datatype is DataType.BOOL and count and array.view(np.uint8).max() > 1:
-        raise InvalidInputError(f"tensor '{name}': BOOL contents hold a byte other than 0 or 1")
+        # Any non-zero byte is true, as in Triton (whose perf_analyzer sends random bytes);
+        # normalise so that numpy and the runtimes see canonical 0/1 booleans.
+        array = array.view(np.uint8) != 0
     return array.reshape(dims)
 
 

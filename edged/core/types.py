@@ -54,6 +54,8 @@ class DataType(enum.StrEnum):
         dt = np.dtype(dtype)
         if dt.kind in "OSU":
             return cls.BYTES
+        if dt.byteorder not in ("=", "|"):
+            dt = dt.newbyteorder("=")  # a big-endian array is still that datatype
         for datatype, candidate in _NUMPY_BY_DATATYPE.items():
             if candidate == dt:
                 return datatype

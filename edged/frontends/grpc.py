@@ -16,9 +16,11 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edged import __version__
+from edged._proto import POOL
+from edged._proto._pool import add_serialized_file
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core import errors
@@ -336,5 +338,15 @@ def build_server(manager: ModelManager, *, is_ready: Callable[[], bool], max_req
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
-    ), server)
+    ), server, pool=_reflection_pool())
     return server, publisher
+
+
+def _reflection_pool() -> object:
+    """edged's own descriptor pool (see edged._proto), plus health and reflection."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            add_serialized_file(module.DESCRIPTOR.serialized_pb)
+    return POOL

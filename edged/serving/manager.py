@@ -55,6 +55,8 @@ class _Model:
     serving: dict[int, ModelVersion] = field(default_factory=dict)
     states: dict[int, tuple[VersionState, str]] = field(default_factory=dict)
     error: str = ""
+    wanted: bool = True
+    """Asked to serve (loaded, or a load failed) and not unloaded since."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -111,9 +113,10 @@ class ModelManager:
             raise ModelNotFoundError(f"model '{name}' is not a model name in the repository")
         model = self._models.setdefault(name, _Model(name))
         async with model.lock:
+            model.wanted = True
             try:
                 spec = await asyncio.to_thread(read_model_spec, self.repository / name)
-                wanted = await asyncio.to_thread(versions_to_serve, spec)
+                chosen = await asyncio.to_thread(versions_to_serve, spec)
             except ModelNotFoundError:
                 if not model.serving:
                     del self._models[name]
@@ -122,14 +125,14 @@ class ModelManager:
                 model.error = str(e)
                 self._notify(name)
                 raise
-            keep = {v: mv for v, mv in model.serving.items() if v in wanted and mv.spec == spec}
+            keep = {v: mv for v, mv in model.serving.items() if v in chosen and mv.spec == spec}
             fresh: dict[int, ModelVersion] = {}
             try:
-                for version in (v for v in wanted if v not in keep):
+                for version in (v for v in chosen if v not in keep):
                     model.states[version] = (VersionState.LOADING, "")
                     fresh[version] = await self._load_version(spec, version)
             except ModelLoadError as e:
-                for version in wanted:
+                for version in chosen:
                     if version not in model.serving:
                         model.states[version] = (VersionState.UNAVAILABLE, str(e))
                 model.error = str(e)
@@ -156,6 +159,7 @@ class ModelManager:
         if model is None:
             raise ModelNotFoundError(f"model '{name}' is not loaded")
         async with model.lock:
+            model.wanted = False
             retired = list(model.serving.values())
             model.serving = {}
             self._notify(name)
@@ -233,6 +237,10 @@ class ModelManager:
         except (ModelNotFoundError, ModelNotReadyError, InvalidInputError):
             return False
         return True
+
+    def wanted(self) -> list[str]:
+        """Models asked to serve: loaded or failed to load, and not unloaded since."""
+        return sorted(name for name, model in self._models.items() if model.wanted)
 
     def ready_models(self) -> list[ModelVersion]:
         """Every version served now."""
