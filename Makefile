@@ -28,7 +28,7 @@ test-tools:
 	  (apt-get update -qq && apt-get install -y -qq libb64-0d) >/dev/null 2>&1 \
 	  || echo "make: could not install libb64-0d; the perf_analyzer test will be skipped"; }
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
 
 protos: $(STAMP)

@@ -31,28 +31,48 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
-        "serve", help="run the daemon",
+        "serve",
+        help="run the daemon",
         description="Serve a model repository over the KServe v2 gRPC protocol until SIGTERM "
-                    "or SIGINT.",
-        epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--config", type=Path,
-                       help="TOML config file (default /etc/edged/edged.toml when it exists)")
+        "or SIGINT.",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default /etc/edged/edged.toml when it exists)",
+    )
     serve.add_argument("--models", type=Path, help="model repository folder (models.repository)")
     serve.add_argument("--grpc-address", help="HOST:PORT to listen on (server.grpc_address)")
 
     infer = commands.add_parser(
-        "infer", help="send one inference request to a running daemon",
-        description="Send one ModelInfer request and print the outputs as JSON.")
+        "infer",
+        help="send one inference request to a running daemon",
+        description="Send one ModelInfer request and print the outputs as JSON.",
+    )
     infer.add_argument("model", help="model name")
-    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                       required=True, help="an input tensor from a .npy file (repeat per input)")
-    infer.add_argument("--output", action="append", default=[], metavar="NAME",
-                       help="return only these outputs (repeatable; default all)")
+    infer.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
+        help="an input tensor from a .npy file (repeat per input)",
+    )
+    infer.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="return only these outputs (repeatable; default all)",
+    )
     infer.add_argument("--model-version", default="", help="version to ask for (default latest)")
     infer.add_argument("--address", default="127.0.0.1:8001", help="daemon's gRPC HOST:PORT")
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
-    infer.add_argument("--save", type=Path, metavar="DIR",
-                       help="also write each output to DIR/NAME.npy")
+    infer.add_argument(
+        "--save", type=Path, metavar="DIR", help="also write each output to DIR/NAME.npy"
+    )
     return parser
 
 
@@ -109,10 +129,15 @@ def _infer(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"edged infer: {e}", file=sys.stderr)
         return 2
-    request = InferRequest(model_name=args.model, model_version=args.model_version,
-                           inputs=inputs, requested_outputs=tuple(args.output), id="edged-cli")
+    request = InferRequest(
+        model_name=args.model,
+        model_version=args.model_version,
+        inputs=inputs,
+        requested_outputs=tuple(args.output),
+        id="edged-cli",
+    )
     with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.ModelInfer(request_to_proto(request), timeout=args.timeout)
         except grpc.RpcError as e:
@@ -127,14 +152,24 @@ def _infer(args: argparse.Namespace) -> int:
         args.save.mkdir(parents=True, exist_ok=True)
         for name, array in response.outputs.items():
             np.save(args.save / f"{name.replace('/', '_')}.npy", array, allow_pickle=True)
-    print(json.dumps({
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-        "id": response.id,
-        "outputs": {name: {"datatype": str(array.dtype), "shape": list(array.shape),
-                           "data": _jsonable(array)}
-                    for name, array in response.outputs.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model_name": response.model_name,
+                "model_version": response.model_version,
+                "id": response.id,
+                "outputs": {
+                    name: {
+                        "datatype": str(array.dtype),
+                        "shape": list(array.shape),
+                        "data": _jsonable(array),
+                    }
+                    for name, array in response.outputs.items()
+                },
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

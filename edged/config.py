@@ -57,11 +57,15 @@ class ServerConfig:
 
     grpc_address: str = field(
         default="127.0.0.1:8001",
-        metadata=_key("HOST:PORT the KServe v2 gRPC service listens on; port 0 picks one.", _address),
+        metadata=_key(
+            "HOST:PORT the KServe v2 gRPC service listens on; port 0 picks one.", _address
+        ),
     )
     max_request_bytes: int = field(
         default=64 * 1024 * 1024,
-        metadata=_key("Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.", _positive),
+        metadata=_key(
+            "Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.", _positive
+        ),
     )
     shutdown_grace_s: float = field(
         default=10.0,
@@ -83,7 +87,10 @@ class ModelsConfig:
     )
     strict_readiness: bool = field(
         default=True,
-        metadata=_key("ServerReady only when every model in the repository loaded."),
+        metadata=_key(
+            "ServerReady only while every model asked to serve (at start-up or by "
+            "RepositoryModelLoad, and not unloaded since) is serving."
+        ),
     )
     default_max_batch_size: int = field(
         default=8,
@@ -95,7 +102,9 @@ class ModelsConfig:
     )
     load_timeout_s: float = field(
         default=300.0,
-        metadata=_key("Longest a model may take to load and warm up before it is failed.", _positive),
+        metadata=_key(
+            "Longest a model may take to load and warm up before it is failed.", _positive
+        ),
     )
 
 
@@ -109,8 +118,10 @@ class LogConfig:
     )
     format: str = field(
         default="json",
-        metadata=_key("json: one JSON object per line; console: for a person at a terminal.",
-                      _one_of("json", "console")),
+        metadata=_key(
+            "json: one JSON object per line; console: for a person at a terminal.",
+            _one_of("json", "console"),
+        ),
     )
 
 
@@ -156,6 +167,25 @@ def _coerce(key: str, kind: Any, raw: Any, from_env: bool) -> Any:
     raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {raw!r}")
 
 
+def _env_values(
+    env: Mapping[str, str], sections: Mapping[str, type[Any]]
+) -> dict[str, tuple[str, str, str]]:
+    """{variable: (section, key, value)} for every EDGED_ variable in ``env``."""
+    env_keys = {
+        f"{ENV_PREFIX}{section}_{f.name}".upper(): (section, f.name)
+        for section, cls in sections.items()
+        for f in dataclasses.fields(cls)
+    }
+    found = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        if name not in env_keys:
+            raise ConfigError(f"unknown config environment variable '{name}'")
+        found[name] = (*env_keys[name], value)
+    return found
+
+
 def build_config(
     data: Mapping[str, Any],
     env: Mapping[str, str] | None = None,
@@ -173,7 +203,9 @@ def build_config(
 
     for section, table in data.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section '[{section}]' (known: {', '.join(sections)})")
+            raise ConfigError(
+                f"unknown config section '[{section}]' (known: {', '.join(sections)})"
+            )
         if not isinstance(table, Mapping):
             raise ConfigError(f"config key '{section}' must be a table")
         known = {f.name for f in dataclasses.fields(sections[section])}
@@ -182,17 +214,7 @@ def build_config(
                 raise ConfigError(f"unknown config key '{section}.{key}'")
             values[section][key] = (value, False)
 
-    env_keys = {
-        f"{ENV_PREFIX}{section}_{f.name}".upper(): (section, f.name)
-        for section, cls in sections.items()
-        for f in dataclasses.fields(cls)
-    }
-    for name, value in (env or {}).items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
-            continue
-        if name not in env_keys:
-            raise ConfigError(f"unknown config environment variable '{name}'")
-        section, key = env_keys[name]
+    for section, key, value in _env_values(env or {}, sections).values():
         values[section][key] = (value, True)
 
     for dotted, value in (overrides or {}).items():
@@ -250,10 +272,12 @@ def describe() -> list[tuple[str, str, Any, str]]:
     rows = []
     for section, cls in _sections().items():
         for f in dataclasses.fields(cls):
-            rows.append((
-                f"{section}.{f.name}",
-                f"{ENV_PREFIX}{section}_{f.name}".upper(),
-                f.default,
-                f.metadata.get("doc", ""),
-            ))
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    f"{ENV_PREFIX}{section}_{f.name}".upper(),
+                    f.default,
+                    f.metadata.get("doc", ""),
+                )
+            )
     return rows

@@ -59,17 +59,21 @@ class Daemon:
             ConfigError: the repository folder is missing or the address cannot be bound.
         """
         repo = Path(self.config.models.repository)
-        if not repo.is_dir():
+        if not await asyncio.to_thread(repo.is_dir):
             raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
         server, health = build_server(
-            self.manager, is_ready=self.is_ready,
+            self.manager,
+            is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
-            stream_max_in_flight=self.config.server.stream_max_in_flight)
+            stream_max_in_flight=self.config.server.stream_max_in_flight,
+        )
         address = self.config.server.grpc_address
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as e:
-            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}: {e}") from e
+            raise ConfigError(
+                f"config key 'server.grpc_address': cannot bind {address}: {e}"
+            ) from e
         if port == 0 and not address.endswith(":0"):
             raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}")
         await server.start()
@@ -87,9 +91,12 @@ class Daemon:
         self._loaded = True
         assert self._health is not None
         self._health.server_changed(self.is_ready())
-        log.info("server_ready" if self.is_ready() else "server_not_ready",
-                 models=len(self.manager.ready_models()), failed=sorted(self._failed),
-                 seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "server_ready" if self.is_ready() else "server_not_ready",
+            models=len(self.manager.ready_models()),
+            failed=sorted(self._failed),
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""

@@ -66,7 +66,9 @@ class OnnxCpuModel(LoadedModel):
     def __init__(self, session: ort.InferenceSession) -> None:
         super().__init__(signature_of(session), OnnxCpuExecutor.kind)
         self._session = session
-        self._string_inputs = {t.name for t in self.signature.inputs if t.datatype is DataType.BYTES}
+        self._string_inputs = {
+            t.name for t in self.signature.inputs if t.datatype is DataType.BYTES
+        }
         self._output_names = [t.name for t in self.signature.outputs]
 
     def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:

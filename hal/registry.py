@@ -29,9 +29,8 @@ def get_executor(kind: str) -> Executor:
     """
     ep = _entry_points().get(kind)
     if ep is None:
-        raise ModelLoadError(
-            f"no executor '{kind}' is installed (installed: {', '.join(available_kinds()) or 'none'})"
-        )
+        installed = ", ".join(available_kinds()) or "none"
+        raise ModelLoadError(f"no executor '{kind}' is installed (installed: {installed})")
     try:
         cls = ep.load()  # type: ignore[attr-defined]
     except Exception as e:

@@ -36,7 +36,9 @@ def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def decode_raw(name: str, datatype: DataType, shape: Sequence[int], raw: bytes | memoryview) -> Array:
+def decode_raw(
+    name: str, datatype: DataType, shape: Sequence[int], raw: bytes | memoryview
+) -> Array:
     """A numpy array viewing ``raw`` (no copy for fixed-size types).
 
     Raises:

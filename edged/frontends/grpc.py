@@ -76,7 +76,9 @@ def handle_errors(
             raise
         except Exception as e:
             log.exception("rpc_failed", rpc=rpc.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            )
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
@@ -89,8 +91,12 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
     with stats._lock:
         message = pb.ModelStatistics(
-            name=name, version=str(version), last_inference=stats.last_inference_ms,
-            inference_count=stats.inference_count, execution_count=stats.execution_count)
+            name=name,
+            version=str(version),
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+        )
         s = message.inference_stats
         s.success.CopyFrom(_duration(stats.success))
         s.fail.CopyFrom(_duration(stats.fail))
@@ -100,17 +106,21 @@ def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistic
         s.compute_output.CopyFrom(_duration(stats.compute_output))
         for size in sorted(stats.batches):
             b = stats.batches[size]
-            message.batch_stats.add(batch_size=size, compute_input=_duration(b.compute_input),
-                                    compute_infer=_duration(b.compute_infer),
-                                    compute_output=_duration(b.compute_output))
+            message.batch_stats.add(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
     return message
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over one ModelManager."""
 
-    def __init__(self, manager: ModelManager, *, is_ready: Callable[[], bool],
-                 stream_max_in_flight: int = 64) -> None:
+    def __init__(
+        self, manager: ModelManager, *, is_ready: Callable[[], bool], stream_max_in_flight: int = 64
+    ) -> None:
         self._manager = manager
         self._is_ready = is_ready
         self._stream_max_in_flight = stream_max_in_flight
@@ -118,33 +128,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- health ----------------------------------------------------------------------------
 
     @handle_errors
-    async def ServerLive(self, request: pb.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @handle_errors
-    async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     @handle_errors
-    async def ModelReady(self, request: pb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(
-            ready=self._manager.accepting and self._manager.is_ready(request.name,
-                                                                     request.version))
+            ready=self._manager.accepting and self._manager.is_ready(request.name, request.version)
+        )
 
     # -- metadata --------------------------------------------------------------------------
 
     @handle_errors
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
-                                         extensions=EXTENSIONS)
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
 
     @handle_errors
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         mv = self._manager.get(request.name, request.version)
         sig = mv.signature
         return pb.ModelMetadataResponse(
@@ -156,18 +172,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @handle_errors
-    async def ModelConfig(self, request: pb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         mv = self._manager.get(request.name, request.version)
         platform, backend = PLATFORMS[mv.spec.format]
         config = codec.model_config(
-            mv.name, mv.signature, platform, backend, mv.spec.instances,
-            [v.version for v in self._manager.versions(mv.name)])
+            mv.name,
+            mv.signature,
+            platform,
+            backend,
+            mv.spec.instances,
+            [v.version for v in self._manager.versions(mv.name)],
+        )
         return pb.ModelConfigResponse(config=config)
 
     @handle_errors
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         if request.name:
             if request.version:
                 versions = [self._manager.get(request.name, request.version)]
@@ -176,7 +199,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             versions = self._manager.ready_models()
         return pb.ModelStatisticsResponse(
-            model_stats=[_statistics(mv.name, mv.version, mv.stats) for mv in versions])
+            model_stats=[_statistics(mv.name, mv.version, mv.stats) for mv in versions]
+        )
 
     # -- inference -------------------------------------------------------------------------
 
@@ -193,12 +217,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return codec.response_to_proto(response)
 
     @handle_errors
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         return await self._infer(request)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (bounded); each answer, or its error as
@@ -244,41 +270,54 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
         return pb.ModelStreamInferResponse(
             error_message=error,
-            infer_response=pb.ModelInferResponse(model_name=message.model_name,
-                                                 model_version=message.model_version,
-                                                 id=message.id))
+            infer_response=pb.ModelInferResponse(
+                model_name=message.model_name, model_version=message.model_version, id=message.id
+            ),
+        )
 
     # -- repository ------------------------------------------------------------------------
 
     @handle_errors
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
         entries = self._manager.index()
         if request.ready:
             entries = [e for e in entries if e.state == "READY"]
-        return pb.RepositoryIndexResponse(models=[
-            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version,
-                                                  state=e.state.value, reason=e.reason)
-            for e in entries])
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state.value, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
 
     @handle_errors
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext,
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelLoadResponse:
         self._check_repository(request.repository_name)
         if request.parameters:
             names = ", ".join(sorted(request.parameters))
-            raise errors.UnsupportedError(f"load parameters are not supported ({names}); "
-                                          "edit model.toml in the repository instead")
+            raise errors.UnsupportedError(
+                f"load parameters are not supported ({names}); "
+                "edit model.toml in the repository instead"
+            )
         started = time.monotonic()
         await self._manager.load(request.model_name)
-        log.info("model_loaded", model=request.model_name,
-                 seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "model_loaded", model=request.model_name, seconds=round(time.monotonic() - started, 3)
+        )
         return pb.RepositoryModelLoadResponse()
 
     @handle_errors
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext,
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelUnloadResponse:
         self._check_repository(request.repository_name)
         await self._manager.unload(request.model_name)
@@ -287,8 +326,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     def _check_repository(name: str) -> None:
         if name not in ("", "models"):
-            raise errors.ModelNotFoundError(f"unknown repository '{name}' (edged serves one, "
-                                            "'models'; leave repository_name empty)")
+            raise errors.ModelNotFoundError(
+                f"unknown repository '{name}' (edged serves one, "
+                "'models'; leave repository_name empty)"
+            )
 
 
 class HealthPublisher:
@@ -299,8 +340,11 @@ class HealthPublisher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _set(self, service: str, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         task = asyncio.get_running_loop().create_task(self.servicer.set(service, status))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -319,26 +363,38 @@ class HealthPublisher:
         await self.servicer.enter_graceful_shutdown()
 
 
-def build_server(manager: ModelManager, *, is_ready: Callable[[], bool], max_request_bytes: int,
-                 stream_max_in_flight: int) -> tuple[grpc.aio.Server, HealthPublisher]:
+def build_server(
+    manager: ModelManager,
+    *,
+    is_ready: Callable[[], bool],
+    max_request_bytes: int,
+    stream_max_in_flight: int,
+) -> tuple[grpc.aio.Server, HealthPublisher]:
     """A gRPC server with the inference service, health and reflection (not yet bound)."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_request_bytes),
-        ("grpc.max_send_message_length", 2**31 - 1),
-        ("grpc.so_reuseport", 0),
-    ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         InferenceServicer(manager, is_ready=is_ready, stream_max_in_flight=stream_max_in_flight),
-        server)
+        server,
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     publisher = HealthPublisher(health)
     manager.on_change(publisher.model_changed)
-    reflection.enable_server_reflection((
-        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    ), server, pool=_reflection_pool())
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+        pool=_reflection_pool(),
+    )
     return server, publisher
 
 

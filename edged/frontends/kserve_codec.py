@@ -14,7 +14,7 @@ import numpy as np
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import model_config_pb2 as mc
 from edged.core.errors import InvalidInputError, UnsupportedError
-from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw, to_bytes_element
+from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
 
 #: which typed ``contents`` field carries each datatype (FP16 has none: raw only)
@@ -58,21 +58,28 @@ def _datatype(name: str, text: str) -> DataType:
         ) from None
 
 
-def _typed_contents(name: str, datatype: DataType, shape: tuple[int, ...],
-                    contents: pb.InferTensorContents) -> Array:
+def _typed_contents(
+    name: str, datatype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> Array:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidInputError(f"tensor '{name}': {datatype} has no typed contents field; "
-                                "send it in raw_input_contents")
+        raise InvalidInputError(
+            f"tensor '{name}': {datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
     for other in _ALL_CONTENTS_FIELDS:
         if other != field and len(getattr(contents, other)):
-            raise InvalidInputError(f"tensor '{name}': {datatype} data must be in "
-                                    f"contents.{field}, not contents.{other}")
+            raise InvalidInputError(
+                f"tensor '{name}': {datatype} data must be in "
+                f"contents.{field}, not contents.{other}"
+            )
     values = getattr(contents, field)
     count = element_count(shape)
     if len(values) != count:
-        raise InvalidInputError(f"tensor '{name}': contents.{field} holds {len(values)} "
-                                f"elements, shape {list(shape)} needs {count}")
+        raise InvalidInputError(
+            f"tensor '{name}': contents.{field} holds {len(values)} "
+            f"elements, shape {list(shape)} needs {count}"
+        )
     if datatype is DataType.BYTES:
         array = np.empty(count, dtype=object)
         array[:] = list(values)
@@ -82,15 +89,37 @@ def _typed_contents(name: str, datatype: DataType, shape: tuple[int, ...],
         wide = np.fromiter(values, dtype=np.int64 if dtype.kind == "i" else np.uint64, count=count)
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInputError(f"tensor '{name}': a value in contents.{field} is outside "
-                                    f"the range of {datatype}")
+            raise InvalidInputError(
+                f"tensor '{name}': a value in contents.{field} is outside the range of {datatype}"
+            )
         return wide.astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 
 def _has_typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     return tensor.HasField("contents") and any(
-        len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS)
+        len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS
+    )
+
+
+def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Array:
+    name = tensor.name
+    if any(p in tensor.parameters for p in _SHM_PARAMETERS):
+        raise UnsupportedError(f"tensor '{name}': shared memory inputs are not supported")
+    datatype = _datatype(name, tensor.datatype)
+    shape = check_shape(name, tensor.shape)
+    typed = _has_typed_contents(tensor)
+    if raw is not None:
+        if typed:
+            raise InvalidInputError(
+                f"tensor '{name}': both raw_input_contents and typed contents are set; send one"
+            )
+        return decode_raw(name, datatype, shape, raw)
+    if typed or element_count(shape) == 0:
+        return _typed_contents(name, datatype, shape, tensor.contents)
+    raise InvalidInputError(
+        f"tensor '{name}': no data (neither raw_input_contents nor contents is set)"
+    )
 
 
 def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
@@ -105,37 +134,25 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
         raise InvalidInputError("model_name is empty")
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
-        raise InvalidInputError(f"raw_input_contents has {len(raw)} entries for "
-                                f"{len(message.inputs)} inputs; it needs one per input")
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for "
+            f"{len(message.inputs)} inputs; it needs one per input"
+        )
     inputs: dict[str, Array] = {}
     for i, tensor in enumerate(message.inputs):
-        name = tensor.name
-        if not name:
+        if not tensor.name:
             raise InvalidInputError(f"inputs[{i}] has no name")
-        if name in inputs:
-            raise InvalidInputError(f"tensor '{name}' is given more than once")
-        if any(p in tensor.parameters for p in _SHM_PARAMETERS):
-            raise UnsupportedError(f"tensor '{name}': shared memory inputs are not supported")
-        datatype = _datatype(name, tensor.datatype)
-        shape = check_shape(name, tensor.shape)
-        typed = _has_typed_contents(tensor)
-        if raw:
-            if typed:
-                raise InvalidInputError(f"tensor '{name}': both raw_input_contents and typed "
-                                        "contents are set; send one")
-            inputs[name] = decode_raw(name, datatype, shape, raw[i])
-        elif typed or element_count(shape) == 0:
-            inputs[name] = _typed_contents(name, datatype, shape, tensor.contents)
-        else:
-            raise InvalidInputError(f"tensor '{name}': no data (neither raw_input_contents nor "
-                                    "contents is set)")
+        if tensor.name in inputs:
+            raise InvalidInputError(f"tensor '{tensor.name}' is given more than once")
+        inputs[tensor.name] = _decode_input(tensor, raw[i] if raw else None)
     requested = []
     for out in message.outputs:
         if any(p in out.parameters for p in _SHM_PARAMETERS):
             raise UnsupportedError(f"output '{out.name}': shared memory outputs are not supported")
         if "classification" in out.parameters:
-            raise UnsupportedError(f"output '{out.name}': the classification extension is not "
-                                   "supported")
+            raise UnsupportedError(
+                f"output '{out.name}': the classification extension is not supported"
+            )
         if out.name not in requested:
             requested.append(out.name)
     return InferRequest(
@@ -150,8 +167,9 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
 
 def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
     """A ModelInferResponse carrying every output in ``raw_output_contents``."""
-    message = pb.ModelInferResponse(model_name=response.model_name,
-                                    model_version=response.model_version, id=response.id)
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
     for name, array in response.outputs.items():
         datatype = DataType.from_numpy(array.dtype)
         message.outputs.add(name=name, datatype=datatype.value, shape=array.shape)
@@ -159,11 +177,16 @@ def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-def tensor_metadata(signature: Signature, specs: tuple[TensorSpec, ...]
-                    ) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+def tensor_metadata(
+    signature: Signature, specs: tuple[TensorSpec, ...]
+) -> list[pb.ModelMetadataResponse.TensorMetadata]:
     """ModelMetadata tensors: shapes as a client sends them (batch axis as -1)."""
-    return [pb.ModelMetadataResponse.TensorMetadata(
-        name=s.name, datatype=s.datatype.value, shape=signature.client_shape(s)) for s in specs]
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=s.name, datatype=s.datatype.value, shape=signature.client_shape(s)
+        )
+        for s in specs
+    ]
 
 
 def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, dims: tuple[int, ...], batched: bool) -> None:
@@ -176,33 +199,43 @@ def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, dims: tuple[int, ...], bat
         tensor.dims.extend(dims)
 
 
-def model_config(name: str, signature: Signature, platform: str, backend: str,
-                 instances: int, versions: list[int]) -> mc.ModelConfig:
+def model_config(
+    name: str,
+    signature: Signature,
+    platform: str,
+    backend: str,
+    instances: int,
+    versions: list[int],
+) -> mc.ModelConfig:
     """Triton's ModelConfig for a served model: enough for perf_analyzer and model_analyzer."""
-    config = mc.ModelConfig(name=name, platform=platform, backend=backend,
-                            max_batch_size=signature.max_batch_size)
+    config = mc.ModelConfig(
+        name=name, platform=platform, backend=backend, max_batch_size=signature.max_batch_size
+    )
+    batched = signature.max_batch_size > 0
     for spec in signature.inputs:
-        tensor = config.input.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype])  # type: ignore[arg-type]
-        _set_dims(tensor, signature.config_dims(spec), signature.max_batch_size > 0)
+        dtype = CONFIG_DATATYPE[spec.datatype]
+        _set_dims(
+            config.input.add(name=spec.name, data_type=dtype), signature.config_dims(spec), batched
+        )
     for spec in signature.outputs:
-        tensor = config.output.add(name=spec.name, data_type=CONFIG_DATATYPE[spec.datatype])  # type: ignore[arg-type]
-        _set_dims(tensor, signature.config_dims(spec), signature.max_batch_size > 0)
+        dtype = CONFIG_DATATYPE[spec.datatype]
+        _set_dims(
+            config.output.add(name=spec.name, data_type=dtype), signature.config_dims(spec), batched
+        )
     config.version_policy.specific.versions.extend(versions)
-    config.instance_group.add(name=f"{name}_cpu", count=instances,
-                              kind=mc.ModelInstanceGroup.Kind.KIND_CPU)
+    config.instance_group.add(
+        name=f"{name}_cpu", count=instances, kind=mc.ModelInstanceGroup.Kind.KIND_CPU
+    )
     return config
 
 
 def request_to_proto(request: InferRequest) -> pb.ModelInferRequest:
     """Encode a request (used by ``edged infer`` and tests)."""
-    message = pb.ModelInferRequest(model_name=request.model_name,
-                                   model_version=request.model_version, id=request.id)
+    message = pb.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
     for name, array in request.inputs.items():
         datatype = DataType.from_numpy(array.dtype)
-        if datatype is DataType.BYTES:
-            flat = np.empty(array.size, dtype=object)
-            flat[:] = [to_bytes_element(v) for v in array.reshape(-1)]
-            array = flat.reshape(array.shape)
         message.inputs.add(name=name, datatype=datatype.value, shape=array.shape)
         message.raw_input_contents.append(encode_raw(array))
     for name in request.requested_outputs:
@@ -214,8 +247,9 @@ def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
     """Decode a response's raw outputs (used by ``edged infer`` and tests)."""
     outputs: dict[str, Any] = {}
     for i, tensor in enumerate(message.outputs):
-        outputs[tensor.name] = decode_raw(tensor.name, DataType(tensor.datatype),
-                                          tensor.shape, message.raw_output_contents[i])
+        outputs[tensor.name] = decode_raw(
+            tensor.name, DataType(tensor.datatype), tensor.shape, message.raw_output_contents[i]
+        )
     return InferResponse(message.model_name, message.model_version, outputs, message.id)
 
 

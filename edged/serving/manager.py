@@ -24,7 +24,13 @@ from edged.core.errors import (
 )
 from edged.core.types import InferRequest, InferResponse
 from edged.serving.model import ModelVersion, load_model_version
-from edged.serving.repository import ModelSpec, list_models, read_model_spec, versions_to_serve
+from edged.serving.repository import (
+    ModelSpec,
+    list_models,
+    parse_version,
+    read_model_spec,
+    versions_to_serve,
+)
 
 log = structlog.get_logger("edged.serving")
 
@@ -63,8 +69,14 @@ class _Model:
 class ModelManager:
     """Every model of one repository, and the requests in flight on them."""
 
-    def __init__(self, repository: Path, *, default_max_batch_size: int = 8,
-                 load_timeout_s: float = 300.0, drain_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        default_max_batch_size: int = 8,
+        load_timeout_s: float = 300.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
         self.repository = repository
         self.default_max_batch_size = default_max_batch_size
         self.load_timeout_s = load_timeout_s
@@ -166,16 +178,21 @@ class ModelManager:
             await self._retire(model, retired)
 
     async def _load_version(self, spec: ModelSpec, version: int) -> ModelVersion:
-        task = asyncio.ensure_future(asyncio.to_thread(
-            load_model_version, spec, version, self.default_max_batch_size))
+        task = asyncio.ensure_future(
+            asyncio.to_thread(load_model_version, spec, version, self.default_max_batch_size)
+        )
         done, _ = await asyncio.wait({task}, timeout=self.load_timeout_s)
         if not done:
             # The thread cannot be interrupted; close whatever it produces.
             task.add_done_callback(
-                lambda t: t.result().close() if not t.cancelled() and t.exception() is None
-                else None)
-            raise ModelLoadError(f"model '{spec.name}' version {version} took more than "
-                                 f"{self.load_timeout_s}s to load")
+                lambda t: (
+                    t.result().close() if not t.cancelled() and t.exception() is None else None
+                )
+            )
+            raise ModelLoadError(
+                f"model '{spec.name}' version {version} took more than "
+                f"{self.load_timeout_s}s to load"
+            )
         return task.result()
 
     async def _retire(self, model: _Model, versions: list[ModelVersion]) -> None:
@@ -184,8 +201,9 @@ class ModelManager:
         for mv in versions:
             drained = await mv.drain(self.drain_timeout_s)
             if not drained:
-                log.warning("drain_timeout", model=mv.name, version=mv.version,
-                            in_flight=mv.in_flight)
+                log.warning(
+                    "drain_timeout", model=mv.name, version=mv.version, in_flight=mv.in_flight
+                )
             await asyncio.to_thread(mv.close)
             if model.serving.get(mv.version) is None:
                 model.states[mv.version] = (VersionState.UNAVAILABLE, "unloaded")
@@ -205,13 +223,16 @@ class ModelManager:
         if model is None:
             raise ModelNotFoundError(f"unknown model '{name}'")
         if version:
-            if not version.isdigit():
+            number = parse_version(version)
+            if number is None:
                 raise InvalidInputError(f"model_version '{version}' is not a version number")
-            mv = model.serving.get(int(version))
+            mv = model.serving.get(number)
             if mv is None:
-                if int(version) in model.states:
-                    raise ModelNotReadyError(f"model '{name}' version {version} is not ready "
-                                             f"({model.states[int(version)][0]})")
+                if number in model.states:
+                    raise ModelNotReadyError(
+                        f"model '{name}' version {version} is not ready "
+                        f"({model.states[number][0]})"
+                    )
                 raise ModelNotFoundError(f"model '{name}' has no version {version}")
             return mv
         if not model.serving:

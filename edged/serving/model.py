@@ -41,8 +41,9 @@ class ModelVersion:
     """One version of one model, ready to serve: ``instances`` copies of the loaded model,
     each run by its own worker thread, so the event loop never runs inference."""
 
-    def __init__(self, spec: ModelSpec, version: int, signature: Signature,
-                 instances: list[LoadedModel]) -> None:
+    def __init__(
+        self, spec: ModelSpec, version: int, signature: Signature, instances: list[LoadedModel]
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.version = version
@@ -51,8 +52,9 @@ class ModelVersion:
         self.stats = ModelStats()
         self.in_flight = 0
         self._instances = instances
-        self._pool = ThreadPoolExecutor(max_workers=len(instances),
-                                        thread_name_prefix=f"edged-{spec.name}-{version}")
+        self._pool = ThreadPoolExecutor(
+            max_workers=len(instances), thread_name_prefix=f"edged-{spec.name}-{version}"
+        )
         self._free: asyncio.Queue[LoadedModel] = asyncio.Queue()
         for instance in instances:
             self._free.put_nowait(instance)
@@ -77,12 +79,18 @@ class ModelVersion:
                 loop = asyncio.get_running_loop()
                 ctx = contextvars.copy_context()
                 outputs, timings = await loop.run_in_executor(
-                    self._pool, ctx.run, self._run, instance, request)
+                    self._pool, ctx.run, self._run, instance, request
+                )
             finally:
                 self._free.put_nowait(instance)
             self.stats.record_success(
-                batch_size, time.monotonic_ns() - start, dequeued - start, timings.input_ns,
-                timings.infer_ns, timings.output_ns)
+                batch_size,
+                time.monotonic_ns() - start,
+                dequeued - start,
+                timings.input_ns,
+                timings.infer_ns,
+                timings.output_ns,
+            )
         except EdgedError:
             self.stats.record_failure(time.monotonic_ns() - start)
             raise
@@ -92,7 +100,9 @@ class ModelVersion:
                 self._idle.set()
         return InferResponse(self.name, str(self.version), outputs, request.id)
 
-    def _run(self, instance: LoadedModel, request: InferRequest) -> tuple[dict[str, Array], _Timings]:
+    def _run(
+        self, instance: LoadedModel, request: InferRequest
+    ) -> tuple[dict[str, Array], _Timings]:
         t0 = time.monotonic_ns()
         inputs = request.inputs
         t1 = time.monotonic_ns()
@@ -132,8 +142,9 @@ def warm_up_inputs(signature: Signature) -> dict[str, Array]:
     return inputs
 
 
-def load_model_version(spec: ModelSpec, version: int, default_max_batch_size: int,
-                       cores: int | None = None) -> ModelVersion:
+def load_model_version(
+    spec: ModelSpec, version: int, default_max_batch_size: int, cores: int | None = None
+) -> ModelVersion:
     """Load ``version`` of ``spec`` on the first executor in its preference list that takes
     it, one copy per instance, and warm every copy up. Blocking: call from a worker thread.
 
@@ -158,11 +169,19 @@ def load_model_version(spec: ModelSpec, version: int, default_max_batch_size: in
             for instance in instances:
                 instance.close()
             errors.append(f"{kind}: {e}")
-            log.warning("executor_refused", model=spec.name, version=version, executor=kind,
-                        error=str(e))
+            log.warning(
+                "executor_refused", model=spec.name, version=version, executor=kind, error=str(e)
+            )
             continue
-        log.info("model_version_loaded", model=spec.name, version=version, executor=kind,
-                 instances=len(instances), max_batch_size=signature.max_batch_size)
+        log.info(
+            "model_version_loaded",
+            model=spec.name,
+            version=version,
+            executor=kind,
+            instances=len(instances),
+            max_batch_size=signature.max_batch_size,
+        )
         return ModelVersion(spec, version, signature, instances)
-    raise ModelLoadError(f"model '{spec.name}' version {version}: no executor could load it: "
-                         + "; ".join(errors))
+    raise ModelLoadError(
+        f"model '{spec.name}' version {version}: no executor could load it: " + "; ".join(errors)
+    )

@@ -87,8 +87,16 @@ class ModelSpec:
         return self.executors or FORMATS[self.format][1]
 
 
-_MODEL_KEYS = {"name", "format", "max_batch_size", "executors", "instances", "version_policy",
-               "inputs", "outputs"}
+_MODEL_KEYS = {
+    "name",
+    "format",
+    "max_batch_size",
+    "executors",
+    "instances",
+    "version_policy",
+    "inputs",
+    "outputs",
+}
 
 
 def _fail(path: Path, message: str) -> ModelLoadError:
@@ -114,8 +122,9 @@ def _tensor_decls(path: Path, key: str, raw: Any) -> tuple[TensorDecl, ...]:
             try:
                 datatype = DataType(str(item["datatype"]).upper().removeprefix("TYPE_"))
             except ValueError:
-                raise _fail(path, f"'{where}.datatype' {item['datatype']!r} is not a KServe "
-                                  "datatype") from None
+                raise _fail(
+                    path, f"'{where}.datatype' {item['datatype']!r} is not a KServe datatype"
+                ) from None
         dims = None
         if "dims" in item:
             d = item["dims"]
@@ -128,13 +137,18 @@ def _tensor_decls(path: Path, key: str, raw: Any) -> tuple[TensorDecl, ...]:
 
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
-        raise _fail(path, "'version_policy' must be one of { latest = N }, "
-                          "{ specific = [..] }, { all = true }")
-    (kind, value), = raw.items()
+        raise _fail(
+            path,
+            "'version_policy' must be one of { latest = N }, { specific = [..] }, { all = true }",
+        )
+    ((kind, value),) = raw.items()
     if kind == "latest" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return VersionPolicy(latest=value)
-    if kind == "specific" and isinstance(value, list) and value and all(
-        isinstance(v, int) and v > 0 for v in value
+    if (
+        kind == "specific"
+        and isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and v > 0 for v in value)
     ):
         return VersionPolicy(latest=None, specific=tuple(value))
     if kind == "all" and value is True:
@@ -167,8 +181,11 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
     instances = data.get("instances", 1)
     if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 64:
         raise _fail(path, "'instances' must be an integer from 1 to 64")
-    policy = _version_policy(path, data["version_policy"]) if "version_policy" in data else (
-        VersionPolicy())
+    policy = (
+        _version_policy(path, data["version_policy"])
+        if "version_policy" in data
+        else (VersionPolicy())
+    )
     return ModelSpec(
         name=name,
         path=model_dir,
@@ -193,8 +210,9 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelNotFoundError(f"model '{model_dir.name}' has no {MODEL_TOML} in the "
-                                 "repository") from None
+        raise ModelNotFoundError(
+            f"model '{model_dir.name}' has no {MODEL_TOML} in the repository"
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise _fail(path, f"not valid TOML: {e}") from e
     return parse_model_toml(model_dir, data)
@@ -204,14 +222,25 @@ def list_models(repo: Path) -> list[str]:
     """Names of the model folders (those holding a model.toml), sorted."""
     if not repo.is_dir():
         return []
-    return sorted(p.name for p in repo.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MODEL_TOML).is_file())
+    return sorted(
+        p.name
+        for p in repo.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MODEL_TOML).is_file()
+    )
+
+
+def parse_version(text: str) -> int | None:
+    """A version number written canonically ("1", "12"; not "01", "+1" or "²"), else None."""
+    if text and text.isascii() and text.isdigit() and text[0] != "0":
+        return int(text)
+    return None
 
 
 def available_versions(model_dir: Path) -> list[int]:
-    """Numeric version folders, ascending; temporary and other folders are ignored."""
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    """Version folders (canonical numbers), ascending; temporary and other folders are
+    ignored."""
+    versions = (parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
+    return sorted(v for v in versions if v is not None)
 
 
 def read_active(model_dir: Path) -> list[int] | None:
@@ -222,13 +251,15 @@ def read_active(model_dir: Path) -> list[int] | None:
     """
     path = model_dir / ACTIVE_FILE
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    words = text.split()
-    if not words or not all(w.isdigit() and int(w) > 0 for w in words):
-        raise _fail(path, "must list one or more version numbers")
-    return sorted({int(w) for w in words})
+    except UnicodeDecodeError as e:
+        raise _fail(path, "is not UTF-8 text") from e
+    versions = [parse_version(w) for w in text.split()]
+    if not versions or None in versions:
+        raise _fail(path, "must list one or more version numbers (1, 2, ...)")
+    return sorted({v for v in versions if v is not None})
 
 
 def versions_to_serve(spec: ModelSpec) -> list[int]:
@@ -246,8 +277,10 @@ def versions_to_serve(spec: ModelSpec) -> list[int]:
         return active
     chosen = spec.version_policy.select(available)
     if not chosen:
-        raise ModelLoadError(f"model '{spec.name}': no version folder matches its version policy "
-                             f"(folders: {available or 'none'})")
+        raise ModelLoadError(
+            f"model '{spec.name}': no version folder matches its version policy "
+            f"(folders: {available or 'none'})"
+        )
     return chosen
 
 
@@ -263,33 +296,44 @@ def _batchable(sig: Signature) -> str | None:
 
 
 def _apply_decls(
-    specs: tuple[TensorSpec, ...], decls: tuple[TensorDecl, ...], batched: bool, where: str,
+    specs: tuple[TensorSpec, ...],
+    decls: tuple[TensorDecl, ...],
+    batched: bool,
+    where: str,
     model: str,
 ) -> tuple[TensorSpec, ...]:
     by_name = {s.name: s for s in specs}
     for decl in decls:
         if decl.name not in by_name:
-            raise ModelLoadError(f"model '{model}': model.toml declares {where} '{decl.name}', "
-                                 f"which the artifact does not have (it has: "
-                                 f"{', '.join(by_name)})")
+            raise ModelLoadError(
+                f"model '{model}': model.toml declares {where} '{decl.name}', "
+                f"which the artifact does not have (it has: "
+                f"{', '.join(by_name)})"
+            )
         actual = by_name[decl.name]
         if decl.datatype is not None and decl.datatype is not actual.datatype:
-            raise ModelLoadError(f"model '{model}': {where} '{decl.name}' is declared "
-                                 f"{decl.datatype} but the artifact has {actual.datatype}")
+            raise ModelLoadError(
+                f"model '{model}': {where} '{decl.name}' is declared "
+                f"{decl.datatype} but the artifact has {actual.datatype}"
+            )
         if decl.dims is None:
             continue
         artifact_dims = actual.shape[1:] if batched else actual.shape
         if len(decl.dims) != len(artifact_dims) or any(
             a not in (-1, d) for d, a in zip(decl.dims, artifact_dims, strict=True)
         ):
-            raise ModelLoadError(f"model '{model}': {where} '{decl.name}' is declared with dims "
-                                 f"{list(decl.dims)} but the artifact has {list(artifact_dims)}")
+            raise ModelLoadError(
+                f"model '{model}': {where} '{decl.name}' is declared with dims "
+                f"{list(decl.dims)} but the artifact has {list(artifact_dims)}"
+            )
         shape = ((-1,) if batched else ()) + decl.dims
         by_name[decl.name] = TensorSpec(actual.name, actual.datatype, shape)
     return tuple(by_name[s.name] for s in specs)
 
 
-def resolve_signature(artifact: Signature, spec: ModelSpec, default_max_batch_size: int) -> Signature:
+def resolve_signature(
+    artifact: Signature, spec: ModelSpec, default_max_batch_size: int
+) -> Signature:
     """The signature served: the artifact's, narrowed by model.toml, with max_batch_size.
 
     Raises:
@@ -302,8 +346,9 @@ def resolve_signature(artifact: Signature, spec: ModelSpec, default_max_batch_si
     else:
         mbs = spec.max_batch_size
         if mbs > 0 and why_not is not None:
-            raise ModelLoadError(f"model '{spec.name}': max_batch_size = {mbs} but {why_not}; "
-                                 "set max_batch_size = 0")
+            raise ModelLoadError(
+                f"model '{spec.name}': max_batch_size = {mbs} but {why_not}; set max_batch_size = 0"
+            )
     batched = mbs > 0
     return Signature(
         inputs=_apply_decls(artifact.inputs, spec.inputs, batched, "input", spec.name),

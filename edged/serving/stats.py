@@ -44,8 +44,15 @@ class ModelStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_success(self, batch_size: int, total_ns: int, queue_ns: int, input_ns: int,
-                       infer_ns: int, output_ns: int) -> None:
+    def record_success(
+        self,
+        batch_size: int,
+        total_ns: int,
+        queue_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+    ) -> None:
         """One request answered, and the one execution that served it."""
         with self._lock:
             self.inference_count += batch_size

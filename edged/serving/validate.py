@@ -34,7 +34,7 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
             )
         expected = signature.client_shape(spec)
         if array.ndim != len(expected) or any(
-            e != -1 and e != a for e, a in zip(expected, array.shape, strict=True)
+            e not in (-1, a) for e, a in zip(expected, array.shape, strict=True)
         ):
             raise InvalidInputError(
                 f"input tensor '{spec.name}': shape {list(array.shape)} does not match the "
