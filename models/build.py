@@ -17,8 +17,8 @@ The ``model.toml`` files next to each model are written by hand and are not touc
 from __future__ import annotations
 
 import argparse
-import io
 import hashlib
+import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field

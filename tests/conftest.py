@@ -11,7 +11,7 @@ from tests import modelgen
 from tests.daemon_process import DaemonProcess, copy_example_models
 
 
-def write_model(repo: Path, name: str, build, toml: str = "", version: int = 1) -> Path:  # noqa: ANN001
+def write_model(repo: Path, name: str, build, toml: str = "", version: int = 1) -> Path:
     """Write a modelgen model as <repo>/<name>/<version>/model.onnx with a model.toml."""
     build(repo / name / str(version))
     (repo / name / "model.toml").write_text(f'name = "{name}"\nformat = "onnx"\n{toml}')
@@ -33,8 +33,10 @@ def served_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def daemon(served_repo: Path) -> Iterator[DaemonProcess]:
     """A real `edged serve` on a free loopback port, every model loaded."""
-    proc = DaemonProcess(["--models", str(served_repo), "--grpc-address", "127.0.0.1:0"],
-                         env={"EDGED_SERVER_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)})
+    proc = DaemonProcess(
+        ["--models", str(served_repo), "--grpc-address", "127.0.0.1:0"],
+        env={"EDGED_SERVER_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)},
+    )
     try:
         proc.wait_live()
         proc.wait_for("server_ready", timeout=60)

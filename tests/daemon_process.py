@@ -26,8 +26,12 @@ class DaemonProcess:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edged.cli", "serve", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True,
-            cwd=REPO_ROOT)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            text=True,
+            cwd=REPO_ROOT,
+        )
         self.events: list[dict[str, Any]] = []
         self.other_lines: list[str] = []
         self._cond = threading.Condition()
@@ -59,12 +63,16 @@ class DaemonProcess:
                     if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
                         return e
                 if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"edged exited ({self.proc.returncode}) before '{event}': "
-                                       f"{self.proc.stderr.read() if self.proc.stderr else ''}"
-                                       f" {self.events[-5:]}")
+                    raise RuntimeError(
+                        f"edged exited ({self.proc.returncode}) before '{event}': "
+                        f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                        f" {self.events[-5:]}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no '{event}' within {timeout}s; events: {self.events[-5:]}")
+                    raise TimeoutError(
+                        f"no '{event}' within {timeout}s; events: {self.events[-5:]}"
+                    )
                 self._cond.wait(min(left, 0.1))
 
     def wait_live(self, timeout: float = 30.0) -> str:
@@ -90,15 +98,24 @@ class DaemonProcess:
 
 def copy_example_models(target: Path) -> Path:
     """A writable copy of the example repository in models/."""
-    shutil.copytree(EXAMPLE_MODELS, target,
-                    ignore=shutil.ignore_patterns("*.py", "README.md", "__pycache__"))
+    shutil.copytree(
+        EXAMPLE_MODELS, target, ignore=shutil.ignore_patterns("*.py", "README.md", "__pycache__")
+    )
     return target
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """Run the edged CLI to completion."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "edged.cli", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=REPO_ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "edged.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        check=False,
+    )

@@ -254,7 +254,7 @@ def calibrate_slow_iteration_seconds() -> float:
     Measured once per process with a default CPU onnxruntime session. Taking the fastest run
     makes the estimate err low, so a model sized from it errs towards running longer.
     """
-    import onnxruntime as ort  # noqa: PLC0415  (only this helper needs it)
+    import onnxruntime as ort
 
     sess = ort.InferenceSession(
         _slow_graph(_CALIBRATION_ITERATIONS).SerializeToString(),

@@ -72,11 +72,13 @@ def test_sigterm_lets_in_flight_requests_finish(slow_repo: Path) -> None:
         time.sleep(0.5)  # all three are in flight: one running, two waiting for the instance
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for("shutdown_started", timeout=10)
-        with grpcclient.InferenceServerClient(address) as late:
-            with pytest.raises(grpcclient.InferenceServerException):
-                tensor = grpcclient.InferInput("input", [1, 64], "FP32")
-                tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
-                late.infer("digits", [tensor], client_timeout=5)
+        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with (
+            grpcclient.InferenceServerClient(address) as late,
+            pytest.raises(grpcclient.InferenceServerException),
+        ):
+            late.infer("digits", [tensor], client_timeout=5)
         for t in threads:
             t.join(30)
     finally:
@@ -121,7 +123,7 @@ def test_log_lines_are_json_events_with_context(tmp_path: Path) -> None:
 CONFIG_ERRORS = [
     ("unknown-key", '[server]\ngrpc_adress = "127.0.0.1:0"\n', {}, "server.grpc_adress"),
     ("unknown-section", "[sever]\n", {}, "sever"),
-    ("bad-type", "[server]\nmax_request_bytes = \"big\"\n", {}, "server.max_request_bytes"),
+    ("bad-type", '[server]\nmax_request_bytes = "big"\n', {}, "server.max_request_bytes"),
     ("bad-env", "", {"EDGED_SERVER_SHUTDOWN_GRACE_S": "soon"}, "server.shutdown_grace_s"),
     ("unknown-env", "", {"EDGED_SERVER_PORT": "1"}, "EDGED_SERVER_PORT"),
     ("bad-level", '[log]\nlevel = "loud"\n', {}, "log.level"),
@@ -129,8 +131,9 @@ CONFIG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("toml", "env", "named"), [c[1:] for c in CONFIG_ERRORS],
-                         ids=[c[0] for c in CONFIG_ERRORS])
+@pytest.mark.parametrize(
+    ("toml", "env", "named"), [c[1:] for c in CONFIG_ERRORS], ids=[c[0] for c in CONFIG_ERRORS]
+)
 def test_bad_config_stops_the_start_naming_the_key(tmp_path: Path, toml: str, env, named) -> None:
     config = tmp_path / "edged.toml"
     config.write_text(toml)
@@ -140,8 +143,9 @@ def test_bad_config_stops_the_start_naming_the_key(tmp_path: Path, toml: str, en
 
 
 def test_missing_repository_stops_the_start(tmp_path: Path) -> None:
-    result = run_cli("serve", "--models", str(tmp_path / "nowhere"), "--grpc-address",
-                     "127.0.0.1:0")
+    result = run_cli(
+        "serve", "--models", str(tmp_path / "nowhere"), "--grpc-address", "127.0.0.1:0"
+    )
     assert result.returncode == 2
     assert "models.repository" in result.stderr
 
@@ -165,7 +169,9 @@ def test_runtime_load_and_unload(tmp_path: Path) -> None:
             with pytest.raises(grpcclient.InferenceServerException) as err:
                 client.load_model("broken")
             assert "broken" in err.value.message()
-            index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+            index = {
+                m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]
+            }
             assert index["broken"]["state"] == "UNAVAILABLE"
             assert index["broken"]["reason"]
             assert not client.is_server_ready()  # strict readiness: a wanted model failed
@@ -174,9 +180,9 @@ def test_runtime_load_and_unload(tmp_path: Path) -> None:
             # unloading drains and stops serving
             client.unload_model("digits")
             assert not client.is_model_ready("digits")
+            tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
             with pytest.raises(grpcclient.InferenceServerException) as err:
-                tensor = grpcclient.InferInput("input", [1, 64], "FP32")
-                tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
                 client.infer("digits", [tensor])
             assert err.value.status() == "StatusCode.UNAVAILABLE"
             client.load_model("digits")
@@ -200,8 +206,16 @@ def test_grpc_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_infer(address: str, tmp_path: Path) -> None:
-    result = run_cli("infer", "digits", "--address", address, "--input",
-                     "input=models/digits/sample.npy", "--save", str(tmp_path / "out"))
+    result = run_cli(
+        "infer",
+        "digits",
+        "--address",
+        address,
+        "--input",
+        "input=models/digits/sample.npy",
+        "--save",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["model_name"] == "digits"
@@ -212,10 +226,12 @@ def test_cli_infer(address: str, tmp_path: Path) -> None:
 
 def test_cli_infer_reports_server_errors(address: str, tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", np.zeros((1, 3), np.float32))
-    result = run_cli("infer", "digits", "--address", address, "--input",
-                     f"input={tmp_path / 'bad.npy'}")
+    result = run_cli(
+        "infer", "digits", "--address", address, "--input", f"input={tmp_path / 'bad.npy'}"
+    )
     assert result.returncode == 1
-    assert "INVALID_ARGUMENT" in result.stderr and "input" in result.stderr
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "input" in result.stderr
 
 
 def test_health_follows_model_state(tmp_path: Path) -> None:

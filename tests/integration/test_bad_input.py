@@ -34,12 +34,14 @@ def _set_input(**fields):
                 tensor.shape.extend(v)
             else:
                 setattr(tensor, k, v)
+
     return change
 
 
 def _set_raw(data: bytes):
     def change(request: pb.ModelInferRequest) -> None:
         request.raw_input_contents[0] = data
+
     return change
 
 
@@ -51,6 +53,7 @@ def _add_input(name: str):
     def change(request: pb.ModelInferRequest) -> None:
         request.inputs.add(name=name, datatype="FP32", shape=[1, 64])
         request.raw_input_contents.append(FP32_64.tobytes())
+
     return change
 
 
@@ -62,6 +65,7 @@ def _drop_input(request: pb.ModelInferRequest) -> None:
 def _request_output(name: str):
     def change(request: pb.ModelInferRequest) -> None:
         request.outputs.add(name=name)
+
     return change
 
 
@@ -75,8 +79,14 @@ def _multi_io_text(raw_text: bytes) -> pb.ModelInferRequest:
         "raw": ("UINT8", np.zeros((1, 2), np.uint8).tobytes()),
         "text": ("BYTES", raw_text),
     }
-    shapes = {"x": [1, 4], "offset": [1, 4], "mask": [1, 4], "ids": [1, 3], "raw": [1, 2],
-              "text": [1, 1]}
+    shapes = {
+        "x": [1, 4],
+        "offset": [1, 4],
+        "mask": [1, 4],
+        "ids": [1, 3],
+        "raw": [1, 2],
+        "text": [1, 1],
+    }
     for name, (datatype, data) in tensors.items():
         request.inputs.add(name=name, datatype=datatype, shape=shapes[name])
         request.raw_input_contents.append(data)
@@ -85,48 +95,123 @@ def _multi_io_text(raw_text: bytes) -> pb.ModelInferRequest:
 
 CASES = [
     # (id, request, status, words the message must contain)
-    ("wrong-dtype", digits_request(_=_set_input(datatype="FP64"),
-                                   __=_set_raw(np.zeros((1, 64)).tobytes())),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "FP64", "FP32"]),
-    ("wrong-rank", digits_request(_=_set_input(shape=[64])),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "shape"]),
-    ("wrong-shape", digits_request(_=_set_input(shape=[2, 32])),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "shape", "[2, 32]"]),
-    ("raw-length", digits_request(_=_set_raw(b"\x00" * 255)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "255 bytes", "256"]),
-    ("raw-and-typed", digits_request(_=_add_typed),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "both"]),
-    ("unknown-model", digits_request(model_name="nope"),
-     grpc.StatusCode.NOT_FOUND, ["nope"]),
-    ("unknown-version", digits_request(model_version="9"),
-     grpc.StatusCode.NOT_FOUND, ["digits", "9"]),
-    ("bad-version", digits_request(model_version="latest"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["latest"]),
-    ("unknown-input", digits_request(_=_add_input("extra")),
-     grpc.StatusCode.INVALID_ARGUMENT, ["extra"]),
-    ("duplicate-input", digits_request(_=_add_input("input")),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "more than once"]),
-    ("missing-input", digits_request(_=_drop_input),
-     grpc.StatusCode.INVALID_ARGUMENT, ["missing", "input"]),
-    ("unknown-output", digits_request(_=_request_output("logits")),
-     grpc.StatusCode.INVALID_ARGUMENT, ["logits"]),
-    ("batch-too-big", digits_request(_=_set_input(shape=[33, 64]),
-                                     __=_set_raw(np.zeros((33, 64), np.float32).tobytes())),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "batch size 33", "32"]),
-    ("unknown-datatype", digits_request(_=_set_input(datatype="FP8")),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "FP8"]),
-    ("negative-dim", digits_request(_=_set_input(shape=[-1, 64])),
-     grpc.StatusCode.INVALID_ARGUMENT, ["input", "negative"]),
-    ("bytes-prefix-cut", _multi_io_text(b"\x05\x00"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["text", "prefix"]),
-    ("bytes-prefix-overrun", _multi_io_text(struct.pack("<I", 100) + b"abc"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["text", "100 bytes"]),
-    ("bytes-not-utf8", _multi_io_text(struct.pack("<I", 2) + b"\xff\xfe"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["text", "UTF-8"]),
-    ("shared-memory", digits_request(
-        _=lambda r: r.inputs[0].parameters["shared_memory_region"].CopyFrom(
-            pb.InferParameter(string_param="r0"))),
-     grpc.StatusCode.UNIMPLEMENTED, ["input", "shared memory"]),
+    (
+        "wrong-dtype",
+        digits_request(_=_set_input(datatype="FP64"), __=_set_raw(np.zeros((1, 64)).tobytes())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "FP64", "FP32"],
+    ),
+    (
+        "wrong-rank",
+        digits_request(_=_set_input(shape=[64])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "shape"],
+    ),
+    (
+        "wrong-shape",
+        digits_request(_=_set_input(shape=[2, 32])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "shape", "[2, 32]"],
+    ),
+    (
+        "raw-length",
+        digits_request(_=_set_raw(b"\x00" * 255)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "255 bytes", "256"],
+    ),
+    (
+        "raw-and-typed",
+        digits_request(_=_add_typed),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "both"],
+    ),
+    ("unknown-model", digits_request(model_name="nope"), grpc.StatusCode.NOT_FOUND, ["nope"]),
+    (
+        "unknown-version",
+        digits_request(model_version="9"),
+        grpc.StatusCode.NOT_FOUND,
+        ["digits", "9"],
+    ),
+    (
+        "bad-version",
+        digits_request(model_version="latest"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["latest"],
+    ),
+    (
+        "unknown-input",
+        digits_request(_=_add_input("extra")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["extra"],
+    ),
+    (
+        "duplicate-input",
+        digits_request(_=_add_input("input")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "more than once"],
+    ),
+    (
+        "missing-input",
+        digits_request(_=_drop_input),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["missing", "input"],
+    ),
+    (
+        "unknown-output",
+        digits_request(_=_request_output("logits")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["logits"],
+    ),
+    (
+        "batch-too-big",
+        digits_request(
+            _=_set_input(shape=[33, 64]), __=_set_raw(np.zeros((33, 64), np.float32).tobytes())
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "batch size 33", "32"],
+    ),
+    (
+        "unknown-datatype",
+        digits_request(_=_set_input(datatype="FP8")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "FP8"],
+    ),
+    (
+        "negative-dim",
+        digits_request(_=_set_input(shape=[-1, 64])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "negative"],
+    ),
+    (
+        "bytes-prefix-cut",
+        _multi_io_text(b"\x05\x00"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["text", "prefix"],
+    ),
+    (
+        "bytes-prefix-overrun",
+        _multi_io_text(struct.pack("<I", 100) + b"abc"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["text", "100 bytes"],
+    ),
+    (
+        "bytes-not-utf8",
+        _multi_io_text(struct.pack("<I", 2) + b"\xff\xfe"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["text", "UTF-8"],
+    ),
+    (
+        "shared-memory",
+        digits_request(
+            _=lambda r: (
+                r.inputs[0]
+                .parameters["shared_memory_region"]
+                .CopyFrom(pb.InferParameter(string_param="r0"))
+            )
+        ),
+        grpc.StatusCode.UNIMPLEMENTED,
+        ["input", "shared memory"],
+    ),
 ]
 
 
@@ -141,8 +226,9 @@ def executions(stub, model: str) -> int:
     return sum(s.execution_count for s in stats.model_stats)
 
 
-@pytest.mark.parametrize(("request_", "code", "words"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("request_", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_request_is_refused_clearly(stub, request_, code, words) -> None:
     before = {m: executions(stub, m) for m in ("digits", "multi_io")}
     with pytest.raises(grpc.RpcError) as err:
@@ -182,12 +268,17 @@ def test_typed_contents_are_accepted(stub) -> None:
 def test_stream_survives_bad_requests(address: str) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        requests = [digits_request(id="a"), digits_request(model_name="nope", id="b"),
-                    digits_request(_=_set_raw(b"x"), id="c"), digits_request(id="d")]
+        requests = [
+            digits_request(id="a"),
+            digits_request(model_name="nope", id="b"),
+            digits_request(_=_set_raw(b"x"), id="c"),
+            digits_request(id="d"),
+        ]
         replies = list(stub.ModelStreamInfer(iter(requests), timeout=10))
     by_id = {r.infer_response.id: r for r in replies}
     assert set(by_id) == {"a", "b", "c", "d"}
-    assert by_id["a"].error_message == "" and by_id["d"].error_message == ""
+    assert by_id["a"].error_message == ""
+    assert by_id["d"].error_message == ""
     assert "nope" in by_id["b"].error_message
     assert "input" in by_id["c"].error_message
 

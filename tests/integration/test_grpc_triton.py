@@ -17,16 +17,17 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tests import modelgen
 
 
-def reference(repo: Path, model: str, inputs: dict[str, np.ndarray], version: int = 1
-              ) -> dict[str, np.ndarray]:
+def reference(
+    repo: Path, model: str, inputs: dict[str, np.ndarray], version: int = 1
+) -> dict[str, np.ndarray]:
     """What in-process ONNX Runtime answers for the same model file and inputs."""
-    session = ort.InferenceSession(str(repo / model / str(version) / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repo / model / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     feed = {}
     for name, value in inputs.items():
-        if value.dtype == object:
-            value = np.vectorize(lambda b: b.decode(), otypes=[object])(value)
-        feed[name] = value
+        decoded = np.vectorize(lambda b: b.decode(), otypes=[object])
+        feed[name] = decoded(value) if value.dtype == object else value
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(names, feed), strict=True))
     for name, value in out.items():
@@ -80,6 +81,7 @@ def multi_io_inputs(n: int = 3) -> dict[str, np.ndarray]:
 
 # -- server and model health / metadata -----------------------------------------------------
 
+
 def test_server_live_ready_metadata(client) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -88,8 +90,19 @@ def test_server_live_ready_metadata(client) -> None:
     assert "model_repository" in meta["extensions"]
 
 
-@pytest.mark.parametrize("model", ["digits", "multi_io", "simple_static", "dynamic", "scalar",
-                                   "slashes", "batch_axis1", "all_dtypes"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "digits",
+        "multi_io",
+        "simple_static",
+        "dynamic",
+        "scalar",
+        "slashes",
+        "batch_axis1",
+        "all_dtypes",
+    ],
+)
 def test_model_ready(client, model: str) -> None:
     assert client.is_model_ready(model)
 
@@ -116,8 +129,11 @@ def test_model_config_digits(client) -> None:
     assert config["backend"] == "onnxruntime"
     assert config["max_batch_size"] == 32
     assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": ["64"]}]
-    assert config["output"][0] == {"name": "probabilities", "data_type": "TYPE_FP32",
-                                   "dims": ["10"]}
+    assert config["output"][0] == {
+        "name": "probabilities",
+        "data_type": "TYPE_FP32",
+        "dims": ["10"],
+    }
     # only the batch axis: Triton's way, dims [1] reshaped to []
     assert config["output"][1]["dims"] == ["1"]
     assert config["output"][1]["reshape"] == {}
@@ -139,12 +155,14 @@ def test_model_config_non_batching_reports_full_dims(client) -> None:
 
 # -- inference ------------------------------------------------------------------------------
 
+
 def test_infer_digits_matches_onnxruntime(client, served_repo: Path) -> None:
     inputs = digits_inputs(5)
     result = client.infer("digits", make_inputs(inputs), request_id="req-42")
     want = reference(served_repo, "digits", inputs)
-    np.testing.assert_allclose(result.as_numpy("probabilities"), want["probabilities"],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), want["probabilities"], rtol=1e-6, atol=1e-7
+    )
     assert_same(result.as_numpy("label"), want["label"])
     response = result.get_response()
     assert response.id == "req-42"
@@ -153,8 +171,9 @@ def test_infer_digits_matches_onnxruntime(client, served_repo: Path) -> None:
 
 
 def test_infer_requested_outputs_subset(client) -> None:
-    result = client.infer("digits", make_inputs(digits_inputs(2)),
-                          outputs=[grpcclient.InferRequestedOutput("label")])
+    result = client.infer(
+        "digits", make_inputs(digits_inputs(2)), outputs=[grpcclient.InferRequestedOutput("label")]
+    )
     response = result.get_response()
     assert [o.name for o in response.outputs] == ["label"]
     assert result.as_numpy("probabilities") is None
@@ -190,21 +209,33 @@ def test_every_datatype_round_trips_raw(client, case: modelgen.DtypeCase) -> Non
             inputs[f"in_{other.suffix}"] = np.array([[b"x", b"y"]] * 2, dtype=object)
         else:
             inputs[f"in_{other.suffix}"] = np.zeros((2, 2), dtype=other.numpy_dtype)
-    result = client.infer("all_dtypes", make_inputs(inputs),
-                          outputs=[grpcclient.InferRequestedOutput(f"out_{case.suffix}")])
+    result = client.infer(
+        "all_dtypes",
+        make_inputs(inputs),
+        outputs=[grpcclient.InferRequestedOutput(f"out_{case.suffix}")],
+    )
     out = result.get_response().outputs[0]
     assert out.datatype == case.kserve
     assert_same(result.as_numpy(f"out_{case.suffix}"), value)
 
 
-@pytest.mark.parametrize(("model", "inputs"), [
-    ("dynamic", {"x": np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)}),
-    ("dynamic", {"x": np.ones((1, 1, 4), dtype=np.float32)}),
-    ("scalar", {"scale": np.array(2.5, dtype=np.float32),
-                "x": np.arange(6, dtype=np.float32).reshape(2, 3)}),
-    ("slashes", {"input/0": np.arange(10, dtype=np.float32).reshape(2, 5)}),
-    ("batch_axis1", {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}),
-], ids=["dynamic-2x5", "dynamic-1x1", "scalar", "slashes", "batch-axis-1"])
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [
+        ("dynamic", {"x": np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)}),
+        ("dynamic", {"x": np.ones((1, 1, 4), dtype=np.float32)}),
+        (
+            "scalar",
+            {
+                "scale": np.array(2.5, dtype=np.float32),
+                "x": np.arange(6, dtype=np.float32).reshape(2, 3),
+            },
+        ),
+        ("slashes", {"input/0": np.arange(10, dtype=np.float32).reshape(2, 5)}),
+        ("batch_axis1", {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}),
+    ],
+    ids=["dynamic-2x5", "dynamic-1x1", "scalar", "slashes", "batch-axis-1"],
+)
 def test_signature_edge_cases(client, served_repo: Path, model: str, inputs) -> None:
     result = client.infer(model, make_inputs(inputs))
     want = reference(served_repo, model, inputs)
@@ -218,8 +249,10 @@ def test_version_policy_serves_latest_only(client, served_repo: Path) -> None:
     inputs = {"INPUT0": a, "INPUT1": b}
     result = client.infer("simple_static", make_inputs(inputs))
     assert result.get_response().model_version == "2"
-    assert_same(result.as_numpy("OUTPUT1"), reference(served_repo, "simple_static", inputs,
-                                                      version=2)["OUTPUT1"])
+    assert_same(
+        result.as_numpy("OUTPUT1"),
+        reference(served_repo, "simple_static", inputs, version=2)["OUTPUT1"],
+    )
     with pytest.raises(InferenceServerException) as err:
         client.infer("simple_static", make_inputs(inputs), model_version="1")
     assert err.value.status() == "StatusCode.NOT_FOUND"
@@ -233,8 +266,9 @@ def test_async_client(address: str, served_repo: Path) -> None:
         async with aioclient.InferenceServerClient(address) as c:
             assert await c.is_server_live()
             inputs = digits_inputs(3)
-            results = await asyncio.gather(*(
-                c.infer("digits", make_inputs(inputs), request_id=str(i)) for i in range(8)))
+            results = await asyncio.gather(
+                *(c.infer("digits", make_inputs(inputs), request_id=str(i)) for i in range(8))
+            )
             want = reference(served_repo, "digits", inputs)
             for i, r in enumerate(results):
                 assert r.get_response().id == str(i)
@@ -261,7 +295,8 @@ def test_streaming_with_in_stream_errors(client, served_repo: Path) -> None:
     errors = [e for _, e in got if e is not None]
     results = [r for r, e in got if e is None]
     assert len(errors) == 1
-    assert "input" in errors[0].message() and "shape" in errors[0].message()
+    assert "input" in errors[0].message()
+    assert "shape" in errors[0].message()
     assert sorted(r.get_response().id for r in results) == ["s0", "s2", "s3"]
     want = reference(served_repo, "digits", inputs)
     for r in results:
@@ -270,9 +305,12 @@ def test_streaming_with_in_stream_errors(client, served_repo: Path) -> None:
 
 # -- repository and statistics -------------------------------------------------------------
 
+
 def test_repository_index(client) -> None:
-    index = {(m["name"], m.get("version", "")): m
-             for m in client.get_model_repository_index(as_json=True)["models"]}
+    index = {
+        (m["name"], m.get("version", "")): m
+        for m in client.get_model_repository_index(as_json=True)["models"]
+    }
     assert index[("digits", "1")]["state"] == "READY"
     assert index[("simple_static", "2")]["state"] == "READY"
     assert ("simple_static", "1") not in index
@@ -281,9 +319,9 @@ def test_repository_index(client) -> None:
 def test_statistics_count_success_and_failure(client) -> None:
     before = client.get_inference_statistics("multi_io", as_json=True)["model_stats"][0]
     client.infer("multi_io", make_inputs(multi_io_inputs(2)))
+    bad = multi_io_inputs(2)
+    bad["x"] = bad["x"][:, :3]
     with pytest.raises(InferenceServerException):
-        bad = multi_io_inputs(2)
-        bad["x"] = bad["x"][:, :3]
         client.infer("multi_io", make_inputs(bad))
     after = client.get_inference_statistics("multi_io", as_json=True)["model_stats"][0]
 

@@ -36,9 +36,15 @@ def test_reflection_lists_and_describes_services(channel) -> None:
     reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in reply.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
-    reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="inference.GRPCInferenceService"))
+    reply = _reflect(
+        channel,
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="inference.GRPCInferenceService"
+        ),
+    )
     assert reply.file_descriptor_response.file_descriptor_proto
-    reply = _reflect(channel, reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="inference.ModelConfig"))
+    reply = _reflect(
+        channel,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.ModelConfig"),
+    )
     assert reply.file_descriptor_response.file_descriptor_proto
