@@ -219,6 +219,10 @@ def build_config(
 
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
+        if section not in sections or key not in {
+            f.name for f in dataclasses.fields(sections[section])
+        }:
+            raise ConfigError(f"unknown config key '{dotted}'")
         values[section][key] = (value, False)
 
     built: dict[str, Any] = {}
@@ -262,8 +266,10 @@ def load_config(
             data = tomllib.loads(path.read_text())
         except FileNotFoundError as e:
             raise ConfigError(f"config file {path} does not exist") from e
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from e
     return build_config(data, env, overrides)
 
 

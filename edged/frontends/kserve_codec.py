@@ -62,6 +62,8 @@ def _typed_contents(
     name: str, datatype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents
 ) -> Array:
     field = CONTENTS_FIELD.get(datatype)
+    if field is None and element_count(shape) == 0:
+        return np.empty(shape, dtype=datatype.numpy_dtype)
     if field is None:
         raise InvalidInputError(
             f"tensor '{name}': {datatype} has no typed contents field; "
@@ -244,12 +246,18 @@ def request_to_proto(request: InferRequest) -> pb.ModelInferRequest:
 
 
 def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
-    """Decode a response's raw outputs (used by ``edged infer`` and tests)."""
+    """Decode a response's raw outputs (used by ``edged infer`` and tests).
+
+    Raises:
+        InvalidInputError: an output lacks raw contents or has an unknown datatype.
+    """
+    raw = message.raw_output_contents
     outputs: dict[str, Any] = {}
     for i, tensor in enumerate(message.outputs):
-        outputs[tensor.name] = decode_raw(
-            tensor.name, DataType(tensor.datatype), tensor.shape, message.raw_output_contents[i]
-        )
+        if i >= len(raw):
+            raise InvalidInputError(f"output '{tensor.name}' has no raw_output_contents entry")
+        datatype = _datatype(tensor.name, tensor.datatype)
+        outputs[tensor.name] = decode_raw(tensor.name, datatype, tensor.shape, raw[i])
     return InferResponse(message.model_name, message.model_version, outputs, message.id)
 
 

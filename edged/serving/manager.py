@@ -230,8 +230,7 @@ class ModelManager:
             if mv is None:
                 if number in model.states:
                     raise ModelNotReadyError(
-                        f"model '{name}' version {version} is not ready "
-                        f"({model.states[number][0]})"
+                        f"model '{name}' version {version} is not ready ({model.states[number][0]})"
                     )
                 raise ModelNotFoundError(f"model '{name}' has no version {version}")
             return mv

@@ -128,7 +128,9 @@ def _tensor_decls(path: Path, key: str, raw: Any) -> tuple[TensorDecl, ...]:
         dims = None
         if "dims" in item:
             d = item["dims"]
-            if not isinstance(d, list) or not all(isinstance(x, int) and x >= -1 for x in d):
+            if not isinstance(d, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in d
+            ):
                 raise _fail(path, f"'{where}.dims' must be a list of integers >= -1")
             dims = tuple(d)
         decls.append(TensorDecl(name, datatype, dims))
@@ -148,7 +150,7 @@ def _version_policy(path: Path, raw: Any) -> VersionPolicy:
         kind == "specific"
         and isinstance(value, list)
         and value
-        and all(isinstance(v, int) and v > 0 for v in value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         return VersionPolicy(latest=None, specific=tuple(value))
     if kind == "all" and value is True:
@@ -170,7 +172,7 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
     if name != model_dir.name:
         raise _fail(path, f"'name' is {name!r} but the folder is {model_dir.name!r}")
     fmt = data.get("format", "onnx")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise _fail(path, f"'format' {fmt!r} is not one of {', '.join(FORMATS)}")
     mbs = data.get("max_batch_size")
     if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0):

@@ -26,7 +26,10 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
         array = request.inputs.get(spec.name)
         if array is None:
             raise InvalidInputError(f"missing input tensor '{spec.name}' for model '{model}'")
-        datatype = DataType.from_numpy(array.dtype)
+        try:
+            datatype = DataType.from_numpy(array.dtype)
+        except ValueError as e:
+            raise InvalidInputError(f"input tensor '{spec.name}': {e}") from e
         if datatype is not spec.datatype:
             raise InvalidInputError(
                 f"input tensor '{spec.name}': datatype {datatype} does not match the model's "
