@@ -100,6 +100,14 @@ class ModelsConfig:
             _non_negative,
         ),
     )
+    instances: int = field(
+        default=0,
+        metadata=_key(
+            "Copies of each model (each on its own worker thread) when model.toml does not "
+            "say; 0: half the cores, 1 to 4. Runtime threads per copy = cores / copies.",
+            _non_negative,
+        ),
+    )
     load_timeout_s: float = field(
         default=300.0,
         metadata=_key(

@@ -32,6 +32,7 @@ class Daemon:
         self.manager = ModelManager(
             Path(config.models.repository),
             default_max_batch_size=config.models.default_max_batch_size,
+            default_instances=config.models.instances,
             load_timeout_s=config.models.load_timeout_s,
             drain_timeout_s=config.server.shutdown_grace_s,
         )

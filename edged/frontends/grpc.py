@@ -182,9 +182,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             mv.signature,
             platform,
             backend,
-            mv.spec.instances,
+            mv.instances,
             [v.version for v in self._manager.versions(mv.name)],
         )
+        if mv.batching.max_batch_size > 0:
+            db = config.dynamic_batching
+            db.max_queue_delay_microseconds = mv.batching.max_queue_delay_ns // 1000
+            db.preferred_batch_size.extend(mv.batching.preferred_batch_sizes)
+            db.priority_levels = mv.queueing.priority_levels
+            db.default_priority_level = mv.queueing.default_priority
+            db.default_queue_policy.max_queue_size = mv.queueing.max_queue_size
+            db.default_queue_policy.default_timeout_microseconds = (
+                mv.queueing.default_timeout_ns // 1000
+            )
         return pb.ModelConfigResponse(config=config)
 
     @handle_errors

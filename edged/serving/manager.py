@@ -74,10 +74,13 @@ class ModelManager:
         repository: Path,
         *,
         default_max_batch_size: int = 8,
+        default_instances: int = 0,
         load_timeout_s: float = 300.0,
         drain_timeout_s: float = 30.0,
     ) -> None:
         self.repository = repository
+        self.default_instances = default_instances
+        self._closing: set[asyncio.Future[None]] = set()
         self.default_max_batch_size = default_max_batch_size
         self.load_timeout_s = load_timeout_s
         self.drain_timeout_s = drain_timeout_s
@@ -148,7 +151,7 @@ class ModelManager:
                     if version not in model.serving:
                         model.states[version] = (VersionState.UNAVAILABLE, str(e))
                 model.error = str(e)
-                await asyncio.gather(*(asyncio.to_thread(mv.close) for mv in fresh.values()))
+                await asyncio.gather(*(mv.close() for mv in fresh.values()))
                 self._notify(name)
                 raise
             old = model.serving
@@ -179,21 +182,32 @@ class ModelManager:
 
     async def _load_version(self, spec: ModelSpec, version: int) -> ModelVersion:
         task = asyncio.ensure_future(
-            asyncio.to_thread(load_model_version, spec, version, self.default_max_batch_size)
+            asyncio.to_thread(
+                load_model_version,
+                spec,
+                version,
+                self.default_max_batch_size,
+                self.default_instances,
+            )
         )
         done, _ = await asyncio.wait({task}, timeout=self.load_timeout_s)
         if not done:
             # The thread cannot be interrupted; close whatever it produces.
-            task.add_done_callback(
-                lambda t: (
-                    t.result().close() if not t.cancelled() and t.exception() is None else None
-                )
-            )
+            task.add_done_callback(self._close_late)
             raise ModelLoadError(
                 f"model '{spec.name}' version {version} took more than "
                 f"{self.load_timeout_s}s to load"
             )
-        return task.result()
+        mv = task.result()
+        mv.start()
+        return mv
+
+    def _close_late(self, task: asyncio.Future[ModelVersion]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        closing = asyncio.ensure_future(task.result().close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _retire(self, model: _Model, versions: list[ModelVersion]) -> None:
         for mv in versions:
@@ -204,7 +218,7 @@ class ModelManager:
                 log.warning(
                     "drain_timeout", model=mv.name, version=mv.version, in_flight=mv.in_flight
                 )
-            await asyncio.to_thread(mv.close)
+            await mv.close()
             if model.serving.get(mv.version) is None:
                 model.states[mv.version] = (VersionState.UNAVAILABLE, "unloaded")
             log.info("model_version_unloaded", model=mv.name, version=mv.version)

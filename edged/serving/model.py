@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import structlog
 
 from edged.core.errors import EdgedError, ModelLoadError
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature
+from edged.serving.batching import BatchPolicy
 from edged.serving.repository import ModelSpec, resolve_signature
+from edged.serving.scheduler import QueuePolicy, Scheduler
 from edged.serving.stats import ModelStats
-from edged.serving.validate import validate_request
+from edged.serving.validate import request_options, validate_request
 from hal import ExecutorOptions, LoadedModel, ModelArtifact, get_executor
 
 log = structlog.get_logger("edged.serving")
@@ -30,66 +29,67 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass(frozen=True)
-class _Timings:
-    input_ns: int
-    infer_ns: int
-    output_ns: int
-
-
 class ModelVersion:
     """One version of one model, ready to serve: ``instances`` copies of the loaded model,
-    each run by its own worker thread, so the event loop never runs inference."""
+    each run by its own worker thread behind one scheduler (bounded queue, dynamic
+    batching), so the event loop never runs inference."""
 
     def __init__(
-        self, spec: ModelSpec, version: int, signature: Signature, instances: list[LoadedModel]
+        self,
+        spec: ModelSpec,
+        version: int,
+        signature: Signature,
+        instances: list[LoadedModel],
+        batching: BatchPolicy,
+        queueing: QueuePolicy,
     ) -> None:
         self.spec = spec
         self.name = spec.name
         self.version = version
         self.signature = signature
         self.kind = instances[0].kind
+        self.instances = len(instances)
+        self.batching = batching
+        self.queueing = queueing
         self.stats = ModelStats()
         self.in_flight = 0
         self._instances = instances
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(instances), thread_name_prefix=f"edged-{spec.name}-{version}"
+        self.scheduler = Scheduler(
+            f"{spec.name}/{version}", instances, batching, queueing, self.stats.record_execution
         )
-        self._free: asyncio.Queue[LoadedModel] = asyncio.Queue()
-        for instance in instances:
-            self._free.put_nowait(instance)
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def start(self) -> None:
+        """Start taking requests (on the running event loop)."""
+        self.scheduler.start()
+
     async def infer(self, request: InferRequest) -> InferResponse:
-        """Validate ``request``, run it on a free instance, and answer.
+        """Validate ``request``, queue it for a batch, and answer.
 
         Raises:
-            InvalidInputError: the request does not fit the signature.
+            InvalidInputError: the request does not fit the signature, or a bad parameter.
+            OverloadedError: the queue is full.
+            DeadlineExceededError: its timeout expired.
             ExecutorError: the executor failed.
         """
         start = time.monotonic_ns()
         self.in_flight += 1
         self._idle.clear()
         try:
-            batch_size = validate_request(request, self.signature)
-            instance = await self._free.get()
-            dequeued = time.monotonic_ns()
-            try:
-                loop = asyncio.get_running_loop()
-                ctx = contextvars.copy_context()
-                outputs, timings = await loop.run_in_executor(
-                    self._pool, ctx.run, self._run, instance, request
-                )
-            finally:
-                self._free.put_nowait(instance)
+            size = validate_request(request, self.signature)
+            priority, timeout_ns = request_options(request.parameters)
+            results, execution = await self.scheduler.submit(
+                request.inputs, size, priority, timeout_ns
+            )
+            wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
+            outputs = {name: results[name] for name in wanted}
             self.stats.record_success(
-                batch_size,
                 time.monotonic_ns() - start,
-                dequeued - start,
-                timings.input_ns,
-                timings.infer_ns,
-                timings.output_ns,
+                execution.dispatched_ns - start,
+                execution.input_ns,
+                execution.infer_ns,
+                execution.output_ns,
             )
         except EdgedError:
             self.stats.record_failure(time.monotonic_ns() - start)
@@ -100,19 +100,6 @@ class ModelVersion:
                 self._idle.set()
         return InferResponse(self.name, str(self.version), outputs, request.id)
 
-    def _run(
-        self, instance: LoadedModel, request: InferRequest
-    ) -> tuple[dict[str, Array], _Timings]:
-        t0 = time.monotonic_ns()
-        inputs = request.inputs
-        t1 = time.monotonic_ns()
-        results = instance.infer(inputs)
-        t2 = time.monotonic_ns()
-        wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
-        outputs = {name: results[name] for name in wanted}
-        t3 = time.monotonic_ns()
-        return outputs, _Timings(t1 - t0, t2 - t1, t3 - t2)
-
     async def drain(self, timeout_s: float) -> bool:
         """Wait until no request is running here; False if ``timeout_s`` passed first."""
         try:
@@ -121,11 +108,11 @@ class ModelVersion:
             return False
         return True
 
-    def close(self) -> None:
-        """Close every instance and stop the worker threads (blocks until they finish)."""
-        self._pool.shutdown(wait=True)
+    async def close(self) -> None:
+        """Stop the scheduler (failing anything still queued), then close every instance."""
+        await self.scheduler.stop()
         for instance in self._instances:
-            instance.close()
+            await asyncio.to_thread(instance.close)
 
 
 def warm_up_inputs(signature: Signature) -> dict[str, Array]:
@@ -142,26 +129,70 @@ def warm_up_inputs(signature: Signature) -> dict[str, Array]:
     return inputs
 
 
+def default_instances(cores: int) -> int:
+    """Instances of a model when neither model.toml nor the config says: half the cores
+    (at least 1, at most 4), leaving room for the frontends' event loop."""
+    return max(1, min(4, cores // 2))
+
+
+def policies(spec: ModelSpec, signature: Signature) -> tuple[BatchPolicy, QueuePolicy]:
+    """The scheduler's batching and queue policies from model.toml.
+
+    Raises:
+        ModelLoadError: a preferred batch size exceeds max_batch_size.
+    """
+    db = spec.dynamic_batching
+    mbs = signature.max_batch_size if db.enabled else 0
+    too_big = [s for s in db.preferred_batch_sizes if s > max(mbs, 1)]
+    if mbs and too_big:
+        raise ModelLoadError(
+            f"model '{spec.name}': dynamic_batching.preferred_batch_sizes {too_big} exceed "
+            f"max_batch_size {mbs}"
+        )
+    batching = BatchPolicy(
+        max_batch_size=mbs,
+        max_queue_delay_ns=db.max_queue_delay_us * 1000,
+        preferred_batch_sizes=db.preferred_batch_sizes if mbs else (),
+    )
+    queueing = QueuePolicy(
+        max_queue_size=db.max_queue_size,
+        default_timeout_ns=db.default_timeout_us * 1000,
+        priority_levels=db.priority_levels,
+        default_priority=db.default_priority_level,
+    )
+    return batching, queueing
+
+
 def load_model_version(
-    spec: ModelSpec, version: int, default_max_batch_size: int, cores: int | None = None
+    spec: ModelSpec,
+    version: int,
+    default_max_batch_size: int,
+    instances_default: int = 0,
+    cores: int | None = None,
 ) -> ModelVersion:
     """Load ``version`` of ``spec`` on the first executor in its preference list that takes
     it, one copy per instance, and warm every copy up. Blocking: call from a worker thread.
+
+    Instances: model.toml's ``instances``, else ``instances_default``, else
+    ``default_instances(cores)``; each copy gets cores / instances runtime threads, so that
+    together they do not oversubscribe the cores.
 
     Raises:
         ModelLoadError: no executor could load it, or the warm-up failed.
     """
     artifact = ModelArtifact(spec.path / str(version) / spec.artifact_name, spec.format)
     cores = cores or available_cores()
-    options = ExecutorOptions(intra_op_threads=max(1, cores // spec.instances))
+    count = spec.instances or instances_default or default_instances(cores)
+    options = ExecutorOptions(intra_op_threads=max(1, cores // count))
     errors: list[str] = []
     for kind in spec.executor_preference:
         instances: list[LoadedModel] = []
         try:
             executor = get_executor(kind)
-            for _ in range(spec.instances):
+            for _ in range(count):
                 instances.append(executor.load(artifact, options))
             signature = resolve_signature(instances[0].signature, spec, default_max_batch_size)
+            batching, queueing = policies(spec, signature)
             warm = warm_up_inputs(signature)
             for instance in instances:
                 instance.infer(warm)
@@ -179,9 +210,11 @@ def load_model_version(
             version=version,
             executor=kind,
             instances=len(instances),
+            threads_per_instance=options.intra_op_threads,
             max_batch_size=signature.max_batch_size,
+            dynamic_batching=batching.max_batch_size > 0,
         )
-        return ModelVersion(spec, version, signature, instances)
+        return ModelVersion(spec, version, signature, instances, batching, queueing)
     raise ModelLoadError(
         f"model '{spec.name}' version {version}: no executor could load it: " + "; ".join(errors)
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,29 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True)
+class DynamicBatching:
+    """model.toml's ``[dynamic_batching]``: how requests queue and merge (Triton's names).
+    The queue keys apply to models that cannot batch too."""
+
+    enabled: bool = True
+    """Merge queued requests into batches (only when max_batch_size > 0)."""
+    max_queue_delay_us: int = 0
+    """How long the oldest request may wait for a fuller batch; 0: merge only what is
+    already queued when an instance frees up, never adding latency."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes dispatched at once, without waiting for the delay."""
+    max_queue_size: int = 128
+    """Requests waiting; one more is refused with RESOURCE_EXHAUSTED at once."""
+    default_timeout_us: int = 0
+    """A request not answered in this time fails with DEADLINE_EXCEEDED; 0: no limit. A
+    request's own ``timeout`` parameter (µs) overrides it."""
+    priority_levels: int = 1
+    """Priority levels 1 (highest) .. N; a request's ``priority`` parameter picks one."""
+    default_priority_level: int = 1
+    """Level of a request that gives no priority."""
+
+
+@dataclass(frozen=True)
 class TensorDecl:
     """An input or output as model.toml declares it (dims exclude the batch axis when the
     model batches, as in Triton's config.pbtxt)."""
@@ -71,7 +94,9 @@ class ModelSpec:
     max_batch_size: int | None = None
     """None: batch when the artifact allows it, up to the daemon's default."""
     executors: tuple[str, ...] = ()
-    instances: int = 1
+    instances: int | None = None
+    """Copies of the model, each on its own worker thread; None: the daemon's default."""
+    dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     inputs: tuple[TensorDecl, ...] = ()
     outputs: tuple[TensorDecl, ...] = ()
@@ -88,6 +113,7 @@ class ModelSpec:
 
 
 _MODEL_KEYS = {
+    "dynamic_batching",
     "name",
     "format",
     "max_batch_size",
@@ -137,6 +163,42 @@ def _tensor_decls(path: Path, key: str, raw: Any) -> tuple[TensorDecl, ...]:
     return tuple(decls)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dynamic_batching(path: Path, raw: Any) -> DynamicBatching:
+    if not isinstance(raw, dict):
+        raise _fail(path, "'dynamic_batching' must be a table")
+    known = {f.name for f in fields(DynamicBatching)}
+    unknown = set(raw) - known
+    if unknown:
+        raise _fail(path, f"unknown key 'dynamic_batching.{sorted(unknown)[0]}'")
+    values = dict(raw)
+    if "enabled" in values and not isinstance(values["enabled"], bool):
+        raise _fail(path, "'dynamic_batching.enabled' must be true or false")
+    minimum = {
+        "max_queue_delay_us": 0,
+        "max_queue_size": 1,
+        "default_timeout_us": 0,
+        "priority_levels": 1,
+        "default_priority_level": 1,
+    }
+    for key, low in minimum.items():
+        if key in values and not (_is_int(values[key]) and values[key] >= low):
+            raise _fail(path, f"'dynamic_batching.{key}' must be an integer >= {low}")
+    sizes = values.get("preferred_batch_sizes", [])
+    if not isinstance(sizes, list) or not all(_is_int(v) and v > 0 for v in sizes):
+        raise _fail(path, "'dynamic_batching.preferred_batch_sizes' must be a list of integers > 0")
+    values["preferred_batch_sizes"] = tuple(sorted(set(sizes)))
+    result = DynamicBatching(**values)
+    if result.default_priority_level > result.priority_levels:
+        raise _fail(
+            path, "'dynamic_batching.default_priority_level' must be at most 'priority_levels'"
+        )
+    return result
+
+
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise _fail(
@@ -180,8 +242,8 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
     executors = data.get("executors", [])
     if not isinstance(executors, list) or not all(isinstance(e, str) for e in executors):
         raise _fail(path, "'executors' must be a list of executor kinds")
-    instances = data.get("instances", 1)
-    if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 64:
+    instances = data.get("instances")
+    if instances is not None and not (_is_int(instances) and 1 <= instances <= 64):
         raise _fail(path, "'instances' must be an integer from 1 to 64")
     policy = (
         _version_policy(path, data["version_policy"])
@@ -195,6 +257,7 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
         max_batch_size=mbs,
         executors=tuple(executors),
         instances=instances,
+        dynamic_batching=_dynamic_batching(path, data.get("dynamic_batching", {})),
         version_policy=policy,
         inputs=_tensor_decls(path, "inputs", data.get("inputs", [])),
         outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edged.serving.scheduler import Execution
 
 
 @dataclass
@@ -45,28 +49,26 @@ class ModelStats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_success(
-        self,
-        batch_size: int,
-        total_ns: int,
-        queue_ns: int,
-        input_ns: int,
-        infer_ns: int,
-        output_ns: int,
+        self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
-        """One request answered, and the one execution that served it."""
+        """One request answered; compute durations are those of the batch it ran in."""
         with self._lock:
-            self.inference_count += batch_size
-            self.execution_count += 1
             self.last_inference_ms = time.time_ns() // 1_000_000
             self.success.add(total_ns)
             self.queue.add(queue_ns)
             self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
             self.compute_output.add(output_ns)
-            batch = self.batches.setdefault(batch_size, BatchStats())
-            batch.compute_input.add(input_ns)
-            batch.compute_infer.add(infer_ns)
-            batch.compute_output.add(output_ns)
+
+    def record_execution(self, execution: Execution) -> None:
+        """One batch of ``execution.batch_size`` items ran on the model."""
+        with self._lock:
+            self.inference_count += execution.batch_size
+            self.execution_count += 1
+            batch = self.batches.setdefault(execution.batch_size, BatchStats())
+            batch.compute_input.add(execution.input_ns)
+            batch.compute_infer.add(execution.infer_ns)
+            batch.compute_output.add(execution.output_ns)
 
     def record_failure(self, total_ns: int) -> None:
         """One request that failed after it reached the model."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from edged.core.errors import InvalidInputError
 from edged.core.types import DataType, InferRequest, Signature
 
@@ -63,3 +65,22 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
                 f"{', '.join(t.name for t in signature.outputs)})"
             )
     return batch or 1
+
+
+def request_options(parameters: Mapping[str, object]) -> tuple[int, int]:
+    """The scheduling parameters of a request, Triton's names: ``priority`` (level, 0 for the
+    model's default) and ``timeout`` (µs, 0 for the model's default); returns (priority,
+    timeout in ns). Other parameters are ignored.
+
+    Raises:
+        InvalidInputError: a scheduling parameter is not a non-negative integer.
+    """
+    values = []
+    for key in ("priority", "timeout"):
+        value = parameters.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInputError(
+                f"parameter '{key}' must be a non-negative integer, got {value!r}"
+            )
+        values.append(value)
+    return values[0], values[1] * 1000

@@ -19,6 +19,7 @@ ALL_KEYS = {
     "models.repository",
     "models.strict_readiness",
     "models.default_max_batch_size",
+    "models.instances",
     "models.load_timeout_s",
     "log.level",
     "log.format",

@@ -1,0 +1,216 @@
+"""The scheduling half of dynamic batching, on a recording model that implements the real
+LoadedModel interface (a test double at the executor boundary)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from edged.core.errors import (
+    DeadlineExceededError,
+    ExecutorError,
+    InvalidInputError,
+    OverloadedError,
+    UnavailableError,
+)
+from edged.core.types import Array, DataType, Signature, TensorSpec
+from edged.serving.batching import BatchPolicy
+from edged.serving.scheduler import QueuePolicy, Scheduler
+from hal import LoadedModel
+
+SIG = Signature(
+    (TensorSpec("x", DataType.FP32, (-1, 2)),), (TensorSpec("y", DataType.FP32, (-1, 2)),), 16
+)
+
+
+class Recording(LoadedModel):
+    """y = 2x; records every batch; can be held closed or made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__(SIG, "recording")
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+        self.entered = 0
+
+    def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        self.entered += 1
+        self.gate.wait(10)
+        self.batches.append(inputs["x"][:, 0].tolist())
+        if self.fail:
+            raise RuntimeError("device lost")
+        return {"y": inputs["x"] * 2}
+
+
+def x(value: float, rows: int = 1) -> dict[str, Array]:
+    return {"x": np.full((rows, 2), value, dtype=np.float32)}
+
+
+async def started(model: Recording, batching=BatchPolicy(16), queueing=QueuePolicy()):
+    scheduler = Scheduler("m/1", [model], batching, queueing)
+    scheduler.start()
+    return scheduler
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
+async def test_requests_queued_behind_a_busy_instance_are_merged() -> None:
+    model = Recording()
+    scheduler = await started(model)
+    model.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)  # the first one is running
+    rest = [asyncio.ensure_future(scheduler.submit(x(v, rows=2), 2)) for v in (1, 2, 3)]
+    await until(lambda: scheduler.queue_depth == 3)
+    model.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.batches == [[0.0], [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+    for value, (outputs, _execution) in zip((0, 1, 2, 3), results, strict=True):
+        assert np.all(outputs["y"] == 2 * value)
+    assert results[1][1].batch_size == 6
+    await scheduler.stop()
+
+
+async def test_queue_delay_waits_for_a_fuller_batch() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(4, max_queue_delay_ns=200_000_000))
+    a = asyncio.ensure_future(scheduler.submit(x(1), 1))
+    await asyncio.sleep(0.05)
+    assert model.batches == []  # still waiting for the delay
+    b = asyncio.ensure_future(scheduler.submit(x(2), 1))
+    await asyncio.gather(a, b)
+    assert model.batches == [[1.0, 2.0]]
+    await scheduler.stop()
+
+
+async def test_different_shapes_run_in_different_batches() -> None:
+    model = Recording()
+    scheduler = await started(model)
+    model.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    other = {"x": np.full((1, 3), 9, dtype=np.float32)}
+    futures = [
+        asyncio.ensure_future(scheduler.submit(x(1), 1)),
+        asyncio.ensure_future(scheduler.submit(other, 1)),
+        asyncio.ensure_future(scheduler.submit(x(2), 1)),
+    ]
+    await until(lambda: scheduler.queue_depth == 3)
+    model.gate.set()
+    await asyncio.gather(first, *futures)
+    assert model.batches == [[0.0], [1.0, 2.0], [9.0]]
+    await scheduler.stop()
+
+
+async def test_higher_priority_runs_first() -> None:
+    model = Recording()
+    scheduler = await started(
+        model, BatchPolicy(0), QueuePolicy(priority_levels=2, default_priority=2)
+    )
+    model.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    low = asyncio.ensure_future(scheduler.submit(x(1), 1))
+    high = asyncio.ensure_future(scheduler.submit(x(2), 1, priority=1))
+    await until(lambda: scheduler.queue_depth == 2)
+    model.gate.set()
+    await asyncio.gather(first, low, high)
+    assert model.batches == [[0.0], [2.0], [1.0]]
+    with pytest.raises(InvalidInputError, match="priority 3"):
+        await scheduler.submit(x(0), 1, priority=3)
+    await scheduler.stop()
+
+
+async def test_full_queue_is_refused_at_once() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0), QueuePolicy(max_queue_size=2))
+    model.gate.clear()
+    running = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    queued = [asyncio.ensure_future(scheduler.submit(x(v), 1)) for v in (1, 2)]
+    await until(lambda: scheduler.queue_depth == 2)
+    with pytest.raises(OverloadedError, match="queue is full"):
+        await asyncio.wait_for(scheduler.submit(x(3), 1), 1)
+    model.gate.set()
+    await asyncio.gather(running, *queued)
+    await scheduler.stop()
+
+
+async def test_cancelled_caller_is_skipped_and_nothing_stalls() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0))
+    model.gate.clear()
+    running = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    gone = asyncio.ensure_future(scheduler.submit(x(1), 1))
+    kept = asyncio.ensure_future(scheduler.submit(x(2), 1))
+    await until(lambda: scheduler.queue_depth == 2)
+    gone.cancel()  # the client disconnected while queued
+    model.gate.set()
+    await asyncio.gather(running, kept)
+    assert model.batches == [[0.0], [2.0]]
+    assert scheduler.queue_depth == 0
+    # a caller that goes away while its batch runs does not break the batch either
+    model.gate.clear()
+    leaving = asyncio.ensure_future(scheduler.submit(x(3), 1))
+    await until(lambda: model.entered == 3)
+    leaving.cancel()
+    model.gate.set()
+    outputs, _ = await scheduler.submit(x(4), 1)
+    assert np.all(outputs["y"] == 8)
+    await scheduler.stop()
+
+
+async def test_timeout_while_queued() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0), QueuePolicy(default_timeout_ns=50_000_000))
+    model.gate.clear()
+    running = asyncio.ensure_future(scheduler.submit(x(0), 1, timeout_ns=5_000_000_000))
+    await until(lambda: model.entered == 1)
+    with pytest.raises(DeadlineExceededError, match="timed out after 50 ms"):
+        await scheduler.submit(x(1), 1)
+    model.gate.set()
+    await running
+    assert model.batches == [[0.0]]  # the timed-out request never ran
+    await scheduler.stop()
+
+
+async def test_executor_failure_fails_the_batch_and_serving_goes_on() -> None:
+    model = Recording()
+    scheduler = await started(model)
+    model.fail = True
+    with pytest.raises(ExecutorError, match="device lost"):
+        await scheduler.submit(x(1), 1)
+    model.fail = False
+    outputs, _ = await scheduler.submit(x(2), 1)
+    assert np.all(outputs["y"] == 4)
+    await scheduler.stop()
+
+
+async def test_stop_fails_what_is_queued() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0))
+    model.gate.clear()
+    running = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    queued = asyncio.ensure_future(scheduler.submit(x(1), 1))
+    await until(lambda: scheduler.queue_depth == 1)
+    stopping = asyncio.ensure_future(scheduler.stop())
+    with pytest.raises(UnavailableError):
+        await queued
+    model.gate.set()
+    await running  # the running batch finishes
+    await stopping
+    with pytest.raises(UnavailableError):
+        await scheduler.submit(x(2), 1)
