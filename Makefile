@@ -19,6 +19,7 @@ serve: $(STAMP)
 	@echo "edged: serving ./models on $(GRPC_ADDRESS) (Ctrl-C stops it)."
 	@echo "edged: in another shell, send a request:"
 	@echo "    $(BIN)/edged infer digits --address $(GRPC_ADDRESS) --input input=models/digits/sample.npy"
+	@echo "edged: ZeroMQ on tcp://127.0.0.1:5555 (from Python: edged.client.ZmqClient)."
 	$(BIN)/edged serve --models models --grpc-address $(GRPC_ADDRESS)
 
 # perf_analyzer (inside the tritonclient wheel) links libb64 from Debian; tests skip it,

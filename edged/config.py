@@ -40,6 +40,15 @@ def _address(value: Any) -> str | None:
     return None
 
 
+def _zmq_addresses(value: Any) -> str | None:
+    for address in value:
+        if not address.startswith(("tcp://", "ipc://")):
+            return f"{address!r} must start with tcp:// or ipc://"
+        if address.startswith("tcp://") and _address(address[len("tcp://") :]):
+            return f"{address!r} must be tcp://HOST:PORT"
+    return None if value else "must list at least one address"
+
+
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -117,6 +126,31 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class ZmqConfig:
+    """[zmq]: the low-latency ZeroMQ endpoint (docs/zmq-protocol.md)."""
+
+    enabled: bool = field(default=True, metadata=_key("Serve the ZeroMQ endpoint."))
+    addresses: tuple[str, ...] = field(
+        default=("tcp://127.0.0.1:5555",),
+        metadata=_key(
+            "Endpoints the ROUTER socket binds: tcp://HOST:PORT (port 0 picks one) or "
+            "ipc:///path. In the environment: comma-separated.",
+            _zmq_addresses,
+        ),
+    )
+    max_message_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_key("Largest ZeroMQ message accepted; larger ones are dropped.", _positive),
+    )
+    max_in_flight: int = field(
+        default=256,
+        metadata=_key(
+            "Requests the endpoint runs at once; more wait in ZeroMQ's queues.", _positive
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """[log]: structured logs on stdout."""
 
@@ -139,6 +173,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -147,32 +182,66 @@ def _sections() -> dict[str, type[Any]]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def _to_bool(raw: Any, from_env: bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    words = {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }
+    if from_env and str(raw).lower() in words:
+        return words[str(raw).lower()]
+    raise ValueError
+
+
+def _to_int(raw: Any, from_env: bool) -> int:
+    if isinstance(raw, bool) or not (isinstance(raw, int) or from_env):
+        raise ValueError
+    return int(raw)
+
+
+def _to_float(raw: Any, from_env: bool) -> float:
+    if isinstance(raw, bool) or not (isinstance(raw, int | float) or from_env):
+        raise ValueError
+    return float(raw)
+
+
+def _to_str(raw: Any, from_env: bool) -> str:
+    if not isinstance(raw, str):
+        raise ValueError
+    return raw
+
+
+def _to_strings(raw: Any, from_env: bool) -> tuple[str, ...]:
+    if from_env and isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise ValueError
+    return tuple(raw)
+
+
+_COERCERS: dict[Any, tuple[str, Callable[[Any, bool], Any]]] = {
+    bool: ("bool", _to_bool),
+    int: ("int", _to_int),
+    float: ("float", _to_float),
+    str: ("str", _to_str),
+    tuple[str, ...]: ("a list of strings", _to_strings),
+}
+
+
 def _coerce(key: str, kind: Any, raw: Any, from_env: bool) -> Any:
     """``raw`` as ``kind``; environment values arrive as strings."""
+    expected, coerce = _COERCERS[kind]
     try:
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            if from_env and str(raw).lower() in {"1", "true", "yes", "on"}:
-                return True
-            if from_env and str(raw).lower() in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(raw, bool) or not (isinstance(raw, int) or from_env):
-                raise ValueError
-            return int(raw)
-        if kind is float:
-            if isinstance(raw, bool) or not (isinstance(raw, int | float) or from_env):
-                raise ValueError
-            return float(raw)
-        if kind is str:
-            if not isinstance(raw, str):
-                raise ValueError
-            return raw
+        return coerce(raw, from_env)
     except ValueError:
-        pass
-    raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {raw!r}")
+        raise ConfigError(f"config key '{key}': expected {expected}, got {raw!r}") from None
 
 
 def _env_values(

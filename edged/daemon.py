@@ -1,4 +1,4 @@
-"""Wiring: the model manager, the gRPC frontend, and their lifecycle.
+"""Wiring: the model manager, the gRPC and ZeroMQ frontends, and their lifecycle.
 
 ``start`` binds the gRPC port first, so ServerLive answers while models are still loading;
 each model answers ModelReady only once it has loaded and warmed up. ``stop`` runs in a fixed
@@ -19,6 +19,7 @@ import structlog
 from edged.config import Config
 from edged.core.errors import ConfigError
 from edged.frontends.grpc import HealthPublisher, build_server
+from edged.frontends.zmq import ZmqFrontend
 from edged.serving.manager import ModelManager
 
 log = structlog.get_logger("edged.daemon")
@@ -39,6 +40,8 @@ class Daemon:
         self.grpc_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: HealthPublisher | None = None
+        self._zmq: ZmqFrontend | None = None
+        self.zmq_endpoints: list[str] = []
         self._startup: asyncio.Task[None] | None = None
         self._loaded = False
         self._failed: dict[str, str] = {}
@@ -80,8 +83,26 @@ class Daemon:
         await server.start()
         self._server, self._health, self.grpc_port = server, health, port
         health.server_changed(False)
+        if self.config.zmq.enabled:
+            self._zmq = ZmqFrontend(
+                self.manager,
+                self.config.zmq.addresses,
+                is_ready=self.is_ready,
+                max_message_bytes=self.config.zmq.max_message_bytes,
+                max_in_flight=self.config.zmq.max_in_flight,
+            )
+            try:
+                self.zmq_endpoints = self._zmq.start()
+            except ConfigError:
+                await server.stop(0)
+                raise
         host = address.rpartition(":")[0]
-        log.info("server_live", grpc_address=f"{host}:{port}", repository=str(repo))
+        log.info(
+            "server_live",
+            grpc_address=f"{host}:{port}",
+            zmq_endpoints=self.zmq_endpoints,
+            repository=str(repo),
+        )
         self._startup = asyncio.create_task(self._load_repository())
 
     async def _load_repository(self) -> None:
@@ -120,6 +141,8 @@ class Daemon:
         drained = await self.manager.drain(grace)
         if not drained:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
+        if self._zmq is not None:
+            await self._zmq.stop(max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()

@@ -50,3 +50,9 @@ def daemon(served_repo: Path) -> Iterator[DaemonProcess]:
 def address(daemon: DaemonProcess) -> str:
     """HOST:PORT of the shared daemon."""
     return daemon.address
+
+
+@pytest.fixture
+def zmq_address(daemon: DaemonProcess) -> str:
+    """The shared daemon's ZeroMQ endpoint (tcp://127.0.0.1:PORT)."""
+    return daemon.zmq_endpoints[0]

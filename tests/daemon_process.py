@@ -22,6 +22,7 @@ class DaemonProcess:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+        full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default port
         full_env.update(env or {})
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -39,6 +40,7 @@ class DaemonProcess:
         self._reader.start()
         self.stderr = ""
         self.address = ""
+        self.zmq_endpoints: list[str] = []
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -79,6 +81,7 @@ class DaemonProcess:
         """Wait for the gRPC port and return HOST:PORT."""
         event = self.wait_for("server_live", timeout)
         self.address = event["grpc_address"]
+        self.zmq_endpoints = event.get("zmq_endpoints", [])
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -109,6 +112,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the edged CLI to completion."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "edged.cli", *args],

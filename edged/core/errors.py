@@ -1,7 +1,7 @@
 """Every failure a client can see, one type each.
 
 Errors know nothing of transports: each frontend maps these types to its own status codes in
-one place (``edged.frontends.grpc.STATUS_BY_ERROR``). Foreign exceptions are wrapped with
+one place (``edged.core.status.CODE_BY_ERROR``). Foreign exceptions are wrapped with
 ``raise ... from e`` so the cause survives in logs but never leaks into a reply.
 """
 

@@ -1,7 +1,7 @@
 """The KServe v2 gRPC frontend (GRPCInferenceService), grpc.health.v1 and reflection.
 
 A thin servicer: protobuf in -> edged.core types -> the ModelManager -> protobuf out. Domain
-errors become gRPC status codes in one place, ``STATUS_BY_ERROR``.
+errors become gRPC status codes in one place, ``edged.core.status.CODE_BY_ERROR``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from edged._proto._pool import add_serialized_file
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core import errors
+from edged.core.status import code_of
 from edged.frontends import kserve_codec as codec
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS
@@ -31,18 +32,6 @@ from edged.serving.stats import Duration, ModelStats
 
 log = structlog.get_logger("edged.grpc")
 
-STATUS_BY_ERROR: dict[type[errors.EdgedError], grpc.StatusCode] = {
-    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
-    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.ExecutorError: grpc.StatusCode.INTERNAL,
-    errors.ModelLoadError: grpc.StatusCode.INTERNAL,
-    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
-}
 
 #: what ServerMetadata lists as implemented
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
@@ -54,11 +43,8 @@ Resp = TypeVar("Resp")
 
 
 def status_of(error: errors.EdgedError) -> grpc.StatusCode:
-    """The gRPC status for a domain error (its nearest mapped base class)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status of a domain error (``edged.core.status`` holds the one table)."""
+    return grpc.StatusCode[code_of(error)]
 
 
 def handle_errors(

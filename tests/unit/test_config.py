@@ -21,6 +21,10 @@ ALL_KEYS = {
     "models.default_max_batch_size",
     "models.instances",
     "models.load_timeout_s",
+    "zmq.enabled",
+    "zmq.addresses",
+    "zmq.max_message_bytes",
+    "zmq.max_in_flight",
     "log.level",
     "log.format",
 }
@@ -198,7 +202,12 @@ def test_describe_lists_every_key_with_its_env_var() -> None:
         assert default == _get(defaults, dotted)
         assert doc
         # the variable describe() names is one build_config accepts
-        text = str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, bool):
+            text = str(default).lower()
+        elif isinstance(default, tuple):
+            text = ",".join(default)
+        else:
+            text = str(default)
         assert _get(build_config({}, env={env_name: text}), dotted) == default
 
 
@@ -404,3 +413,16 @@ def test_file_errors_name_the_key(tmp_path: Path) -> None:
     path.write_text('[server]\ngrpc_adress = "127.0.0.1:1"\n')
     with pytest.raises(ConfigError, match=r"server\.grpc_adress"):
         load_config(path, env={})
+
+
+def test_list_keys_from_toml_and_environment() -> None:
+    config = build_config({"zmq": {"addresses": ["tcp://127.0.0.1:0", "ipc:///run/e.sock"]}})
+    assert config.zmq.addresses == ("tcp://127.0.0.1:0", "ipc:///run/e.sock")
+    config = build_config({}, {"EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:1, ipc:///tmp/x"})
+    assert config.zmq.addresses == ("tcp://127.0.0.1:1", "ipc:///tmp/x")
+
+
+@pytest.mark.parametrize("value", [["udp://1.2.3.4:5"], [], ["tcp://nohost"], "tcp://a:1", [1]])
+def test_bad_zmq_addresses_name_the_key(value) -> None:
+    with pytest.raises(ConfigError, match=r"zmq\.addresses"):
+        build_config({"zmq": {"addresses": value}})

@@ -1,0 +1,30 @@
+"""Status codes: the one table from domain errors to the codes clients see.
+
+The names are gRPC's canonical codes (google.rpc.Code), which every frontend speaks: the gRPC
+frontend as ``grpc.StatusCode``, the ZeroMQ frontend as these strings.
+"""
+
+from __future__ import annotations
+
+from edged.core import errors
+
+CODE_BY_ERROR: dict[type[errors.EdgedError], str] = {
+    errors.InvalidInputError: "INVALID_ARGUMENT",
+    errors.ModelNotFoundError: "NOT_FOUND",
+    errors.ModelNotReadyError: "UNAVAILABLE",
+    errors.UnavailableError: "UNAVAILABLE",
+    errors.OverloadedError: "RESOURCE_EXHAUSTED",
+    errors.DeadlineExceededError: "DEADLINE_EXCEEDED",
+    errors.ExecutorError: "INTERNAL",
+    errors.ModelLoadError: "INTERNAL",
+    errors.ConfigError: "INVALID_ARGUMENT",
+    errors.UnsupportedError: "UNIMPLEMENTED",
+}
+
+
+def code_of(error: errors.EdgedError) -> str:
+    """The status code of a domain error (its nearest mapped base class)."""
+    for cls in type(error).__mro__:
+        if cls in CODE_BY_ERROR:
+            return CODE_BY_ERROR[cls]
+    return "INTERNAL"

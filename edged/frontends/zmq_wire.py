@@ -1,0 +1,215 @@
+"""The ZeroMQ wire format (docs/zmq-protocol.md), encode and decode; no sockets here.
+
+A message is a header frame (UTF-8 JSON object) followed by one frame per tensor holding its
+raw little-endian bytes (BYTES: 4-byte little-endian length before each element), in the
+order the header lists the tensors. Tensor frames are viewed, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edged.core.errors import InvalidInputError
+from edged.core.tensors import check_shape, decode_raw, encode_raw
+from edged.core.types import Array, DataType, InferRequest, InferResponse
+
+VERSION = 1
+OPS = frozenset({"infer", "live", "ready", "model_ready", "server_metadata", "model_metadata"})
+#: the largest header accepted, in bytes
+MAX_HEADER_BYTES = 64 * 1024
+
+Frame = bytes | memoryview
+
+
+def read_header(frame: Frame) -> dict[str, Any]:
+    """The header frame as a dict (version checked, nothing else).
+
+    Raises:
+        InvalidInputError: not a JSON object, too big, or another wire version.
+    """
+    if len(frame) > MAX_HEADER_BYTES:
+        raise InvalidInputError(f"header frame is {len(frame)} bytes, over {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(frame))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"header frame is not a JSON object: {e}") from e
+    if not isinstance(header, dict):
+        raise InvalidInputError("header frame is not a JSON object")
+    if header.get("v") != VERSION:
+        raise InvalidInputError(f"header 'v' is {header.get('v')!r}; this server speaks {VERSION}")
+    return header
+
+
+def _string(header: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = header.get(key, default)
+    if not isinstance(value, str):
+        raise InvalidInputError(f"header '{key}' must be a string")
+    return value
+
+
+def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> dict[str, Array]:
+    specs = header.get(key, [])
+    if not isinstance(specs, list):
+        raise InvalidInputError(f"header '{key}' must be a list")
+    if len(specs) != len(frames):
+        raise InvalidInputError(
+            f"header lists {len(specs)} {key} but {len(frames)} tensor frames follow it"
+        )
+    tensors: dict[str, Array] = {}
+    for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
+        where = f"{key}[{i}]"
+        if not isinstance(spec, dict):
+            raise InvalidInputError(f"header '{where}' must be an object")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"header '{where}.name' must be a non-empty string")
+        if name in tensors:
+            raise InvalidInputError(f"tensor '{name}' is given more than once")
+        try:
+            datatype = DataType(str(spec.get("datatype")))
+        except ValueError:
+            raise InvalidInputError(
+                f"tensor '{name}': datatype {spec.get('datatype')!r} is not one of "
+                f"{', '.join(DataType)}"
+            ) from None
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidInputError(f"tensor '{name}': shape must be a list of integers")
+        tensors[name] = decode_raw(name, datatype, check_shape(name, shape), frame)
+    return tensors
+
+
+def _tensor_frames(tensors: Mapping[str, Array]) -> tuple[list[dict[str, Any]], list[Frame]]:
+    specs = []
+    frames: list[Frame] = []
+    for name, array in tensors.items():
+        datatype = DataType.from_numpy(array.dtype)
+        specs.append({"name": name, "datatype": datatype.value, "shape": list(array.shape)})
+        if (
+            datatype is DataType.BYTES
+            or array.dtype.byteorder == ">"
+            or not (array.flags.c_contiguous)
+        ):
+            frames.append(encode_raw(array))
+        else:
+            frames.append(memoryview(array.data).cast("B") if array.size else b"")
+    return specs, frames
+
+
+def _dump(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def encode_request(op: str, request_id: str = "", **fields: Any) -> list[Frame]:
+    """A request for ``op``; for "infer" pass ``request=InferRequest``."""
+    request: InferRequest | None = fields.pop("request", None)
+    header: dict[str, Any] = {"v": VERSION, "op": op, "id": request_id, **fields}
+    frames: list[Frame] = []
+    if request is not None:
+        specs, frames = _tensor_frames(request.inputs)
+        header.update(model=request.model_name, version=request.model_version, inputs=specs)
+        if request.requested_outputs:
+            header["outputs"] = list(request.requested_outputs)
+        if request.parameters:
+            header["parameters"] = dict(request.parameters)
+    return [_dump(header), *frames]
+
+
+def decode_request(frames: Sequence[Frame]) -> tuple[dict[str, Any], InferRequest | None]:
+    """The header, and for "infer" the request.
+
+    Raises:
+        InvalidInputError: a malformed header or tensor, naming the field.
+    """
+    if not frames:
+        raise InvalidInputError("empty message: a header frame is required")
+    header = read_header(frames[0])
+    return header, decode_body(header, frames[1:])
+
+
+def request_id(header: Mapping[str, Any]) -> str:
+    """The header's request id, or "" when it has none usable."""
+    rid = header.get("id", "")
+    return rid if isinstance(rid, str) else ""
+
+
+def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest | None:
+    """Check the header read by ``read_header`` and, for "infer", decode the tensor
+    ``frames`` that follow it into the request.
+
+    Raises:
+        InvalidInputError: a malformed header or tensor, naming the field.
+    """
+    op = _string(header, "op")
+    if op not in OPS:
+        raise InvalidInputError(f"header 'op' {op!r} is not one of {', '.join(sorted(OPS))}")
+    header["id"] = _string(header, "id", "")
+    if op != "infer":
+        if frames:
+            raise InvalidInputError(f"op '{op}' takes no tensor frames")
+        return None
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise InvalidInputError("header 'outputs' must be a list of output names")
+    parameters = header.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("header 'parameters' must be an object")
+    request = InferRequest(
+        model_name=_string(header, "model"),
+        model_version=_string(header, "version", ""),
+        id=header["id"],
+        inputs=_tensors(header, "inputs", frames),
+        requested_outputs=tuple(dict.fromkeys(outputs)),
+        parameters=parameters,
+    )
+    if not request.model_name:
+        raise InvalidInputError("header 'model' is empty")
+    return request
+
+
+# -- replies -------------------------------------------------------------------------------
+
+
+def encode_response(request_id: str, response: InferResponse) -> list[Frame]:
+    """A successful infer reply."""
+    specs, frames = _tensor_frames(response.outputs)
+    header = {
+        "v": VERSION,
+        "id": request_id,
+        "ok": True,
+        "model": response.model_name,
+        "version": response.model_version,
+        "outputs": specs,
+    }
+    return [_dump(header), *frames]
+
+
+def encode_value(request_id: str, value: Mapping[str, Any]) -> list[Frame]:
+    """A successful reply to any other op: the answer under ``result``."""
+    return [_dump({"v": VERSION, "id": request_id, "ok": True, "result": dict(value)})]
+
+
+def encode_error(request_id: str, code: str, message: str) -> list[Frame]:
+    """A failed reply: a status code name (as gRPC's) and a message."""
+    return [_dump({"v": VERSION, "id": request_id, "ok": False, "code": code, "error": message})]
+
+
+def decode_reply(frames: Sequence[Frame]) -> tuple[dict[str, Any], dict[str, Array]]:
+    """The reply header and its output tensors (empty for errors and non-infer ops).
+
+    Raises:
+        InvalidInputError: a malformed reply.
+    """
+    if not frames:
+        raise InvalidInputError("empty reply")
+    header = read_header(frames[0])
+    if not header.get("ok") or "result" in header:
+        return header, {}
+    return header, _tensors(header, "outputs", frames[1:])

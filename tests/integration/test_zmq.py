@@ -1,0 +1,200 @@
+"""The ZeroMQ endpoint of a real daemon, driven by edged.client and by raw pyzmq sockets:
+the same outputs as gRPC, the same error codes, many requests in flight per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import zmq
+from sklearn.datasets import load_digits
+
+from edged.client import AsyncZmqClient, ZmqClient, ZmqClientError
+from tests import modelgen
+from tests.daemon_process import DaemonProcess, copy_example_models
+from tests.integration.test_grpc_triton import make_inputs, multi_io_inputs
+
+
+@pytest.fixture
+def client(zmq_address: str):
+    with ZmqClient(zmq_address, timeout=10) as c:
+        yield c
+
+
+def grpc_outputs(address: str, model: str, inputs: dict[str, np.ndarray]) -> dict:
+    with grpcclient.InferenceServerClient(address) as c:
+        result = c.infer(model, make_inputs(inputs))
+        return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert value.shape == b[name].shape, name
+        if value.dtype == object:
+            assert value.tolist() == b[name].tolist(), name
+        else:
+            assert value.dtype == b[name].dtype, name
+            assert value.tobytes() == b[name].tobytes(), name
+
+
+def test_health_and_metadata(client: ZmqClient) -> None:
+    assert client.is_live()
+    assert client.is_ready()
+    assert client.is_model_ready("digits")
+    assert not client.is_model_ready("nope")
+    assert client.server_metadata()["name"] == "edged"
+    meta = client.model_metadata("digits")
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert meta["max_batch_size"] == 32
+
+
+@pytest.mark.parametrize("model", ["digits", "multi_io", "all_dtypes", "simple_static"])
+def test_zmq_and_grpc_return_identical_outputs(client: ZmqClient, address: str, model: str) -> None:
+    rng = np.random.default_rng(11)
+    if model == "digits":
+        inputs = {"input": load_digits().data[:3].astype(np.float32)}
+    elif model == "multi_io":
+        inputs = multi_io_inputs(3)
+    elif model == "simple_static":
+        inputs = {
+            "INPUT0": np.arange(6, dtype=np.int32).reshape(2, 3),
+            "INPUT1": np.full((2, 3), 5, dtype=np.int32),
+        }
+    else:
+        inputs = {}
+        for case in modelgen.ALL_DTYPES:
+            if case.kserve == "BYTES":
+                value = np.array([[b"a", "ü\x00".encode()], [b"", b"xyz"]], dtype=object)
+            elif case.kserve == "BOOL":
+                value = rng.random((2, 2)) > 0.5
+            else:
+                value = (rng.random((2, 2)) * 100).astype(case.numpy_dtype)
+            inputs[f"in_{case.suffix}"] = value
+    assert_identical(client.infer(model, inputs), grpc_outputs(address, model, inputs))
+
+
+def test_requested_outputs_and_version(client: ZmqClient) -> None:
+    x = load_digits().data[:2].astype(np.float32)
+    out = client.infer("digits", {"input": x}, outputs=["label"], version="1")
+    assert list(out) == ["label"]
+    assert out["label"].tolist() == [0, 1]
+
+
+ERRORS = [
+    ("unknown-model", "nope", {"input": np.zeros((1, 64), np.float32)}, "NOT_FOUND"),
+    ("wrong-shape", "digits", {"input": np.zeros((1, 63), np.float32)}, "INVALID_ARGUMENT"),
+    ("wrong-dtype", "digits", {"input": np.zeros((1, 64), np.float64)}, "INVALID_ARGUMENT"),
+    ("missing-input", "digits", {}, "INVALID_ARGUMENT"),
+    ("batch-too-big", "digits", {"input": np.zeros((33, 64), np.float32)}, "INVALID_ARGUMENT"),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "code"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS]
+)
+def test_same_error_codes_as_grpc(
+    client: ZmqClient, address: str, model, inputs, code: str
+) -> None:
+    with pytest.raises(ZmqClientError) as zmq_err:
+        client.infer(model, inputs)
+    assert zmq_err.value.code == code
+    with (
+        grpcclient.InferenceServerClient(address) as c,
+        pytest.raises(grpcclient.InferenceServerException) as grpc_err,
+    ):
+        c.infer(model, make_inputs(inputs) if inputs else [])
+    assert grpc_err.value.status() == f"StatusCode.{code}"
+    assert client.is_live()
+
+
+def test_many_requests_in_flight_on_one_connection(zmq_address: str) -> None:
+    data = load_digits().data.astype(np.float32)
+
+    async def main() -> list[dict]:
+        async with AsyncZmqClient(zmq_address, timeout=20) as c:
+            return await asyncio.gather(
+                *(
+                    c.infer("digits", {"input": data[i : i + 1]}, outputs=["label"])
+                    for i in range(100)
+                )
+            )  # under the queue bound (128)
+
+    results = asyncio.run(main())
+    labels = [int(r["label"][0]) for r in results]
+    with ZmqClient(zmq_address) as c:
+        expected = c.infer("digits", {"input": data[:32]}, outputs=["label"])["label"].tolist()
+        expected += c.infer("digits", {"input": data[32:64]}, outputs=["label"])["label"].tolist()
+    assert labels[:64] == expected  # each reply went to its own request
+
+
+def _raw(zmq_address: str, frames: list[bytes], kind: int = zmq.DEALER) -> list[bytes]:
+    with zmq.Context() as ctx, ctx.socket(kind) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(zmq_address)
+        sock.send_multipart(frames)
+        assert sock.poll(10_000), "no reply"
+        return sock.recv_multipart()
+
+
+def test_malformed_message_gets_a_clear_error_and_serving_goes_on(
+    zmq_address: str, client: ZmqClient
+) -> None:
+    reply = json.loads(_raw(zmq_address, [b"garbage"])[0])
+    assert reply["ok"] is False
+    assert reply["code"] == "INVALID_ARGUMENT"
+    assert "JSON" in reply["error"]
+    header = {
+        "v": 1,
+        "op": "infer",
+        "id": "z",
+        "model": "digits",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64]}],
+    }
+    reply = json.loads(_raw(zmq_address, [json.dumps(header).encode(), b"\x00" * 255])[0])
+    assert reply["id"] == "z"
+    assert reply["code"] == "INVALID_ARGUMENT"
+    assert "'input'" in reply["error"]
+    assert "255 bytes" in reply["error"]
+    assert client.is_ready()
+
+
+def test_req_sockets_work_too(zmq_address: str) -> None:
+    reply = _raw(
+        zmq_address, [json.dumps({"v": 1, "op": "live", "id": "q"}).encode()], kind=zmq.REQ
+    )
+    assert json.loads(reply[0]) == {"v": 1, "id": "q", "ok": True, "result": {"live": True}}
+
+
+def test_ipc_transport(tmp_path: Path) -> None:
+    socket_path = tmp_path / "run" / "edged.sock"
+    daemon = DaemonProcess(
+        [
+            "--models",
+            str(copy_example_models(tmp_path / "models")),
+            "--grpc-address",
+            "127.0.0.1:0",
+        ],
+        env={"EDGED_ZMQ_ADDRESSES": f"ipc://{socket_path},tcp://127.0.0.1:0"},
+    )
+    try:
+        daemon.wait_live()
+        daemon.wait_for("server_ready")
+        assert daemon.zmq_endpoints[0] == f"ipc://{socket_path}"
+        with ZmqClient(f"ipc://{socket_path}") as c:
+            out = c.infer("digits", {"input": np.load("models/digits/sample.npy")})
+        assert out["label"].tolist() == [0, 1]
+        assert oct(socket_path.stat().st_mode & 0o777) == "0o660"
+    finally:
+        assert daemon.stop() == 0
+    assert not socket_path.exists()  # removed on shutdown
+
+
+def test_grpc_channel_unaffected_by_zmq_load(address: str, zmq_address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=5)
