@@ -80,6 +80,13 @@ class ServerConfig:
         default=10.0,
         metadata=_key("On SIGTERM, how long in-flight requests may take to finish.", _non_negative),
     )
+    shared_memory: bool = field(
+        default=True,
+        metadata=_key(
+            "Serve Triton's system shared memory extension: clients on this host may name "
+            "/dev/shm objects for the daemon to read inputs from and write outputs to."
+        ),
+    )
     stream_max_in_flight: int = field(
         default=64,
         metadata=_key("Requests one ModelStreamInfer stream may have running at once.", _positive),

@@ -21,6 +21,7 @@ from edged.core.errors import ConfigError
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.zmq import ZmqFrontend
 from edged.serving.manager import ModelManager
+from edged.serving.shared_memory import SharedMemoryRegistry
 
 log = structlog.get_logger("edged.daemon")
 
@@ -70,6 +71,7 @@ class Daemon:
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
+            regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
         )
         address = self.config.server.grpc_address
         try:

@@ -50,3 +50,11 @@ class ConfigError(EdgedError):
 
 class UnsupportedError(EdgedError):
     """The request asks for a feature edged does not implement."""
+
+
+class NotFoundError(EdgedError):
+    """A named resource other than a model (a shared-memory region, ...) does not exist."""
+
+
+class AlreadyExistsError(EdgedError):
+    """A named resource the request would create exists already."""

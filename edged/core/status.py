@@ -19,6 +19,8 @@ CODE_BY_ERROR: dict[type[errors.EdgedError], str] = {
     errors.ModelLoadError: "INTERNAL",
     errors.ConfigError: "INVALID_ARGUMENT",
     errors.UnsupportedError: "UNIMPLEMENTED",
+    errors.NotFoundError: "NOT_FOUND",
+    errors.AlreadyExistsError: "ALREADY_EXISTS",
 }
 
 

@@ -28,6 +28,7 @@ from edged.core.status import code_of
 from edged.frontends import kserve_codec as codec
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS
+from edged.serving.shared_memory import SharedMemoryRegistry
 from edged.serving.stats import Duration, ModelStats
 
 log = structlog.get_logger("edged.grpc")
@@ -105,9 +106,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over one ModelManager."""
 
     def __init__(
-        self, manager: ModelManager, *, is_ready: Callable[[], bool], stream_max_in_flight: int = 64
+        self,
+        manager: ModelManager,
+        *,
+        is_ready: Callable[[], bool],
+        stream_max_in_flight: int = 64,
+        regions: SharedMemoryRegistry | None = None,
     ) -> None:
         self._manager = manager
+        self._regions = regions
         self._is_ready = is_ready
         self._stream_max_in_flight = stream_max_in_flight
 
@@ -205,12 +212,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model=message.model_name, version=message.model_version, request_id=message.id
         ):
             try:
-                request = codec.request_from_proto(message)
+                request = codec.request_from_proto(message, self._regions)
+                spans = codec.output_spans(message, self._regions)
                 response = await self._manager.infer(request)
+                return codec.response_to_proto(response, spans)
             except errors.EdgedError as e:
                 log.info("infer_refused", error=str(e), status=status_of(e).name)
                 raise
-            return codec.response_to_proto(response)
 
     @handle_errors
     async def ModelInfer(
@@ -319,6 +327,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory --------------------------------------------------------------
+
+    def _registry(self) -> SharedMemoryRegistry:
+        if self._regions is None:
+            raise errors.UnsupportedError("system shared memory is not enabled")
+        return self._regions
+
+    @handle_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        await asyncio.to_thread(
+            self._registry().register,
+            request.name,
+            request.key,
+            request.offset,
+            request.byte_size,
+        )
+        log.info(
+            "shm_registered", region=request.name, key=request.key, byte_size=request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @handle_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self._registry().status(request.name):
+            status = reply.regions[region.name]
+            status.name = region.name
+            status.key = region.key
+            status.offset = region.offset
+            status.byte_size = region.byte_size
+        return reply
+
+    @handle_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._registry().unregister(request.name)
+        log.info("shm_unregistered", region=request.name or "*")
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     @staticmethod
     def _check_repository(name: str) -> None:
         if name not in ("", "models"):
@@ -365,6 +417,7 @@ def build_server(
     is_ready: Callable[[], bool],
     max_request_bytes: int,
     stream_max_in_flight: int,
+    regions: SharedMemoryRegistry | None = None,
 ) -> tuple[grpc.aio.Server, HealthPublisher]:
     """A gRPC server with the inference service, health and reflection (not yet bound)."""
     server = grpc.aio.server(
@@ -375,7 +428,12 @@ def build_server(
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(manager, is_ready=is_ready, stream_max_in_flight=stream_max_in_flight),
+        InferenceServicer(
+            manager,
+            is_ready=is_ready,
+            stream_max_in_flight=stream_max_in_flight,
+            regions=regions,
+        ),
         server,
     )
     health = HealthServicer()

@@ -16,6 +16,7 @@ from edged._proto.inference import model_config_pb2 as mc
 from edged.core.errors import InvalidInputError, UnsupportedError
 from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
+from edged.serving.shared_memory import SharedMemoryRegistry
 
 #: which typed ``contents`` field carries each datatype (FP16 has none: raw only)
 CONTENTS_FIELD: dict[DataType, str] = {
@@ -104,13 +105,63 @@ def _has_typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     )
 
 
-def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Array:
+def _uses_shm(parameters: Mapping[str, pb.InferParameter]) -> bool:
+    return any(p in parameters for p in _SHM_PARAMETERS)
+
+
+def _int_parameter(
+    parameters: Mapping[str, pb.InferParameter], key: str, what: str, default: int | None = None
+) -> int:
+    if key not in parameters:
+        if default is None:
+            raise InvalidInputError(f"{what}: parameter '{key}' is required")
+        return default
+    value = parameter_value(parameters[key])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInputError(f"{what}: parameter '{key}' must be a non-negative integer")
+    return value
+
+
+def shm_span(
+    parameters: Mapping[str, pb.InferParameter], regions: SharedMemoryRegistry | None, what: str
+) -> memoryview:
+    """The bytes a tensor's ``shared_memory_*`` parameters name, bounds-checked.
+
+    Raises:
+        UnsupportedError: the daemon has no shared-memory registry.
+        InvalidInputError: a missing or bad parameter, an unregistered region, or a span
+            outside the region; names ``what``.
+    """
+    if regions is None:
+        raise UnsupportedError(f"{what}: shared memory is not enabled")
+    name = (
+        parameter_value(parameters["shared_memory_region"])
+        if ("shared_memory_region" in parameters)
+        else None
+    )
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"{what}: parameter 'shared_memory_region' must name a region")
+    offset = _int_parameter(parameters, "shared_memory_offset", what, 0)
+    size = _int_parameter(parameters, "shared_memory_byte_size", what)
+    return regions.get(name, what).view(offset, size, what)
+
+
+def _decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    regions: SharedMemoryRegistry | None,
+) -> Array:
     name = tensor.name
-    if any(p in tensor.parameters for p in _SHM_PARAMETERS):
-        raise UnsupportedError(f"tensor '{name}': shared memory inputs are not supported")
     datatype = _datatype(name, tensor.datatype)
     shape = check_shape(name, tensor.shape)
     typed = _has_typed_contents(tensor)
+    if _uses_shm(tensor.parameters):
+        span = shm_span(tensor.parameters, regions, f"tensor '{name}'")
+        if typed:
+            raise InvalidInputError(
+                f"tensor '{name}': both shared memory and typed contents are set; send one"
+            )
+        return decode_raw(name, datatype, shape, span)
     if raw is not None:
         if typed:
             raise InvalidInputError(
@@ -124,33 +175,39 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     )
 
 
-def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
+def request_from_proto(
+    message: pb.ModelInferRequest, regions: SharedMemoryRegistry | None = None
+) -> InferRequest:
     """Decode and check a ModelInferRequest's wire-level form.
 
+    ``raw_input_contents`` holds one entry per input that is not in shared memory, in order
+    (as tritonclient sends them). Shared-memory inputs are views onto their region.
+
     Raises:
-        InvalidInputError: bad datatype, shape, byte length, contents, or a tensor given
-            twice or both raw and typed; names the tensor.
-        UnsupportedError: shared-memory or classification parameters (not implemented yet).
+        InvalidInputError: bad datatype, shape, byte length, contents, shared-memory span, or a
+            tensor given twice or both raw and typed; names the tensor.
+        UnsupportedError: the classification extension, or shared memory without a registry.
     """
     if not message.model_name:
         raise InvalidInputError("model_name is empty")
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    carried = [t for t in message.inputs if not _uses_shm(t.parameters)]
+    if raw and len(raw) != len(carried):
         raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries for "
-            f"{len(message.inputs)} inputs; it needs one per input"
+            f"raw_input_contents has {len(raw)} entries for {len(carried)} inputs not in "
+            "shared memory; it needs one per input"
         )
+    next_raw = iter(raw)
     inputs: dict[str, Array] = {}
     for i, tensor in enumerate(message.inputs):
         if not tensor.name:
             raise InvalidInputError(f"inputs[{i}] has no name")
         if tensor.name in inputs:
             raise InvalidInputError(f"tensor '{tensor.name}' is given more than once")
-        inputs[tensor.name] = _decode_input(tensor, raw[i] if raw else None)
+        own = next(next_raw) if raw and not _uses_shm(tensor.parameters) else None
+        inputs[tensor.name] = _decode_input(tensor, own, regions)
     requested = []
     for out in message.outputs:
-        if any(p in out.parameters for p in _SHM_PARAMETERS):
-            raise UnsupportedError(f"output '{out.name}': shared memory outputs are not supported")
         if "classification" in out.parameters:
             raise UnsupportedError(
                 f"output '{out.name}': the classification extension is not supported"
@@ -167,12 +224,51 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
-    """A ModelInferResponse carrying every output in ``raw_output_contents``."""
+def output_spans(
+    message: pb.ModelInferRequest, regions: SharedMemoryRegistry | None
+) -> dict[str, memoryview]:
+    """Where each output asked for in shared memory goes (checked before inference runs).
+
+    Raises:
+        InvalidInputError, UnsupportedError: as ``shm_span``.
+    """
+    return {
+        out.name: shm_span(out.parameters, regions, f"output '{out.name}'")
+        for out in message.outputs
+        if _uses_shm(out.parameters)
+    }
+
+
+def response_to_proto(
+    response: InferResponse, spans: Mapping[str, memoryview] | None = None
+) -> pb.ModelInferResponse:
+    """A ModelInferResponse carrying every output in ``raw_output_contents``, except those
+    written into shared memory (``spans``): their entry is empty (so that indices stay aligned,
+    as tritonclient reads them) and their parameters say where and how many bytes.
+
+    Raises:
+        InvalidInputError: an output does not fit its shared-memory span.
+    """
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
+    spans = spans or {}
     for name, array in response.outputs.items():
+        if name in spans:
+            data = encode_raw(array)
+            span = spans[name]
+            if len(data) > len(span):
+                raise InvalidInputError(
+                    f"output '{name}' needs {len(data)} bytes but its shared memory span has "
+                    f"{len(span)}"
+                )
+            span[: len(data)] = data
+            tensor = message.outputs.add(
+                name=name, datatype=DataType.from_numpy(array.dtype).value, shape=array.shape
+            )
+            tensor.parameters["shared_memory_byte_size"].int64_param = len(data)
+            message.raw_output_contents.append(b"")
+            continue
         datatype = DataType.from_numpy(array.dtype)
         message.outputs.add(name=name, datatype=datatype.value, shape=array.shape)
         message.raw_output_contents.append(encode_raw(array))

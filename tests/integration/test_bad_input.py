@@ -201,7 +201,7 @@ CASES = [
         ["text", "UTF-8"],
     ),
     (
-        "shared-memory",
+        "shared-memory-and-raw",
         digits_request(
             _=lambda r: (
                 r.inputs[0]
@@ -209,8 +209,24 @@ CASES = [
                 .CopyFrom(pb.InferParameter(string_param="r0"))
             )
         ),
-        grpc.StatusCode.UNIMPLEMENTED,
-        ["input", "shared memory"],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["raw_input_contents", "shared memory"],  # both raw bytes and a region
+    ),
+    (
+        "shared-memory-unregistered",
+        digits_request(
+            _=lambda r: (
+                r.inputs[0]
+                .parameters["shared_memory_region"]
+                .CopyFrom(pb.InferParameter(string_param="r0")),
+                r.inputs[0]
+                .parameters["shared_memory_byte_size"]
+                .CopyFrom(pb.InferParameter(int64_param=256)),
+                r.ClearField("raw_input_contents"),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "'r0'", "not registered"],
     ),
 ]
 

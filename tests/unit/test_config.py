@@ -15,6 +15,7 @@ ALL_KEYS = {
     "server.grpc_address",
     "server.max_request_bytes",
     "server.shutdown_grace_s",
+    "server.shared_memory",
     "server.stream_max_in_flight",
     "models.repository",
     "models.strict_readiness",

@@ -16,6 +16,7 @@ from edged._proto.inference import grpc_service_pb2 as pb
 from edged.core.errors import InvalidInputError, UnsupportedError
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 from edged.frontends.kserve_codec import (
+    output_spans,
     request_from_proto,
     request_to_proto,
     response_from_proto,
@@ -386,7 +387,9 @@ def test_request_from_proto_refuses(message: pb.ModelInferRequest, names: str, m
 )
 def test_request_from_proto_unsupported(message: pb.ModelInferRequest, names: str) -> None:
     with pytest.raises(UnsupportedError) as info:
-        request_from_proto(_wire(message))
+        wire = _wire(message)
+        request_from_proto(wire)
+        output_spans(wire, None)
     assert names in str(info.value)
 
 
