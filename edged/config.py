@@ -158,6 +158,17 @@ class ZmqConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus text exposition over HTTP."""
+
+    enabled: bool = field(default=True, metadata=_key("Serve /metrics."))
+    address: str = field(
+        default="127.0.0.1:8002",
+        metadata=_key("HOST:PORT of the metrics endpoint; port 0 picks one.", _address),
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """[log]: structured logs on stdout."""
 
@@ -181,6 +192,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

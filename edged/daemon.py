@@ -19,6 +19,7 @@ import structlog
 from edged.config import Config
 from edged.core.errors import ConfigError
 from edged.frontends.grpc import HealthPublisher, build_server
+from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.zmq import ZmqFrontend
 from edged.serving.manager import ModelManager
 from edged.serving.shared_memory import SharedMemoryRegistry
@@ -42,6 +43,8 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._health: HealthPublisher | None = None
         self._zmq: ZmqFrontend | None = None
+        self._metrics: MetricsEndpoint | None = None
+        self.metrics_address = ""
         self.zmq_endpoints: list[str] = []
         self._startup: asyncio.Task[None] | None = None
         self._loaded = False
@@ -96,13 +99,28 @@ class Daemon:
             try:
                 self.zmq_endpoints = self._zmq.start()
             except ConfigError:
-                await server.stop(0)
+                self._zmq = None
+                await self._stop_frontends(0.0)
                 raise
+        if self.config.metrics.enabled:
+            self._metrics = MetricsEndpoint(self.manager)
+            metrics_host = self.config.metrics.address.rpartition(":")[0]
+            try:
+                metrics_port = await asyncio.to_thread(
+                    self._metrics.start, self.config.metrics.address
+                )
+            except OSError as e:
+                await self._stop_frontends(0.0)
+                raise ConfigError(
+                    f"config key 'metrics.address': cannot bind {self.config.metrics.address}: {e}"
+                ) from e
+            self.metrics_address = f"{metrics_host}:{metrics_port}"
         host = address.rpartition(":")[0]
         log.info(
             "server_live",
             grpc_address=f"{host}:{port}",
             zmq_endpoints=self.zmq_endpoints,
+            metrics_address=self.metrics_address,
             repository=str(repo),
         )
         self._startup = asyncio.create_task(self._load_repository())
@@ -143,12 +161,17 @@ class Daemon:
         drained = await self.manager.drain(grace)
         if not drained:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
-        if self._zmq is not None:
-            await self._zmq.stop(max(0.0, deadline - time.monotonic()))
-        if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        await self._stop_frontends(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()
         log.info("shutdown_complete")
+
+    async def _stop_frontends(self, grace_s: float) -> None:
+        if self._zmq is not None:
+            await self._zmq.stop(grace_s)
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
 
     async def run_until_signalled(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop."""

@@ -22,7 +22,8 @@ class DaemonProcess:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-        full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default port
+        full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default ports
+        full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
         full_env.update(env or {})
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -41,6 +42,7 @@ class DaemonProcess:
         self.stderr = ""
         self.address = ""
         self.zmq_endpoints: list[str] = []
+        self.metrics_address = ""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -82,6 +84,7 @@ class DaemonProcess:
         event = self.wait_for("server_live", timeout)
         self.address = event["grpc_address"]
         self.zmq_endpoints = event.get("zmq_endpoints", [])
+        self.metrics_address = event.get("metrics_address", "")
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -113,6 +116,7 @@ def run_cli(
     """Run the edged CLI to completion."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
     full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"
+    full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "edged.cli", *args],

@@ -278,7 +278,8 @@ class ModelManager:
 
     def ready_models(self) -> list[ModelVersion]:
         """Every version served now."""
-        return [mv for m in self._models.values() for mv in m.serving.values()]
+        # snapshots: the metrics endpoint calls this from its own thread
+        return [mv for m in list(self._models.values()) for mv in list(m.serving.values())]
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Served versions of ``name``, ascending.

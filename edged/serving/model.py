@@ -10,6 +10,7 @@ import numpy as np
 import structlog
 
 from edged.core.errors import EdgedError, ModelLoadError
+from edged.core.status import code_of
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature
 from edged.serving.batching import BatchPolicy
 from edged.serving.repository import ModelSpec, resolve_signature
@@ -91,8 +92,8 @@ class ModelVersion:
                 execution.infer_ns,
                 execution.output_ns,
             )
-        except EdgedError:
-            self.stats.record_failure(time.monotonic_ns() - start)
+        except EdgedError as e:
+            self.stats.record_failure(time.monotonic_ns() - start, code_of(e))
             raise
         finally:
             self.in_flight -= 1

@@ -1,7 +1,10 @@
-"""Per model-version statistics in Triton's shape: counts and cumulative durations."""
+"""Per model-version statistics in Triton's shape (counts and cumulative durations) plus
+fixed-bucket histograms, read by ModelStatistics and the Prometheus endpoint at scrape time so
+the request path pays only a few additions."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +24,53 @@ class Duration:
     def add(self, ns: int) -> None:
         self.count += 1
         self.ns += ns
+
+
+#: seconds
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class Histogram:
+    """Counts per upper bound (Prometheus ``le`` buckets, not cumulative here) and the sum."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(``le``, cumulative count) pairs, ending with +Inf."""
+        pairs = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            pairs.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return pairs
 
 
 @dataclass
@@ -46,6 +96,11 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    failures_by_code: dict[str, int] = field(default_factory=dict)
+    queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_success(
@@ -59,6 +114,8 @@ class ModelStats:
             self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
             self.compute_output.add(output_ns)
+            self.queue_seconds.observe(queue_ns / 1e9)
+            self.request_seconds.observe(total_ns / 1e9)
 
     def record_execution(self, execution: Execution) -> None:
         """One batch of ``execution.batch_size`` items ran on the model."""
@@ -69,8 +126,13 @@ class ModelStats:
             batch.compute_input.add(execution.input_ns)
             batch.compute_infer.add(execution.infer_ns)
             batch.compute_output.add(execution.output_ns)
+            self.batch_size.observe(execution.batch_size)
+            self.compute_seconds.observe(
+                (execution.input_ns + execution.infer_ns + execution.output_ns) / 1e9
+            )
 
-    def record_failure(self, total_ns: int) -> None:
-        """One request that failed after it reached the model."""
+    def record_failure(self, total_ns: int, code: str) -> None:
+        """One request that failed after it reached the model, with its status code."""
         with self._lock:
             self.fail.add(total_ns)
+            self.failures_by_code[code] = self.failures_by_code.get(code, 0) + 1

@@ -26,6 +26,8 @@ ALL_KEYS = {
     "zmq.addresses",
     "zmq.max_message_bytes",
     "zmq.max_in_flight",
+    "metrics.enabled",
+    "metrics.address",
     "log.level",
     "log.format",
 }

@@ -1,0 +1,143 @@
+"""Prometheus metrics on their own port, from a registry the daemon owns.
+
+Everything is read at scrape time from the serving layer's own counters and histograms
+(``edged.serving.stats``), so a request pays nothing for metrics it would not pay anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from edged.serving.manager import ModelManager
+from edged.serving.stats import Histogram
+
+LABELS = ["model", "version"]
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], rows: list[tuple[list[str], Histogram]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, hist in rows:
+        family.add_metric(values, hist.cumulative(), sum_value=hist.total)
+    return family
+
+
+class ServingCollector(Collector):
+    """Per model version: requests, failures, items, batches, queue depth, in-flight, and
+    histograms of queue time, request time, compute time and batch size."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        success = CounterMetricFamily(
+            "edged_request_success", "Requests answered successfully.", labels=LABELS
+        )
+        failure = CounterMetricFamily(
+            "edged_request_failure",
+            "Requests that failed at the model, by status code.",
+            labels=[*LABELS, "code"],
+        )
+        items = CounterMetricFamily(
+            "edged_inference_items", "Items (batch rows) run through the model.", labels=LABELS
+        )
+        executions = CounterMetricFamily(
+            "edged_executions", "Batches run on the model.", labels=LABELS
+        )
+        depth = GaugeMetricFamily(
+            "edged_queue_depth", "Requests waiting for an instance.", labels=LABELS
+        )
+        in_flight = GaugeMetricFamily(
+            "edged_inflight_requests", "Requests queued or running.", labels=LABELS
+        )
+        info = GaugeMetricFamily(
+            "edged_model_info",
+            "Where each served model version runs (value 1).",
+            labels=[*LABELS, "executor", "instances", "max_batch_size"],
+        )
+        hists: dict[str, list[tuple[list[str], Histogram]]] = {
+            "queue": [],
+            "request": [],
+            "compute": [],
+            "batch": [],
+        }
+        for mv in self._manager.ready_models():
+            labels = [mv.name, str(mv.version)]
+            stats = mv.stats
+            with stats._lock:
+                success.add_metric(labels, stats.success.count)
+                for code, count in sorted(stats.failures_by_code.items()):
+                    failure.add_metric([*labels, code], count)
+                items.add_metric(labels, stats.inference_count)
+                executions.add_metric(labels, stats.execution_count)
+                hists["queue"].append((labels, _copy(stats.queue_seconds)))
+                hists["request"].append((labels, _copy(stats.request_seconds)))
+                hists["compute"].append((labels, _copy(stats.compute_seconds)))
+                hists["batch"].append((labels, _copy(stats.batch_size)))
+            depth.add_metric(labels, mv.scheduler.queue_depth)
+            in_flight.add_metric(labels, mv.in_flight)
+            info.add_metric(
+                [*labels, mv.kind, str(mv.instances), str(mv.signature.max_batch_size)], 1
+            )
+        yield from (success, failure, items, executions, depth, in_flight, info)
+        yield _histogram(
+            "edged_queue_duration_seconds",
+            "Time from arrival to the start of the batch.",
+            LABELS,
+            hists["queue"],
+        )
+        yield _histogram(
+            "edged_request_duration_seconds",
+            "Time from arrival to the answer.",
+            LABELS,
+            hists["request"],
+        )
+        yield _histogram(
+            "edged_compute_duration_seconds",
+            "Time one batch spent in merge, inference and split.",
+            LABELS,
+            hists["compute"],
+        )
+        yield _histogram("edged_batch_size", "Items per batch run.", LABELS, hists["batch"])
+
+
+def _copy(hist: Histogram) -> Histogram:
+    copy = Histogram(hist.bounds)
+    copy.counts = list(hist.counts)
+    copy.total = hist.total
+    return copy
+
+
+class MetricsEndpoint:
+    """The daemon's own registry served over HTTP (text exposition format)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServingCollector(manager))
+        self._server: Any = None
+        self._thread: Any = None
+        self.port: int | None = None
+
+    def start(self, address: str) -> int:
+        """Serve on HOST:PORT (port 0 picks one); return the port."""
+        host, _, port = address.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host, self.registry)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        """Stop the HTTP server."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
