@@ -138,9 +138,14 @@ class Scheduler:
             asyncio.get_running_loop().create_future()
         )
         pending = _Pending(inputs, size, batch_key(inputs), time.monotonic_ns(), future)
-        self._queues[level - 1].append(pending)
-        self._waiting += 1
-        self._wake.set()
+        if self._waiting == 0 and not self._free.empty() and take(self._batching, [size], 0):
+            # Fast path: nothing queued, an instance free, and the policy would not wait for
+            # company: run now, without a trip through the dispatch task.
+            self._start(self._free.get_nowait(), [pending])
+        else:
+            self._queues[level - 1].append(pending)
+            self._waiting += 1
+            self._wake.set()
         timeout_ns = timeout_ns or self._queueing.default_timeout_ns
         if not timeout_ns:
             return await future
@@ -195,9 +200,12 @@ class Scheduler:
                             queue.remove(p)
                             break
                 self._waiting -= len(batch)
-                task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._start(instance, batch)
+
+    def _start(self, instance: LoadedModel, batch: list[_Pending]) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _execute(self, instance: LoadedModel, batch: list[_Pending]) -> None:
         dispatched = time.monotonic_ns()
