@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -47,9 +48,24 @@ def wait_until(check, timeout: float = 60.0) -> float:
 def one_run(models: Path) -> dict[str, float]:
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edged.cli", "serve", "--models", str(models),
-         "--grpc-address", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "edged.cli",
+            "serve",
+            "--models",
+            str(models),
+            "--grpc-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:0",
+            "EDGED_METRICS_ADDRESS": "127.0.0.1:0",
+        },
+    )
     try:
         assert proc.stdout is not None
         address = ""
@@ -73,8 +89,12 @@ def one_run(models: Path) -> dict[str, float]:
     finally:
         proc.terminate()
         proc.wait(30)
-    return {"start_to_live_s": live - start, "start_to_ready_s": ready - start,
-            "rss_ready_mib": rss_ready, "rss_idle_after_requests_mib": rss_idle}
+    return {
+        "start_to_live_s": live - start,
+        "start_to_ready_s": ready - start,
+        "rss_ready_mib": rss_ready,
+        "rss_idle_after_requests_mib": rss_idle,
+    }
 
 
 def main() -> None:
@@ -83,13 +103,29 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path(__file__).parent.parent / "models")
     args = parser.parse_args()
     runs = [one_run(args.models) for _ in range(args.runs)]
-    summary = {key: {"median": round(statistics.median(r[key] for r in runs), 3),
-                     "min": round(min(r[key] for r in runs), 3),
-                     "max": round(max(r[key] for r in runs), 3)} for key in runs[0]}
-    print(json.dumps({"benchmark": "startup", "runs": args.runs, "models": str(args.models),
-                      "machine": {"cpus": len(__import__("os").sched_getaffinity(0)),
-                                  "python": platform.python_version()},
-                      "results": summary}, indent=2))
+    summary = {
+        key: {
+            "median": round(statistics.median(r[key] for r in runs), 3),
+            "min": round(min(r[key] for r in runs), 3),
+            "max": round(max(r[key] for r in runs), 3),
+        }
+        for key in runs[0]
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "startup",
+                "runs": args.runs,
+                "models": str(args.models),
+                "machine": {
+                    "cpus": len(__import__("os").sched_getaffinity(0)),
+                    "python": platform.python_version(),
+                },
+                "results": summary,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
