@@ -5,13 +5,16 @@ group, so a vendor package can add one without touching edged.
 """
 
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
+from hal.probe import DeviceReport, probe
 from hal.registry import available_kinds, get_executor
 
 __all__ = [
+    "DeviceReport",
     "Executor",
     "ExecutorOptions",
     "LoadedModel",
     "ModelArtifact",
     "available_kinds",
     "get_executor",
+    "probe",
 ]

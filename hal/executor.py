@@ -37,6 +37,14 @@ class ExecutorOptions:
     inter_op_threads: int = 1
     """Threads that run independent graph nodes in parallel; 1 on a small gateway."""
 
+    device: str = ""
+    """Which device of the executor's kind to use; "" takes the first one. Edge TPU: "usb",
+    "usb:0", "pci:0" (libedgetpu's ``device`` option); CUDA: the ordinal, "0" or "cuda:1"."""
+
+    delegate_library: str = ""
+    """Shared library of an external LiteRT delegate for executors that load one; "" takes
+    the executor's default (the Edge TPU's ``libedgetpu.so.1``)."""
+
 
 class LoadedModel(abc.ABC):
     """A model ready to run on one executor.

@@ -25,11 +25,18 @@ ACTIVE_FILE = "ACTIVE"
 #: artifact file name and default executors for each format
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnx": ("model.onnx", ("cpu-onnx",)),
+    "tflite": ("model.tflite", ("cpu-litert",)),
+    # Only the Edge TPU runs edgetpu-custom-op; cpu-litert refuses such a model.
+    "edgetpu-tflite": ("model_edgetpu.tflite", ("edgetpu",)),
 }
 
 #: Triton's platform and backend names, which its tools key on
 PLATFORMS: dict[str, tuple[str, str]] = {
     "onnx": ("onnxruntime_onnx", "onnxruntime"),
+    # Triton's TFLite backend is `backend: "tflite"` with no platform of its own; the backend
+    # name stands in for it. An Edge TPU model is a TFLite model to every Triton tool.
+    "tflite": ("tflite", "tflite"),
+    "edgetpu-tflite": ("tflite", "tflite"),
 }
 
 
