@@ -10,7 +10,9 @@ GRPC_ADDRESS ?= 127.0.0.1:8001
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,pynq]'
+	# pynq pins numpy<2 and an old grpcio; its code runs beside numpy 2 (docs/adr/0002)
+	$(BIN)/python -m pip install -q --no-deps pynq==4.0.0 pynqutils==0.1.3
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -120,7 +120,7 @@ class ModelsConfig:
         default=0,
         metadata=_key(
             "Copies of each model (each on its own worker thread) when model.toml does not "
-            "say; 0: half the cores, 1 to 4. Runtime threads per copy = cores / copies.",
+            "say; 0: one per core, at most 4. Runtime threads per copy = cores / copies.",
             _non_negative,
         ),
     )

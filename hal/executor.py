@@ -102,6 +102,9 @@ class Executor(abc.ABC):
 
     kind: ClassVar[str]
     formats: ClassVar[frozenset[str]]
+    max_instances: ClassVar[int | None] = None
+    """Copies of one model the device can hold at once (None: no limit); the daemon loads
+    no more than this whatever model.toml asks."""
 
     def load(self, artifact: ModelArtifact, options: ExecutorOptions) -> LoadedModel:
         """Load ``artifact`` ready to infer.

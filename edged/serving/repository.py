@@ -28,6 +28,8 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tflite": ("model.tflite", ("cpu-litert",)),
     # Only the Edge TPU runs edgetpu-custom-op; cpu-litert refuses such a model.
     "edgetpu-tflite": ("model_edgetpu.tflite", ("edgetpu",)),
+    # An FPGA bundle: manifest.json beside the bitstream and .hwh in the version folder.
+    "pynq-bundle": ("manifest.json", ("pynq",)),
 }
 
 #: Triton's platform and backend names, which its tools key on
@@ -37,6 +39,7 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     # name stands in for it. An Edge TPU model is a TFLite model to every Triton tool.
     "tflite": ("tflite", "tflite"),
     "edgetpu-tflite": ("tflite", "tflite"),
+    "pynq-bundle": ("pynq", "pynq"),
 }
 
 
