@@ -124,6 +124,14 @@ class ModelsConfig:
             _non_negative,
         ),
     )
+    threads: int = field(
+        default=0,
+        metadata=_key(
+            "Runtime threads per model copy (ONNX Runtime intra-op, LiteRT num_threads); "
+            "0: cores / copies.",
+            _non_negative,
+        ),
+    )
     load_timeout_s: float = field(
         default=300.0,
         metadata=_key(

@@ -36,6 +36,7 @@ class Daemon:
             Path(config.models.repository),
             default_max_batch_size=config.models.default_max_batch_size,
             default_instances=config.models.instances,
+            default_threads=config.models.threads,
             load_timeout_s=config.models.load_timeout_s,
             drain_timeout_s=config.server.shutdown_grace_s,
         )

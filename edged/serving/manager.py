@@ -75,11 +75,13 @@ class ModelManager:
         *,
         default_max_batch_size: int = 8,
         default_instances: int = 0,
+        default_threads: int = 0,
         load_timeout_s: float = 300.0,
         drain_timeout_s: float = 30.0,
     ) -> None:
         self.repository = repository
         self.default_instances = default_instances
+        self.default_threads = default_threads
         self._closing: set[asyncio.Future[None]] = set()
         self.default_max_batch_size = default_max_batch_size
         self.load_timeout_s = load_timeout_s
@@ -188,6 +190,8 @@ class ModelManager:
                 version,
                 self.default_max_batch_size,
                 self.default_instances,
+                None,
+                self.default_threads,
             )
         )
         done, _ = await asyncio.wait({task}, timeout=self.load_timeout_s)

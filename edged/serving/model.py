@@ -171,6 +171,7 @@ def load_model_version(
     default_max_batch_size: int,
     instances_default: int = 0,
     cores: int | None = None,
+    threads_default: int = 0,
 ) -> ModelVersion:
     """Load ``version`` of ``spec`` on the first executor in its preference list that takes
     it, one copy per instance, and warm every copy up. Blocking: call from a worker thread.
@@ -185,7 +186,7 @@ def load_model_version(
     artifact = ModelArtifact(spec.path / str(version) / spec.artifact_name, spec.format)
     cores = cores or available_cores()
     count = spec.instances or instances_default or default_instances(cores)
-    options = ExecutorOptions(intra_op_threads=max(1, cores // count))
+    options = ExecutorOptions(intra_op_threads=threads_default or max(1, cores // count))
     # (an executor with max_instances loads fewer copies; the threads stay as sized)
     errors: list[str] = []
     for kind in spec.executor_preference:

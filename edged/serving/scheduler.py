@@ -138,9 +138,14 @@ class Scheduler:
             asyncio.get_running_loop().create_future()
         )
         pending = _Pending(inputs, size, batch_key(inputs), time.monotonic_ns(), future)
-        if self._waiting == 0 and not self._free.empty() and take(self._batching, [size], 0):
-            # Fast path: nothing queued, an instance free, and the policy would not wait for
-            # company: run now, without a trip through the dispatch task.
+        if (
+            self._waiting == 0
+            and self._free.qsize() == len(self._instances)
+            and take(self._batching, [size], 0)
+        ):
+            # Fast path when idle: nothing queued, every instance free, and the policy would
+            # not wait for company: run now, without a trip through the dispatch task. Under
+            # load requests queue instead, so that they merge into batches.
             self._start(self._free.get_nowait(), [pending])
         else:
             self._queues[level - 1].append(pending)

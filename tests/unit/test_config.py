@@ -21,6 +21,7 @@ ALL_KEYS = {
     "models.strict_readiness",
     "models.default_max_batch_size",
     "models.instances",
+    "models.threads",
     "models.load_timeout_s",
     "zmq.enabled",
     "zmq.addresses",
