@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,9 @@ from edged.serving.repository import (
 )
 
 log = structlog.get_logger("edged.serving")
+
+#: a check a freshly loaded, warmed version must pass before it takes traffic
+Gate = Callable[[ModelVersion], Awaitable[None]]
 
 
 class VersionState(enum.StrEnum):
@@ -117,10 +120,11 @@ class ModelManager:
                 failed[name] = str(result)
         return failed
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, gate: Gate | None = None) -> None:
         """(Re)load ``name`` from the repository: read model.toml, load and warm the versions
-        it should serve, switch to them, then drain and close versions no longer served.
-        All or nothing: if any version fails, what was served before stays served.
+        it should serve, run ``gate`` on each new version (a self-test: it raises
+        ModelLoadError to refuse), switch to them, then drain and close versions no longer
+        served. All or nothing: if any version fails, what was served before stays served.
 
         Raises:
             ModelNotFoundError: no such model folder.
@@ -148,6 +152,8 @@ class ModelManager:
                 for version in (v for v in chosen if v not in keep):
                     model.states[version] = (VersionState.LOADING, "")
                     fresh[version] = await self._load_version(spec, version)
+                    if gate is not None:
+                        await gate(fresh[version])
             except ModelLoadError as e:
                 for version in chosen:
                     if version not in model.serving:
