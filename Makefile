@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck clean
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test-tools:
 test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
 
+# Throughput/latency against in-process ONNX Runtime, then start-up time and idle memory;
+# JSON on stdout (also written to bench-*.json), tables on stderr.
+bench: $(STAMP) test-tools
+	$(BIN)/python benchmarks/serving.py --out bench-serving.json > /dev/null
+	$(BIN)/python benchmarks/startup.py | tee bench-startup.json
+
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
@@ -42,6 +48,7 @@ protos-check: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python models/build.py
+	$(BIN)/python models/build_tflite.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
