@@ -1,4 +1,5 @@
-"""The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request."""
+"""The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request; ``devices``
+prints what the hardware probe finds."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--models", type=Path, help="model repository folder (models.repository)")
     serve.add_argument("--grpc-address", help="HOST:PORT to listen on (server.grpc_address)")
+
+    devices = commands.add_parser(
+        "devices",
+        help="list the executors this host can run, and why the others cannot",
+        description="Probe this host (hal.probe()): every executor kind, built in or added by "
+        "a package through the edged.executors entry points, whether it is present, the "
+        "artifact formats it runs, and what was found or why it is absent. The daemon "
+        "places models with the same probe.",
+    )
+    devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     infer = commands.add_parser(
         "infer",
@@ -173,11 +184,24 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace) -> int:
+    from hal.probe import format_table, probe
+
+    reports = probe()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_table(reports), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edged`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "devices":
+        return _devices(args)
     return _infer(args)
 
 

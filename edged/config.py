@@ -141,6 +141,38 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorsConfig:
+    """[executors]: placement's circuit breakers: when an executor that keeps failing is
+    taken out of rotation, and when it is tried again (docs/hal.md)."""
+
+    failure_threshold: int = field(
+        default=3,
+        metadata=_key(
+            "Consecutive executor failures (ExecutorError, or an inference over "
+            "inference_timeout_s) of one model version that open its breaker and move it to "
+            "the next candidate executor.",
+            _positive,
+        ),
+    )
+    inference_timeout_s: float = field(
+        default=30.0,
+        metadata=_key(
+            "Longest one batch may run on an executor; a slower one fails with "
+            "DEADLINE_EXCEEDED and counts as an executor failure; 0: no limit.",
+            _non_negative,
+        ),
+    )
+    retry_after_s: float = field(
+        default=60.0,
+        metadata=_key(
+            "How long an executor whose breaker opened stays out of rotation before the "
+            "daemon tries it again (load, warm up, compare) and moves the model back.",
+            _positive,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class ZmqConfig:
     """[zmq]: the low-latency ZeroMQ endpoint (docs/zmq-protocol.md)."""
 
@@ -193,15 +225,148 @@ class LogConfig:
     )
 
 
+def _rate(value: Any) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be from 0 to 1"
+
+
+def _url(value: Any) -> str | None:
+    if value and not str(value).startswith(("http://", "https://")):
+        return "must be empty (OTA off) or an http:// or https:// URL"
+    return None
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    """[ota]: over-the-air model updates from a TUF repository (docs/ota.md)."""
+
+    state_dir: str = field(
+        default="/var/lib/edged/state",
+        metadata=_key(
+            "Folder for state that survives restarts: the OTA database (ota.sqlite3) and TUF "
+            "metadata (tuf/)."
+        ),
+    )
+    repository_url: str = field(
+        default="",
+        metadata=_key(
+            "Base URL of the fleet's TUF repository (metadata under <url>/metadata/, targets "
+            "under <url>/targets/); empty: OTA is off.",
+            _url,
+        ),
+    )
+    root: str = field(
+        default="",
+        metadata=_key(
+            "The trusted root.json the TUF client starts from when it has none yet; empty: "
+            "<state_dir>/tuf/root.json."
+        ),
+    )
+    poll_interval_s: float = field(
+        default=0.0,
+        metadata=_key(
+            "How often to look for a newer version of every served model and update to it; "
+            "0: only when asked (StartUpdate).",
+            _non_negative,
+        ),
+    )
+    health_window_s: float = field(
+        default=60.0,
+        metadata=_key(
+            "How long a new version serves on trial before it is committed.", _non_negative
+        ),
+    )
+    health_min_requests: int = field(
+        default=20,
+        metadata=_key(
+            "Fewest requests in the window that error rate and latency are judged on; with "
+            "fewer, the version is committed on its self-test.",
+            _non_negative,
+        ),
+    )
+    max_error_rate: float = field(
+        default=0.01,
+        metadata=_key(
+            "Highest share of failed requests (0 to 1; invalid requests not counted) in the "
+            "window before the new version is rolled back.",
+            _rate,
+        ),
+    )
+    max_p99_ms: float = field(
+        default=0.0,
+        metadata=_key(
+            "Highest p99 request latency (ms) in the window before the new version is rolled "
+            "back; 0: latency is not judged.",
+            _non_negative,
+        ),
+    )
+    min_free_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_key(
+            "Free disk space that must remain in the state and model folders after a bundle "
+            "is downloaded and unpacked; an update that would go below fails first.",
+            _non_negative,
+        ),
+    )
+    max_bundle_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_key(
+            "Largest bundle (.tar.gz) downloaded; a larger signed target is refused.", _positive
+        ),
+    )
+    max_unpacked_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_key("Largest total size of a bundle's unpacked files.", _positive),
+    )
+    max_bundle_files: int = field(
+        default=64,
+        metadata=_key("Most entries a bundle may hold.", _positive),
+    )
+    fetch_timeout_s: float = field(
+        default=30.0,
+        metadata=_key("Socket timeout of every TUF metadata and target download.", _positive),
+    )
+    history_limit: int = field(
+        default=100,
+        metadata=_key("Updates kept per model for ListUpdates.", _positive),
+    )
+    pause_after_state: str = field(
+        default="",
+        metadata=_key(
+            "Fault-injection aid for tests, never for production: after persisting this "
+            "state (DOWNLOADING, VERIFIED, STAGED, WARMING, ACTIVE_TRIAL, ROLLING_BACK), the "
+            "update sleeps pause_s seconds, so a test can kill the daemon there; empty: off.",
+            _one_of(
+                "", "DOWNLOADING", "VERIFIED", "STAGED", "WARMING", "ACTIVE_TRIAL", "ROLLING_BACK"
+            ),
+        ),
+    )
+    pause_s: float = field(
+        default=0.0,
+        metadata=_key("How long pause_after_state sleeps.", _non_negative),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """OTA is on: a repository URL is configured."""
+        return bool(self.repository_url)
+
+    @property
+    def root_path(self) -> Path:
+        """The bootstrap root.json."""
+        return Path(self.root) if self.root else Path(self.state_dir) / "tuf" / "root.json"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; each field is one TOML section."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
 
 def _sections() -> dict[str, type[Any]]:

@@ -1,9 +1,14 @@
 """Wiring: the model manager, the gRPC and ZeroMQ frontends, and their lifecycle.
 
 ``start`` binds the gRPC port first, so ServerLive answers while models are still loading;
-each model answers ModelReady only once it has loaded and warmed up. ``stop`` runs in a fixed
-order: stop intake -> let in-flight requests finish (bounded grace) -> stop the server ->
-unload models.
+each model answers ModelReady only once it has loaded and warmed up. With OTA state (an
+``[ota]`` repository, or a state database left by one), a crashed update is finished or undone
+before the repository loads, so the daemon starts on committed versions. ``stop`` runs in a
+fixed order: stop OTA -> stop intake -> let in-flight requests finish (bounded grace) -> stop
+the server -> unload models -> close the OTA state.
+
+The devices are probed once (``hal.probe()``, in a worker thread) before the repository
+loads; every load, at start-up or by RepositoryModelLoad, places models with those reports.
 """
 
 from __future__ import annotations
@@ -18,11 +23,17 @@ import structlog
 
 from edged.config import Config
 from edged.core.errors import ConfigError
+from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.zmq import ZmqFrontend
+from edged.ota.metrics import OtaCollector
+from edged.ota.store import FILE_NAME as OTA_STATE_FILE
+from edged.ota.store import StoreError, UpdateStore
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
 from edged.serving.shared_memory import SharedMemoryRegistry
+from hal.placement import BreakerPolicy
 
 log = structlog.get_logger("edged.daemon")
 
@@ -39,6 +50,11 @@ class Daemon:
             default_threads=config.models.threads,
             load_timeout_s=config.models.load_timeout_s,
             drain_timeout_s=config.server.shutdown_grace_s,
+            breaker=BreakerPolicy(
+                failure_threshold=config.executors.failure_threshold,
+                retry_after_s=config.executors.retry_after_s,
+            ),
+            inference_timeout_s=config.executors.inference_timeout_s,
         )
         self.grpc_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -51,6 +67,8 @@ class Daemon:
         self._loaded = False
         self._failed: dict[str, str] = {}
         self._stopping = False
+        self._store: UpdateStore | None = None
+        self.updates: UpdateManager | None = None
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -70,12 +88,14 @@ class Daemon:
         repo = Path(self.config.models.repository)
         if not await asyncio.to_thread(repo.is_dir):
             raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
+        await self._open_ota()
         server, health = build_server(
             self.manager,
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
             regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
+            services=[management.service(self.updates)],
         )
         address = self.config.server.grpc_address
         try:
@@ -105,6 +125,8 @@ class Daemon:
                 raise
         if self.config.metrics.enabled:
             self._metrics = MetricsEndpoint(self.manager)
+            if self.updates is not None:
+                self._metrics.registry.register(OtaCollector(self.updates))
             metrics_host = self.config.metrics.address.rpartition(":")[0]
             try:
                 metrics_port = await asyncio.to_thread(
@@ -126,8 +148,36 @@ class Daemon:
         )
         self._startup = asyncio.create_task(self._load_repository())
 
+    async def _open_ota(self) -> None:
+        """Open the OTA state when OTA is on, or when an earlier run left state to recover."""
+        ota = self.config.ota
+        state_dir = Path(ota.state_dir)
+        if not ota.enabled and not await asyncio.to_thread((state_dir / OTA_STATE_FILE).exists):
+            return
+        try:
+            self._store = await asyncio.to_thread(
+                UpdateStore, state_dir, history_limit=ota.history_limit
+            )
+        except StoreError as e:
+            raise ConfigError(f"config key 'ota.state_dir': {e}") from e
+        self.updates = UpdateManager(self.manager, ota, self._store)
+
     async def _load_repository(self) -> None:
         started = time.monotonic()
+        devices = await self.manager.devices()  # hal.probe(), once, in a worker thread
+        log.info(
+            "devices_probed",
+            present=[d.kind for d in devices if d.present],
+            absent={d.kind: d.reason for d in devices if not d.present},
+            seconds=round(time.monotonic() - started, 3),
+        )
+        recovered = False
+        if self.updates is not None:
+            try:
+                await asyncio.to_thread(self.updates.recover)
+                recovered = True
+            except Exception as e:
+                log.exception("ota_recovery_failed", error=f"{type(e).__name__}: {e}")
         self._failed = await self.manager.load_all()
         for model, error in self._failed.items():
             log.error("model_load_failed", model=model, error=error)
@@ -140,6 +190,8 @@ class Daemon:
             failed=sorted(self._failed),
             seconds=round(time.monotonic() - started, 3),
         )
+        if self.updates is not None and recovered:
+            await self.updates.start()
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""
@@ -151,6 +203,8 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.updates is not None:
+            await self.updates.stop()
         grace = self.config.server.shutdown_grace_s
         log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
         if self._startup is not None and not self._startup.done():
@@ -164,6 +218,8 @@ class Daemon:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
         await self._stop_frontends(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
         log.info("shutdown_complete")
 
     async def _stop_frontends(self, grace_s: float) -> None:

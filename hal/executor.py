@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from edged.core.errors import ExecutorError, InvalidInputError, ModelLoadError
 from edged.core.types import Array, Signature
+from hal.probe import DeviceReport
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,35 @@ class LoadedModel(abc.ABC):
 
 
 class Executor(abc.ABC):
-    """A kind of device runtime. ``load`` checks the format and wraps every failure."""
+    """A kind of device runtime. ``load`` checks the format and wraps every failure.
+
+    A vendor adds a kind by registering its subclass under the ``edged.executors``
+    entry-point group, and says whether its device is present by overriding :meth:`probe`.
+    """
 
     kind: ClassVar[str]
     formats: ClassVar[frozenset[str]]
     max_instances: ClassVar[int | None] = None
     """Copies of one model the device can hold at once (None: no limit); the daemon loads
     no more than this whatever model.toml asks."""
+
+    @classmethod
+    def probe(cls) -> DeviceReport:
+        """Whether this kind's device and runtime are present here, what it runs, and why not.
+
+        ``hal.probe()`` calls this, on a thread with a deadline, for executor kinds it has
+        no built-in check for (those registered by other packages); placement only tries
+        kinds reported present and able to run the model's format. It must not raise or
+        load models; a check that may hang is cut off by the probe's deadline. The default
+        reports the kind present with ``formats``: an executor without a check is tried,
+        and its ``load`` refuses what it cannot run.
+        """
+        return DeviceReport(
+            kind=cls.kind,
+            present=True,
+            details={"probe": "none declared (assumed present)"},
+            formats=tuple(sorted(cls.formats)),
+        )
 
     def load(self, artifact: ModelArtifact, options: ExecutorOptions) -> LoadedModel:
         """Load ``artifact`` ready to infer.

@@ -18,6 +18,7 @@ boundary (sysfs attribute files and device nodes), not of the code under test.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,19 +448,52 @@ def _absent(kind: str, reason: str) -> DeviceReport:
     return DeviceReport(kind, False, {}, reason, formats, dtypes)
 
 
+def probe_entry_point(kind: str, host: HostPaths) -> DeviceReport:
+    """The report of an executor kind another package registers: its class's ``probe()``
+    (see ``hal.executor.Executor.probe``). Importing the class happens here, on the probe's
+    thread, so a vendor module that hangs on import is cut off by the deadline too."""
+    from hal.registry import executor_class  # noqa: PLC0415 - registry imports the executors
+
+    try:
+        cls = executor_class(kind)
+    except ModelLoadError as e:
+        return _absent(kind, str(e))
+    report = cls.probe()
+    if not isinstance(report, DeviceReport):
+        return _absent(
+            kind, f"{cls.__name__}.probe() returned {type(report).__name__}, not a DeviceReport"
+        )
+    if report.kind != kind:  # the entry point's name is the kind model.toml uses
+        report = replace(report, kind=kind)
+    return report
+
+
+def installed_probes() -> dict[str, ProbeFn]:
+    """The built-in checks (:data:`PROBES`), then one for every other kind registered in the
+    ``edged.executors`` entry-point group, by name."""
+    from hal.registry import available_kinds  # noqa: PLC0415 - registry imports the executors
+
+    probes = dict(PROBES)
+    for kind in available_kinds():
+        if kind not in probes:
+            probes[kind] = functools.partial(probe_entry_point, kind)
+    return probes
+
+
 def probe(
     host: HostPaths | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     probes: Mapping[str, ProbeFn] | None = None,
 ) -> list[DeviceReport]:
-    """One report per executor kind, in ``KINDS`` order (or ``probes``' order).
+    """One report per executor kind: ``KINDS`` in order, then the kinds other packages
+    register (:func:`installed_probes`); or ``probes``' kinds in their order.
 
     Every probe runs at once on its own daemon thread; the call returns after ``timeout_s``
     at most. A probe that raises is reported absent with the exception; one that has not
     finished by the deadline is reported absent as timed out. Never raises.
     """
     host = host or HostPaths()
-    probes = PROBES if probes is None else probes
+    probes = installed_probes() if probes is None else probes
     results: dict[str, DeviceReport] = {}
     lock = threading.Lock()
 

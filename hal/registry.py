@@ -21,11 +21,12 @@ def available_kinds() -> list[str]:
     return sorted(_entry_points())
 
 
-def get_executor(kind: str) -> Executor:
-    """A new executor of ``kind``.
+def executor_class(kind: str) -> type[Executor]:
+    """The Executor subclass registered as ``kind`` (imported on first use).
 
     Raises:
-        ModelLoadError: no package registers ``kind``, or importing it failed.
+        ModelLoadError: no package registers ``kind``, importing it failed, or it is not an
+            Executor subclass.
     """
     ep = _entry_points().get(kind)
     if ep is None:
@@ -37,4 +38,13 @@ def get_executor(kind: str) -> Executor:
         raise ModelLoadError(f"executor '{kind}' failed to import: {e}") from e
     if not (isinstance(cls, type) and issubclass(cls, Executor)):
         raise ModelLoadError(f"executor '{kind}' entry point is not an Executor subclass")
-    return cls()
+    return cls
+
+
+def get_executor(kind: str) -> Executor:
+    """A new executor of ``kind``.
+
+    Raises:
+        ModelLoadError: no package registers ``kind``, or importing it failed.
+    """
+    return executor_class(kind)()

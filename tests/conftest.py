@@ -19,6 +19,15 @@ def write_model(repo: Path, name: str, build, toml: str = "", version: int = 1) 
 
 
 @pytest.fixture(scope="session")
+def onnx_executor() -> str:
+    """Where placement puts an ONNX model on this host: cuda when the probe finds a usable
+    GPU, else cpu-onnx (the format's defaults, in order)."""
+    import hal
+
+    return "cuda" if any(r.kind == "cuda" and r.present for r in hal.probe()) else "cpu-onnx"
+
+
+@pytest.fixture(scope="session")
 def served_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example models plus one model per signature edge case."""
     repo = copy_example_models(tmp_path_factory.mktemp("served") / "models")

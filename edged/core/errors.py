@@ -40,6 +40,12 @@ class ExecutorError(EdgedError):
     """The executor running the model failed while loading or running it."""
 
 
+class ExecutorTimeoutError(ExecutorError):
+    """An inference ran longer than ``executors.inference_timeout_s`` on its executor (a
+    hung device or driver). The batch fails with DEADLINE_EXCEEDED; it counts as an executor
+    failure towards the breaker, like any ExecutorError."""
+
+
 class ModelLoadError(EdgedError):
     """A model could not be loaded: bad model.toml, unreadable artifact, failed warm-up."""
 

@@ -15,6 +15,7 @@ CODE_BY_ERROR: dict[type[errors.EdgedError], str] = {
     errors.UnavailableError: "UNAVAILABLE",
     errors.OverloadedError: "RESOURCE_EXHAUSTED",
     errors.DeadlineExceededError: "DEADLINE_EXCEEDED",
+    errors.ExecutorTimeoutError: "DEADLINE_EXCEEDED",
     errors.ExecutorError: "INTERNAL",
     errors.ModelLoadError: "INTERNAL",
     errors.ConfigError: "INVALID_ARGUMENT",

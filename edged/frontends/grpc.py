@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -177,6 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             backend,
             mv.instances,
             [v.version for v in self._manager.versions(mv.name)],
+            executor=mv.kind,
         )
         if mv.batching.max_batch_size > 0:
             db = config.dynamic_batching
@@ -418,8 +419,10 @@ def build_server(
     max_request_bytes: int,
     stream_max_in_flight: int,
     regions: SharedMemoryRegistry | None = None,
+    services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
 ) -> tuple[grpc.aio.Server, HealthPublisher]:
-    """A gRPC server with the inference service, health and reflection (not yet bound)."""
+    """A gRPC server with the inference service, health and reflection (not yet bound), plus
+    ``services``: (full service name, function adding its servicer to a server)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
@@ -436,6 +439,8 @@ def build_server(
         ),
         server,
     )
+    for _, add_to_server in services:
+        add_to_server(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     publisher = HealthPublisher(health)
@@ -444,6 +449,7 @@ def build_server(
         (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            *(name for name, _ in services),
             reflection.SERVICE_NAME,
         ),
         server,

@@ -297,6 +297,27 @@ def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, dims: tuple[int, ...], bat
         tensor.dims.extend(dims)
 
 
+#: Triton's instance-group kind for each executor kind: KIND_GPU for CUDA, KIND_CPU for
+#: the CPU runtimes, KIND_MODEL ("placement decided by the model/backend itself") for devices
+#: Triton has no kind for (Edge TPU, FPGA) and for kinds other packages add.
+INSTANCE_KIND: dict[str, mc.ModelInstanceGroup.Kind.ValueType] = {
+    "cuda": mc.ModelInstanceGroup.Kind.KIND_GPU,
+    "cpu-onnx": mc.ModelInstanceGroup.Kind.KIND_CPU,
+    "cpu-litert": mc.ModelInstanceGroup.Kind.KIND_CPU,
+    "edgetpu": mc.ModelInstanceGroup.Kind.KIND_MODEL,
+    "pynq": mc.ModelInstanceGroup.Kind.KIND_MODEL,
+}
+
+
+def instance_kind(executor: str) -> mc.ModelInstanceGroup.Kind.ValueType:
+    """The instance-group kind that says where ``executor`` runs."""
+    if executor in INSTANCE_KIND:
+        return INSTANCE_KIND[executor]
+    if executor.startswith("cpu-"):
+        return mc.ModelInstanceGroup.Kind.KIND_CPU
+    return mc.ModelInstanceGroup.Kind.KIND_MODEL
+
+
 def model_config(
     name: str,
     signature: Signature,
@@ -304,8 +325,12 @@ def model_config(
     backend: str,
     instances: int,
     versions: list[int],
+    executor: str = "cpu-onnx",
+    gpus: tuple[int, ...] = (),
 ) -> mc.ModelConfig:
-    """Triton's ModelConfig for a served model: enough for perf_analyzer and model_analyzer."""
+    """Triton's ModelConfig for a served model: enough for perf_analyzer and model_analyzer.
+    Where it runs is in ``instance_group`` (kind, and ``gpus`` for CUDA) and in the
+    ``executor`` parameter (edged's executor kind)."""
     config = mc.ModelConfig(
         name=name, platform=platform, backend=backend, max_batch_size=signature.max_batch_size
     )
@@ -321,9 +346,11 @@ def model_config(
             config.output.add(name=spec.name, data_type=dtype), signature.config_dims(spec), batched
         )
     config.version_policy.specific.versions.extend(versions)
-    config.instance_group.add(
-        name=f"{name}_cpu", count=instances, kind=mc.ModelInstanceGroup.Kind.KIND_CPU
-    )
+    kind = instance_kind(executor)
+    group = config.instance_group.add(name=f"{name}_{executor}", count=instances, kind=kind)
+    if kind == mc.ModelInstanceGroup.Kind.KIND_GPU:
+        group.gpus.extend(gpus or (0,))
+    config.parameters["executor"].string_value = executor
     return config
 
 

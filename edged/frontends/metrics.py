@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from edged.serving.manager import ModelManager
 from edged.serving.stats import Histogram
+from hal.placement import BreakerState
 
 LABELS = ["model", "version"]
 
@@ -91,6 +92,7 @@ class ServingCollector(Collector):
                 [*labels, mv.kind, str(mv.instances), str(mv.signature.max_batch_size)], 1
             )
         yield from (success, failure, items, executions, depth, in_flight, info)
+        yield from self._placement()
         yield _histogram(
             "edged_queue_duration_seconds",
             "Time from arrival to the start of the batch.",
@@ -110,6 +112,46 @@ class ServingCollector(Collector):
             hists["compute"],
         )
         yield _histogram("edged_batch_size", "Items per batch run.", LABELS, hists["batch"])
+
+    def _placement(self) -> Iterator[Metric]:
+        """Failover: executor failures, moves away and back, and each breaker's state."""
+        moves = [*LABELS, "from", "to"]
+        failovers = CounterMetricFamily(
+            "edged_executor_failovers",
+            "Moves of a model version away from an executor whose breaker opened.",
+            labels=moves,
+        )
+        for key, count in sorted(self._manager.failovers.copy().items()):
+            failovers.add_metric(list(key), count)
+        recoveries = CounterMetricFamily(
+            "edged_executor_recoveries",
+            "Moves of a model version back to a better executor that recovered.",
+            labels=moves,
+        )
+        for key, count in sorted(self._manager.recoveries.copy().items()):
+            recoveries.add_metric(list(key), count)
+        failures = CounterMetricFamily(
+            "edged_executor_failures",
+            "Batches that failed with an executor error (timeouts included).",
+            labels=[*LABELS, "executor"],
+        )
+        for (model, version, executor), count in sorted(
+            self._manager.executor_failures.copy().items()
+        ):
+            failures.add_metric([model, version, executor], count)
+        breaker = GaugeMetricFamily(
+            "edged_executor_breaker_state",
+            "Circuit breaker of each executor a model version has run on: 1 for its current "
+            "state (closed, open, half_open), 0 for the others.",
+            labels=[*LABELS, "executor", "state"],
+        )
+        for status in self._manager.breakers():
+            for state in BreakerState:
+                breaker.add_metric(
+                    [status.model, str(status.version), status.executor, str(state)],
+                    int(status.state is state),
+                )
+        yield from (failovers, recoveries, failures, breaker)
 
 
 def _copy(hist: Histogram) -> Histogram:

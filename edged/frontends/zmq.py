@@ -156,6 +156,7 @@ class ZmqFrontend:
                 "name": mv.name,
                 "versions": [str(v.version) for v in self._manager.versions(mv.name)],
                 "platform": PLATFORMS[mv.spec.format][0],
+                "executor": mv.kind,
                 "max_batch_size": sig.max_batch_size,
                 "inputs": [
                     {

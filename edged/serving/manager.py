@@ -3,19 +3,34 @@
 ``ModelManager.infer`` resolves a model name and version to a live ``ModelVersion``.
 ``ModelManager.load``/``unload`` are the only ways the served set changes, and both follow one
 order: load and warm up the new versions (all or nothing) -> switch -> drain the old -> close.
+
+Placement and failover use the same path. Each served version has a circuit breaker per
+executor (``hal.placement.CircuitBreaker``). When the breaker of the executor a version runs
+on opens, its scheduler is paused (requests queue instead of failing), the version is loaded
+and warmed up on the next candidate executor, the router switches to it, the queued requests
+are handed over, and the failing copy is drained and closed (``executor_failover``). Once
+``retry_after_s`` has passed, a better executor is tried again: load, warm up, time, compare
+its answers with the serving copy's, then the same switch (``executor_recovered``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import enum
-from collections.abc import Awaitable, Callable
+import functools
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from edged.core.errors import (
+    EdgedError,
+    ExecutorError,
     InvalidInputError,
     ModelLoadError,
     ModelNotFoundError,
@@ -31,6 +46,21 @@ from edged.serving.repository import (
     read_model_spec,
     versions_to_serve,
 )
+from edged.serving.stats import ModelStats
+from hal.placement import (
+    BreakerPolicy,
+    BreakerState,
+    CircuitBreaker,
+    failover_targets,
+    next_retry_at,
+    outputs_disagree,
+    place,
+    recovery_targets,
+)
+from hal.probe import DeviceReport, probe
+
+#: timed runs of a recovery trial after its warm-up, each bounded by inference_timeout_s
+TRIAL_RUNS = 3
 
 log = structlog.get_logger("edged.serving")
 
@@ -58,11 +88,37 @@ class IndexEntry:
 
 
 @dataclass
+class _Health:
+    """Placement state of one served version: where it may run and a breaker per executor."""
+
+    candidates: tuple[str, ...]
+    policy: BreakerPolicy
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    recovery: asyncio.Task[None] | None = None
+
+    def breaker(self, kind: str) -> CircuitBreaker:
+        if kind not in self.breakers:
+            self.breakers[kind] = CircuitBreaker(self.policy)
+        return self.breakers[kind]
+
+
+@dataclass(frozen=True)
+class BreakerStatus:
+    """One breaker, for metrics."""
+
+    model: str
+    version: int
+    executor: str
+    state: BreakerState
+
+
+@dataclass
 class _Model:
     name: str
     spec: ModelSpec | None = None
     serving: dict[int, ModelVersion] = field(default_factory=dict)
     states: dict[int, tuple[VersionState, str]] = field(default_factory=dict)
+    health: dict[int, _Health] = field(default_factory=dict)
     error: str = ""
     wanted: bool = True
     """Asked to serve (loaded, or a load failed) and not unloaded since."""
@@ -81,6 +137,9 @@ class ModelManager:
         default_threads: int = 0,
         load_timeout_s: float = 300.0,
         drain_timeout_s: float = 30.0,
+        devices: Sequence[DeviceReport] | None = None,
+        breaker: BreakerPolicy | None = None,
+        inference_timeout_s: float = 30.0,
     ) -> None:
         self.repository = repository
         self.default_instances = default_instances
@@ -89,9 +148,31 @@ class ModelManager:
         self.default_max_batch_size = default_max_batch_size
         self.load_timeout_s = load_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.breaker_policy = breaker or BreakerPolicy()
+        self.inference_timeout_s = inference_timeout_s
         self.accepting = True
         self._models: dict[str, _Model] = {}
         self._listeners: list[Callable[[str, bool], None]] = []
+        self._devices: list[DeviceReport] | None = None if devices is None else list(devices)
+        self._probing: asyncio.Future[list[DeviceReport]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failovers: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        """(model, version, from, to) -> moves away from a failing executor."""
+        self.recoveries: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        """(model, version, from, to) -> moves back to a better executor that recovered."""
+        self.executor_failures: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """(model, version, executor) -> batches that failed with an executor error."""
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def devices(self) -> list[DeviceReport]:
+        """The probe's reports placement uses: those given to the constructor, else
+        ``hal.probe()`` run once, in a worker thread (never on the event loop)."""
+        if self._devices is None:
+            if self._probing is None:
+                self._probing = asyncio.ensure_future(asyncio.to_thread(probe))
+            self._devices = await asyncio.shield(self._probing)
+        return self._devices
 
     # -- what is served ------------------------------------------------------------------
 
@@ -149,9 +230,11 @@ class ModelManager:
             keep = {v: mv for v, mv in model.serving.items() if v in chosen and mv.spec == spec}
             fresh: dict[int, ModelVersion] = {}
             try:
-                for version in (v for v in chosen if v not in keep):
+                wanted = [v for v in chosen if v not in keep]
+                candidates = await self._candidates(spec) if wanted else ()
+                for version in wanted:
                     model.states[version] = (VersionState.LOADING, "")
-                    fresh[version] = await self._load_version(spec, version)
+                    fresh[version] = await self._load_version(spec, version, candidates)
                     if gate is not None:
                         await gate(fresh[version])
             except ModelLoadError as e:
@@ -168,9 +251,36 @@ class ModelManager:
             model.serving = {**keep, **fresh}
             for version in model.serving:
                 model.states[version] = (VersionState.READY, "")
+            self._track(model, fresh)
             self._notify(name)
             retired = [mv for v, mv in old.items() if model.serving.get(v) is not mv]
             await self._retire(model, retired)
+
+    async def _candidates(self, spec: ModelSpec) -> tuple[str, ...]:
+        """Executors that may run ``spec`` here (hal.placement over the probe's reports),
+        best first; each one skipped is logged with the probe's reason.
+
+        Raises:
+            ModelLoadError: none may.
+        """
+        plan = place(spec.executor_preference, spec.format, await self.devices())
+        for kind, reason in plan.skipped:
+            log.info("executor_skipped", model=spec.name, executor=kind, reason=reason)
+        if not plan.candidates:
+            raise ModelLoadError(
+                f"model '{spec.name}': no executor here runs format '{spec.format}': "
+                f"{plan.why_none()}"
+            )
+        return plan.candidates
+
+    def _track(self, model: _Model, fresh: dict[int, ModelVersion]) -> None:
+        """Fresh breakers for versions just switched to; forget versions no longer served."""
+        for version, mv in fresh.items():
+            self._forget_health(model, version)
+            model.health[version] = _Health(mv.placement.candidates, self.breaker_policy)
+            self._watch(model, mv)
+        for version in [v for v in model.health if v not in model.serving]:
+            self._forget_health(model, version)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of ``name``: drain, then close.
@@ -185,10 +295,26 @@ class ModelManager:
             model.wanted = False
             retired = list(model.serving.values())
             model.serving = {}
+            for version in list(model.health):
+                self._forget_health(model, version)
             self._notify(name)
             await self._retire(model, retired)
 
-    async def _load_version(self, spec: ModelSpec, version: int) -> ModelVersion:
+    async def _load_version(
+        self,
+        spec: ModelSpec,
+        version: int,
+        candidates: Sequence[str],
+        *,
+        trial_runs: int = 0,
+        stats: ModelStats | None = None,
+    ) -> ModelVersion:
+        """Load and warm ``version`` on one of ``candidates`` (placement per model.toml) in
+        a worker thread, bounded by ``load_timeout_s``, and start its scheduler.
+
+        Raises:
+            ModelLoadError: no candidate loaded it in time.
+        """
         task = asyncio.ensure_future(
             asyncio.to_thread(
                 load_model_version,
@@ -198,9 +324,18 @@ class ModelManager:
                 self.default_instances,
                 None,
                 self.default_threads,
+                candidates=candidates,
+                trial_runs=trial_runs,
+                max_run_s=self.inference_timeout_s if trial_runs else 0.0,
+                inference_timeout_s=self.inference_timeout_s,
+                stats=stats,
             )
         )
-        done, _ = await asyncio.wait({task}, timeout=self.load_timeout_s)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.load_timeout_s)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._close_late)
+            raise
         if not done:
             # The thread cannot be interrupted; close whatever it produces.
             task.add_done_callback(self._close_late)
@@ -212,6 +347,219 @@ class ModelManager:
         mv.start()
         return mv
 
+    # -- failover --------------------------------------------------------------------------
+
+    def _forget_health(self, model: _Model, version: int) -> None:
+        health = model.health.pop(version, None)
+        if health is not None and health.recovery is not None:
+            health.recovery.cancel()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # a fresh context: the request whose batch opened a breaker must not tag the
+        # failover's logs with its request id
+        task = asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("placement_task_failed", error=f"{type(error).__name__}: {error}")
+
+    def _watch(self, model: _Model, mv: ModelVersion) -> None:
+        """Feed every batch's outcome on ``mv`` to its executor's breaker."""
+        mv.scheduler.on_outcome = functools.partial(self._on_outcome, model, mv)
+
+    def _on_outcome(self, model: _Model, mv: ModelVersion, error: EdgedError | None) -> None:
+        """One batch's outcome (on the event loop, before its callers are answered). Only
+        executor failures count; a request the executor refused as invalid says nothing."""
+        health = model.health.get(mv.version)
+        if health is None or model.serving.get(mv.version) is not mv:
+            return  # draining after a move or a reload: no longer this version's concern
+        if error is not None and not isinstance(error, ExecutorError):
+            return
+        now = time.monotonic()
+        breaker = health.breaker(mv.kind)
+        labels = {"model": mv.name, "version": mv.version, "executor": mv.kind}
+        if error is None:
+            if breaker.record_success(now) is BreakerState.CLOSED:
+                log.info("executor_circuit_closed", **labels)
+            return
+        self.executor_failures[(mv.name, str(mv.version), mv.kind)] += 1
+        if breaker.record_failure(now) is not BreakerState.OPEN:
+            return
+        log.warning(
+            "executor_circuit_open",
+            **labels,
+            failures=breaker.failures,
+            retry_after_s=self.breaker_policy.retry_after_s,
+            error=str(error),
+        )
+        mv.scheduler.pause()  # requests queue while the model moves, instead of failing
+        self._spawn(self._fail_over(model, mv, str(error)))
+
+    async def _move(
+        self, model: _Model, old: ModelVersion, new: ModelVersion, kind: str
+    ) -> int | None:
+        """Switch ``old``'s version to ``new``, hand the requests queued on ``old`` over,
+        then drain and close ``old``: the tail of the one swap path. Returns how many
+        requests were handed over, or None (``new`` closed) when ``old`` stopped serving
+        meanwhile (a reload or an unload came first)."""
+        async with model.lock:
+            health = model.health.get(old.version)
+            if health is None or model.serving.get(old.version) is not old:
+                await new.close()
+                old.scheduler.resume()
+                return None
+            health.breaker(kind).record_success(time.monotonic())
+            model.serving = {**model.serving, old.version: new}
+            model.states[old.version] = (VersionState.READY, "")
+            self._watch(model, new)
+            moved = old.scheduler.hand_over(new.scheduler)
+            old.scheduler.resume()
+            self._notify(model.name)
+            await self._retire(model, [old])
+            return moved
+
+    async def _fail_over(self, model: _Model, failing: ModelVersion, reason: str) -> None:
+        """Move ``failing``'s version to the next candidate that loads and warms up; if none
+        does, resume it where it is (its breaker stays open) and say why."""
+        try:
+            await self._try_fail_over(model, failing, reason)
+        finally:  # whatever happened, a version still serving must not stay paused
+            if model.serving.get(failing.version) is failing:
+                failing.scheduler.resume()
+
+    async def _try_fail_over(self, model: _Model, failing: ModelVersion, reason: str) -> None:
+        health = model.health.get(failing.version)
+        if health is None:
+            return
+        labels = {"model": failing.name, "version": failing.version}
+        started = time.monotonic()
+        targets = failover_targets(health.candidates, failing.kind, health.breakers, started)
+        refused: dict[str, str] = {}
+        for kind in targets:
+            try:
+                new = await self._load_version(
+                    failing.spec, failing.version, [kind], stats=failing.stats
+                )
+            except ModelLoadError as e:
+                health.breaker(kind).trip(time.monotonic())
+                refused[kind] = str(e)
+                continue
+            moved = await self._move(model, failing, new, kind)
+            if moved is None:
+                return
+            self.failovers[(failing.name, str(failing.version), failing.kind, kind)] += 1
+            log.warning(
+                "executor_failover",
+                **labels,
+                **{"from": failing.kind, "to": kind},
+                reason=reason,
+                handed_over=moved,
+                seconds=round(time.monotonic() - started, 4),
+            )
+            self._ensure_recovery(model, failing.version)
+            return
+        now = time.monotonic()
+        waiting = {
+            k: f"breaker open, retry in {max(0.0, (b.retry_at() or now) - now):.1f}s"
+            for k, b in health.breakers.items()
+            if k != failing.kind and k in health.candidates and not b.allows(now)
+        }
+        log.error(
+            "executor_failover_failed",
+            **labels,
+            executor=failing.kind,
+            reason=reason,
+            detail="no other candidate executor"
+            if not targets and not waiting
+            else "no other candidate executor could take the model",
+            candidates=list(health.candidates),
+            refused=refused,
+            waiting=waiting,
+        )
+        self._ensure_recovery(model, failing.version)
+
+    def _ensure_recovery(self, model: _Model, version: int) -> None:
+        health = model.health.get(version)
+        if health is None or (health.recovery is not None and not health.recovery.done()):
+            return
+        health.recovery = self._spawn(self._recover(model, version, health))
+
+    async def _recover(self, model: _Model, version: int, health: _Health) -> None:
+        """While a better candidate's breaker is open: wait until it is half-open, then try
+        it (load, warm up, timed runs, compare with the serving copy's warm-up answers);
+        move the version back on success, else open the breaker again and wait."""
+        while model.health.get(version) is health:
+            current = model.serving.get(version)
+            if current is None:
+                return
+            due = next_retry_at(health.candidates, current.kind, health.breakers)
+            if due is None:
+                return
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            current = model.serving.get(version)
+            if current is None or model.health.get(version) is not health:
+                return
+            targets = recovery_targets(
+                health.candidates, current.kind, health.breakers, time.monotonic()
+            )
+            for kind in targets:
+                if await self._try_recover(model, current, health, kind):
+                    break
+
+    async def _try_recover(
+        self, model: _Model, current: ModelVersion, health: _Health, kind: str
+    ) -> bool:
+        labels = {"model": current.name, "version": current.version}
+        try:
+            new = await self._load_version(
+                current.spec, current.version, [kind], trial_runs=TRIAL_RUNS, stats=current.stats
+            )
+        except ModelLoadError as e:
+            error = str(e)
+        else:
+            problem = outputs_disagree(current.placement.warm_outputs, new.placement.warm_outputs)
+            if problem is None:
+                moved = await self._move(model, current, new, kind)
+                if moved is None:
+                    return True
+                self.recoveries[(current.name, str(current.version), current.kind, kind)] += 1
+                log.info(
+                    "executor_recovered",
+                    **labels,
+                    **{"from": current.kind, "to": kind},
+                    warm_up_ms=round(new.placement.timings_s.get(kind, 0.0) * 1000, 3),
+                    handed_over=moved,
+                )
+                return True
+            await new.close()
+            error = f"{kind}: {problem}"
+        breaker = health.breaker(kind)
+        breaker.record_failure(time.monotonic())
+        retry_at = breaker.retry_at()
+        log.warning(
+            "executor_retry_failed",
+            **labels,
+            executor=kind,
+            serving_on=current.kind,
+            error=error,
+            retry_in_s=round(max(0.0, (retry_at or 0.0) - time.monotonic()), 3),
+        )
+        return False
+
+    def breakers(self) -> list[BreakerStatus]:
+        """Every breaker of every served version (snapshots: the metrics thread calls this)."""
+        now = time.monotonic()
+        return [
+            BreakerStatus(model.name, version, kind, breaker.state(now))
+            for model in list(self._models.values())
+            for version, health in list(model.health.items())
+            for kind, breaker in list(health.breakers.items())
+        ]
+
     def _close_late(self, task: asyncio.Future[ModelVersion]) -> None:
         if task.cancelled() or task.exception() is not None:
             return
@@ -221,7 +569,10 @@ class ModelManager:
 
     async def _retire(self, model: _Model, versions: list[ModelVersion]) -> None:
         for mv in versions:
-            model.states[mv.version] = (VersionState.UNLOADING, "")
+            if model.serving.get(mv.version) is None:
+                model.states[mv.version] = (VersionState.UNLOADING, "")
+            mv.scheduler.on_outcome = None
+            mv.scheduler.resume()  # what a failover held back runs (or fails) here
         for mv in versions:
             drained = await mv.drain(self.drain_timeout_s)
             if not drained:
@@ -231,7 +582,7 @@ class ModelManager:
             await mv.close()
             if model.serving.get(mv.version) is None:
                 model.states[mv.version] = (VersionState.UNAVAILABLE, "unloaded")
-            log.info("model_version_unloaded", model=mv.name, version=mv.version)
+            log.info("model_version_unloaded", model=mv.name, version=mv.version, executor=mv.kind)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -332,7 +683,11 @@ class ModelManager:
         return all(results)
 
     async def unload_all(self) -> None:
-        """Close every version of every model."""
+        """Stop failover and recovery work, then close every version of every model."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for name in list(self._models):
             if self._models[name].serving:
                 await self.unload(name)

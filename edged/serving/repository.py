@@ -18,18 +18,19 @@ from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
 from edged.core.types import DataType, Signature, TensorSpec
+from hal.placement import PLACEMENT_MODES, default_executors
 
 MODEL_TOML = "model.toml"
 ACTIVE_FILE = "ACTIVE"
 
-#: artifact file name and default executors for each format
+#: artifact file name and default executors (hal.placement's rules) for each format
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "onnx": ("model.onnx", ("cpu-onnx",)),
-    "tflite": ("model.tflite", ("cpu-litert",)),
+    "onnx": ("model.onnx", default_executors("onnx")),
+    "tflite": ("model.tflite", default_executors("tflite")),
     # Only the Edge TPU runs edgetpu-custom-op; cpu-litert refuses such a model.
-    "edgetpu-tflite": ("model_edgetpu.tflite", ("edgetpu",)),
+    "edgetpu-tflite": ("model_edgetpu.tflite", default_executors("edgetpu-tflite")),
     # An FPGA bundle: manifest.json beside the bitstream and .hwh in the version folder.
-    "pynq-bundle": ("manifest.json", ("pynq",)),
+    "pynq-bundle": ("manifest.json", default_executors("pynq-bundle")),
 }
 
 #: Triton's platform and backend names, which its tools key on
@@ -104,6 +105,10 @@ class ModelSpec:
     max_batch_size: int | None = None
     """None: batch when the artifact allows it, up to the daemon's default."""
     executors: tuple[str, ...] = ()
+    """Executor kinds to try, best first; () takes the format's defaults."""
+    placement: str = "first"
+    """"first": the first candidate that loads and warms up; "auto": time every candidate's
+    warm-up and keep the fastest."""
     instances: int | None = None
     """Copies of the model, each on its own worker thread; None: the daemon's default."""
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
@@ -128,6 +133,7 @@ _MODEL_KEYS = {
     "format",
     "max_batch_size",
     "executors",
+    "placement",
     "instances",
     "version_policy",
     "inputs",
@@ -252,6 +258,9 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
     executors = data.get("executors", [])
     if not isinstance(executors, list) or not all(isinstance(e, str) for e in executors):
         raise _fail(path, "'executors' must be a list of executor kinds")
+    placement = data.get("placement", "first")
+    if placement not in PLACEMENT_MODES:
+        raise _fail(path, f"'placement' {placement!r} is not one of {', '.join(PLACEMENT_MODES)}")
     instances = data.get("instances")
     if instances is not None and not (_is_int(instances) and 1 <= instances <= 64):
         raise _fail(path, "'instances' must be an integer from 1 to 64")
@@ -266,6 +275,7 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
         format=fmt,
         max_batch_size=mbs,
         executors=tuple(executors),
+        placement=placement,
         instances=instances,
         dynamic_batching=_dynamic_batching(path, data.get("dynamic_batching", {})),
         version_policy=policy,

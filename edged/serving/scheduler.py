@@ -4,6 +4,14 @@ one asyncio task that hands batches to free instances running on worker threads.
 The event loop only queues, picks and wakes; merging, inference and splitting run on the
 instance's worker thread. A request whose caller went away (cancelled future) is skipped
 before it is batched, and its result is dropped if it was already running.
+
+A batch that runs longer than ``inference_timeout_s`` fails with ``ExecutorTimeoutError``
+(DEADLINE_EXCEEDED). Its thread cannot be interrupted, so its instance is *stuck*: it is not
+handed out again until that thread returns (and is closed then, if the scheduler stopped in
+the meantime). Every batch's outcome goes to ``on_outcome`` (the placement layer's circuit
+breaker) before its callers are answered, so that a breaker that opens can ``pause`` the
+scheduler before the next request arrives; ``hand_over`` then moves what queued meanwhile
+to the scheduler of the executor the model moved to.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -22,6 +31,7 @@ from edged.core.errors import (
     DeadlineExceededError,
     EdgedError,
     ExecutorError,
+    ExecutorTimeoutError,
     InvalidInputError,
     OverloadedError,
     UnavailableError,
@@ -68,6 +78,11 @@ class _Pending:
 
 
 ExecutionListener = Callable[[Execution], None]
+#: called on the event loop after every batch, before its callers are answered: None when
+#: the batch ran, else the error it failed with
+OutcomeListener = Callable[[EdgedError | None], None]
+#: called when a stuck instance's thread returns after the scheduler stopped
+ReleaseListener = Callable[[LoadedModel], None]
 
 
 class Scheduler:
@@ -80,12 +95,20 @@ class Scheduler:
         batching: BatchPolicy,
         queueing: QueuePolicy,
         on_execution: ExecutionListener | None = None,
+        inference_timeout_s: float = 0.0,
     ) -> None:
         self._label = label
         self._instances = list(instances)
         self._batching = batching
         self._queueing = queueing
         self._on_execution = on_execution
+        self._timeout_s = inference_timeout_s
+        self.on_outcome: OutcomeListener | None = None
+        """Told every batch's outcome (the placement layer's breaker)."""
+        self.on_late_release: ReleaseListener | None = None
+        """Told when a stuck instance's thread returns after ``stop``."""
+        self._stuck: set[LoadedModel] = set()
+        self._paused = False
         self._queues: list[list[_Pending]] = [[] for _ in range(queueing.priority_levels)]
         self._waiting = 0
         self._pool = ThreadPoolExecutor(
@@ -103,6 +126,44 @@ class Scheduler:
     def queue_depth(self) -> int:
         """Requests waiting for an instance now."""
         return self._waiting
+
+    @property
+    def stuck(self) -> frozenset[LoadedModel]:
+        """Instances whose thread is still running a batch that timed out."""
+        return frozenset(self._stuck)
+
+    @property
+    def paused(self) -> bool:
+        """Whether batches are held back (requests queue but do not run)."""
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no new batch (requests still queue, up to the queue's bound); batches
+        running go on."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Run queued requests again."""
+        self._paused = False
+        self._wake.set()
+
+    def hand_over(self, to: Scheduler) -> int:
+        """Move every queued request to ``to`` (the same model version on another executor),
+        keeping its priority and waiting time; the callers' ``submit`` calls here answer with
+        what ``to`` computes. Returns how many moved. Call on the event loop."""
+        moved = 0
+        for level, queue in enumerate(self._queues, start=1):
+            target = to._queues[min(level, len(to._queues)) - 1]
+            for p in queue:
+                if not p.future.done():
+                    target.append(p)
+                    moved += 1
+            queue.clear()
+        self._waiting = 0
+        to._waiting += moved
+        if moved:
+            to._wake.set()
+        return moved
 
     def start(self) -> None:
         """Start the dispatch task on the running loop."""
@@ -140,6 +201,7 @@ class Scheduler:
         pending = _Pending(inputs, size, batch_key(inputs), time.monotonic_ns(), future)
         if (
             self._waiting == 0
+            and not self._paused
             and self._free.qsize() == len(self._instances)
             and take(self._batching, [size], 0)
         ):
@@ -183,8 +245,11 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._waiting:
+            while self._waiting and not self._paused:
                 instance = await self._free.get()
+                if self._paused:  # paused while this task waited for an instance
+                    self._free.put_nowait(instance)
+                    break
                 candidates = self._compatible()
                 if not candidates:
                     self._free.put_nowait(instance)
@@ -213,31 +278,91 @@ class Scheduler:
         task.add_done_callback(self._running.discard)
 
     async def _execute(self, instance: LoadedModel, batch: list[_Pending]) -> None:
-        dispatched = time.monotonic_ns()
-        loop = asyncio.get_running_loop()
         try:
-            parts, execution = await loop.run_in_executor(
-                self._pool, batch[0].context.run, self._work, instance, batch, dispatched
-            )
-        except EdgedError as e:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e)
-        except Exception as e:  # a bug below the HAL contract: fail the batch, keep serving
-            log.exception("batch_failed", model=self._label)
-            error = ExecutorError(f"model {self._label}: batch failed: {e}")
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(error)
-        else:
+            outcome = await self._run(instance, batch)
+            error = outcome if isinstance(outcome, EdgedError) else None
+            try:
+                if self.on_outcome is not None:
+                    self.on_outcome(error)
+            except Exception:  # the listener's bug must not lose this batch's answers
+                log.exception("outcome_listener_failed", model=self._label)
+            if isinstance(outcome, EdgedError):
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(outcome)
+                return
+            parts, execution = outcome
             for p, part in zip(batch, parts, strict=True):
                 if not p.future.done():
                     p.future.set_result((part, execution))
             if self._on_execution is not None:
                 self._on_execution(execution)
         finally:
-            self._free.put_nowait(instance)
+            if instance not in self._stuck:
+                self._free.put_nowait(instance)
             self._wake.set()
+
+    async def _run(
+        self, instance: LoadedModel, batch: list[_Pending]
+    ) -> tuple[list[dict[str, Array]], Execution] | EdgedError:
+        """Run ``batch`` on ``instance``'s worker thread, bounded by the inference timeout:
+        its outputs, or the error it failed with."""
+        dispatched = time.monotonic_ns()
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(
+            self._pool, batch[0].context.run, self._work, instance, batch, dispatched
+        )
+        try:
+            if self._timeout_s > 0:
+                return await asyncio.wait_for(asyncio.shield(running), self._timeout_s)
+            return await running
+        except TimeoutError:
+            if running.done():  # finished as the deadline passed
+                return self._timed_out_error(running)
+            self._stuck.add(instance)
+            running.add_done_callback(lambda f: self._release(instance, f))
+            log.warning(
+                "inference_timeout",
+                model=self._label,
+                executor=instance.kind,
+                timeout_s=self._timeout_s,
+                batch_size=sum(p.size for p in batch),
+            )
+            return ExecutorTimeoutError(
+                f"model {self._label}: {instance.kind} inference did not finish within "
+                f"{self._timeout_s:g}s (executors.inference_timeout_s); the instance is out "
+                f"of use until it returns"
+            )
+        except EdgedError as e:
+            return e
+        except Exception as e:  # a bug below the HAL contract: fail the batch, keep serving
+            log.exception("batch_failed", model=self._label)
+            return ExecutorError(f"model {self._label}: batch failed: {e}")
+
+    def _timed_out_error(self, running: asyncio.Future[Any]) -> EdgedError:
+        """The outcome of a batch that finished just as its deadline passed: an error stays
+        that error; outputs are dropped, and it fails as a timeout (it did take that long)."""
+        error = running.exception()
+        if isinstance(error, EdgedError):
+            return error
+        return ExecutorTimeoutError(
+            f"model {self._label}: inference did not finish within {self._timeout_s:g}s "
+            f"(executors.inference_timeout_s)"
+        )
+
+    def _release(self, instance: LoadedModel, running: asyncio.Future[Any]) -> None:
+        """A stuck instance's thread returned (on the event loop): hand it out again, or,
+        when the scheduler has stopped meanwhile, pass it to ``on_late_release``."""
+        if not running.cancelled():
+            running.exception()  # retrieved: nobody else will
+        self._stuck.discard(instance)
+        log.info("inference_returned_after_timeout", model=self._label, executor=instance.kind)
+        if self._closed:
+            if self.on_late_release is not None:
+                self.on_late_release(instance)
+            return
+        self._free.put_nowait(instance)
+        self._wake.set()
 
     @staticmethod
     def _work(
@@ -254,7 +379,8 @@ class Scheduler:
         return parts, Execution(size, dispatched, t1 - t0, t2 - t1, t3 - t2)
 
     async def stop(self) -> None:
-        """Fail what is still queued, wait for running batches, stop the threads."""
+        """Fail what is still queued, wait for running batches, stop the threads (without
+        waiting for stuck ones)."""
         self._closed = True
         for queue in self._queues:
             for p in queue:
@@ -268,4 +394,6 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._pool.shutdown, True)
+        # A stuck thread may never return: do not wait for it (its instance is released
+        # through on_late_release when it does).
+        await asyncio.to_thread(self._pool.shutdown, not self._stuck)

@@ -122,7 +122,7 @@ def test_model_metadata_digits(client) -> None:
     assert meta["outputs"][1] == {"name": "label", "datatype": "INT64", "shape": ["-1"]}
 
 
-def test_model_config_digits(client) -> None:
+def test_model_config_digits(client, onnx_executor: str) -> None:
     config = client.get_model_config("digits", as_json=True)["config"]
     assert config["name"] == "digits"
     assert config["platform"] == "onnxruntime_onnx"
@@ -137,7 +137,10 @@ def test_model_config_digits(client) -> None:
     # only the batch axis: Triton's way, dims [1] reshaped to []
     assert config["output"][1]["dims"] == ["1"]
     assert config["output"][1]["reshape"] == {}
-    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    # where it runs: the executor placement chose
+    kind = "KIND_GPU" if onnx_executor == "cuda" else "KIND_CPU"
+    assert config["instance_group"][0]["kind"] == kind
+    assert config["parameters"]["executor"] == {"string_value": onnx_executor}
 
 
 def test_model_config_non_batching_reports_full_dims(client) -> None:

@@ -33,7 +33,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def address(repo: Path) -> Iterator[str]:
+def address(repo: Path, onnx_executor: str) -> Iterator[str]:
     proc = DaemonProcess(["--models", str(repo), "--grpc-address", "127.0.0.1:0"])
     try:
         address = proc.wait_live()
@@ -43,7 +43,7 @@ def address(repo: Path) -> Iterator[str]:
             e["model"]: e["executor"] for e in proc.events if e["event"] == "model_version_loaded"
         }
         assert loaded == {
-            "digits": "cpu-onnx",
+            "digits": onnx_executor,
             "digits_tflite": "cpu-litert",
             "digits_int8": "cpu-litert",
         }

@@ -25,7 +25,7 @@ def value(samples, name: str, **labels) -> float:
     return 0.0
 
 
-def test_metrics_follow_requests(daemon: DaemonProcess) -> None:
+def test_metrics_follow_requests(daemon: DaemonProcess, onnx_executor: str) -> None:
     before = scrape(daemon)
     with grpcclient.InferenceServerClient(daemon.address) as client:
         good = grpcclient.InferInput("INPUT0", [2, 3], "INT32")
@@ -50,5 +50,5 @@ def test_metrics_follow_requests(daemon: DaemonProcess) -> None:
                  "edged_request_duration_seconds_bucket", le="+Inf", **labels) >= 3
     assert value(after["edged_queue_depth"], "edged_queue_depth", **labels) == 0
     assert value(after["edged_inflight_requests"], "edged_inflight_requests", **labels) == 0
-    assert value(after["edged_model_info"], "edged_model_info", executor="cpu-onnx",
+    assert value(after["edged_model_info"], "edged_model_info", executor=onnx_executor,
                  **labels) == 1

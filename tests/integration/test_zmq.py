@@ -43,7 +43,7 @@ def assert_identical(a: dict, b: dict) -> None:
             assert value.tobytes() == b[name].tobytes(), name
 
 
-def test_health_and_metadata(client: ZmqClient) -> None:
+def test_health_and_metadata(client: ZmqClient, onnx_executor: str) -> None:
     assert client.is_live()
     assert client.is_ready()
     assert client.is_model_ready("digits")
@@ -52,6 +52,7 @@ def test_health_and_metadata(client: ZmqClient) -> None:
     meta = client.model_metadata("digits")
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert meta["max_batch_size"] == 32
+    assert meta["executor"] == onnx_executor
 
 
 @pytest.mark.parametrize("model", ["digits", "multi_io", "all_dtypes", "simple_static"])

@@ -23,6 +23,9 @@ ALL_KEYS = {
     "models.instances",
     "models.threads",
     "models.load_timeout_s",
+    "executors.failure_threshold",
+    "executors.inference_timeout_s",
+    "executors.retry_after_s",
     "zmq.enabled",
     "zmq.addresses",
     "zmq.max_message_bytes",
@@ -31,6 +34,22 @@ ALL_KEYS = {
     "metrics.address",
     "log.level",
     "log.format",
+    "ota.state_dir",
+    "ota.repository_url",
+    "ota.root",
+    "ota.poll_interval_s",
+    "ota.health_window_s",
+    "ota.health_min_requests",
+    "ota.max_error_rate",
+    "ota.max_p99_ms",
+    "ota.min_free_bytes",
+    "ota.max_bundle_bytes",
+    "ota.max_unpacked_bytes",
+    "ota.max_bundle_files",
+    "ota.fetch_timeout_s",
+    "ota.history_limit",
+    "ota.pause_after_state",
+    "ota.pause_s",
 }
 
 FILE = """\
@@ -430,3 +449,38 @@ def test_list_keys_from_toml_and_environment() -> None:
 def test_bad_zmq_addresses_name_the_key(value) -> None:
     with pytest.raises(ConfigError, match=r"zmq\.addresses"):
         build_config({"zmq": {"addresses": value}})
+
+
+# --------------------------------------------------------------------------- [ota]
+
+
+def test_ota_defaults_and_paths() -> None:
+    ota = Config().ota
+    assert not ota.enabled
+    assert ota.poll_interval_s == 0.0
+    assert ota.root_path == Path("/var/lib/edged/state/tuf/root.json")
+    ota = build_config(
+        {"ota": {"repository_url": "http://127.0.0.1:1/repo", "state_dir": "/s"}}, env={}
+    ).ota
+    assert ota.enabled
+    assert ota.root_path == Path("/s/tuf/root.json")
+    ota = build_config({}, env={"EDGED_OTA_ROOT": "/etc/edged/root.json"}).ota
+    assert ota.root_path == Path("/etc/edged/root.json")
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        pytest.param({"repository_url": "ftp://x"}, "ota.repository_url", id="url-scheme"),
+        pytest.param({"max_error_rate": 1.5}, "ota.max_error_rate", id="rate-above-1"),
+        pytest.param({"max_error_rate": -0.1}, "ota.max_error_rate", id="rate-negative"),
+        pytest.param({"health_window_s": -1}, "ota.health_window_s", id="negative-window"),
+        pytest.param({"max_bundle_bytes": 0}, "ota.max_bundle_bytes", id="zero-bundle"),
+        pytest.param({"pause_after_state": "COMMITTED"}, "ota.pause_after_state", id="rest-state"),
+        pytest.param({"pause_after_state": "staged"}, "ota.pause_after_state", id="lower-case"),
+    ],
+)
+def test_ota_refusals(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"ota": data}, env={})
+    assert key in str(info.value)

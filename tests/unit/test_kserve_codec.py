@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edged._proto.inference import grpc_service_pb2 as pb
+from edged._proto.inference import model_config_pb2 as mc
 from edged.core.errors import InvalidInputError, UnsupportedError
-from edged.core.types import Array, DataType, InferRequest, InferResponse
+from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
+from edged.frontends import kserve_codec as codec
 from edged.frontends.kserve_codec import (
     output_spans,
     request_from_proto,
@@ -521,3 +523,27 @@ def _response(datatype: str, shape: list[int], raw: list[bytes]) -> pb.ModelInfe
 def test_response_from_proto_refuses(message: pb.ModelInferResponse) -> None:
     with pytest.raises(InvalidInputError, match="'y'"):
         response_from_proto(message)
+
+
+# -- where a model runs, in ModelConfig ---------------------------------------------------------
+
+EXECUTOR_KINDS = [
+    ("cpu-onnx", "KIND_CPU"),
+    ("cpu-litert", "KIND_CPU"),
+    ("cuda", "KIND_GPU"),
+    ("edgetpu", "KIND_MODEL"),
+    ("pynq", "KIND_MODEL"),
+    ("flaky-sim", "KIND_MODEL"),  # a vendor's device: placement is the executor's own
+    ("cpu-vendor", "KIND_CPU"),
+]
+
+
+@pytest.mark.parametrize(("executor", "kind"), EXECUTOR_KINDS)
+def test_model_config_says_where_the_model_runs(executor: str, kind: str) -> None:
+    sig = Signature((TensorSpec("x", DataType.FP32, (-1, 4)),), (), 8)
+    config = codec.model_config("m", sig, "onnxruntime_onnx", "onnxruntime", 2, [1], executor)
+    (group,) = config.instance_group
+    assert mc.ModelInstanceGroup.Kind.Name(group.kind) == kind
+    assert group.count == 2
+    assert list(group.gpus) == ([0] if kind == "KIND_GPU" else [])
+    assert config.parameters["executor"].string_value == executor

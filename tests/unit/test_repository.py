@@ -72,7 +72,8 @@ def test_parse_model_toml_defaults(tmp_path: Path) -> None:
     assert spec.max_batch_size is None
     assert spec.version_policy == VersionPolicy(latest=1)
     assert spec.artifact_name == "model.onnx"
-    assert spec.executor_preference == ("cpu-onnx",)
+    assert spec.executor_preference == ("cuda", "cpu-onnx")
+    assert spec.placement == "first"
 
 
 def test_parse_model_toml_every_key(tmp_path: Path) -> None:
@@ -84,6 +85,7 @@ def test_parse_model_toml_every_key(tmp_path: Path) -> None:
             "format": "onnx",
             "max_batch_size": 4,
             "executors": ["npu", "cpu-onnx"],
+            "placement": "auto",
             "instances": 2,
             "version_policy": {"latest": 2},
             "inputs": [{"name": "x", "datatype": "TYPE_FP32", "dims": [3, -1]}],
@@ -93,6 +95,7 @@ def test_parse_model_toml_every_key(tmp_path: Path) -> None:
     assert spec.max_batch_size == 4
     assert spec.executors == ("npu", "cpu-onnx")
     assert spec.executor_preference == ("npu", "cpu-onnx")
+    assert spec.placement == "auto"
     assert spec.instances == 2
     assert spec.version_policy == VersionPolicy(latest=2)
     assert spec.inputs == (TensorDecl("x", FP32, (3, -1)),)
@@ -128,6 +131,8 @@ INVALID_TOML = [
     pytest.param({"max_batch_size": 2.0}, "'max_batch_size'", id="float-max-batch-size"),
     pytest.param({"executors": "cpu-onnx"}, "'executors'", id="executors-not-list"),
     pytest.param({"executors": [1]}, "'executors'", id="executors-not-strings"),
+    pytest.param({"placement": "fastest"}, "'placement'", id="unknown-placement"),
+    pytest.param({"placement": 1}, "'placement'", id="placement-not-string"),
     pytest.param({"instances": 0}, "'instances'", id="zero-instances"),
     pytest.param({"instances": 65}, "'instances'", id="too-many-instances"),
     pytest.param({"instances": True}, "'instances'", id="bool-instances"),

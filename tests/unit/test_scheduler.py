@@ -13,10 +13,12 @@ import pytest
 from edged.core.errors import (
     DeadlineExceededError,
     ExecutorError,
+    ExecutorTimeoutError,
     InvalidInputError,
     OverloadedError,
     UnavailableError,
 )
+from edged.core.status import code_of
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from edged.serving.batching import BatchPolicy
 from edged.serving.scheduler import QueuePolicy, Scheduler
@@ -214,3 +216,89 @@ async def test_stop_fails_what_is_queued() -> None:
     await stopping
     with pytest.raises(UnavailableError):
         await scheduler.submit(x(2), 1)
+
+
+# -- what placement's failover relies on ------------------------------------------------------
+
+
+async def test_a_batch_over_the_inference_timeout_fails_and_its_instance_waits() -> None:
+    stuck, spare = Recording(), Recording()
+    scheduler = Scheduler(
+        "m/1", [stuck, spare], BatchPolicy(0), QueuePolicy(), inference_timeout_s=0.1
+    )
+    outcomes: list[object] = []
+    scheduler.on_outcome = outcomes.append
+    scheduler.start()
+    stuck.gate.clear()  # the device hangs
+    with pytest.raises(ExecutorTimeoutError, match=r"did not finish within 0\.1s"):
+        await scheduler.submit(x(1), 1)
+    assert scheduler.stuck == {stuck}
+    assert isinstance(outcomes[-1], ExecutorTimeoutError)
+    # the stuck instance is not handed out: the spare answers, however many ask
+    for value in (2, 3, 4):
+        outputs, _ = await scheduler.submit(x(value), 1)
+        assert np.all(outputs["y"] == 2 * value)
+    assert spare.batches == [[2.0], [3.0], [4.0]]
+    assert stuck.entered == 1
+    assert outcomes[-3:] == [None, None, None]
+    stuck.gate.set()  # the hung call returns at last; its late answer is dropped
+    await until(lambda: not scheduler.stuck)
+    await scheduler.submit(x(5), 1)
+    await scheduler.stop()
+
+
+def test_the_timeout_error_is_deadline_exceeded_and_an_executor_error() -> None:
+    error = ExecutorTimeoutError("x")
+    assert isinstance(error, ExecutorError)
+    assert code_of(error) == "DEADLINE_EXCEEDED"
+    assert code_of(ExecutorError("x")) == "INTERNAL"
+
+
+async def test_a_stopped_scheduler_releases_a_stuck_instance_when_it_returns() -> None:
+    model = Recording()
+    scheduler = Scheduler("m/1", [model], BatchPolicy(0), QueuePolicy(), inference_timeout_s=0.05)
+    released: list[LoadedModel] = []
+    scheduler.on_late_release = released.append
+    scheduler.start()
+    model.gate.clear()
+    with pytest.raises(ExecutorTimeoutError):
+        await scheduler.submit(x(1), 1)
+    await asyncio.wait_for(scheduler.stop(), 2)  # does not wait for the hung thread
+    assert released == []
+    model.gate.set()
+    await until(lambda: released == [model])
+
+
+async def test_pause_holds_requests_and_hand_over_moves_them() -> None:
+    failing, healthy = Recording(), Recording()
+    old = await started(failing, BatchPolicy(0))
+    new = await started(healthy, BatchPolicy(0))
+    outcomes: list[object] = []
+
+    def pause_on_failure(error: object) -> None:  # what the breaker does when it opens
+        outcomes.append(error)
+        if error is not None:
+            old.pause()
+
+    old.on_outcome = pause_on_failure
+    failing.fail = True
+    with pytest.raises(ExecutorError, match="device lost"):
+        await old.submit(x(1), 1)
+    assert old.paused
+    # paused before the failed caller was answered: the next requests queue, none runs
+    held = [asyncio.ensure_future(old.submit(x(v), 1)) for v in (2, 3)]
+    await until(lambda: old.queue_depth == 2)
+    await asyncio.sleep(0.02)
+    assert failing.entered == 1
+    assert old.hand_over(new) == 2
+    assert old.queue_depth == 0
+    results = await asyncio.gather(*held)
+    assert [float(r[0]["y"][0, 0]) for r in results] == [4.0, 6.0]
+    assert healthy.batches == [[2.0], [3.0]]
+    assert isinstance(outcomes[0], ExecutorError)
+    old.resume()
+    failing.fail = False
+    outputs, _ = await old.submit(x(7), 1)  # resumed: it runs again
+    assert np.all(outputs["y"] == 14)
+    await old.stop()
+    await new.stop()

@@ -1,0 +1,1 @@
+"""Generated from protos/edged/v1/ by tools/gen_protos.py. DO NOT EDIT."""

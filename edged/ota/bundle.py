@@ -1,0 +1,781 @@
+"""The model bundle: one ``.tar.gz`` per model version, what the fleet publishes and a device
+installs.
+
+::
+
+    bundle.toml     edged_bundle = 1, name, version, format, artifacts = [file names],
+                    [selftest] file, rtol, atol; [[signature.inputs]] / [[signature.outputs]]
+    model.toml      the model's model.toml (edged.serving.repository rules)
+    <artifacts>     e.g. model.onnx; for a pynq-bundle every file of the version folder
+    selftest.npz    "in:<tensor>" inputs and "out:<tensor>" expected outputs (.npy members,
+                    no pickles; BYTES tensors as fixed-width 'S' arrays)
+
+The archive is deterministic: members sorted, mtime 0, uid/gid 0, no owner names, mode 0644,
+gzip header without name or time. The same inputs give the same bytes, hence the same TUF hash.
+
+Rules without I/O: ``parse_manifest``, ``manifest_toml``, ``selftest_npz``, ``check_selftest``.
+I/O around them: ``build_bundle`` (from a model folder, computing the expected outputs by running
+the artifact in-process on a CPU executor), ``write_bundle`` (from bytes), ``read_manifest``,
+``inspect_bundle`` (a whole archive checked in memory, as ``publish`` does), ``load_selftest``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import tomllib
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from edged.core.errors import EdgedError
+from edged.core.types import Array, DataType, Signature, TensorSpec
+from edged.ota import archive
+from edged.ota.errors import BundleError, SelfTestError
+from edged.serving.repository import (
+    FORMATS,
+    MODEL_TOML,
+    ModelSpec,
+    parse_model_toml,
+    parse_version,
+    resolve_signature,
+)
+from hal import ExecutorOptions, ModelArtifact, get_executor
+
+BUNDLE_TOML = "bundle.toml"
+SELFTEST_FILE = "selftest.npz"
+BUNDLE_SCHEMA = 1
+"""``edged_bundle`` in bundle.toml: the version of this format."""
+
+DEFAULT_RTOL = 1e-3
+"""Relative tolerance of the self-test: catches a wrong or corrupt model, not the rounding
+differences between CPUs and runtimes."""
+DEFAULT_ATOL = 1e-5
+"""Absolute tolerance of the self-test."""
+
+MAX_SELFTEST_BYTES = 64 * 1024 * 1024
+"""Largest unpacked selftest.npz read."""
+MAX_TOML_BYTES = 1024 * 1024
+"""Largest bundle.toml or model.toml read from an archive into memory."""
+
+#: the CPU executor that computes a format's expected outputs on the fleet's machine; the
+#: Edge TPU's and the FPGA's formats need the device itself, so their outputs are given
+REFERENCE_EXECUTORS: dict[str, str] = {"onnx": "cpu-onnx", "tflite": "cpu-litert"}
+
+_INPUT, _OUTPUT = "in:", "out:"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_NPZ_TIME = (1980, 1, 1, 0, 0, 0)
+_MANIFEST_KEYS = {"edged_bundle", "name", "version", "format", "artifacts", "selftest", "signature"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """bundle.toml, validated."""
+
+    name: str
+    version: int
+    format: str
+    artifacts: tuple[str, ...]
+    selftest_file: str = SELFTEST_FILE
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    inputs: tuple[TensorSpec, ...] = ()
+    """The model's inputs as served (-1: a dynamic axis), recorded when the bundle was built."""
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the archive holds, sorted."""
+        return tuple(sorted({BUNDLE_TOML, MODEL_TOML, self.selftest_file, *self.artifacts}))
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A bundle archive checked whole: its manifest, its model.toml and its self-test."""
+
+    manifest: Manifest
+    model: ModelSpec
+    selftest_inputs: tuple[str, ...]
+    selftest_outputs: tuple[str, ...]
+    archive_bytes: int
+
+
+# -- rules (no I/O) --------------------------------------------------------------------------
+
+
+def _fail(where: str, message: str) -> BundleError:
+    return BundleError(f"{where}: {message}")
+
+
+def _plain_name(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 128 and _NAME.fullmatch(value) is not None
+
+
+def _tolerance(where: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(where, f"'selftest.{key}' must be a number")
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise _fail(where, f"'selftest.{key}' must be finite and >= 0, not {value!r}")
+    return number
+
+
+def _tensors(where: str, key: str, raw: object) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list):
+        raise _fail(where, f"'signature.{key}' must be an array of tables")
+    specs = []
+    for i, item in enumerate(raw):
+        at = f"signature.{key}[{i}]"
+        if not isinstance(item, dict) or set(item) != {"name", "datatype", "shape"}:
+            raise _fail(where, f"'{at}' must be a table of name, datatype and shape")
+        name, datatype, shape = item["name"], item["datatype"], item["shape"]
+        if not isinstance(name, str) or not name:
+            raise _fail(where, f"'{at}.name' must be a non-empty string")
+        if datatype not in DataType.__members__:
+            raise _fail(where, f"'{at}.datatype' {datatype!r} is not a KServe datatype")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
+        ):
+            raise _fail(where, f"'{at}.shape' must be a list of integers >= -1")
+        specs.append(TensorSpec(name, DataType(datatype), tuple(shape)))
+    return tuple(specs)
+
+
+def _selftest_file(where: str, selftest: object) -> str:
+    if not isinstance(selftest, dict):
+        raise _fail(where, "'selftest' must be a table")
+    unknown = set(selftest) - {"file", "rtol", "atol"}
+    if unknown:
+        raise _fail(where, f"unknown key 'selftest.{sorted(unknown)[0]}'")
+    name = selftest.get("file", SELFTEST_FILE)
+    if not _plain_name(name) or not str(name).endswith(".npz"):
+        raise _fail(where, f"'selftest.file' {name!r} is not a plain .npz file name")
+    return str(name)
+
+
+def _artifacts(where: str, fmt: str, artifacts: object, selftest_file: str) -> tuple[str, ...]:
+    if not isinstance(artifacts, list) or not artifacts:
+        raise _fail(where, "'artifacts' must be a non-empty list of file names")
+    for a in artifacts:
+        if not _plain_name(a):
+            raise _fail(where, f"artifact {a!r} is not a plain file name ([A-Za-z0-9._-])")
+        if a in {BUNDLE_TOML, MODEL_TOML, selftest_file}:
+            raise _fail(where, f"artifact {a!r} has the name of a bundle file")
+    if len(set(artifacts)) != len(artifacts):
+        raise _fail(where, "'artifacts' lists a file twice")
+    expected_artifact = FORMATS[fmt][0]
+    if expected_artifact not in artifacts:
+        raise _fail(where, f"a {fmt} bundle must hold {expected_artifact} in 'artifacts'")
+    return tuple(sorted(artifacts))
+
+
+def parse_manifest(data: Mapping[str, Any], where: str = BUNDLE_TOML) -> Manifest:
+    """Validate bundle.toml's ``data``.
+
+    Raises:
+        BundleError: an unknown key, a missing one or a bad value, named.
+    """
+    unknown = set(data) - _MANIFEST_KEYS
+    if unknown:
+        raise _fail(where, f"unknown key '{sorted(unknown)[0]}'")
+    schema = data.get("edged_bundle", BUNDLE_SCHEMA)
+    if isinstance(schema, bool) or schema != BUNDLE_SCHEMA:
+        raise _fail(where, f"'edged_bundle' is {schema!r}; this edged reads {BUNDLE_SCHEMA}")
+    name = data.get("name")
+    if not _plain_name(name):
+        raise _fail(where, f"'name' {name!r} is not a model name ([A-Za-z0-9._-], 128 at most)")
+    assert isinstance(name, str)
+    raw_version = data.get("version")
+    version = (
+        raw_version if isinstance(raw_version, int) and not isinstance(raw_version, bool) else None
+    )
+    if version is None or version < 1:
+        raise _fail(where, f"'version' must be an integer >= 1, not {raw_version!r}")
+    fmt = data.get("format")
+    if fmt not in FORMATS:
+        raise _fail(where, f"'format' {fmt!r} is not one of {', '.join(FORMATS)}")
+    assert isinstance(fmt, str)
+    selftest = data.get("selftest", {})
+    selftest_file = _selftest_file(where, selftest)
+    artifacts = _artifacts(where, fmt, data.get("artifacts"), selftest_file)
+    signature = data.get("signature", {})
+    if not isinstance(signature, dict) or set(signature) - {"inputs", "outputs"}:
+        raise _fail(where, "'signature' must be a table of 'inputs' and 'outputs'")
+    return Manifest(
+        name=name,
+        version=version,
+        format=fmt,
+        artifacts=artifacts,
+        selftest_file=selftest_file,
+        rtol=_tolerance(where, "rtol", selftest.get("rtol", DEFAULT_RTOL)),
+        atol=_tolerance(where, "atol", selftest.get("atol", DEFAULT_ATOL)),
+        inputs=_tensors(where, "inputs", signature.get("inputs", [])),
+        outputs=_tensors(where, "outputs", signature.get("outputs", [])),
+    )
+
+
+def _toml_string(value: str) -> str:
+    # JSON's escapes (\", \\, \n, \uXXXX) are all valid in a TOML basic string
+    return json.dumps(value, ensure_ascii=True)
+
+
+def manifest_toml(manifest: Manifest) -> str:
+    """bundle.toml's text for ``manifest`` (which ``parse_manifest`` reads back equal)."""
+    lines = [
+        f"edged_bundle = {BUNDLE_SCHEMA}",
+        f"name = {_toml_string(manifest.name)}",
+        f"version = {manifest.version}",
+        f"format = {_toml_string(manifest.format)}",
+        f"artifacts = [{', '.join(_toml_string(a) for a in manifest.artifacts)}]",
+        "",
+        "[selftest]",
+        f"file = {_toml_string(manifest.selftest_file)}",
+        f"rtol = {manifest.rtol!r}",
+        f"atol = {manifest.atol!r}",
+    ]
+    for key, specs in (("inputs", manifest.inputs), ("outputs", manifest.outputs)):
+        for spec in specs:
+            lines += [
+                "",
+                f"[[signature.{key}]]",
+                f"name = {_toml_string(spec.name)}",
+                f"datatype = {_toml_string(spec.datatype.value)}",
+                f"shape = [{', '.join(str(d) for d in spec.shape)}]",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def signature_table(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:
+    """The recorded signature as plain data (JSON-ready)."""
+    return {
+        key: [{"name": s.name, "datatype": s.datatype.value, "shape": list(s.shape)} for s in specs]
+        for key, specs in (("inputs", manifest.inputs), ("outputs", manifest.outputs))
+    }
+
+
+def _to_stored(name: str, value: Array) -> Array:
+    """An array as selftest.npz stores it: BYTES as fixed-width 'S'."""
+    a = np.asarray(value)
+    if a.dtype.kind in {"O", "U"}:
+        items = []
+        for x in a.flat:
+            if isinstance(x, bytes):
+                items.append(x)
+            elif isinstance(x, str):
+                items.append(x.encode("utf-8"))
+            else:
+                raise BundleError(
+                    f"self-test tensor {name!r}: an object array must hold bytes, not "
+                    f"{type(x).__name__}"
+                )
+        return np.array(items, dtype=np.bytes_).reshape(a.shape)
+    if a.dtype.kind not in "biufS":
+        raise BundleError(f"self-test tensor {name!r}: dtype {a.dtype} cannot be stored")
+    return a
+
+
+def _from_stored(a: Array) -> Array:
+    """An array as edged holds it: 'S' back to an object array of bytes."""
+    if a.dtype.kind != "S":
+        return a
+    out = np.empty(a.shape, dtype=object)
+    for i, x in enumerate(a.flat):
+        out.flat[i] = bytes(x)
+    return out
+
+
+def selftest_npz(inputs: Mapping[str, Array], expected: Mapping[str, Array]) -> bytes:
+    """selftest.npz's bytes, deterministic (members sorted, fixed times, stored).
+
+    Raises:
+        BundleError: no input or no expected output, or a tensor numpy cannot store without
+            pickling.
+    """
+    if not inputs or not expected:
+        raise BundleError("a self-test needs at least one input and one expected output")
+    members = {f"{_INPUT}{k}": _to_stored(k, v) for k, v in inputs.items()}
+    members |= {f"{_OUTPUT}{k}": _to_stored(k, v) for k, v in expected.items()}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+        for key in sorted(members):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_NPZ_TIME)
+            info.external_attr = 0o644 << 16
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, members[key], allow_pickle=False)
+    return buffer.getvalue()
+
+
+def check_selftest(
+    expected: Mapping[str, Array], outputs: Mapping[str, Array], rtol: float, atol: float
+) -> None:
+    """Compare a model's ``outputs`` with the bundle's ``expected`` outputs: each must be
+    present, of the same shape, and within ``|out - exp| <= atol + rtol * |exp|`` (NaN equals
+    NaN); BYTES must be equal. Outputs not expected are ignored.
+
+    Raises:
+        SelfTestError: naming the output and what differs (for numbers, how many elements,
+            the largest error and where).
+    """
+    for name, want_raw in expected.items():
+        if name not in outputs:
+            returned = ", ".join(outputs) or "nothing"
+            raise SelfTestError(f"self-test: the model returned no output {name!r} ({returned})")
+        want, got = np.asarray(want_raw), np.asarray(outputs[name])
+        if got.shape != want.shape:
+            raise SelfTestError(
+                f"self-test: output {name!r} has shape {list(got.shape)}, expected "
+                f"{list(want.shape)}"
+            )
+        if want.dtype.kind in "OSU" or got.dtype.kind in "OSU":
+            _check_bytes(name, want, got)
+            continue
+        if got.dtype.kind not in "biuf" or want.dtype.kind not in "biuf":
+            raise SelfTestError(f"self-test: output {name!r} is {got.dtype}, expected {want.dtype}")
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        close = np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+        if close.all():
+            continue
+        error = np.where(close, 0.0, np.abs(g - w))
+        error = np.where(np.isnan(error), np.inf, error)
+        worst = np.unravel_index(int(np.argmax(error)), error.shape)
+        index = tuple(int(i) for i in worst)
+        raise SelfTestError(
+            f"self-test: output {name!r} differs from the expected output at "
+            f"{int((~close).sum())} of {close.size} elements: max abs error "
+            f"{float(error[worst]):.6g} at index {list(index)} (got {g[worst]!r}, expected "
+            f"{w[worst]!r}; rtol {rtol:g}, atol {atol:g})"
+        )
+
+
+def _check_bytes(name: str, want: Array, got: Array) -> None:
+    def as_bytes(x: object) -> object:
+        return x.encode("utf-8") if isinstance(x, str) else bytes(x) if isinstance(x, bytes) else x
+
+    wrong = [
+        i
+        for i, (w, g) in enumerate(zip(want.flat, got.flat, strict=True))
+        if as_bytes(w) != as_bytes(g)
+    ]
+    if wrong:
+        first = np.unravel_index(wrong[0], want.shape)
+        raise SelfTestError(
+            f"self-test: output {name!r} differs from the expected output at {len(wrong)} of "
+            f"{want.size} elements, first at index {[int(i) for i in first]} "
+            f"(got {as_bytes(got.flat[wrong[0]])!r}, expected {as_bytes(want.flat[wrong[0]])!r})"
+        )
+
+
+def default_inputs(signature: Signature) -> dict[str, Array]:
+    """Deterministic self-test inputs for ``signature``: dynamic axes 1, numbers drawn from a
+    fixed seed (floats in [0, 1), integers 0..9), BYTES b"edged"."""
+    rng = np.random.default_rng(0)
+    inputs: dict[str, Array] = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        dt = spec.datatype
+        if dt is DataType.BYTES:
+            a = np.full(shape, b"edged", dtype=object)
+        elif dt is DataType.BOOL:
+            a = rng.random(shape) < 0.5
+        elif dt.numpy_dtype.kind == "f":
+            a = rng.random(shape).astype(dt.numpy_dtype)
+        else:
+            a = rng.integers(0, 10, shape).astype(dt.numpy_dtype)
+        inputs[spec.name] = a
+    return inputs
+
+
+def _declared(spec: ModelSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None:
+    """The signature model.toml declares in full (names, datatypes and dims), else None."""
+    batched = (spec.max_batch_size or 0) > 0
+    result = []
+    for decls in (spec.inputs, spec.outputs):
+        if not decls or any(d.datatype is None or d.dims is None for d in decls):
+            return None
+        result.append(
+            tuple(
+                TensorSpec(d.name, d.datatype, ((-1,) if batched else ()) + d.dims)  # type: ignore[arg-type, operator]
+                for d in decls
+            )
+        )
+    return result[0], result[1]
+
+
+def _from_tensors(
+    spec: ModelSpec, inputs: Mapping[str, Array], outputs: Mapping[str, Array]
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A signature read off the self-test tensors (axis 0 dynamic unless the model does not
+    batch): the last resort when neither the artifact nor model.toml says."""
+    batched = spec.max_batch_size != 0
+
+    def of(tensors: Mapping[str, Array]) -> tuple[TensorSpec, ...]:
+        specs = []
+        for name, value in tensors.items():
+            a = np.asarray(value)
+            shape = tuple(a.shape)
+            if batched and shape:
+                shape = (-1, *shape[1:])
+            specs.append(TensorSpec(name, DataType.from_numpy(a.dtype), shape))
+        return tuple(specs)
+
+    return of(inputs), of(outputs)
+
+
+# -- I/O -------------------------------------------------------------------------------------
+
+
+def _atomic_write(out_path: Path, write: Any) -> None:
+    """Write through ``write(file)`` into a temp file beside ``out_path``; fsync; rename."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, out_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fd = os.open(out_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tar(out: IO[bytes], files: Mapping[str, bytes | Path]) -> None:
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for name in sorted(files):
+            source = files[name]
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if isinstance(source, Path):
+                info.size = source.stat().st_size
+                with open(source, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                info.size = len(source)
+                tar.addfile(info, io.BytesIO(source))
+
+
+def _check_model_toml(text: str, manifest: Manifest, where: str) -> ModelSpec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _fail(where, f"model.toml is not valid TOML: {e}") from e
+    try:
+        spec = parse_model_toml(Path(manifest.name), data)
+    except EdgedError as e:
+        raise _fail(where, f"model.toml: {e}") from e
+    if spec.format != manifest.format:
+        raise _fail(
+            where, f"model.toml says format {spec.format!r}, bundle.toml {manifest.format!r}"
+        )
+    return spec
+
+
+def write_bundle(
+    out_path: Path,
+    *,
+    name: str,
+    version: int,
+    fmt: str,
+    artifacts: Mapping[str, bytes | Path],
+    model_toml: str,
+    inputs: Mapping[str, Array],
+    outputs: Mapping[str, Array],
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    signature: Signature | None = None,
+) -> Path:
+    """Write a bundle from its parts, running nothing: the expected ``outputs`` are taken as
+    given. ``signature`` (as served) is recorded in bundle.toml; without it, model.toml's full
+    declarations, else the self-test tensors. Returns ``out_path`` (written atomically).
+
+    Raises:
+        BundleError: a part is invalid (named).
+    """
+    out_path = Path(out_path)
+    provisional = parse_manifest(
+        {
+            "name": name,
+            "version": version,
+            "format": fmt,
+            "artifacts": sorted(artifacts),
+            "selftest": {"rtol": rtol, "atol": atol},
+        },
+        where=str(out_path),
+    )
+    spec = _check_model_toml(model_toml, provisional, str(out_path))
+    if signature is not None:
+        tensors = (signature.inputs, signature.outputs)
+    else:
+        tensors = _declared(spec) or _from_tensors(spec, inputs, outputs)
+    manifest = Manifest(
+        name=provisional.name,
+        version=provisional.version,
+        format=provisional.format,
+        artifacts=provisional.artifacts,
+        rtol=provisional.rtol,
+        atol=provisional.atol,
+        inputs=tensors[0],
+        outputs=tensors[1],
+    )
+    text = manifest_toml(manifest)
+    assert parse_manifest(tomllib.loads(text)) == manifest  # the writer and the reader agree
+    files: dict[str, bytes | Path] = {
+        BUNDLE_TOML: text.encode("utf-8"),
+        MODEL_TOML: model_toml.encode("utf-8"),
+        SELFTEST_FILE: selftest_npz(inputs, outputs),
+        **artifacts,
+    }
+    _atomic_write(out_path, lambda f: _write_tar(f, files))
+    return out_path
+
+
+def _version_files(source: Path, fmt: str) -> dict[str, Path]:
+    if not source.is_dir():
+        raise BundleError(f"{source} is not a folder (the version folder to bundle)")
+    files: dict[str, Path] = {}
+    for p in sorted(source.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            raise BundleError(f"{p}: a bundle holds regular files only (no folders or links)")
+        files[p.name] = p
+    needed = FORMATS[fmt][0]
+    if needed not in files:
+        raise BundleError(f"{source} holds no {needed}, the artifact of a {fmt} model")
+    return files
+
+
+def build_bundle(
+    model_dir: Path,
+    version: int,
+    out_path: Path,
+    selftest_inputs: Mapping[str, Array] | None = None,
+    *,
+    source: Path | None = None,
+    expected: Mapping[str, Array] | None = None,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> Path:
+    """Bundle ``model_dir`` (its model.toml, and every file of its version folder ``source``,
+    by default ``model_dir``/``version``) as ``version``.
+
+    For formats a CPU executor runs (onnx: cpu-onnx, tflite: cpu-litert) the artifact is
+    loaded in-process through the HAL: its signature, narrowed by model.toml as the daemon
+    does, is recorded, and the expected outputs are what it answers to ``selftest_inputs``
+    (default: ``default_inputs`` of its signature), unless ``expected`` gives them. For the
+    other formats ``selftest_inputs`` and ``expected`` must be given, and the signature is
+    model.toml's declarations (else the self-test tensors).
+
+    Raises:
+        BundleError: the folder, model.toml, the artifact or the self-test is unusable; a
+            model that fails to load or run is named with the cause.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BundleError(f"version must be an integer >= 1, not {version!r}")
+    toml_path = model_dir / MODEL_TOML
+    try:
+        model_toml = toml_path.read_text(encoding="utf-8")
+        spec = parse_model_toml(model_dir, tomllib.loads(model_toml))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, EdgedError) as e:
+        raise BundleError(f"{toml_path}: {e}") from e
+    folder = Path(source) if source is not None else model_dir / str(version)
+    if source is None and not folder.is_dir():
+        present = sorted(
+            p.name for p in model_dir.iterdir() if p.is_dir() and parse_version(p.name)
+        )
+        raise BundleError(
+            f"{folder} does not exist (version folders: {', '.join(present) or 'none'}); "
+            f"to bundle another folder's artifact as version {version}, give it as the source "
+            "(--source)"
+        )
+    files = _version_files(folder, spec.format)
+    signature: Signature | None = None
+    kind = REFERENCE_EXECUTORS.get(spec.format)
+    if kind is not None:
+        artifact = ModelArtifact(folder / spec.artifact_name, spec.format)
+        try:
+            loaded = get_executor(kind).load(artifact, ExecutorOptions())
+        except EdgedError as e:
+            raise BundleError(f"{artifact.path}: cannot load it with {kind}: {e}") from e
+        try:
+            try:
+                served = resolve_signature(loaded.signature, spec, default_max_batch_size=1)
+            except EdgedError as e:
+                raise BundleError(f"{toml_path} disagrees with the artifact: {e}") from e
+            signature = Signature(served.inputs, served.outputs, served.max_batch_size)
+            if selftest_inputs is None:
+                selftest_inputs = default_inputs(loaded.signature)
+            if expected is None:
+                try:
+                    expected = loaded.infer(dict(selftest_inputs))
+                except EdgedError as e:
+                    raise BundleError(
+                        f"{artifact.path}: running it on the self-test inputs failed: {e}"
+                    ) from e
+        finally:
+            loaded.close()
+    elif selftest_inputs is None or expected is None:
+        raise BundleError(
+            f"{spec.format} models do not run on this machine's CPU executors: give the "
+            "self-test inputs and their expected outputs (--selftest-input, --selftest-output)"
+        )
+    assert selftest_inputs is not None
+    assert expected is not None
+    return write_bundle(
+        out_path,
+        name=spec.name,
+        version=version,
+        fmt=spec.format,
+        artifacts=files,
+        model_toml=model_toml,
+        inputs=selftest_inputs,
+        outputs=expected,
+        rtol=rtol,
+        atol=atol,
+        signature=signature,
+    )
+
+
+def read_manifest(bundle: Path, limits: archive.Limits = archive.Limits()) -> Manifest:  # noqa: B008
+    """bundle.toml of an unpacked bundle folder, or of a bundle archive (read in memory).
+
+    Raises:
+        BundleError: bundle.toml is missing or invalid.
+        UnsafeArchiveError: the archive breaks a rule of ``archive.scan``.
+    """
+    bundle = Path(bundle)
+    where = f"{bundle}/{BUNDLE_TOML}"
+    if bundle.is_dir():
+        try:
+            raw = (bundle / BUNDLE_TOML).read_bytes()
+        except OSError as e:
+            raise _fail(where, f"cannot read it: {e}") from e
+    else:
+        found = archive.read_files(bundle, [BUNDLE_TOML], MAX_TOML_BYTES, limits)
+        if BUNDLE_TOML not in found:
+            raise _fail(where, "the archive has no bundle.toml")
+        raw = found[BUNDLE_TOML]
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise _fail(where, f"not valid TOML: {e}") from e
+    return parse_manifest(data, where)
+
+
+def _load_npz(
+    source: Path | IO[bytes], where: str, max_bytes: int
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    try:
+        with zipfile.ZipFile(source) as z:
+            entries = z.infolist()
+        total = sum(e.file_size for e in entries)
+        if total > max_bytes:
+            raise _fail(where, f"unpacks to {total} bytes, above the limit of {max_bytes}")
+        keys = []
+        for e in entries:
+            key = e.filename.removesuffix(".npy")
+            if e.filename == key or not key.startswith((_INPUT, _OUTPUT)):
+                raise _fail(
+                    where, f"member {e.filename!r} is not in:<tensor>.npy or out:<tensor>.npy"
+                )
+            keys.append(key)
+        if isinstance(source, io.IOBase):
+            source.seek(0)
+        inputs: dict[str, Array] = {}
+        outputs: dict[str, Array] = {}
+        with np.load(source, allow_pickle=False) as npz:
+            for key in keys:
+                array = _from_stored(npz[key])
+                if key.startswith(_INPUT):
+                    inputs[key.removeprefix(_INPUT)] = array
+                else:
+                    outputs[key.removeprefix(_OUTPUT)] = array
+    except BundleError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise _fail(where, f"not a readable self-test (.npz without pickles): {e}") from e
+    if not inputs or not outputs:
+        raise _fail(where, "needs at least one 'in:' input and one 'out:' expected output")
+    return inputs, outputs
+
+
+def load_selftest(
+    path: Path, max_bytes: int = MAX_SELFTEST_BYTES
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The self-test of an unpacked bundle: (inputs, expected outputs), BYTES as object arrays
+    of bytes. The tolerances are bundle.toml's (``read_manifest``).
+
+    Raises:
+        BundleError: the file is missing, not an .npz without pickles, too large, or holds a
+            member that is neither an input nor an expected output.
+    """
+    return _load_npz(Path(path), str(path), max_bytes)
+
+
+def inspect_bundle(
+    bundle: Path,
+    limits: archive.Limits = archive.Limits(),  # noqa: B008
+) -> BundleInfo:
+    """Check a bundle archive whole, in memory, as a device will: the archive rules, bundle.toml,
+    model.toml (valid, same name and format), exactly the files bundle.toml lists, and a
+    readable self-test whose inputs match the recorded signature.
+
+    Raises:
+        UnsafeArchiveError: the archive breaks a rule of ``archive.scan``.
+        BundleError: anything else, named.
+    """
+    bundle = Path(bundle)
+    listing = archive.scan(bundle, limits)
+    manifest = read_manifest(bundle, limits)
+    where = str(bundle)
+    present = sorted(m.name for m in listing)
+    if present != list(manifest.files):
+        raise _fail(
+            where,
+            f"holds {present}; bundle.toml and the bundle format say {list(manifest.files)}",
+        )
+    found = archive.read_files(bundle, [MODEL_TOML], MAX_TOML_BYTES, limits)
+    try:
+        model_toml = found[MODEL_TOML].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(where, f"model.toml is not UTF-8: {e}") from e
+    spec = _check_model_toml(model_toml, manifest, where)
+    npz = archive.read_files(bundle, [manifest.selftest_file], MAX_SELFTEST_BYTES, limits)
+    inputs, outputs = _load_npz(
+        io.BytesIO(npz[manifest.selftest_file]),
+        f"{where}/{manifest.selftest_file}",
+        MAX_SELFTEST_BYTES,
+    )
+    if manifest.inputs:
+        declared = sorted(s.name for s in manifest.inputs)
+        if sorted(inputs) != declared:
+            raise _fail(
+                where,
+                f"the self-test gives inputs {sorted(inputs)}; the model takes {declared}",
+            )
+    return BundleInfo(
+        manifest=manifest,
+        model=spec,
+        selftest_inputs=tuple(sorted(inputs)),
+        selftest_outputs=tuple(sorted(outputs)),
+        archive_bytes=listing.archive_bytes,
+    )

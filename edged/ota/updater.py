@@ -1,0 +1,978 @@
+"""The OTA updater: the I/O around the rules of ``edged.ota.state``.
+
+``UpdateManager`` runs one update at a time per model::
+
+    DOWNLOADING  refresh TUF metadata, check the signed target, free space, download (TUF
+                 checks length and hashes)                                        -> VERIFIED
+    VERIFIED     scan and unpack the bundle into <repo>/<model>/.ota-staging/, check
+                 bundle.toml against the request and model.toml, rename the artifacts into
+                 <repo>/<model>/<version>/ (temp name, fsync, rename)              -> STAGED
+    STAGED       persist WARMING, then ACTIVE := new version, ModelManager.load with a gate
+                 that runs the bundle's self-test on the warmed version            -> ACTIVE_TRIAL
+                 (refused: ACTIVE := committed version; the old version never stopped serving)
+    ACTIVE_TRIAL watch the new version's statistics for ota.health_window_s      -> COMMITTED
+                 or ROLLING_BACK: ACTIVE := committed version, ModelManager.load  -> ROLLED_BACK
+
+Every state is persisted (``edged.ota.store``, fsynced) before the next stage starts, and
+``recover`` — run at start-up before the repository loads — finishes or undoes whatever a crash
+interrupted, so the daemon always starts on a committed version. Stages that do file or network
+I/O run on worker threads; the event loop only sequences them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.updater import Updater
+from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
+
+from edged import __version__
+from edged.config import OtaConfig
+from edged.core.errors import (
+    AlreadyExistsError,
+    EdgedError,
+    InvalidInputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnavailableError,
+)
+from edged.core.types import Array, InferRequest
+from edged.ota import archive, bundle, publish
+from edged.ota.errors import OtaError
+from edged.ota.state import (
+    AT_REST,
+    Event,
+    HealthPolicy,
+    HealthSample,
+    Kind,
+    Recovery,
+    State,
+    Transition,
+    UpdateRecord,
+    Verdict,
+    advance,
+    check_requested_version,
+    committed_after,
+    judge_health,
+    recovery_for,
+    recovery_reason,
+    rollback_target,
+    rollback_version,
+)
+from edged.ota.store import UpdateStore
+from edged.serving.manager import ModelManager
+from edged.serving.model import ModelVersion
+from edged.serving.repository import (
+    ACTIVE_FILE,
+    available_versions,
+    parse_version,
+    read_active,
+    read_model_spec,
+)
+from edged.serving.stats import ModelStats
+
+log = structlog.get_logger("edged.ota")
+
+#: the folder, inside each model's folder, where bundles are unpacked (same filesystem as the
+#: version folders, so the final rename is atomic); removed whole at start-up
+STAGING_DIR = ".ota-staging"
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as recorded in an update's status: its class name, then its message."""
+    return f"{type(error).__name__}: {error}"
+
+
+# -- files that must survive a crash ---------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_active(model_dir: Path, versions: list[int]) -> None:
+    """Replace ``model_dir``/ACTIVE atomically: temp file in the same folder, fsync, rename,
+    fsync the folder."""
+    temp = model_dir / f".{ACTIVE_FILE}.tmp"
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write("".join(f"{v}\n" for v in versions))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, model_dir / ACTIVE_FILE)
+    _fsync_dir(model_dir)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_files(folder: Path, files: Mapping[str, Path]) -> bool:
+    """``folder`` holds exactly ``files`` (name -> source), byte for byte."""
+    present = sorted(p.name for p in folder.iterdir())
+    if present != sorted(files):
+        return False
+    return all(_file_digest(folder / name) == _file_digest(src) for name, src in files.items())
+
+
+def install_version(model_dir: Path, version: int, files: Mapping[str, Path]) -> bool:
+    """Make ``model_dir``/``version``/ hold ``files`` (name -> unpacked file on the same
+    filesystem): move them into a temporary folder, fsync, rename it into place. An existing
+    identical folder is kept. Returns whether a folder was created.
+
+    Raises:
+        OtaError: the version folder exists with other contents (a version folder is never
+            overwritten).
+    """
+    final = model_dir / str(version)
+    if final.exists():
+        if final.is_dir() and _same_files(final, files):
+            return False
+        raise OtaError(f"{final} exists with other contents; a version folder is never overwritten")
+    temp = model_dir / STAGING_DIR / f"version-{version}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir(parents=True)
+    for name, src in files.items():
+        os.replace(src, temp / name)
+        with open(temp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(temp)
+    os.rename(temp, final)  # fails rather than replace a folder that appeared meanwhile
+    _fsync_dir(model_dir)
+    return True
+
+
+def remove_version(model_dir: Path, version: int) -> None:
+    """Remove a version folder: renamed out of the repository first, so a crash never leaves
+    half a version under a version name."""
+    folder = model_dir / str(version)
+    if not folder.is_dir():
+        return
+    trash = model_dir / STAGING_DIR / f"removed-{version}-{time.time_ns()}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(folder, trash)
+    _fsync_dir(model_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clear_staging(model_dir: Path) -> None:
+    """Remove whatever unpacking left in ``model_dir``."""
+    shutil.rmtree(model_dir / STAGING_DIR, ignore_errors=True)
+
+
+# -- the TUF client --------------------------------------------------------------------------
+
+
+class TufClient:
+    """python-tuf's ngclient over the configured repository: metadata and the targets cache in
+    ``<state_dir>/tuf/``, trust bootstrapped from the configured root.json. A fresh ngclient
+    Updater per operation (an Updater refreshes once in its life). Blocking."""
+
+    def __init__(self, config: OtaConfig) -> None:
+        self.config = config
+        base = config.repository_url.rstrip("/")
+        self.metadata_url = f"{base}/metadata/"
+        self.targets_url = f"{base}/targets/"
+        self.metadata_dir = Path(config.state_dir) / "tuf" / "metadata"
+        self.targets_dir = Path(config.state_dir) / "tuf" / "targets"
+
+    def _updater(self) -> Updater:
+        try:
+            root = self.config.root_path.read_bytes()
+        except OSError as e:
+            raise OtaError(
+                f"no trusted TUF root: cannot read {self.config.root_path} (ota.root): {e}"
+            ) from e
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        return Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=self.metadata_url,
+            target_dir=str(self.targets_dir),
+            target_base_url=self.targets_url,
+            fetcher=Urllib3Fetcher(
+                socket_timeout=max(1, round(self.config.fetch_timeout_s)),
+                app_user_agent=f"edged/{__version__}",
+            ),
+            config=UpdaterConfig(app_user_agent=f"edged/{__version__}"),
+            bootstrap=root,
+        )
+
+    def versions(self) -> dict[str, dict[int, Mapping[str, Any]]]:
+        """Refresh, then {model: {version: custom edged metadata}} of every bundle target.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError, DownloadError: refresh failed.
+            OtaError: no trusted root.
+        """
+        updater = self._updater()
+        updater.refresh()
+        # ngclient has no public listing; the trusted set holds the verified top-level targets
+        targets = updater._trusted_set.targets.targets
+        found: dict[str, dict[int, Mapping[str, Any]]] = {}
+        for path, info in targets.items():
+            parsed = publish.parse_target_path(path)
+            if parsed is None:
+                continue
+            custom = info.custom.get("edged", {}) if isinstance(info.custom, dict) else {}
+            found.setdefault(parsed[0], {})[parsed[1]] = custom
+        return found
+
+    def fetch(self, model: str, version: int, fmt: str, free_space_floor: int) -> Path:
+        """Refresh, check the signed target, download it (or take it from the cache); TUF
+        verifies its length and hashes. Returns the local file.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError: metadata or the target failed to verify.
+            tuf.api.exceptions.DownloadError: a download failed.
+            OtaError: no such target, or it is not the bundle asked for, too big, or would
+                leave too little disk space.
+        """
+        updater = self._updater()
+        path = publish.target_path(model, version)
+        info = updater.get_targetinfo(path)
+        if info is None:
+            raise OtaError(f"target {path} is not in the repository")
+        custom = info.custom.get("edged", {}) if isinstance(info.custom, dict) else {}
+        if not isinstance(custom, dict):
+            raise OtaError(f"target {path}: custom metadata 'edged' is not a table")
+        if custom.get("model", model) != model or str(custom.get("version", version)) != str(
+            version
+        ):
+            raise OtaError(
+                f"target {path} is signed as model {custom.get('model')!r} version "
+                f"{custom.get('version')!r}"
+            )
+        if custom.get("format", fmt) != fmt:
+            raise OtaError(
+                f"target {path} is a {custom.get('format')!r} bundle; model.toml says {fmt!r}"
+            )
+        if info.length > self.config.max_bundle_bytes:
+            raise OtaError(
+                f"target {path} is {info.length} bytes, above ota.max_bundle_bytes "
+                f"({self.config.max_bundle_bytes})"
+            )
+        cached = updater.find_cached_target(info)
+        if cached is not None:
+            return Path(cached)
+        if not archive.free_space_ok(self.targets_dir, info.length, free_space_floor):
+            raise OtaError(
+                f"downloading {info.length} bytes would leave less than ota.min_free_bytes "
+                f"({free_space_floor}) free in {self.targets_dir}"
+            )
+        return Path(updater.download_target(info))
+
+
+# -- the statistics the health window reads --------------------------------------------------
+
+
+def health_sample(stats: ModelStats) -> HealthSample:
+    """A consistent copy of what ``stats`` counted so far."""
+    with stats._lock:
+        return HealthSample(
+            successes=stats.success.count,
+            failures_by_code=dict(stats.failures_by_code),
+            latency_bounds=stats.request_seconds.bounds,
+            latency_counts=tuple(stats.request_seconds.counts),
+        )
+
+
+# -- the manager -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model's OTA status: its latest update (None: never had one) and committed
+    version."""
+
+    model: str
+    state: State
+    committed: int | None
+    record: UpdateRecord | None = None
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What StartUpdate did."""
+
+    status: ModelStatus
+    started: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """An unpacked bundle's self-test."""
+
+    inputs: dict[str, Array]
+    expected: dict[str, Array]
+    rtol: float
+    atol: float
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[UpdateRecord]
+    record: UpdateRecord
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    abort_reason: str = ""
+
+
+class _Aborted(Exception):
+    """A Rollback asked a running update to stop."""
+
+
+class UpdateManager:
+    """Over-the-air updates of the models one ModelManager serves."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        config: OtaConfig,
+        store: UpdateStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.manager = manager
+        self.config = config
+        self.store = store
+        self.repository = manager.repository
+        self.tuf = TufClient(config) if config.enabled else None
+        self.policy = HealthPolicy(
+            window_s=config.health_window_s,
+            min_requests=config.health_min_requests,
+            max_error_rate=config.max_error_rate,
+            max_p99_s=config.max_p99_ms / 1000.0,
+        )
+        self._clock = clock
+        self._running: dict[str, _Running] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._ready = False
+        self._stopping = False
+        # read by the metrics collector from its own thread: replaced, never mutated in place
+        self.latest: dict[str, UpdateRecord] = {}
+        self.committed: dict[str, int | None] = {}
+        self.transitions_total: dict[tuple[str, str], int] = {}
+        self.last_swap_seconds: dict[str, float] = {}
+        self.poll_failures = 0
+        self.last_poll_success = 0.0
+
+    # -- start-up and shutdown -----------------------------------------------------------
+
+    def recover(self) -> list[tuple[UpdateRecord, Recovery]]:
+        """Finish or undo what a crash interrupted, before the repository is loaded: remove
+        staging leftovers; an update that never served is discarded (ACTIVE back to the
+        committed version, FAILED); one on trial, or a rollback under way, ends ROLLED_BACK on
+        the version it goes back to. Blocking: call from a worker thread."""
+        done = []
+        for latest in self.store.latest_all():
+            record = latest
+            model_dir = self.repository / record.model
+            if model_dir.is_dir():
+                clear_staging(model_dir)
+            action = recovery_for(record)
+            if action is not Recovery.NOTHING:
+                log.warning(
+                    "ota_recovery",
+                    model=record.model,
+                    state=str(record.state),
+                    action=str(action),
+                    from_version=record.from_version,
+                    to_version=record.to_version,
+                )
+                record = self._recover_one(record, action, model_dir)
+            done.append((record, action))
+        for name in self.manager.models_on_disk():
+            clear_staging(self.repository / name)
+        self.latest = {r.model: r for r in self.store.latest_all()}
+        self.committed = self.store.committed_all()
+        return done
+
+    def _recover_one(self, record: UpdateRecord, action: Recovery, model_dir: Path) -> UpdateRecord:
+        reason = recovery_reason(record)
+        if action is Recovery.DISCARD:
+            if record.state in (State.STAGED, State.WARMING):
+                self._restore_active(model_dir, record.from_version)
+            if record.installed and record.to_version is not None:
+                remove_version(model_dir, record.to_version)
+            return self._save_sync(record, Event.FAIL, reason)
+        if action is Recovery.ROLL_BACK:
+            record = self._save_sync(record, Event.ROLLBACK, reason)
+        # ROLL_BACK and FINISH_ROLLBACK: ACTIVE to the target; load_all serves it next
+        self._restore_active(model_dir, rollback_target(record))
+        if record.kind is Kind.UPDATE and record.installed and record.to_version is not None:
+            remove_version(model_dir, record.to_version)
+        return self._save_sync(record, Event.ROLLED_BACK)
+
+    def _save_sync(self, record: UpdateRecord, event: Event, reason: str = "") -> UpdateRecord:
+        after = advance(record, event, self._clock(), reason=reason)
+        self.store.save(record, after, reason)
+        self._published(record, after, reason)
+        return after
+
+    async def start(self) -> None:
+        """Take requests (after ``recover`` and the repository load); start polling when
+        ota.poll_interval_s is set."""
+        self._ready = True
+        if self.tuf is not None and self.config.poll_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        """Stop polling and cancel running updates; each stays in its persisted state, which
+        the next start-up recovers from."""
+        self._stopping = True
+        self._ready = False
+        tasks: list[asyncio.Task[Any]] = [r.task for r in self._running.values()]
+        if self._poller is not None:
+            tasks.append(self._poller)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _check_ready(self) -> None:
+        if self._stopping:
+            raise UnavailableError("edged is shutting down")
+        if not self._ready:
+            raise UnavailableError("edged is starting: the model repository is still loading")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def status(self, model: str = "") -> list[ModelStatus]:
+        """Each model's latest update and committed version (``model``: just that one).
+
+        Raises:
+            ModelNotFoundError: ``model`` is neither in the repository nor known to OTA.
+        """
+        records = await asyncio.to_thread(self.store.latest_all)
+        committed = await asyncio.to_thread(self.store.committed_all)
+        names = set(await asyncio.to_thread(self.manager.models_on_disk))
+        by_model = {r.model: r for r in records}
+        names |= set(by_model)
+        if model:
+            if model not in names:
+                raise ModelNotFoundError(f"unknown model '{model}'")
+            names = {model}
+        result = []
+        for name in sorted(names):
+            record = by_model.get(name)
+            served = self._served_version(name)
+            result.append(
+                ModelStatus(
+                    name,
+                    record.state if record else State.IDLE,
+                    committed.get(name, served),
+                    record,
+                )
+            )
+        return result
+
+    async def history(
+        self, model: str = "", limit: int = 100
+    ) -> list[tuple[ModelStatus, list[Transition]]]:
+        """Past updates newest first, each with the states it passed."""
+
+        def read() -> list[tuple[ModelStatus, list[Transition]]]:
+            return [
+                (
+                    ModelStatus(r.model, r.state, committed_after(r), r),
+                    self.store.transitions(r.id),
+                )
+                for r in self.store.history(model, limit)
+            ]
+
+        return await asyncio.to_thread(read)
+
+    def _served_version(self, model: str) -> int | None:
+        try:
+            return self.manager.get(model).version
+        except EdgedError:  # unknown, or not serving (loading, failed)
+            return None
+
+    async def _committed_version(self, model: str) -> int | None:
+        committed = await asyncio.to_thread(self.store.committed, model)
+        return committed if committed is not None else self._served_version(model)
+
+    # -- StartUpdate -----------------------------------------------------------------------
+
+    async def start_update(
+        self, model: str, version: str = "latest", *, wait: bool = False
+    ) -> StartResult:
+        """Update ``model`` to ``version`` (a number, or "latest") from the TUF repository.
+
+        Raises:
+            UnavailableError: OTA is off, or the repository cannot be reached or verified
+                while resolving "latest".
+            ModelNotFoundError: no such model folder, or no such version in the repository.
+            InvalidInputError: ``version`` is not a version number, or is below the
+                committed version.
+            AlreadyExistsError: an update of ``model`` is in progress.
+        """
+        self._check_ready()
+        if self.tuf is None:
+            raise UnavailableError("over-the-air updates are off: ota.repository_url is empty")
+        await self._check_model(model)
+        self._check_idle(model)
+        committed = await self._committed_version(model)
+        requested = version.strip().lower() or "latest"
+        if requested == "latest":
+            try:
+                available = await asyncio.to_thread(self.tuf.versions)
+            except Exception as e:
+                raise UnavailableError(
+                    f"cannot resolve 'latest' from the TUF repository: {describe_error(e)}"
+                ) from e
+            versions = available.get(model, {})
+            if not versions:
+                raise ModelNotFoundError(f"the TUF repository has no bundle of model '{model}'")
+            number = max(versions)
+            if committed is not None and number <= committed:
+                return StartResult(
+                    await self._one_status(model),
+                    False,
+                    f"version {committed} is committed; the repository's latest is {number}",
+                )
+        else:
+            parsed = parse_version(requested)
+            if parsed is None:
+                raise InvalidInputError(
+                    f"version '{version}' is neither a version number nor 'latest'"
+                )
+            number = parsed
+            why = check_requested_version(number, committed, rollback=False)
+            if why and number == committed:
+                return StartResult(await self._one_status(model), False, why)
+            if why:
+                raise InvalidInputError(why)
+        self._check_idle(model)
+        try:
+            record = await asyncio.to_thread(
+                self.store.begin,
+                model,
+                Kind.UPDATE,
+                requested=requested,
+                from_version=committed,
+                to_version=number,
+                at=self._clock(),
+            )
+        except Exception as e:
+            raise AlreadyExistsError(f"cannot start an update of '{model}': {e}") from e
+        self._published(None, record)
+        await self._launch(record, self._update(record), wait)
+        return StartResult(await self._one_status(model), True)
+
+    async def _check_model(self, model: str) -> None:
+        names = await asyncio.to_thread(self.manager.models_on_disk)
+        if model not in names:
+            raise ModelNotFoundError(f"model '{model}' is not in the model repository")
+
+    def _check_idle(self, model: str) -> None:
+        running = self._running.get(model)
+        if running is not None:
+            raise AlreadyExistsError(
+                f"an update of '{model}' is in progress ({running.record.state}, to version "
+                f"{running.record.to_version})"
+            )
+
+    async def _one_status(self, model: str) -> ModelStatus:
+        return (await self.status(model))[0]
+
+    async def _launch(
+        self, record: UpdateRecord, work: Awaitable[UpdateRecord], wait: bool
+    ) -> None:
+        task = asyncio.ensure_future(work)
+        running = _Running(task, record)
+        self._running[record.model] = running
+
+        def finished(_: asyncio.Future[UpdateRecord]) -> None:
+            if self._running.get(record.model) is running:
+                del self._running[record.model]
+
+        task.add_done_callback(finished)
+        if wait:
+            await asyncio.shield(task)
+
+    # -- Rollback --------------------------------------------------------------------------
+
+    async def rollback(self, model: str, version: str = "", *, wait: bool = False) -> ModelStatus:
+        """Go back to an earlier version: abort a running update (a trial rolls back, an
+        update not yet serving fails), or return from the committed version to ``version``
+        (default: the highest version folder below it).
+
+        Raises:
+            ModelNotFoundError: no such model, or no such (earlier) version folder.
+            InvalidInputError: ``version`` is not a number or not below the committed one.
+            AlreadyExistsError: a rollback is already under way.
+        """
+        self._check_ready()
+        await self._check_model(model)
+        running = self._running.get(model)
+        if running is not None:
+            if running.record.kind is Kind.ROLLBACK or running.abort.is_set():
+                raise AlreadyExistsError(f"a rollback of '{model}' is under way")
+            if version and parse_version(version) != running.record.from_version:
+                raise InvalidInputError(
+                    f"an update of '{model}' is in progress; it can only go back to "
+                    f"version {running.record.from_version}"
+                )
+            running.abort_reason = "rollback requested"
+            running.abort.set()
+            if wait:
+                await asyncio.shield(running.task)
+            return await self._one_status(model)
+        committed = await self._committed_version(model)
+        model_dir = self.repository / model
+        available = await asyncio.to_thread(available_versions, model_dir)
+        if version:
+            target = parse_version(version)
+            if target is None:
+                raise InvalidInputError(f"version '{version}' is not a version number")
+            if target not in available:
+                raise ModelNotFoundError(f"model '{model}' has no version {target} folder")
+        else:
+            target = rollback_version(available, committed)
+            if target is None:
+                raise ModelNotFoundError(
+                    f"model '{model}' has no version folder below the committed version "
+                    f"{committed} to roll back to"
+                )
+        why = check_requested_version(target, committed, rollback=True)
+        if why:
+            raise InvalidInputError(why)
+        self._check_idle(model)
+        record = await asyncio.to_thread(
+            self.store.begin,
+            model,
+            Kind.ROLLBACK,
+            requested=str(target),
+            from_version=committed,
+            to_version=target,
+            at=self._clock(),
+            reason="rollback requested",
+        )
+        self._published(None, record, "rollback requested")
+        await self._launch(record, self._roll_back(record), wait)
+        return await self._one_status(model)
+
+    # -- the stages ------------------------------------------------------------------------
+
+    async def _advance(
+        self, record: UpdateRecord, event: Event, reason: str = "", **changes: object
+    ) -> UpdateRecord:
+        """Persist the transition (fsynced), then tell logs and metrics; only then may the
+        next stage start."""
+        after = advance(record, event, self._clock(), reason=reason, **changes)
+        await asyncio.to_thread(self.store.save, record, after, reason)
+        self._published(record, after, reason)
+        running = self._running.get(after.model)
+        if running is not None:
+            running.record = after
+        await self._pause(after)
+        return after
+
+    async def _pause(self, record: UpdateRecord) -> None:
+        """The fault-injection aid (ota.pause_after_state): sleep once ``record.state`` is
+        persisted, so a test can kill the daemon there."""
+        if self.config.pause_after_state == record.state and self.config.pause_s > 0:
+            log.warning(
+                "ota_paused",
+                model=record.model,
+                state=str(record.state),
+                seconds=self.config.pause_s,
+            )
+            await asyncio.sleep(self.config.pause_s)
+
+    def _published(
+        self, before: UpdateRecord | None, after: UpdateRecord, reason: str = ""
+    ) -> None:
+        self.latest = {**self.latest, after.model: after}
+        self.committed = {**self.committed, after.model: committed_after(after)}
+        key = (after.model, str(after.state))
+        self.transitions_total = {
+            **self.transitions_total,
+            key: self.transitions_total.get(key, 0) + 1,
+        }
+        level = log.warning if after.state in (State.FAILED, State.ROLLING_BACK) else log.info
+        level(
+            "ota_state",
+            model=after.model,
+            update_id=after.id,
+            kind=str(after.kind),
+            state=str(after.state),
+            previous=str(before.state) if before else None,
+            from_version=after.from_version,
+            to_version=after.to_version,
+            committed_version=committed_after(after),
+            **({"reason": reason} if reason else {}),
+        )
+
+    def _check_abort(self, model: str) -> None:
+        running = self._running.get(model)
+        if running is not None and running.abort.is_set():
+            raise _Aborted(running.abort_reason)
+
+    async def _update(self, record: UpdateRecord) -> UpdateRecord:
+        """DOWNLOADING -> ... -> COMMITTED, ROLLED_BACK or FAILED."""
+        model_dir = self.repository / record.model
+        try:
+            await self._pause(record)  # DOWNLOADING was persisted by store.begin
+            record = await self._download(record)
+            self._check_abort(record.model)
+            record, test = await self._stage(record)
+            self._check_abort(record.model)
+            record = await self._activate(record, test)
+            if record.state is State.ACTIVE_TRIAL:
+                record = await self._trial(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, _Aborted):
+                reason = str(e)
+            else:
+                reason = describe_error(e)
+                log.warning(
+                    "ota_stage_failed", model=record.model, state=str(record.state), error=reason
+                )
+            record = await self._fail(record, reason)
+        finally:
+            await asyncio.to_thread(clear_staging, model_dir)
+        return record
+
+    async def _fail(self, record: UpdateRecord, reason: str) -> UpdateRecord:
+        """Undo an update that went wrong in ``record.state``."""
+        if record.state is State.ACTIVE_TRIAL:
+            return await self._roll_back(await self._advance(record, Event.ROLLBACK, reason))
+        if record.state is State.ROLLING_BACK:
+            return await self._advance(record, Event.FAIL, f"rollback failed: {reason}")
+        if record.state in AT_REST:
+            return record
+        model_dir = self.repository / record.model
+
+        def undo() -> None:
+            if record.state in (State.STAGED, State.WARMING):
+                self._restore_active(model_dir, record.from_version)
+            if record.installed and record.to_version is not None:
+                remove_version(model_dir, record.to_version)
+
+        await asyncio.to_thread(undo)
+        return await self._advance(record, Event.FAIL, reason)
+
+    @staticmethod
+    def _restore_active(model_dir: Path, version: int | None) -> None:
+        if version is not None:
+            write_active(model_dir, [version])
+        else:
+            (model_dir / ACTIVE_FILE).unlink(missing_ok=True)
+
+    async def _download(self, record: UpdateRecord) -> UpdateRecord:
+        assert self.tuf is not None
+        assert record.to_version is not None
+        spec = await asyncio.to_thread(read_model_spec, self.repository / record.model)
+        local = await asyncio.to_thread(
+            self.tuf.fetch, record.model, record.to_version, spec.format, self.config.min_free_bytes
+        )
+        return await self._advance(record, Event.FETCHED, target_path=str(local))
+
+    async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, _Bundle]:
+        assert record.to_version is not None
+        model_dir = self.repository / record.model
+        version = record.to_version
+
+        def unpack() -> tuple[bool, _Bundle]:
+            spec = read_model_spec(model_dir)
+            clear_staging(model_dir)
+            staging_parent = model_dir / STAGING_DIR
+            staging_parent.mkdir()
+            limits = archive.Limits(
+                max_bytes=self.config.max_unpacked_bytes,
+                max_files=self.config.max_bundle_files,
+            )
+            listing = archive.scan(Path(record.target_path), limits)
+            if not archive.free_space_ok(
+                model_dir, listing.total_bytes, self.config.min_free_bytes
+            ):
+                raise OtaError(
+                    f"unpacking {listing.total_bytes} bytes would leave less than "
+                    f"ota.min_free_bytes ({self.config.min_free_bytes}) free in {model_dir}"
+                )
+            folder = archive.extract(Path(record.target_path), staging_parent, limits)
+            manifest = bundle.read_manifest(folder)
+            if manifest.name != record.model:
+                raise OtaError(f"bundle.toml names model {manifest.name!r}, not {record.model!r}")
+            if manifest.version != version:
+                raise OtaError(f"bundle.toml says version {manifest.version}, not {version}")
+            if manifest.format != spec.format:
+                raise OtaError(
+                    f"bundle.toml says format {manifest.format!r}; model.toml says {spec.format!r}"
+                )
+            if spec.artifact_name not in manifest.artifacts:
+                raise OtaError(
+                    f"the bundle lacks {spec.artifact_name}, the artifact of a {spec.format} model"
+                )
+            inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
+            test = _Bundle(inputs, expected, manifest.rtol, manifest.atol)
+            if read_active(model_dir) is None:
+                # pin what serves now, so the new folder serves nothing until activated
+                self._restore_active(model_dir, record.from_version)
+            files = {name: folder / name for name in manifest.artifacts}
+            installed = install_version(model_dir, version, files)
+            return installed, test
+
+        installed, test = await asyncio.to_thread(unpack)
+        # the archive is no longer needed; staging leftovers go when the update ends
+        await asyncio.to_thread(Path(record.target_path).unlink, missing_ok=True)
+        return await self._advance(record, Event.UNPACKED, installed=installed), test
+
+    async def _activate(self, record: UpdateRecord, test: _Bundle) -> UpdateRecord:
+        assert record.to_version is not None
+        version = record.to_version
+        model_dir = self.repository / record.model
+        record = await self._advance(record, Event.ACTIVATE)
+        await asyncio.to_thread(write_active, model_dir, [version])
+        refusal: list[BaseException] = []
+
+        async def selftest(mv: ModelVersion) -> None:
+            try:
+                response = await mv.infer(
+                    InferRequest(
+                        model_name=record.model,
+                        inputs=dict(test.inputs),
+                        model_version=str(version),
+                        id=f"ota-selftest-{record.id}",
+                    )
+                )
+                bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
+            except Exception as e:
+                refusal.append(e)
+                raise ModelLoadError(f"self-test failed: {describe_error(e)}") from e
+
+        started = time.monotonic()
+        try:
+            await self.manager.load(record.model, gate=selftest)
+        except (ModelLoadError, ModelNotFoundError) as e:
+            reason = (
+                f"self-test failed: {describe_error(refusal[0])}" if refusal else describe_error(e)
+            )
+            return await self._fail(record, reason)
+        seconds = time.monotonic() - started
+        self.last_swap_seconds = {**self.last_swap_seconds, record.model: seconds}
+        log.info(
+            "ota_switched", model=record.model, version=version, swap_seconds=round(seconds, 4)
+        )
+        return await self._advance(record, Event.SWITCHED)
+
+    async def _trial(self, record: UpdateRecord) -> UpdateRecord:
+        assert record.to_version is not None
+        version = str(record.to_version)
+        running = self._running.get(record.model)
+        mv = self.manager.get(record.model, version)
+        baseline = health_sample(mv.stats)
+        started = time.monotonic()
+        step = max(0.05, min(0.5, self.policy.window_s / 20))
+        while True:
+            if running is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(running.abort.wait(), step)
+                if running.abort.is_set():
+                    reason = running.abort_reason
+                    break
+            else:
+                await asyncio.sleep(step)
+            try:
+                mv = self.manager.get(record.model, version)
+            except Exception as e:
+                reason = f"version {version} stopped serving during its health window: {e}"
+                break
+            judgement = judge_health(
+                self.policy, health_sample(mv.stats).minus(baseline), time.monotonic() - started
+            )
+            if judgement.verdict is Verdict.WAIT:
+                continue
+            log.info(
+                "ota_health",
+                model=record.model,
+                version=version,
+                verdict=str(judgement.verdict),
+                reason=judgement.reason,
+                requests=judgement.requests,
+                error_rate=round(judgement.error_rate, 4),
+                p99_ms=round(judgement.p99_s * 1000, 2)
+                if judgement.p99_s != float("inf")
+                else None,
+            )
+            if judgement.verdict is Verdict.HEALTHY:
+                return await self._advance(record, Event.HEALTHY)
+            reason = f"health window: {judgement.reason}"
+            break
+        return await self._roll_back(await self._advance(record, Event.ROLLBACK, reason))
+
+    async def _roll_back(self, record: UpdateRecord) -> UpdateRecord:
+        """ROLLING_BACK -> ROLLED_BACK: ACTIVE to the target, then the one swap path (requests
+        in flight on the version left finish there)."""
+        target = rollback_target(record)
+        model_dir = self.repository / record.model
+        try:
+            await asyncio.to_thread(self._restore_active, model_dir, target)
+            await self.manager.load(record.model)
+            if record.kind is Kind.UPDATE and record.installed and record.to_version is not None:
+                await asyncio.to_thread(remove_version, model_dir, record.to_version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return await self._advance(record, Event.FAIL, f"rollback failed: {describe_error(e)}")
+        return await self._advance(record, Event.ROLLED_BACK)
+
+    # -- polling ---------------------------------------------------------------------------
+
+    async def poll_once(self) -> list[str]:
+        """Start an update of every served model with a newer version in the repository;
+        returns the models started."""
+        assert self.tuf is not None
+        available = await asyncio.to_thread(self.tuf.versions)
+        started = []
+        for model in self.manager.wanted():
+            versions = available.get(model)
+            if not versions or model in self._running:
+                continue
+            committed = await self._committed_version(model)
+            newest = max(versions)
+            if committed is not None and newest <= committed:
+                continue
+            try:
+                await self.start_update(model, str(newest))
+                started.append(model)
+            except (AlreadyExistsError, InvalidInputError, ModelNotFoundError) as e:
+                log.info("ota_poll_skipped", model=model, reason=str(e))
+        return started
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                started = await self.poll_once()
+                self.last_poll_success = self._clock()
+                if started:
+                    log.info("ota_poll_started", models=started)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.poll_failures += 1
+                log.warning("ota_poll_failed", error=describe_error(e))
+            await asyncio.sleep(self.config.poll_interval_s)
