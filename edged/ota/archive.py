@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from edged.ota.errors import UnsafeArchiveError
+from edged.ota.files import fsync_dir
 
 MiB = 1024 * 1024
 
@@ -364,14 +365,6 @@ def scan(archive_path: Path, limits: Limits = Limits()) -> Listing:
     return Listing(tuple(members), size)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(source: IO[bytes], target: Path, size: int, path: Path, name: str) -> None:
     """Copy exactly ``size`` bytes (the size already judged) into a new file; fsync it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -434,8 +427,8 @@ def extract(archive_path: Path, dest_parent: Path, limits: Limits = Limits()) ->
         if next(expected, None) is not None:
             raise UnsafeArchiveError(f"{path.name}: changed between scan and unpacking")
         for each in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(each)
-        _fsync_dir(Path(dest_parent))
+            fsync_dir(each)
+        fsync_dir(Path(dest_parent))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

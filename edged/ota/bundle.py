@@ -25,7 +25,6 @@ import gzip
 import io
 import json
 import math
-import os
 import re
 import tarfile
 import tomllib
@@ -41,6 +40,7 @@ from edged.core.errors import EdgedError
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from edged.ota import archive
 from edged.ota.errors import BundleError, SelfTestError
+from edged.ota.files import write_atomic
 from edged.serving.repository import (
     FORMATS,
     MODEL_TOML,
@@ -434,23 +434,9 @@ def _from_tensors(
 
 
 def _atomic_write(out_path: Path, write: Any) -> None:
-    """Write through ``write(file)`` into a temp file beside ``out_path``; fsync; rename."""
+    """Write through ``write(file)`` into ``out_path`` atomically and durably."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, out_path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fd = os.open(out_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(out_path, write)
 
 
 def _write_tar(out: IO[bytes], files: Mapping[str, bytes | Path]) -> None:

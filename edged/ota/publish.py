@@ -58,6 +58,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edged.ota import bundle
 from edged.ota.errors import PublishError
+from edged.ota.files import fsync_dir, write_atomic
 from edged.serving.repository import parse_version
 
 METADATA_DIR = "metadata"
@@ -203,43 +204,13 @@ def check_new_version(model: str, version: int, published: Sequence[int], force:
 # -- files -----------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, lambda f: f.write(data), mode)
 
 
 def _copy_atomic(source: Path, path: Path) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(source, "rb") as src, open(temp, "wb") as out:
-            shutil.copyfileobj(src, out, _CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with open(source, "rb") as src:
+        write_atomic(path, lambda out: shutil.copyfileobj(src, out, _CHUNK))
 
 
 def _digest(path: Path) -> tuple[int, str]:
@@ -320,7 +291,7 @@ def _write_key(path: Path, signer: CryptoSigner) -> None:
         f.write(signer.private_bytes)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_signer(keys_dir: Path, role: str, root: Root) -> Signer:

@@ -50,6 +50,7 @@ from edged.core.errors import (
 from edged.core.types import Array, InferRequest
 from edged.ota import archive, bundle, publish
 from edged.ota.errors import OtaError
+from edged.ota.files import fsync_dir, write_atomic
 from edged.ota.state import (
     AT_REST,
     Event,
@@ -97,24 +98,11 @@ def describe_error(error: BaseException) -> str:
 # -- files that must survive a crash ---------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_active(model_dir: Path, versions: list[int]) -> None:
     """Replace ``model_dir``/ACTIVE atomically: temp file in the same folder, fsync, rename,
     fsync the folder."""
-    temp = model_dir / f".{ACTIVE_FILE}.tmp"
-    with open(temp, "w", encoding="utf-8") as f:
-        f.write("".join(f"{v}\n" for v in versions))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, model_dir / ACTIVE_FILE)
-    _fsync_dir(model_dir)
+    text = "".join(f"{v}\n" for v in versions).encode()
+    write_atomic(model_dir / ACTIVE_FILE, lambda f: f.write(text))
 
 
 def _file_digest(path: Path) -> str:
@@ -155,9 +143,9 @@ def install_version(model_dir: Path, version: int, files: Mapping[str, Path]) ->
         os.replace(src, temp / name)
         with open(temp / name, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(temp)
+    fsync_dir(temp)
     os.rename(temp, final)  # fails rather than replace a folder that appeared meanwhile
-    _fsync_dir(model_dir)
+    fsync_dir(model_dir)
     return True
 
 
@@ -170,7 +158,7 @@ def remove_version(model_dir: Path, version: int) -> None:
     trash = model_dir / STAGING_DIR / f"removed-{version}-{time.time_ns()}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     os.rename(folder, trash)
-    _fsync_dir(model_dir)
+    fsync_dir(model_dir)
     shutil.rmtree(trash, ignore_errors=True)
 
 
