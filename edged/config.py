@@ -229,6 +229,10 @@ def _rate(value: Any) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be from 0 to 1"
 
 
+def _share(value: Any) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
+
+
 def _url(value: Any) -> str | None:
     if value and not str(value).startswith(("http://", "https://")):
         return "must be empty (OTA off) or an http:// or https:// URL"
@@ -242,8 +246,9 @@ class OtaConfig:
     state_dir: str = field(
         default="/var/lib/edged/state",
         metadata=_key(
-            "Folder for state that survives restarts: the OTA database (ota.sqlite3) and TUF "
-            "metadata (tuf/)."
+            "Folder for state that survives restarts: the OTA database (ota.sqlite3), TUF "
+            "metadata (tuf/) and, with learn.enabled, the sample store and fine-tune jobs "
+            "(learn.sqlite3, learn/)."
         ),
     )
     repository_url: str = field(
@@ -357,6 +362,113 @@ class OtaConfig:
 
 
 @dataclass(frozen=True)
+class LearnConfig:
+    """[learn]: on-device fine-tuning of models that declare a trainable head
+    (docs/learning.md). Samples and jobs live under ``ota.state_dir`` (learn.sqlite3,
+    learn/)."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=_key(
+            "Take labelled samples (AddSamples) and fine-tune the models whose model.toml has "
+            "a [learn] table; off: those models just serve."
+        ),
+    )
+    max_samples: int = field(
+        default=20000,
+        metadata=_key(
+            "Most samples stored per model; past it the oldest samples already learned (or "
+            "rejected) are dropped, and AddSamples is refused with RESOURCE_EXHAUSTED when "
+            "none can be.",
+            _positive,
+        ),
+    )
+    max_store_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_key(
+            "Most bytes of stored features across all models (same rule as max_samples).",
+            _positive,
+        ),
+    )
+    max_request_samples: int = field(
+        default=1024,
+        metadata=_key("Most samples one AddSamples request may carry.", _positive),
+    )
+    holdout_share: float = field(
+        default=0.2,
+        metadata=_key(
+            "Share of new samples held out (never trained on) to judge a fine-tune on new "
+            "data; every round(1/share)-th sample of a model is held out.",
+            _share,
+        ),
+    )
+    trigger_samples: int = field(
+        default=0,
+        metadata=_key(
+            "Start a fine-tune once this many new samples of a model are waiting; 0: only "
+            "when StartFineTune asks.",
+            _non_negative,
+        ),
+    )
+    min_samples: int = field(
+        default=20,
+        metadata=_key(
+            "Fewest new samples a fine-tune needs (at least one of them held out).", _positive
+        ),
+    )
+    max_old_drop: float = field(
+        default=2.0,
+        metadata=_key(
+            "Gate: most accuracy points the candidate may lose on held-out old data.",
+            _non_negative,
+        ),
+    )
+    min_new_gain: float = field(
+        default=5.0,
+        metadata=_key(
+            "Gate: fewest accuracy points the candidate must gain on held-out new data.",
+        ),
+    )
+    epochs: int = field(
+        default=30,
+        metadata=_key("Passes over the new samples (and replay) in one fine-tune.", _positive),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_key(
+            "Seed of every random choice of a fine-tune (a job's seed is seed + its id).",
+            _non_negative,
+        ),
+    )
+    job_timeout_s: float = field(
+        default=600.0,
+        metadata=_key(
+            "Longest a fine-tune's worker process may run (wall and CPU time) before it is "
+            "killed and the job fails.",
+            _positive,
+        ),
+    )
+    job_memory_mb: int = field(
+        default=2048,
+        metadata=_key(
+            "Address-space limit (RLIMIT_AS, MiB) of a fine-tune's worker process; 0: none.",
+            _non_negative,
+        ),
+    )
+    job_nice: int = field(
+        default=10,
+        metadata=_key(
+            "Niceness added to a fine-tune's worker process, so serving keeps the CPU.",
+            _non_negative,
+        ),
+    )
+    history_limit: int = field(
+        default=100,
+        metadata=_key("Jobs kept per model for ListJobs.", _positive),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; each field is one TOML section."""
 
@@ -367,6 +479,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
 
 
 def _sections() -> dict[str, type[Any]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from edged.ota.errors import UnsafeArchiveError
-from edged.ota.files import fsync_dir
+from edged.storage import fsync_dir
 
 MiB = 1024 * 1024
 

@@ -40,7 +40,6 @@ from edged.core.errors import EdgedError
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from edged.ota import archive
 from edged.ota.errors import BundleError, SelfTestError
-from edged.ota.files import write_atomic
 from edged.serving.repository import (
     FORMATS,
     MODEL_TOML,
@@ -49,6 +48,7 @@ from edged.serving.repository import (
     parse_version,
     resolve_signature,
 )
+from edged.storage import write_atomic
 from hal import ExecutorOptions, ModelArtifact, get_executor
 
 BUNDLE_TOML = "bundle.toml"

@@ -58,8 +58,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edged.ota import bundle
 from edged.ota.errors import PublishError
-from edged.ota.files import fsync_dir, write_atomic
 from edged.serving.repository import parse_version
+from edged.storage import fsync_dir, write_atomic
 
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"

@@ -77,6 +77,9 @@ class Kind(enum.StrEnum):
     """Install and switch to a new version."""
     ROLLBACK = "rollback"
     """Go back to an earlier version already in the repository."""
+    FINE_TUNE = "fine-tune"
+    """Install and switch to a version made on the device by a fine-tune job: the states of
+    an update, with DOWNLOADING standing for taking the job's output."""
 
 
 #: states an update can rest in; a new update or rollback may start from each

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from edged.ota.state import (
@@ -25,6 +24,9 @@ from edged.ota.state import (
     committed_after,
     next_state,
 )
+from edged.storage import StoreError, open_database, transaction
+
+__all__ = ["FILE_NAME", "StoreError", "UpdateStore"]
 
 FILE_NAME = "ota.sqlite3"
 SCHEMA_VERSION = 1
@@ -61,10 +63,6 @@ CREATE INDEX IF NOT EXISTS transitions_by_update ON transitions (update_id, id);
 """
 
 
-class StoreError(Exception):
-    """The state database cannot be opened or written, or a write lost a race."""
-
-
 def _record(row: sqlite3.Row) -> UpdateRecord:
     return UpdateRecord(
         id=row["id"],
@@ -95,44 +93,10 @@ class UpdateStore:
         self.path = state_dir / FILE_NAME
         self.history_limit = history_limit
         self._lock = threading.Lock()
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot open the OTA state database {self.path}: {e}") from e
-        self._db.row_factory = sqlite3.Row
-        try:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode})")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this edged "
-                    f"understands ({SCHEMA_VERSION})"
-                )
-            self._db.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-            )
-        except sqlite3.Error as e:
-            self._db.close()
-            raise StoreError(f"{self.path} is not a usable OTA state database: {e}") from e
-        except StoreError:
-            self._db.close()
-            raise
+        self._db = open_database(self.path, _SCHEMA, SCHEMA_VERSION, "OTA state")
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); committed means fsynced."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL)."""
@@ -225,12 +189,12 @@ class UpdateStore:
         at: float,
         reason: str = "",
     ) -> UpdateRecord:
-        """Record a new update (START) or rollback (ROLLBACK) of ``model``.
+        """Record a new update or fine-tune (START) or rollback (ROLLBACK) of ``model``.
 
         Raises:
             TransitionError: the model's latest update is still in progress.
         """
-        event = Event.START if kind is Kind.UPDATE else Event.ROLLBACK
+        event = Event.ROLLBACK if kind is Kind.ROLLBACK else Event.START
         with self._lock, self._transaction() as db:
             row = db.execute(
                 "SELECT state FROM updates WHERE model = ? ORDER BY id DESC LIMIT 1", (model,)

@@ -50,7 +50,6 @@ from edged.core.errors import (
 from edged.core.types import Array, InferRequest
 from edged.ota import archive, bundle, publish
 from edged.ota.errors import OtaError
-from edged.ota.files import fsync_dir, write_atomic
 from edged.ota.state import (
     AT_REST,
     Event,
@@ -82,6 +81,7 @@ from edged.serving.repository import (
     read_model_spec,
 )
 from edged.serving.stats import ModelStats
+from edged.storage import fsync_dir, write_atomic
 
 log = structlog.get_logger("edged.ota")
 
@@ -308,8 +308,9 @@ class StartResult:
 
 
 @dataclass(frozen=True)
-class _Bundle:
-    """An unpacked bundle's self-test."""
+class SelfTest:
+    """What a new version must answer before it takes traffic (a bundle's selftest.npz, or
+    a fine-tune's check of its composed graph)."""
 
     inputs: dict[str, Array]
     expected: dict[str, Array]
@@ -407,7 +408,7 @@ class UpdateManager:
             record = self._save_sync(record, Event.ROLLBACK, reason)
         # ROLL_BACK and FINISH_ROLLBACK: ACTIVE to the target; load_all serves it next
         self._restore_active(model_dir, rollback_target(record))
-        if record.kind is Kind.UPDATE and record.installed and record.to_version is not None:
+        if record.kind is not Kind.ROLLBACK and record.installed and record.to_version is not None:
             remove_version(model_dir, record.to_version)
         return self._save_sync(record, Event.ROLLED_BACK)
 
@@ -585,7 +586,7 @@ class UpdateManager:
 
     async def _launch(
         self, record: UpdateRecord, work: Awaitable[UpdateRecord], wait: bool
-    ) -> None:
+    ) -> asyncio.Future[UpdateRecord]:
         task = asyncio.ensure_future(work)
         running = _Running(task, record)
         self._running[record.model] = running
@@ -597,6 +598,7 @@ class UpdateManager:
         task.add_done_callback(finished)
         if wait:
             await asyncio.shield(task)
+        return task
 
     # -- Rollback --------------------------------------------------------------------------
 
@@ -660,6 +662,76 @@ class UpdateManager:
         await self._launch(record, self._roll_back(record), wait)
         return await self._one_status(model)
 
+    # -- versions made on the device ------------------------------------------------------
+
+    async def publish_local(
+        self,
+        model: str,
+        version: int,
+        files: Mapping[str, Path],
+        test: SelfTest,
+        *,
+        requested: str,
+        on_start: Callable[[UpdateRecord], Awaitable[None]] | None = None,
+    ) -> UpdateRecord:
+        """Serve ``files`` (name -> file; copied, never moved) as ``version`` of ``model``
+        through the path an update takes from its download on: version folder, self-test,
+        switch, health window, commit or roll back. ``on_start`` runs once the update record
+        exists (a fine-tune job records its id). Returns the record at rest.
+
+        Raises:
+            UnavailableError: edged is starting or stopping.
+            ModelNotFoundError: no such model folder.
+            InvalidInputError: ``version`` is not above the committed version.
+            AlreadyExistsError: an update of ``model`` is in progress.
+        """
+        self._check_ready()
+        await self._check_model(model)
+        self._check_idle(model)
+        committed = await self._committed_version(model)
+        if committed is not None and version <= committed:
+            raise InvalidInputError(
+                f"version {version} is not above the committed version {committed}"
+            )
+        try:
+            record = await asyncio.to_thread(
+                self.store.begin,
+                model,
+                Kind.FINE_TUNE,
+                requested=requested,
+                from_version=committed,
+                to_version=version,
+                at=self._clock(),
+            )
+        except Exception as e:
+            raise AlreadyExistsError(f"cannot start an update of '{model}': {e}") from e
+        self._published(None, record)
+        if on_start is not None:
+            await on_start(record)
+        model_dir = self.repository / model
+
+        async def stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
+            def copy_in() -> bool:
+                folder = model_dir / STAGING_DIR / f"fine-tune-{record.id}"
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                staged = {}
+                for name, src in files.items():
+                    shutil.copyfile(src, folder / name)
+                    staged[name] = folder / name
+                if read_active(model_dir) is None:
+                    # pin what serves now, so the new folder serves nothing until activated
+                    self._restore_active(model_dir, record.from_version)
+                return install_version(model_dir, version, staged)
+
+            record = await self._advance(record, Event.FETCHED, target_path="")
+            self._check_abort(record.model)
+            installed = await asyncio.to_thread(copy_in)
+            return await self._advance(record, Event.UNPACKED, installed=installed), test
+
+        task = await self._launch(record, self._run(record, stage), wait=True)
+        return task.result()
+
     # -- the stages ------------------------------------------------------------------------
 
     async def _advance(
@@ -719,12 +791,26 @@ class UpdateManager:
 
     async def _update(self, record: UpdateRecord) -> UpdateRecord:
         """DOWNLOADING -> ... -> COMMITTED, ROLLED_BACK or FAILED."""
+
+        async def fetch_and_stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
+            record = await self._download(record)
+            self._check_abort(record.model)
+            return await self._stage(record)
+
+        return await self._run(record, fetch_and_stage)
+
+    async def _run(
+        self,
+        record: UpdateRecord,
+        stage: Callable[[UpdateRecord], Awaitable[tuple[UpdateRecord, SelfTest]]],
+    ) -> UpdateRecord:
+        """From DOWNLOADING: ``stage`` puts the version folder in place (-> STAGED), then
+        the one path every new version takes: load, self-test, switch, health window, commit
+        or roll back."""
         model_dir = self.repository / record.model
         try:
             await self._pause(record)  # DOWNLOADING was persisted by store.begin
-            record = await self._download(record)
-            self._check_abort(record.model)
-            record, test = await self._stage(record)
+            record, test = await stage(record)
             self._check_abort(record.model)
             record = await self._activate(record, test)
             if record.state is State.ACTIVE_TRIAL:
@@ -779,12 +865,12 @@ class UpdateManager:
         )
         return await self._advance(record, Event.FETCHED, target_path=str(local))
 
-    async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, _Bundle]:
+    async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
         assert record.to_version is not None
         model_dir = self.repository / record.model
         version = record.to_version
 
-        def unpack() -> tuple[bool, _Bundle]:
+        def unpack() -> tuple[bool, SelfTest]:
             spec = read_model_spec(model_dir)
             clear_staging(model_dir)
             staging_parent = model_dir / STAGING_DIR
@@ -816,7 +902,7 @@ class UpdateManager:
                     f"the bundle lacks {spec.artifact_name}, the artifact of a {spec.format} model"
                 )
             inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
-            test = _Bundle(inputs, expected, manifest.rtol, manifest.atol)
+            test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
             if read_active(model_dir) is None:
                 # pin what serves now, so the new folder serves nothing until activated
                 self._restore_active(model_dir, record.from_version)
@@ -829,7 +915,7 @@ class UpdateManager:
         await asyncio.to_thread(Path(record.target_path).unlink, missing_ok=True)
         return await self._advance(record, Event.UNPACKED, installed=installed), test
 
-    async def _activate(self, record: UpdateRecord, test: _Bundle) -> UpdateRecord:
+    async def _activate(self, record: UpdateRecord, test: SelfTest) -> UpdateRecord:
         assert record.to_version is not None
         version = record.to_version
         model_dir = self.repository / record.model
@@ -920,7 +1006,11 @@ class UpdateManager:
         try:
             await asyncio.to_thread(self._restore_active, model_dir, target)
             await self.manager.load(record.model)
-            if record.kind is Kind.UPDATE and record.installed and record.to_version is not None:
+            if (
+                record.kind is not Kind.ROLLBACK
+                and record.installed
+                and record.to_version is not None
+            ):
                 await asyncio.to_thread(remove_version, model_dir, record.to_version)
         except asyncio.CancelledError:
             raise

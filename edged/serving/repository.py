@@ -95,6 +95,29 @@ class TensorDecl:
     dims: tuple[int, ...] | None = None
 
 
+#: the continual-learning strategies a [learn] table may name (edged.learn.strategies)
+LEARN_STRATEGIES = ("naive", "ewc", "lwf", "replay", "streaming-lda", "replay+lwf", "replay+ewc")
+
+
+@dataclass(frozen=True)
+class LearnSpec:
+    """model.toml's ``[learn]``: the model is a frozen backbone plus a trainable head, and
+    edged may fine-tune the head on the device (docs/learning.md). Every file is in each
+    version folder: a fine-tuned version carries its own copy."""
+
+    backbone: str = "backbone.onnx"
+    """The frozen backbone (ONNX); its output ``features`` feeds the head."""
+    features: str = "features"
+    """The backbone output the head reads: FP32 [N, D]."""
+    head: str = "head.npz"
+    """The head's weights and feature standardisation (edged.learn.head)."""
+    state: str = "learn_state.npz"
+    """What the strategy carries between fine-tunes: replay and held-out buffers, Fisher, LDA
+    statistics (edged.learn.strategies.LearnState)."""
+    strategy: str = "replay+lwf"
+    """The continual-learning strategy of a fine-tune that names none."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model's model.toml, validated."""
@@ -115,6 +138,8 @@ class ModelSpec:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     inputs: tuple[TensorDecl, ...] = ()
     outputs: tuple[TensorDecl, ...] = ()
+    learn: LearnSpec | None = None
+    """None: the model is not trainable on the device."""
 
     @property
     def artifact_name(self) -> str:
@@ -138,6 +163,7 @@ _MODEL_KEYS = {
     "version_policy",
     "inputs",
     "outputs",
+    "learn",
 }
 
 
@@ -215,6 +241,32 @@ def _dynamic_batching(path: Path, raw: Any) -> DynamicBatching:
     return result
 
 
+def _learn(path: Path, fmt: str, raw: Any) -> LearnSpec:
+    if not isinstance(raw, dict):
+        raise _fail(path, "'learn' must be a table")
+    if fmt != "onnx":
+        raise _fail(
+            path, f"'learn' needs format 'onnx' (the served graph is backbone + head), not {fmt!r}"
+        )
+    known = {f.name for f in fields(LearnSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise _fail(path, f"unknown key 'learn.{sorted(unknown)[0]}'")
+    for key, value in raw.items():
+        if not isinstance(value, str) or not value:
+            raise _fail(path, f"'learn.{key}' must be a non-empty string")
+        is_file = key not in {"features", "strategy"}
+        if is_file and ("/" in value or "\\" in value or value.startswith(".")):
+            raise _fail(path, f"'learn.{key}' must be a file name inside the version folder")
+    spec = LearnSpec(**raw)
+    if spec.strategy not in LEARN_STRATEGIES:
+        raise _fail(
+            path,
+            f"'learn.strategy' {spec.strategy!r} is not one of {', '.join(LEARN_STRATEGIES)}",
+        )
+    return spec
+
+
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise _fail(
@@ -281,6 +333,7 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
         version_policy=policy,
         inputs=_tensor_decls(path, "inputs", data.get("inputs", [])),
         outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),
+        learn=_learn(path, fmt, data["learn"]) if "learn" in data else None,
     )
 
 

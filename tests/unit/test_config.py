@@ -50,6 +50,21 @@ ALL_KEYS = {
     "ota.history_limit",
     "ota.pause_after_state",
     "ota.pause_s",
+    "learn.enabled",
+    "learn.max_samples",
+    "learn.max_store_bytes",
+    "learn.max_request_samples",
+    "learn.holdout_share",
+    "learn.trigger_samples",
+    "learn.min_samples",
+    "learn.max_old_drop",
+    "learn.min_new_gain",
+    "learn.epochs",
+    "learn.seed",
+    "learn.job_timeout_s",
+    "learn.job_memory_mb",
+    "learn.job_nice",
+    "learn.history_limit",
 }
 
 FILE = """\

@@ -25,37 +25,62 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from edged._proto.inference import grpc_service_pb2 as inference_dot_grpc__service__pb2
 
 
-DESCRIPTOR = _edged_pool.add_serialized_file(b'\n\x19\x65\x64ged/v1/management.proto\x12\x08\x65\x64ged.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x10UpdateTransition\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.edged.v1.UpdateState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x89\x03\n\x0cUpdateStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tupdate_id\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.edged.v1.UpdateState\x12\x14\n\x0c\x66rom_version\x18\x05 \x01(\t\x12\x12\n\nto_version\x18\x06 \x01(\t\x12\x11\n\trequested\x18\x07 \x01(\t\x12\x19\n\x11\x63ommitted_version\x18\x08 \x01(\t\x12\x12\n\nlast_error\x18\t \x01(\t\x12+\n\x07started\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0btransitions\x18\r \x03(\x0b\x32\x1a.edged.v1.UpdateTransition\"B\n\x12StartUpdateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"^\n\x13StartUpdateResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.edged.v1.UpdateStatus\x12\x0f\n\x07started\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\'\n\x16GetUpdateStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"A\n\x17GetUpdateStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.edged.v1.UpdateStatus\"?\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\":\n\x10RollbackResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.edged.v1.UpdateStatus\"2\n\x12ListUpdatesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\">\n\x13ListUpdatesResponse\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.edged.v1.UpdateStatus*\xbf\x02\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_STATE_IDLE\x10\x01\x12\x1c\n\x18UPDATE_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15UPDATE_STATE_VERIFIED\x10\x03\x12\x17\n\x13UPDATE_STATE_STAGED\x10\x04\x12\x18\n\x14UPDATE_STATE_WARMING\x10\x05\x12\x1d\n\x19UPDATE_STATE_ACTIVE_TRIAL\x10\x06\x12\x1a\n\x16UPDATE_STATE_COMMITTED\x10\x07\x12\x1d\n\x19UPDATE_STATE_ROLLING_BACK\x10\x08\x12\x1c\n\x18UPDATE_STATE_ROLLED_BACK\x10\t\x12\x17\n\x13UPDATE_STATE_FAILED\x10\n2\xc7\x02\n\nManagement\x12L\n\x0bStartUpdate\x12\x1c.edged.v1.StartUpdateRequest\x1a\x1d.edged.v1.StartUpdateResponse\"\x00\x12X\n\x0fGetUpdateStatus\x12 .edged.v1.GetUpdateStatusRequest\x1a!.edged.v1.GetUpdateStatusResponse\"\x00\x12\x43\n\x08Rollback\x12\x19.edged.v1.RollbackRequest\x1a\x1a.edged.v1.RollbackResponse\"\x00\x12L\n\x0bListUpdates\x12\x1c.edged.v1.ListUpdatesRequest\x1a\x1d.edged.v1.ListUpdatesResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _edged_pool.add_serialized_file(b'\n\x19\x65\x64ged/v1/management.proto\x12\x08\x65\x64ged.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinference/grpc_service.proto\"r\n\x10UpdateTransition\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.edged.v1.UpdateState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x89\x03\n\x0cUpdateStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tupdate_id\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.edged.v1.UpdateState\x12\x14\n\x0c\x66rom_version\x18\x05 \x01(\t\x12\x12\n\nto_version\x18\x06 \x01(\t\x12\x11\n\trequested\x18\x07 \x01(\t\x12\x19\n\x11\x63ommitted_version\x18\x08 \x01(\t\x12\x12\n\nlast_error\x18\t \x01(\t\x12+\n\x07started\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0btransitions\x18\r \x03(\x0b\x32\x1a.edged.v1.UpdateTransition\"B\n\x12StartUpdateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"^\n\x13StartUpdateResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.edged.v1.UpdateStatus\x12\x0f\n\x07started\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\'\n\x16GetUpdateStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"A\n\x17GetUpdateStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.edged.v1.UpdateStatus\"?\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\":\n\x10RollbackResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.edged.v1.UpdateStatus\"2\n\x12ListUpdatesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\">\n\x13ListUpdatesResponse\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.edged.v1.UpdateStatus\"\x8d\x01\n\x11\x41\x64\x64SamplesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12=\n\x06inputs\x18\x02 \x03(\x0b\x32-.inference.ModelInferRequest.InferInputTensor\x12\x1a\n\x12raw_input_contents\x18\x03 \x03(\x0c\x12\x0e\n\x06labels\x18\x04 \x03(\x03\"T\n\x0cSampleCounts\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x04 \x01(\x04\"p\n\x12\x41\x64\x64SamplesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12&\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x16.edged.v1.SampleCounts\x12 \n\ttriggered\x18\x03 \x01(\x0b\x32\r.edged.v1.Job\"\x8b\x02\n\nJobMetrics\x12\x1b\n\x13old_accuracy_before\x18\x01 \x01(\x01\x12\x1a\n\x12old_accuracy_after\x18\x02 \x01(\x01\x12\x1b\n\x13new_accuracy_before\x18\x03 \x01(\x01\x12\x1a\n\x12new_accuracy_after\x18\x04 \x01(\x01\x12\x13\n\x0bold_holdout\x18\x05 \x01(\r\x12\x13\n\x0bnew_holdout\x18\x06 \x01(\r\x12\x17\n\x0ftrained_samples\x18\x07 \x01(\r\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\x12\x1c\n\x14worker_max_rss_bytes\x18\t \x01(\x04\x12\x13\n\x0bstate_bytes\x18\n \x01(\x04\"\x87\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12!\n\x05state\x18\x04 \x01(\x0e\x32\x12.edged.v1.JobState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07trigger\x18\x06 \x01(\t\x12\x16\n\x0eparent_version\x18\x07 \x01(\t\x12\x13\n\x0bnew_version\x18\x08 \x01(\t\x12%\n\x07metrics\x18\t \x01(\x0b\x32\x14.edged.v1.JobMetrics\x12\x0f\n\x07verdict\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x11\n\tupdate_id\x18\x0c \x01(\x04\x12+\n\x07\x63reated\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x14StartFineTuneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"3\n\x15StartFineTuneResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.edged.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x04\"T\n\x0eGetJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.edged.v1.Job\x12&\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x16.edged.v1.SampleCounts\"/\n\x0fListJobsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"W\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.edged.v1.Job\x12&\n\x06\x63ounts\x18\x02 \x03(\x0b\x32\x16.edged.v1.SampleCounts*\xbf\x02\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_STATE_IDLE\x10\x01\x12\x1c\n\x18UPDATE_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15UPDATE_STATE_VERIFIED\x10\x03\x12\x17\n\x13UPDATE_STATE_STAGED\x10\x04\x12\x18\n\x14UPDATE_STATE_WARMING\x10\x05\x12\x1d\n\x19UPDATE_STATE_ACTIVE_TRIAL\x10\x06\x12\x1a\n\x16UPDATE_STATE_COMMITTED\x10\x07\x12\x1d\n\x19UPDATE_STATE_ROLLING_BACK\x10\x08\x12\x1c\n\x18UPDATE_STATE_ROLLED_BACK\x10\t\x12\x17\n\x13UPDATE_STATE_FAILED\x10\n*\x9c\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x18\n\x14JOB_STATE_PUBLISHING\x10\x02\x12\x16\n\x12JOB_STATE_PROMOTED\x10\x03\x12\x16\n\x12JOB_STATE_REJECTED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x32\xea\x04\n\nManagement\x12L\n\x0bStartUpdate\x12\x1c.edged.v1.StartUpdateRequest\x1a\x1d.edged.v1.StartUpdateResponse\"\x00\x12X\n\x0fGetUpdateStatus\x12 .edged.v1.GetUpdateStatusRequest\x1a!.edged.v1.GetUpdateStatusResponse\"\x00\x12\x43\n\x08Rollback\x12\x19.edged.v1.RollbackRequest\x1a\x1a.edged.v1.RollbackResponse\"\x00\x12L\n\x0bListUpdates\x12\x1c.edged.v1.ListUpdatesRequest\x1a\x1d.edged.v1.ListUpdatesResponse\"\x00\x12I\n\nAddSamples\x12\x1b.edged.v1.AddSamplesRequest\x1a\x1c.edged.v1.AddSamplesResponse\"\x00\x12R\n\rStartFineTune\x12\x1e.edged.v1.StartFineTuneRequest\x1a\x1f.edged.v1.StartFineTuneResponse\"\x00\x12=\n\x06GetJob\x12\x17.edged.v1.GetJobRequest\x1a\x18.edged.v1.GetJobResponse\"\x00\x12\x43\n\x08ListJobs\x12\x19.edged.v1.ListJobsRequest\x1a\x1a.edged.v1.ListJobsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edged._proto.edged.v1.management_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPDATESTATE']._serialized_start=1098
-  _globals['_UPDATESTATE']._serialized_end=1417
-  _globals['_UPDATETRANSITION']._serialized_start=72
-  _globals['_UPDATETRANSITION']._serialized_end=186
-  _globals['_UPDATESTATUS']._serialized_start=189
-  _globals['_UPDATESTATUS']._serialized_end=582
-  _globals['_STARTUPDATEREQUEST']._serialized_start=584
-  _globals['_STARTUPDATEREQUEST']._serialized_end=650
-  _globals['_STARTUPDATERESPONSE']._serialized_start=652
-  _globals['_STARTUPDATERESPONSE']._serialized_end=746
-  _globals['_GETUPDATESTATUSREQUEST']._serialized_start=748
-  _globals['_GETUPDATESTATUSREQUEST']._serialized_end=787
-  _globals['_GETUPDATESTATUSRESPONSE']._serialized_start=789
-  _globals['_GETUPDATESTATUSRESPONSE']._serialized_end=854
-  _globals['_ROLLBACKREQUEST']._serialized_start=856
-  _globals['_ROLLBACKREQUEST']._serialized_end=919
-  _globals['_ROLLBACKRESPONSE']._serialized_start=921
-  _globals['_ROLLBACKRESPONSE']._serialized_end=979
-  _globals['_LISTUPDATESREQUEST']._serialized_start=981
-  _globals['_LISTUPDATESREQUEST']._serialized_end=1031
-  _globals['_LISTUPDATESRESPONSE']._serialized_start=1033
-  _globals['_LISTUPDATESRESPONSE']._serialized_end=1095
-  _globals['_MANAGEMENT']._serialized_start=1420
-  _globals['_MANAGEMENT']._serialized_end=1747
+  _globals['_UPDATESTATE']._serialized_start=2517
+  _globals['_UPDATESTATE']._serialized_end=2836
+  _globals['_JOBSTATE']._serialized_start=2839
+  _globals['_JOBSTATE']._serialized_end=2995
+  _globals['_UPDATETRANSITION']._serialized_start=102
+  _globals['_UPDATETRANSITION']._serialized_end=216
+  _globals['_UPDATESTATUS']._serialized_start=219
+  _globals['_UPDATESTATUS']._serialized_end=612
+  _globals['_STARTUPDATEREQUEST']._serialized_start=614
+  _globals['_STARTUPDATEREQUEST']._serialized_end=680
+  _globals['_STARTUPDATERESPONSE']._serialized_start=682
+  _globals['_STARTUPDATERESPONSE']._serialized_end=776
+  _globals['_GETUPDATESTATUSREQUEST']._serialized_start=778
+  _globals['_GETUPDATESTATUSREQUEST']._serialized_end=817
+  _globals['_GETUPDATESTATUSRESPONSE']._serialized_start=819
+  _globals['_GETUPDATESTATUSRESPONSE']._serialized_end=884
+  _globals['_ROLLBACKREQUEST']._serialized_start=886
+  _globals['_ROLLBACKREQUEST']._serialized_end=949
+  _globals['_ROLLBACKRESPONSE']._serialized_start=951
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1009
+  _globals['_LISTUPDATESREQUEST']._serialized_start=1011
+  _globals['_LISTUPDATESREQUEST']._serialized_end=1061
+  _globals['_LISTUPDATESRESPONSE']._serialized_start=1063
+  _globals['_LISTUPDATESRESPONSE']._serialized_end=1125
+  _globals['_ADDSAMPLESREQUEST']._serialized_start=1128
+  _globals['_ADDSAMPLESREQUEST']._serialized_end=1269
+  _globals['_SAMPLECOUNTS']._serialized_start=1271
+  _globals['_SAMPLECOUNTS']._serialized_end=1355
+  _globals['_ADDSAMPLESRESPONSE']._serialized_start=1357
+  _globals['_ADDSAMPLESRESPONSE']._serialized_end=1469
+  _globals['_JOBMETRICS']._serialized_start=1472
+  _globals['_JOBMETRICS']._serialized_end=1739
+  _globals['_JOB']._serialized_start=1742
+  _globals['_JOB']._serialized_end=2133
+  _globals['_STARTFINETUNEREQUEST']._serialized_start=2135
+  _globals['_STARTFINETUNEREQUEST']._serialized_end=2204
+  _globals['_STARTFINETUNERESPONSE']._serialized_start=2206
+  _globals['_STARTFINETUNERESPONSE']._serialized_end=2257
+  _globals['_GETJOBREQUEST']._serialized_start=2259
+  _globals['_GETJOBREQUEST']._serialized_end=2290
+  _globals['_GETJOBRESPONSE']._serialized_start=2292
+  _globals['_GETJOBRESPONSE']._serialized_end=2376
+  _globals['_LISTJOBSREQUEST']._serialized_start=2378
+  _globals['_LISTJOBSREQUEST']._serialized_end=2425
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2427
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2514
+  _globals['_MANAGEMENT']._serialized_start=2998
+  _globals['_MANAGEMENT']._serialized_end=3616
 # @@protoc_insertion_point(module_scope)

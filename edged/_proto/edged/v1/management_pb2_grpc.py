@@ -55,6 +55,26 @@ class ManagementStub:
                 request_serializer=edged_dot_v1_dot_management__pb2.ListUpdatesRequest.SerializeToString,
                 response_deserializer=edged_dot_v1_dot_management__pb2.ListUpdatesResponse.FromString,
                 _registered_method=True)
+        self.AddSamples = channel.unary_unary(
+                '/edged.v1.Management/AddSamples',
+                request_serializer=edged_dot_v1_dot_management__pb2.AddSamplesRequest.SerializeToString,
+                response_deserializer=edged_dot_v1_dot_management__pb2.AddSamplesResponse.FromString,
+                _registered_method=True)
+        self.StartFineTune = channel.unary_unary(
+                '/edged.v1.Management/StartFineTune',
+                request_serializer=edged_dot_v1_dot_management__pb2.StartFineTuneRequest.SerializeToString,
+                response_deserializer=edged_dot_v1_dot_management__pb2.StartFineTuneResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/edged.v1.Management/GetJob',
+                request_serializer=edged_dot_v1_dot_management__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=edged_dot_v1_dot_management__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/edged.v1.Management/ListJobs',
+                request_serializer=edged_dot_v1_dot_management__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=edged_dot_v1_dot_management__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class ManagementServicer:
@@ -94,6 +114,43 @@ class ManagementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddSamples(self, request, context):
+        """On-device learning (docs/learning.md), for models whose model.toml has a [learn] table.
+        UNAVAILABLE: learn.enabled is off; INVALID_ARGUMENT: the model is not trainable.
+
+        Store labelled samples of a trainable model. The inputs are checked like an inference
+        request's (names, datatypes, shapes, batch size), run through the model's frozen
+        backbone, and stored as features (never as raw inputs) before the answer. A store that
+        is full answers RESOURCE_EXHAUSTED and stores nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartFineTune(self, request, context):
+        """Fine-tune a model's head on the samples waiting for it; the job runs in a worker process.
+        A candidate that passes the gate is published as a new version through the update path
+        (load, self-test, health window, automatic rollback). ALREADY_EXISTS: a job of that model
+        is running; INVALID_ARGUMENT: too few samples waiting, or an unknown strategy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """One job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Past and running jobs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +173,26 @@ def add_ManagementServicer_to_server(servicer, server):
                     servicer.ListUpdates,
                     request_deserializer=edged_dot_v1_dot_management__pb2.ListUpdatesRequest.FromString,
                     response_serializer=edged_dot_v1_dot_management__pb2.ListUpdatesResponse.SerializeToString,
+            ),
+            'AddSamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSamples,
+                    request_deserializer=edged_dot_v1_dot_management__pb2.AddSamplesRequest.FromString,
+                    response_serializer=edged_dot_v1_dot_management__pb2.AddSamplesResponse.SerializeToString,
+            ),
+            'StartFineTune': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartFineTune,
+                    request_deserializer=edged_dot_v1_dot_management__pb2.StartFineTuneRequest.FromString,
+                    response_serializer=edged_dot_v1_dot_management__pb2.StartFineTuneResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=edged_dot_v1_dot_management__pb2.GetJobRequest.FromString,
+                    response_serializer=edged_dot_v1_dot_management__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=edged_dot_v1_dot_management__pb2.ListJobsRequest.FromString,
+                    response_serializer=edged_dot_v1_dot_management__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +303,114 @@ class Management:
             '/edged.v1.Management/ListUpdates',
             edged_dot_v1_dot_management__pb2.ListUpdatesRequest.SerializeToString,
             edged_dot_v1_dot_management__pb2.ListUpdatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edged.v1.Management/AddSamples',
+            edged_dot_v1_dot_management__pb2.AddSamplesRequest.SerializeToString,
+            edged_dot_v1_dot_management__pb2.AddSamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartFineTune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edged.v1.Management/StartFineTune',
+            edged_dot_v1_dot_management__pb2.StartFineTuneRequest.SerializeToString,
+            edged_dot_v1_dot_management__pb2.StartFineTuneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edged.v1.Management/GetJob',
+            edged_dot_v1_dot_management__pb2.GetJobRequest.SerializeToString,
+            edged_dot_v1_dot_management__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edged.v1.Management/ListJobs',
+            edged_dot_v1_dot_management__pb2.ListJobsRequest.SerializeToString,
+            edged_dot_v1_dot_management__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
