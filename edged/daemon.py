@@ -3,9 +3,10 @@
 ``start`` binds the gRPC port first, so ServerLive answers while models are still loading;
 each model answers ModelReady only once it has loaded and warmed up. With OTA state (an
 ``[ota]`` repository, or a state database left by one), a crashed update is finished or undone
-before the repository loads, so the daemon starts on committed versions. ``stop`` runs in a
-fixed order: stop OTA -> stop intake -> let in-flight requests finish (bounded grace) -> stop
-the server -> unload models -> close the OTA state.
+before the repository loads, so the daemon starts on committed versions; fine-tune jobs a
+restart interrupted are settled after that. ``stop`` runs in a fixed order: stop learning jobs
+-> stop OTA -> stop intake -> let in-flight requests finish (bounded grace) -> stop the server
+-> unload models -> close the OTA and learning state.
 
 The devices are probed once (``hal.probe()``, in a worker thread) before the repository
 loads; every load, at start-up or by RepositoryModelLoad, places models with those reports.
@@ -27,6 +28,9 @@ from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.zmq import ZmqFrontend
+from edged.learn.jobs import LearnManager
+from edged.learn.metrics import LearnCollector
+from edged.learn.store import LearnStore
 from edged.ota.metrics import OtaCollector
 from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
@@ -69,6 +73,8 @@ class Daemon:
         self._stopping = False
         self._store: UpdateStore | None = None
         self.updates: UpdateManager | None = None
+        self._learn_store: LearnStore | None = None
+        self.learn: LearnManager | None = None
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -95,7 +101,7 @@ class Daemon:
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
             regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
-            services=[management.service(self.updates)],
+            services=[management.service(self.updates, self.learn)],
         )
         address = self.config.server.grpc_address
         try:
@@ -116,6 +122,7 @@ class Daemon:
                 is_ready=self.is_ready,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
+                learn=self.learn,
             )
             try:
                 self.zmq_endpoints = self._zmq.start()
@@ -127,6 +134,8 @@ class Daemon:
             self._metrics = MetricsEndpoint(self.manager)
             if self.updates is not None:
                 self._metrics.registry.register(OtaCollector(self.updates))
+            if self.learn is not None:
+                self._metrics.registry.register(LearnCollector(self.learn))
             metrics_host = self.config.metrics.address.rpartition(":")[0]
             try:
                 metrics_port = await asyncio.to_thread(
@@ -149,18 +158,38 @@ class Daemon:
         self._startup = asyncio.create_task(self._load_repository())
 
     async def _open_ota(self) -> None:
-        """Open the OTA state when OTA is on, or when an earlier run left state to recover."""
-        ota = self.config.ota
+        """Open the OTA state when OTA or learning is on, or when an earlier run left state to
+        recover; with learning on, the sample store too (a fine-tuned version is published
+        through the update path, so learning needs the OTA state)."""
+        ota, learn = self.config.ota, self.config.learn
         state_dir = Path(ota.state_dir)
-        if not ota.enabled and not await asyncio.to_thread((state_dir / OTA_STATE_FILE).exists):
+        if (
+            not ota.enabled
+            and not learn.enabled
+            and not await asyncio.to_thread((state_dir / OTA_STATE_FILE).exists)
+        ):
             return
         try:
             self._store = await asyncio.to_thread(
                 UpdateStore, state_dir, history_limit=ota.history_limit
             )
-        except StoreError as e:
+            if learn.enabled:
+                self._learn_store = await asyncio.to_thread(
+                    lambda: LearnStore(
+                        state_dir,
+                        max_samples=learn.max_samples,
+                        max_bytes=learn.max_store_bytes,
+                        holdout_share=learn.holdout_share,
+                        history_limit=learn.history_limit,
+                    )
+                )
+        except (StoreError, OSError) as e:
             raise ConfigError(f"config key 'ota.state_dir': {e}") from e
         self.updates = UpdateManager(self.manager, ota, self._store)
+        if self._learn_store is not None:
+            self.learn = LearnManager(
+                self.manager, self.updates, learn, self._learn_store, state_dir
+            )
 
     async def _load_repository(self) -> None:
         started = time.monotonic()
@@ -178,6 +207,11 @@ class Daemon:
                 recovered = True
             except Exception as e:
                 log.exception("ota_recovery_failed", error=f"{type(e).__name__}: {e}")
+        if self.learn is not None and recovered:
+            try:
+                await asyncio.to_thread(self.learn.recover)
+            except Exception as e:
+                log.exception("learn_recovery_failed", error=f"{type(e).__name__}: {e}")
         self._failed = await self.manager.load_all()
         for model, error in self._failed.items():
             log.error("model_load_failed", model=model, error=error)
@@ -192,6 +226,8 @@ class Daemon:
         )
         if self.updates is not None and recovered:
             await self.updates.start()
+            if self.learn is not None:
+                await self.learn.start()
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""
@@ -203,6 +239,8 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.learn is not None:
+            await self.learn.stop()
         if self.updates is not None:
             await self.updates.stop()
         grace = self.config.server.shutdown_grace_s
@@ -220,6 +258,8 @@ class Daemon:
         await self.manager.unload_all()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
+        if self._learn_store is not None:
+            await asyncio.to_thread(self._learn_store.close)
         log.info("shutdown_complete")
 
     async def _stop_frontends(self, grace_s: float) -> None:

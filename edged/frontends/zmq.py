@@ -1,8 +1,9 @@
 """The ZeroMQ frontend: a ROUTER socket (tcp:// and ipc://) carrying the wire format of
 ``edged.frontends.zmq_wire``, many requests in flight per connection.
 
-Thin like the gRPC frontend: frames in -> edged.core types -> the ModelManager -> frames out,
-with the same status codes (``edged.core.status``).
+Thin like the gRPC frontend: frames in -> edged.core types -> the ModelManager (or, for
+"add_samples", the LearnManager) -> frames out, with the same status codes
+(``edged.core.status``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import zmq
 import zmq.asyncio
 
 from edged import __version__
-from edged.core.errors import ConfigError, EdgedError, InvalidInputError
+from edged.core.errors import ConfigError, EdgedError, InvalidInputError, UnavailableError
 from edged.core.status import code_of
 from edged.frontends import zmq_wire as wire
+from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS
 
@@ -45,8 +48,10 @@ class ZmqFrontend:
         is_ready: Callable[[], bool],
         max_message_bytes: int,
         max_in_flight: int,
+        learn: LearnManager | None = None,
     ) -> None:
         self._manager = manager
+        self._learn = learn
         self._addresses = list(addresses)
         self._is_ready = is_ready
         self._max_message_bytes = max_message_bytes
@@ -124,15 +129,41 @@ class ZmqFrontend:
         except zmq.ZMQError as e:  # the peer went away; nothing to answer
             log.info("zmq_reply_dropped", request_id=request_id, error=str(e))
 
-    async def _answer(self, header: dict[str, Any], request: Any) -> list[wire.Frame]:
-        op = header["op"]
-        rid = header["id"]
+    async def _tensor_op(
+        self, op: str, rid: str, header: dict[str, Any], request: Any
+    ) -> list[wire.Frame]:
         if op == "infer":
             with structlog.contextvars.bound_contextvars(
                 model=request.model_name, version=request.model_version, request_id=rid
             ):
                 response = await self._manager.infer(request)
             return wire.encode_response(rid, response)
+        if op == "add_samples":
+            if self._learn is None:
+                raise UnavailableError(LEARNING_OFF)
+            with structlog.contextvars.bound_contextvars(model=request.model_name, request_id=rid):
+                accepted, counts, job = await self._learn.add_samples(
+                    request.model_name,
+                    request.inputs,
+                    np.array(header["labels"], dtype=np.int64),
+                )
+            return wire.encode_value(
+                rid,
+                {
+                    "accepted": accepted,
+                    "pending": counts.pending,
+                    "stored": counts.stored,
+                    "stored_bytes": counts.stored_bytes,
+                    "triggered_job": None if job is None else job.id,
+                },
+            )
+        raise InvalidInputError(f"op '{op}' carries no tensors")  # not reached: TENSOR_OPS
+
+    async def _answer(self, header: dict[str, Any], request: Any) -> list[wire.Frame]:
+        op = header["op"]
+        rid = header["id"]
+        if op in wire.TENSOR_OPS:
+            return await self._tensor_op(op, rid, header, request)
         if op == "live":
             return wire.encode_value(rid, {"live": True})
         if op == "ready":

@@ -16,7 +16,11 @@ from edged.core.tensors import check_shape, decode_raw, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 
 VERSION = 1
-OPS = frozenset({"infer", "live", "ready", "model_ready", "server_metadata", "model_metadata"})
+OPS = frozenset(
+    {"infer", "live", "ready", "model_ready", "server_metadata", "model_metadata", "add_samples"}
+)
+#: ops whose header lists tensors carried in the frames that follow it
+TENSOR_OPS = frozenset({"infer", "add_samples"})
 #: the largest header accepted, in bytes
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -108,7 +112,8 @@ def _dump(header: Mapping[str, Any]) -> bytes:
 
 
 def encode_request(op: str, request_id: str = "", **fields: Any) -> list[Frame]:
-    """A request for ``op``; for "infer" pass ``request=InferRequest``."""
+    """A request for ``op``; for "infer" pass ``request=InferRequest``, for "add_samples"
+    ``request=InferRequest`` (model and inputs) and ``labels=[...]``."""
     request: InferRequest | None = fields.pop("request", None)
     header: dict[str, Any] = {"v": VERSION, "op": op, "id": request_id, **fields}
     frames: list[Frame] = []
@@ -123,7 +128,8 @@ def encode_request(op: str, request_id: str = "", **fields: Any) -> list[Frame]:
 
 
 def decode_request(frames: Sequence[Frame]) -> tuple[dict[str, Any], InferRequest | None]:
-    """The header, and for "infer" the request.
+    """The header, and for "infer" and "add_samples" the request (for "add_samples", the
+    model and inputs; the labels stay in the header).
 
     Raises:
         InvalidInputError: a malformed header or tensor, naming the field.
@@ -141,8 +147,8 @@ def request_id(header: Mapping[str, Any]) -> str:
 
 
 def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest | None:
-    """Check the header read by ``read_header`` and, for "infer", decode the tensor
-    ``frames`` that follow it into the request.
+    """Check the header read by ``read_header`` and, for "infer" and "add_samples", decode
+    the tensor ``frames`` that follow it into the request.
 
     Raises:
         InvalidInputError: a malformed header or tensor, naming the field.
@@ -151,10 +157,17 @@ def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest
     if op not in OPS:
         raise InvalidInputError(f"header 'op' {op!r} is not one of {', '.join(sorted(OPS))}")
     header["id"] = _string(header, "id", "")
-    if op != "infer":
+    if op not in TENSOR_OPS:
         if frames:
             raise InvalidInputError(f"op '{op}' takes no tensor frames")
         return None
+    if op == "add_samples":
+        labels = header.get("labels")
+        if not isinstance(labels, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31
+            for v in labels
+        ):
+            raise InvalidInputError("header 'labels' must be a list of integers (class numbers)")
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise InvalidInputError("header 'outputs' must be a list of output names")
