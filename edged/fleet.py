@@ -1,13 +1,15 @@
-"""The ``edged-fleet`` command: build model bundles and publish them to the fleet's TUF
-repository (docs/ota.md).
+"""The ``edged-fleet`` command: build model bundles, publish them to the fleet's TUF
+repository, and roll them out to devices (docs/ota.md).
 
     edged-fleet init DIR                      new repository and keys
     edged-fleet bundle MODEL_DIR --version V --out FILE
     edged-fleet publish DIR BUNDLE [--force]  sign a bundle in as models/<model>/<V>.tar.gz
     edged-fleet refresh DIR                   re-sign snapshot and timestamp (run from cron)
     edged-fleet status DIR [--json]
+    edged-fleet rollout --devices H:P,... --model M --version V [--canary N] [--max-failures K]
 
-Rolling updates out to devices (their management API) is not part of this command yet.
+``rollout`` is the I/O around ``edged.ota.rollout`` (which devices next, halt or go on, the
+verdict): StartUpdate and GetUpdateStatus on each device's edged.v1.Management service.
 """
 
 from __future__ import annotations
@@ -15,18 +17,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from edged import __version__
+from edged._proto.edged.v1 import management_pb2 as mpb
+from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged.core.errors import EdgedError
 from edged.core.types import Array
 from edged.ota import bundle, publish
+from edged.ota import rollout as plan
 from edged.ota.errors import BundleError
+from edged.serving.repository import parse_version
+
+#: The longest one StartUpdate or GetUpdateStatus call may take.
+RPC_TIMEOUT_S = 10.0
+#: Devices updated at once at most (threads, each with its own channel).
+MAX_PARALLEL = 32
+#: GetUpdateStatus errors that may pass (a busy or restarting daemon): polling goes on until
+#: the health timeout. Any other error fails the device at once.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 def _out(text: str = "") -> None:
@@ -48,6 +66,66 @@ def _tensor_file(text: str) -> tuple[str, Path]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FILE.npy")
     return name, Path(path)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be > 0")
+    return value
+
+
+def _device_list(text: str) -> list[str]:
+    devices = []
+    for item in text.split(","):
+        if not item.strip():
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty entry (HOST:PORT,HOST:PORT,...)")
+        try:
+            device = plan.parse_device(item)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if device in devices:
+            raise argparse.ArgumentTypeError(f"{device} is listed twice")
+        devices.append(device)
+    return devices
+
+
+def _model_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the model name is empty")
+    return text.strip()
+
+
+def _target_version(text: str) -> str:
+    value = text.strip().lower()
+    if value != "latest" and parse_version(value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a version number (1, 2, ...) nor 'latest'"
+        )
+    return value
 
 
 def _add_keys(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +151,8 @@ def _add_expiry(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged-fleet",
-        description="Build model bundles and publish them to the fleet's TUF repository "
-        "(docs/ota.md).",
+        description="Build model bundles, publish them to the fleet's TUF repository, and "
+        "roll them out to devices (docs/ota.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edged-fleet {__version__}")
@@ -182,7 +260,79 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("dir", type=Path, metavar="DIR")
     st.add_argument("--json", action="store_true", help="print JSON")
-    # `rollout` (StartUpdate on devices through the management API) is not here yet.
+
+    ro = commands.add_parser(
+        "rollout",
+        help="update a model on devices: a canary wave first, halting on failures",
+        description="Update MODEL to VERSION on each device through its management API "
+        "(edged.v1.Management: StartUpdate, then GetUpdateStatus until the update comes to "
+        "rest). The first N devices (--canary) are the canary wave; the rest follow in "
+        "waves of --wave-size, in the order given, each wave once the previous one is at "
+        "rest. COMMITTED, or the version being committed already, is a success; FAILED, "
+        "ROLLED_BACK, an RPC error or an unreachable device, or no rest within "
+        "--health-timeout is a failure. Once more than --max-failures devices have failed, "
+        "no further wave starts and the devices left are reported as SKIPPED. Exits 0 when "
+        "every device was asked and at most --max-failures failed, 1 otherwise, 2 on a "
+        "usage error.",
+    )
+    ro.add_argument(
+        "--devices",
+        type=_device_list,
+        required=True,
+        metavar="HOST:PORT,...",
+        help="the devices' gRPC addresses, comma-separated, in rollout order",
+    )
+    ro.add_argument(
+        "--model",
+        type=_model_name,
+        required=True,
+        metavar="MODEL",
+        help="the model to update (its name in the devices' model repositories)",
+    )
+    ro.add_argument(
+        "--version",
+        type=_target_version,
+        required=True,
+        dest="model_version",
+        metavar="V",
+        help="a version number, or 'latest' (each device resolves it from the repository)",
+    )
+    ro.add_argument(
+        "--canary",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="the first N devices are the canary wave (default 1)",
+    )
+    ro.add_argument(
+        "--wave-size",
+        type=_positive_int,
+        metavar="W",
+        help="devices updated at once after the canary wave (default: N, as --canary)",
+    )
+    ro.add_argument(
+        "--max-failures",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="halt once more than K devices have failed (default 0)",
+    )
+    ro.add_argument(
+        "--health-timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="S",
+        help="seconds an update may take to come to rest, health window included (default 600)",
+    )
+    ro.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="seconds between GetUpdateStatus calls (default 2)",
+    )
+    ro.add_argument("--json", action="store_true", help="print one JSON object")
+    ro.set_defaults(usage_error=ro.error)
     return parser
 
 
@@ -226,6 +376,179 @@ def _print_status(report: dict[str, Any]) -> None:
         _out(f"  {problem}")
 
 
+# -- rollout: the I/O around edged.ota.rollout ----------------------------------------------
+
+
+def _view(status: mpb.UpdateStatus) -> plan.UpdateView:
+    return plan.UpdateView(
+        update_id=status.update_id,
+        state=mpb.UpdateState.Name(status.state).removeprefix("UPDATE_STATE_"),
+        from_version=status.from_version,
+        to_version=status.to_version,
+        committed_version=status.committed_version,
+        last_error=status.last_error,
+    )
+
+
+def _rpc_error(e: Exception) -> str:
+    if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):
+        return f"{e.code().name}: {e.details()}"
+    return f"{type(e).__name__}: {e}"
+
+
+class _DeviceUpdate:
+    """Update one model on one device: StartUpdate, then GetUpdateStatus every
+    ``poll_interval`` seconds until the update is at rest or ``timeout`` has passed."""
+
+    def __init__(
+        self, model: str, version: str, timeout: float, poll_interval: float, stop: threading.Event
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.stop = stop
+
+    def __call__(self, device: str) -> plan.DeviceResult:
+        deadline = time.monotonic() + self.timeout
+
+        def rpc_timeout() -> float:
+            return max(0.1, min(RPC_TIMEOUT_S, deadline - time.monotonic()))
+
+        with grpc.insecure_channel(device) as channel:
+            stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                reply = stub.StartUpdate(
+                    mpb.StartUpdateRequest(model=self.model, version=self.version),
+                    timeout=rpc_timeout(),
+                )
+            except grpc.RpcError as e:
+                return plan.refused(device, f"StartUpdate: {_rpc_error(e)}")
+            now = _view(reply.status)
+            if not reply.started:
+                return plan.already(device, now, reply.reason)
+            update_id = now.update_id
+            rpc_error = ""
+            while (result := plan.settle(device, update_id, now)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop.is_set():
+                    return plan.timed_out(device, now, self.timeout, rpc_error)
+                if self.stop.wait(min(self.poll_interval, left)):
+                    continue
+                try:
+                    answer = stub.GetUpdateStatus(
+                        mpb.GetUpdateStatusRequest(model=self.model), timeout=rpc_timeout()
+                    )
+                except grpc.RpcError as e:
+                    rpc_error = _rpc_error(e)
+                    if e.code().name in TRANSIENT_CODES:
+                        continue
+                    return plan.DeviceResult(
+                        device,
+                        plan.Outcome.ERROR,
+                        now.from_version,
+                        now.to_version,
+                        f"GetUpdateStatus: {rpc_error}",
+                    )
+                rpc_error = ""
+                mine = [s for s in answer.models if s.model == self.model]
+                if not mine:
+                    return plan.DeviceResult(
+                        device,
+                        plan.Outcome.ERROR,
+                        now.from_version,
+                        now.to_version,
+                        f"GetUpdateStatus has no status for model {self.model!r}",
+                    )
+                now = _view(mine[0])
+            return result
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(f"edged-fleet: {text}\n")
+    sys.stderr.flush()
+
+
+def _versions(r: plan.DeviceResult) -> str:
+    if r.outcome is plan.Outcome.SKIPPED or not (r.from_version or r.to_version):
+        return "-"
+    if r.from_version == r.to_version:
+        return r.from_version
+    return f"{r.from_version or '-'} -> {r.to_version or '?'}"
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    if args.canary > len(args.devices):
+        args.usage_error(
+            f"argument --canary: {args.canary} is more than the {len(args.devices)} "
+            "devices in --devices"
+        )
+    rollout = plan.Rollout(
+        args.devices, canary=args.canary, wave_size=args.wave_size, max_failures=args.max_failures
+    )
+    update = _DeviceUpdate(
+        args.model, args.model_version, args.health_timeout, args.poll_interval, threading.Event()
+    )
+    total = len(rollout.waves)
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(args.devices))) as pool:
+        try:
+            while wave := rollout.next_wave():
+                number = rollout.waves_started
+                name = f"wave {number} of {total}" + (" (canary)" if number == 1 else "")
+                _progress(f"{name}: {args.model} {args.model_version} on {', '.join(wave)}")
+                results = list(pool.map(update, wave))
+                for r in results:
+                    detail = r.last_error or r.note
+                    _progress(f"  {r.device}: {r.outcome} {_versions(r)} {detail}".rstrip())
+                rollout.record(results)
+        except KeyboardInterrupt:
+            # stop polling before the pool waits for its threads; the updates already
+            # started go on on their devices
+            update.stop.set()
+            raise
+    verdict = rollout.verdict()
+    results = rollout.results()
+    if args.json:
+        report = {
+            "model": args.model,
+            "requested": args.model_version,
+            "canary": rollout.canary,
+            "wave_size": rollout.wave_size,
+            "max_failures": rollout.max_failures,
+            "verdict": verdict.status,
+            "summary": verdict.summary,
+            "exit_code": verdict.exit_code,
+            "waves": verdict.waves,
+            "succeeded": verdict.succeeded,
+            "failed": verdict.failed,
+            "skipped": verdict.skipped,
+            "devices": [
+                {
+                    "device": r.device,
+                    "wave": r.wave or None,
+                    "state": str(r.outcome),
+                    "from_version": r.from_version,
+                    "to_version": r.to_version,
+                    "last_error": r.last_error,
+                    "note": r.note,
+                }
+                for r in results
+            ],
+        }
+        _out(json.dumps(report, indent=2))
+    else:
+        rows = [("device", "wave", "state", "version", "last_error")] + [
+            (r.device, str(r.wave or "-"), str(r.outcome), _versions(r), r.last_error or r.note)
+            for r in results
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            _out(("  ".join(cells) + "  " + row[4]).rstrip())
+        _out(verdict.summary)
+    return verdict.exit_code
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "init":
         publish.init(args.dir, keys_dir=args.keys, expiry=_expiry(args))
@@ -257,6 +580,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         signed = ", ".join(f"{k} v{v}" for k, v in done.versions.items())
         _out(f"published {done.target} (sha256 {done.sha256}, {done.length} bytes): {signed}")
+    elif args.command == "rollout":
+        return _rollout(args)
     elif args.command == "refresh":
         new = publish.refresh(args.dir, keys_dir=args.keys, expiry=_expiry(args))
         _out("signed " + ", ".join(f"{k} v{v}" for k, v in new.items()))
