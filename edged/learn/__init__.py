@@ -1,0 +1,1 @@
+"""On-device continual learning: trainable heads, strategies against forgetting, ONNX graphs."""
