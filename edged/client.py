@@ -143,6 +143,26 @@ class ZmqClient:
         """Name, versions, platform, max_batch_size, inputs and outputs of a model."""
         return self._op("model_metadata", model=model, version=version)
 
+    def add_samples(
+        self, model: str, inputs: Mapping[str, Array], labels: Sequence[int]
+    ) -> dict[str, Any]:
+        """Give a trainable model labelled samples (one label per row of the inputs' batch
+        axis); returns accepted, pending, stored, stored_bytes and triggered_job (a job id or
+        None). See docs/learning.md.
+
+        Raises:
+            ZmqClientError: the daemon refused the samples, or no reply in time.
+        """
+        rid = self._next_id()
+        frames = wire.encode_request(
+            "add_samples",
+            rid,
+            request=_request(model, inputs, None, "", None),
+            labels=[int(v) for v in labels],
+        )
+        result: dict[str, Any] = self._call(frames, rid, None)[0]["result"]
+        return result
+
     def server_metadata(self) -> dict[str, Any]:
         """Name, version and extensions of the daemon."""
         return self._op("server_metadata")
@@ -241,6 +261,20 @@ class AsyncZmqClient:
     async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
         """See ``ZmqClient.model_metadata``."""
         return await self._op("model_metadata", model=model, version=version)
+
+    async def add_samples(
+        self, model: str, inputs: Mapping[str, Array], labels: Sequence[int]
+    ) -> dict[str, Any]:
+        """See ``ZmqClient.add_samples``."""
+        rid = self._next_id()
+        frames = wire.encode_request(
+            "add_samples",
+            rid,
+            request=_request(model, inputs, None, "", None),
+            labels=[int(v) for v in labels],
+        )
+        result: dict[str, Any] = (await self._call(frames, rid, None))[0]["result"]
+        return result
 
     async def server_metadata(self) -> dict[str, Any]:
         """See ``ZmqClient.server_metadata``."""

@@ -70,14 +70,14 @@ def run(job_dir: Path) -> dict[str, Any]:
 
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
-    from edged.learn.strategies import Hyper, LearnState, fine_tune  # noqa: PLC0415
+    from edged.learn.strategies import Hyper, fine_tune, load_state, save_state  # noqa: PLC0415
 
     task = json.loads((job_dir / TASK_FILE).read_text())
     data = read_npz(job_dir / SAMPLES_FILE)
     x_train, y_train = data["x_train"], data["y_train"]
     x_new, y_new = data["x_holdout"], data["y_holdout"]
     head = load_head(Path(task["head"]))
-    state = LearnState.from_arrays(read_npz(task["state"]))
+    state = load_state(task["state"])
     hyper = Hyper(epochs=int(task["epochs"]))
     seed = int(task["seed"])
 
@@ -85,8 +85,18 @@ def run(job_dir: Path) -> dict[str, Any]:
         print(json.dumps({"progress": round(float(fraction), 4)}), flush=True)  # noqa: T201
 
     started = time.perf_counter()
+    # the held-out new samples join the state's held-out buffer: what is new now is old data
+    # to the next job
     candidate, new_state = fine_tune(
-        head, state, x_train, y_train, task["strategy"], hyper, seed, progress=progress
+        head,
+        state,
+        x_train,
+        y_train,
+        task["strategy"],
+        hyper,
+        seed,
+        progress=progress,
+        validation=(x_new, y_new),
     )
     train_seconds = time.perf_counter() - started
 
@@ -101,15 +111,12 @@ def run(job_dir: Path) -> dict[str, Any]:
         "trained_samples": len(y_train),
         "train_seconds": round(train_seconds, 4),
     }
-    # what is new now is old data to the next job: its held-out samples join the buffer
-    if len(y_new):
-        new_state.holdout.add(x_new, y_new, np.random.default_rng(seed + 1))
 
     out = job_dir / OUT_DIR
     out.mkdir(exist_ok=True)
     names = task["files"]
     save_head(out / names["head"], candidate)
-    write_npz(out / names["state"], new_state.to_arrays())
+    save_state(out / names["state"], new_state)
     shutil.copyfile(task["backbone"], out / names["backbone"])
     backbone = onnx.load(task["backbone"])
     served = compose(
