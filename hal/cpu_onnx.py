@@ -56,7 +56,9 @@ def session_options(options: ExecutorOptions) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    # FATAL only: a failing run raises, and edged logs it as a structured event; ORT's own
+    # ERROR line per failed run would be a second, unstructured copy on stderr
+    so.log_severity_level = 4
     return so
 
 

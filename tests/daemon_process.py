@@ -39,7 +39,11 @@ class DaemonProcess:
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.stderr = ""
+        # stderr is drained all the time: a pipe nobody reads fills up (64 KiB) and blocks
+        # whichever daemon thread writes to it next
+        self._stderr_lines: list[str] = []
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         self.address = ""
         self.zmq_endpoints: list[str] = []
         self.metrics_address = ""
@@ -58,6 +62,16 @@ class DaemonProcess:
         with self._cond:
             self._cond.notify_all()
 
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr_lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        """What the daemon wrote to stderr so far."""
+        return "".join(self._stderr_lines)
+
     def wait_for(self, event: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         """The first log event named ``event`` (with ``fields``); fails on timeout or exit."""
         deadline = time.monotonic() + timeout
@@ -69,7 +83,7 @@ class DaemonProcess:
                 if self.proc.poll() is not None and not self._reader.is_alive():
                     raise RuntimeError(
                         f"edged exited ({self.proc.returncode}) before '{event}': "
-                        f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                        f"{self.stderr}"
                         f" {self.events[-5:]}"
                     )
                 left = deadline - time.monotonic()
@@ -97,8 +111,7 @@ class DaemonProcess:
             self.proc.kill()
             code = self.proc.wait()
         self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.stderr = self.proc.stderr.read()
+        self._stderr_reader.join(5)
         return code
 
 

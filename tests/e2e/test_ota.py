@@ -4,6 +4,7 @@ processes, a client sending requests over gRPC all the while.
 (a) digits 1 -> 2 ("latest") under load: zero failed requests, 2 serves once COMMITTED;
 (b) a bundle whose self-test fails: FAILED with the reason, 1 still serves, zero failures;
 (c) a version too slow for ota.max_p99_ms in its health window: ROLLED_BACK, 1 serves again;
+    one that fails requests past ota.max_error_rate: ROLLED_BACK within a second;
 (d) a tampered target: FAILED, the TUF error class named in GetUpdateStatus;
 (e) kill -9 in every state, restart: the committed version serves (the new one only if it had
     been committed) and the update is finished or undone.
@@ -462,3 +463,63 @@ def test_kill_9_in_every_state(
                 assert state_name(reply.status.state) == "COMMITTED", reply.status.last_error
     finally:
         assert again.stop() == 0, again.stderr
+
+
+def poisoned_digits_model() -> bytes:
+    """digits v1 that fails inside ONNX Runtime on any row whose first pixel is 64 or more
+    (it indexes a 64-entry table with it); digits' pixels are 0..16, so it passes its
+    self-test and serves real digits correctly."""
+    model = onnx.load_from_string(DIGITS_V1)
+    graph = model.graph
+    (output,) = [o for o in graph.output if o.name == "probabilities"]
+    for node in graph.node:
+        node.output[:] = ["probs_raw" if n == "probabilities" else n for n in node.output]
+        node.input[:] = ["probs_raw" if n == "probabilities" else n for n in node.input]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros(64, np.float32), "table"),
+            numpy_helper.from_array(np.array([0], np.int64), "first"),
+            numpy_helper.from_array(np.array([1], np.int64), "second"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Slice", ["input", "first", "second", "second"], ["pixel0"]),
+            helper.make_node("Cast", ["pixel0"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["zeros"]),  # [N, 1]
+            helper.make_node("Add", ["probs_raw", "zeros"], [output.name]),
+        ]
+    )
+    onnx.checker.check_model(model)
+    return model.SerializeToString(deterministic=True)
+
+
+def poisoned(i: int) -> np.ndarray:
+    x = SAMPLE[:1].copy()
+    x[0, 0] = 100.0
+    return x
+
+
+def test_health_window_rolls_back_a_failing_version(
+    tmp_path: Path, models: Path, ota_repo: OtaRepo
+) -> None:
+    ota_repo.publish_digits(2, poisoned_digits_model())
+    daemon = serve(models, ota_repo, tmp_path / "state", health_window_s=10, max_error_rate=0.2)
+    try:
+        with Load(daemon.address, poisoned) as load:
+            started = time.monotonic()
+            reply = management(daemon.address).StartUpdate(
+                mpb.StartUpdateRequest(model="digits", version="2", wait=True), timeout=60
+            )
+            rolled_back_at = time.monotonic()
+        assert state_name(reply.status.state) == "ROLLED_BACK", reply.status.last_error
+        assert "health window: error rate" in reply.status.last_error
+        assert rolled_back_at - started < 8
+        failed = load.failures()
+        assert failed, "version 2 failed requests during its window"
+        assert all(r.started < rolled_back_at for r in failed)
+        assert {r.version for r in load.results if r.started > rolled_back_at} == {"1"}
+        assert served_version(daemon.address) == "1"
+        assert not (models / "digits" / "2").exists()
+    finally:
+        assert daemon.stop() == 0, daemon.stderr

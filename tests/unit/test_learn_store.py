@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_models_are_kept_apart(tmp_path: Path) -> None:
 def test_learned_batches_make_room_pending_ones_never_do(tmp_path: Path) -> None:
     store = LearnStore(tmp_path, max_samples=10)
     store.add("m", _features(6), np.zeros(6, np.int64))
-    with pytest.raises(OverloadedError, match="learn.max_samples"):
+    with pytest.raises(OverloadedError, match=r"learn\.max_samples"):
         store.add("m", _features(6), np.zeros(6, np.int64))
     assert store.counts("m").stored == 6  # the refused batch stored nothing
     first = store.pending("m")
@@ -69,7 +70,7 @@ def test_byte_cap_is_shared_between_models(tmp_path: Path) -> None:
     store = LearnStore(tmp_path, max_bytes=one_batch * 2)
     store.add("a", _features(4), np.zeros(4, np.int64))
     store.add("b", _features(4), np.zeros(4, np.int64))
-    with pytest.raises(OverloadedError, match="learn.max_store_bytes"):
+    with pytest.raises(OverloadedError, match=r"learn\.max_store_bytes"):
         store.add("a", _features(4), np.zeros(4, np.int64))
     store.mark(store.pending("b").ids, SampleStatus.REJECTED, job_id=3)
     store.add("a", _features(4), np.zeros(4, np.int64))
@@ -78,8 +79,6 @@ def test_byte_cap_is_shared_between_models(tmp_path: Path) -> None:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
