@@ -1012,6 +1012,7 @@ def _train(
             idx = order[start : start + hyper.batch_size]
             bx, by = x[idx], y[idx]
             distil = slice(0, idx.shape[0])  # the rows LwF distils
+            classes: np.ndarray | None = None if lwf is None else lwf[1]
             old = None if old_new is None else old_new[idx]
             if replay is not None:
                 ridx = rng.integers(0, replay[1].shape[0], size=idx.shape[0])
@@ -1019,10 +1020,11 @@ def _train(
                 by = np.concatenate([by, replay[1][ridx]])
                 distil = slice(idx.shape[0], 2 * idx.shape[0])
                 old = None if old_replay is None else old_replay[ridx]
+                classes = None  # old samples: the old head's whole output is the target
             acts, logits = _forward(out, out.standardise(bx))
             _, dlogits = cross_entropy(logits, by)
             if lwf is not None and old is not None:
-                _, g = lwf_loss(logits[distil], old, hyper.temperature, hyper.lwf_alpha, lwf[1])
+                _, g = lwf_loss(logits[distil], old, hyper.temperature, hyper.lwf_alpha, classes)
                 dlogits[distil] += g
             grads = _backward(out, acts, dlogits)
             if ewc is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.updater import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
@@ -212,10 +213,12 @@ class TufClient:
             tuf.api.exceptions.RepositoryError, DownloadError: refresh failed.
             OtaError: no trusted root.
         """
-        updater = self._updater()
-        updater.refresh()
-        # ngclient has no public listing; the trusted set holds the verified top-level targets
-        targets = updater._trusted_set.targets.targets
+        self._updater().refresh()
+        # ngclient has no public listing of targets, but it persists each top-level role to
+        # metadata_dir only after verifying it (signatures, thresholds, expiry, version and
+        # snapshot consistency): what refresh() just trusted is that targets.json
+        trusted = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
+        targets = trusted.signed.targets
         found: dict[str, dict[int, Mapping[str, Any]]] = {}
         for path, info in targets.items():
             parsed = publish.parse_target_path(path)
