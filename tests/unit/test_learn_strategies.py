@@ -374,7 +374,8 @@ def test_fine_tune_changes_neither_input_and_is_deterministic(
     if after.lda is not None:
         assert after.lda.total == state.lda.total + 120  # type: ignore[union-attr]
     tuned, _ = fine_tune(head, state, new_x, new_y, strategy, tuned_hyper(strategy), 7)
-    assert accuracy(tuned, new_x, new_y) > 0.6  # it learnt something (chance is 1/6)
+    # It learnt something of the new classes (the head knew none of them).
+    assert accuracy(tuned, new_x, new_y) > accuracy(head, new_x, new_y) + 0.25
 
 
 def test_strategies_remember_more_than_naive(task_a: tuple[Head, np.ndarray, np.ndarray]) -> None:
