@@ -899,14 +899,16 @@ def pooled_standardiser(
     """Standardisation statistics of the old data (``mean``, ``scale``, over ``count``
     samples; ``scale**2`` taken as their variance) pooled with ``features``' (Chan's
     merge); ``count`` 0 weighs the old statistics as much as the new samples."""
-    x = np.asarray(features, dtype=np.float64)
+    x = np.asarray(features, dtype=_F32)
     n_new = x.shape[0]
     n_old = count if count > 0 else n_new
     n = n_old + n_new
-    new_mean = x.mean(axis=0)
+    # float64 sums without a float64 copy of x (a fine-tune's memory stays small)
+    new_mean = np.sum(x, axis=0, dtype=np.float64) / n_new
+    new_var = np.maximum(np.einsum("ij,ij->j", x, x, dtype=np.float64) / n_new - new_mean**2, 0)
     delta = new_mean - mean
     pooled_mean = mean + delta * (n_new / n)
-    m2 = n_old * scale.astype(np.float64) ** 2 + n_new * x.var(axis=0)
+    m2 = n_old * scale.astype(np.float64) ** 2 + n_new * new_var
     pooled_var = (m2 + delta**2 * (n_old * n_new / n)) / n
     return (
         pooled_mean.astype(_F32),
