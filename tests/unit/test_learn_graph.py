@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edged.learn.graph import IR_VERSION, OPSET, compose, mlp_backbone
-from edged.learn.head import Head, init_head, standardiser
+from edged.learn.head import Head, accuracy, init_head, load_head, read_npz, standardiser
+from edged.learn.strategies import load_state
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -151,3 +154,31 @@ def test_mlp_backbone_refuses_shapes_that_do_not_chain() -> None:
         mlp_backbone([np.zeros((4, 3)), np.zeros((5, 2))], [np.zeros(3), np.zeros(2)])
     with pytest.raises(ValueError, match="at least one"):
         mlp_backbone([], [])
+
+
+def test_the_example_trainable_model_is_backbone_plus_head() -> None:
+    """models/digits_learn: model.onnx is exactly compose(backbone.onnx, head.npz), and the
+    files the daemon and its tests read are what they should be (no retraining here: the
+    byte-for-byte rebuild is models/build_trainable.py --check)."""
+    root = Path(__file__).resolve().parents[2] / "models" / "digits_learn"
+    version = root / "1"
+    backbone = onnx.load(str(version / "backbone.onnx"))
+    served = onnx.load(str(version / "model.onnx"))
+    head = load_head(version / "head.npz")
+    rebuilt = compose(backbone, head, doc=served.doc_string)
+    assert rebuilt.SerializeToString(deterministic=True) == (version / "model.onnx").read_bytes()
+    state = load_state(version / "learn_state.npz")
+    assert state.replay is not None
+    assert (len(state.replay), len(state.holdout), state.tasks) == (200, 100, 0)
+    assert set(state.holdout.labels.tolist()) == {0, 1, 2, 3, 4}
+    new, old = read_npz(root / "test_new.npz"), read_npz(root / "test_old.npz")
+    for data, classes in ((new, {5, 6, 7, 8, 9}), (old, {0, 1, 2, 3, 4})):
+        assert data["x"].dtype == np.float32
+        assert data["x"].shape == (100, 64)
+        assert data["y"].dtype == np.int64
+        assert set(data["y"].tolist()) == classes
+    (features,) = _session(backbone).run(["features"], {"input": old["x"]})
+    assert accuracy(head, features, old["y"]) > 0.95
+    assert (
+        accuracy(head, _session(backbone).run(["features"], {"input": new["x"]})[0], new["y"]) == 0
+    )
