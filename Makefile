@@ -49,6 +49,7 @@ protos-check: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python models/build.py
 	$(BIN)/python models/build_tflite.py
+	$(BIN)/python models/build_trainable.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import math
 import os
 import resource
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ log = structlog.get_logger("edged.learn")
 LEARNING_OFF = "on-device learning is off: set learn.enabled (docs/learning.md)"
 
 JOBS_DIR = Path("learn") / "jobs"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LINEAGE_FILE = worker.LINEAGE_FILE
 
 
@@ -622,7 +625,13 @@ def _classes(mv: ModelVersion) -> int:
 
 
 def _limits(memory_mb: int, cpu_s: float, nice: int) -> Callable[[], None]:
+    """The worker's limits, set in the child before it runs Python: address space, CPU time,
+    niceness, and (Linux) death with the daemon, so a killed daemon leaves no worker behind."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
     def apply() -> None:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if memory_mb:
             limit = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -70,7 +70,7 @@ def run(job_dir: Path) -> dict[str, Any]:
 
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
-    from edged.learn.strategies import Hyper, fine_tune, load_state, save_state  # noqa: PLC0415
+    from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
 
     task = json.loads((job_dir / TASK_FILE).read_text())
     data = read_npz(job_dir / SAMPLES_FILE)
@@ -78,7 +78,8 @@ def run(job_dir: Path) -> dict[str, Any]:
     x_new, y_new = data["x_holdout"], data["y_holdout"]
     head = load_head(Path(task["head"]))
     state = load_state(task["state"])
-    hyper = Hyper(epochs=int(task["epochs"]))
+    # the hyperparameters chosen for this strategy on the benchmark's validation split
+    hyper = tuned_hyper(task["strategy"], epochs=int(task["epochs"]))
     seed = int(task["seed"])
 
     def progress(fraction: float) -> None:
