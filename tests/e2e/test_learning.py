@@ -304,3 +304,65 @@ def test_learning_off_answers_unavailable(models: Path, tmp_path: Path) -> None:
     finally:
         channel.close()
         daemon.stop()
+
+
+def test_kill_9_during_a_job(models: Path, tmp_path: Path) -> None:
+    """kill -9 while a job trains: its worker dies with the daemon; after the restart the job
+    is FAILED (interrupted), version 1 serves, and every sample still waits."""
+    state = tmp_path / "state"
+    daemon = serve(models, state, EDGED_LEARN_EPOCHS="1000")
+    channel, stub = management(daemon.address)
+    x = np.concatenate([NEW["x"]] * 10)
+    y = np.concatenate([NEW["y"]] * 10)
+    try:
+        for i in range(0, len(y), 100):
+            stub.AddSamples(add_request(x[i : i + 100], y[i : i + 100]))
+        job = stub.StartFineTune(mpb.StartFineTuneRequest(model=MODEL)).job
+        deadline = time.monotonic() + 30
+        while stub.GetJob(mpb.GetJobRequest(job_id=job.id)).job.progress == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = _workers(state)
+        assert workers, "the job's worker process is running"
+    finally:
+        channel.close()
+        daemon.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the worker outlived its daemon"
+        time.sleep(0.05)
+    again = serve(models, state)
+    channel, stub = management(again.address)
+    try:
+        after = stub.GetJob(mpb.GetJobRequest(job_id=job.id))
+        assert mpb.JobState.Name(after.job.state) == "JOB_STATE_FAILED"
+        assert "interrupted by a restart" in after.job.error
+        assert after.counts.pending == len(y)
+        assert sorted(p.name for p in (models / MODEL).iterdir() if p.name.isdigit()) == ["1"]
+        assert not (state / "learn" / "jobs").exists()
+    finally:
+        channel.close()
+        again.stop()
+
+
+def _workers(state: Path) -> list[int]:
+    """Processes running edged.learn.worker on a job folder under ``state``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"edged.learn.worker" in argv and any(str(state).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
