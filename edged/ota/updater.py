@@ -555,21 +555,32 @@ class UpdateManager:
             if why:
                 raise InvalidInputError(why)
         self._check_idle(model)
+        record = await self._begin(model, Kind.UPDATE, requested, committed, number)
+        await self._launch(record, self._update(record), wait)
+        return StartResult(await self._one_status(model), True)
+
+    async def _begin(
+        self, model: str, kind: Kind, requested: str, committed: int | None, version: int
+    ) -> UpdateRecord:
+        """Record a new update (DOWNLOADING) and publish its first state.
+
+        Raises:
+            AlreadyExistsError: the store refused it (an update of ``model`` is in progress).
+        """
         try:
             record = await asyncio.to_thread(
                 self.store.begin,
                 model,
-                Kind.UPDATE,
+                kind,
                 requested=requested,
                 from_version=committed,
-                to_version=number,
+                to_version=version,
                 at=self._clock(),
             )
         except Exception as e:
             raise AlreadyExistsError(f"cannot start an update of '{model}': {e}") from e
         self._published(None, record)
-        await self._launch(record, self._update(record), wait)
-        return StartResult(await self._one_status(model), True)
+        return record
 
     async def _check_model(self, model: str) -> None:
         names = await asyncio.to_thread(self.manager.models_on_disk)
@@ -696,19 +707,7 @@ class UpdateManager:
             raise InvalidInputError(
                 f"version {version} is not above the committed version {committed}"
             )
-        try:
-            record = await asyncio.to_thread(
-                self.store.begin,
-                model,
-                Kind.FINE_TUNE,
-                requested=requested,
-                from_version=committed,
-                to_version=version,
-                at=self._clock(),
-            )
-        except Exception as e:
-            raise AlreadyExistsError(f"cannot start an update of '{model}': {e}") from e
-        self._published(None, record)
+        record = await self._begin(model, Kind.FINE_TUNE, requested, committed, version)
         if on_start is not None:
             await on_start(record)
         model_dir = self.repository / model
