@@ -366,3 +366,36 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "State:\tZ" not in status
+
+
+def test_kill_9_while_publishing(models: Path, tmp_path: Path) -> None:
+    """kill -9 while the fine-tuned version is on trial: OTA recovery rolls it back at the
+    restart, and the job takes that outcome (FAILED); version 1 serves, the samples wait."""
+    state = tmp_path / "state"
+    daemon = serve(models, state, EDGED_OTA_HEALTH_WINDOW_S="60")
+    channel, stub = management(daemon.address)
+    try:
+        stub.AddSamples(add_request(NEW["x"][:50], NEW["y"][:50]))
+        job = stub.StartFineTune(mpb.StartFineTuneRequest(model=MODEL)).job
+        daemon.wait_for("ota_state", state="ACTIVE_TRIAL", timeout=30)
+        during = stub.GetJob(mpb.GetJobRequest(job_id=job.id)).job
+        assert mpb.JobState.Name(during.state) == "JOB_STATE_PUBLISHING"
+        assert during.new_version == "2"
+        assert during.update_id > 0
+    finally:
+        channel.close()
+        daemon.stop(signal.SIGKILL)
+    again = serve(models, state)
+    channel, stub = management(again.address)
+    try:
+        after = stub.GetJob(mpb.GetJobRequest(job_id=job.id))
+        assert mpb.JobState.Name(after.job.state) == "JOB_STATE_FAILED"
+        assert "publishing ended ROLLED_BACK" in after.job.error
+        assert after.counts.pending == 50
+        status = stub.GetUpdateStatus(mpb.GetUpdateStatusRequest(model=MODEL)).models[0]
+        assert (status.kind, status.committed_version) == ("fine-tune", "1")
+        assert sorted(p.name for p in (models / MODEL).iterdir() if p.name.isdigit()) == ["1"]
+        assert accuracy(again.address, NEW["x"], NEW["y"]) == 0.0  # version 1 knows no 5-9
+    finally:
+        channel.close()
+        again.stop()
