@@ -1,5 +1,6 @@
 """The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request; ``devices``
-prints what the hardware probe finds."""
+prints what the hardware probe finds; ``learn`` gives a running daemon labelled samples and
+starts and lists its fine-tune jobs."""
 
 from __future__ import annotations
 
@@ -84,6 +85,56 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--save", type=Path, metavar="DIR", help="also write each output to DIR/NAME.npy"
     )
+
+    learn = commands.add_parser(
+        "learn",
+        help="on-device learning: add samples, start and list fine-tune jobs",
+        description="Talk to a running daemon's on-device learning (edged.v1.Management; "
+        "learn.enabled must be on; docs/learning.md). Prints the reply as JSON.",
+    )
+    actions = learn.add_subparsers(dest="action", required=True)
+    add = actions.add_parser(
+        "add",
+        help="store labelled samples of a trainable model (AddSamples)",
+        description="Send the inputs (one sample per row of the batch axis) and one integer "
+        "label per sample; the daemon stores their backbone features.",
+    )
+    add.add_argument("model", help="a model whose model.toml has a [learn] table")
+    add.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
+        help="an input tensor from a .npy file (repeat per input)",
+    )
+    add.add_argument(
+        "--labels", type=Path, required=True, metavar="FILE.npy", help="integer labels, shape [N]"
+    )
+    start = actions.add_parser(
+        "start",
+        help="fine-tune a model on the samples waiting for it (StartFineTune)",
+        description="Start a fine-tune job; with --wait, answer once it is PROMOTED, "
+        "REJECTED or FAILED. Exits 1 unless the job was promoted (with --wait) or started.",
+    )
+    start.add_argument("model", help="a trainable model")
+    start.add_argument(
+        "--strategy",
+        default="",
+        help="naive, ewc, lwf, replay, streaming-lda, replay+lwf or replay+ewc "
+        "(default: the model's)",
+    )
+    start.add_argument("--wait", action="store_true", help="wait for the job to come to rest")
+    jobs = actions.add_parser(
+        "jobs",
+        help="past and running jobs, and the sample store (ListJobs)",
+        description="Jobs newest first, and each trainable model's sample counts.",
+    )
+    jobs.add_argument("model", nargs="?", default="", help="only this model")
+    jobs.add_argument("--limit", type=int, default=0, help="at most this many jobs")
+    for sub in (add, start, jobs):
+        sub.add_argument("--address", default="127.0.0.1:8001", help="daemon's gRPC HOST:PORT")
+        sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     return parser
 
 
@@ -184,6 +235,56 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+    from google.protobuf.message import Message
+
+    from edged._proto.edged.v1 import management_pb2 as mpb
+    from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
+    from edged._proto.inference import grpc_service_pb2 as ipb
+    from edged.core.types import InferRequest
+    from edged.frontends.kserve_codec import request_to_proto
+
+    request: Message
+    if args.action == "add":
+        try:
+            inputs = dict(_load_input(s) for s in args.input)
+            labels = np.load(args.labels, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            print(f"edged learn add: {e}", file=sys.stderr)
+            return 2
+        if labels.dtype.kind not in "iu":
+            print(f"edged learn add: --labels holds {labels.dtype}, not integers", file=sys.stderr)
+            return 2
+        wire: ipb.ModelInferRequest = request_to_proto(
+            InferRequest(model_name=args.model, inputs=inputs)
+        )
+        request = mpb.AddSamplesRequest(
+            model=args.model,
+            inputs=wire.inputs,
+            raw_input_contents=wire.raw_input_contents,
+            labels=[int(v) for v in labels.reshape(-1)],
+        )
+    elif args.action == "start":
+        request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy, wait=args.wait)
+    else:
+        request = mpb.ListJobsRequest(model=args.model, limit=max(0, args.limit))
+    with grpc.insecure_channel(args.address) as channel:
+        stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
+        call = {"add": stub.AddSamples, "start": stub.StartFineTune, "jobs": stub.ListJobs}
+        try:
+            reply = call[args.action](request, timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"edged learn {args.action}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    if args.action == "start":
+        state = mpb.JobState.Name(reply.job.state)
+        return 0 if state in ("JOB_STATE_PROMOTED", "JOB_STATE_RUNNING") else 1
+    return 0
+
+
 def _devices(args: argparse.Namespace) -> int:
     from hal.probe import format_table, probe
 
@@ -202,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "devices":
         return _devices(args)
+    if args.command == "learn":
+        return _learn(args)
     return _infer(args)
 
 

@@ -30,7 +30,7 @@ from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged._proto.inference import grpc_service_pb2 as ipb
 from edged.client import ZmqClient, ZmqClientError
-from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
+from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -399,3 +399,27 @@ def test_kill_9_while_publishing(models: Path, tmp_path: Path) -> None:
     finally:
         channel.close()
         again.stop()
+
+
+def test_edged_learn_cli(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """`edged learn add|start|jobs` against a running daemon."""
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(x, NEW["x"][:50].astype(np.float32))
+    np.save(y, NEW["y"][:50])
+    address = ["--address", daemon.address]
+    added = run_cli("learn", "add", MODEL, "--input", f"input={x}", "--labels", str(y), *address)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["accepted"] == "50"  # uint64 is a string in proto JSON
+    started = run_cli("learn", "start", MODEL, "--wait", *address)
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    assert (job["state"], job["new_version"]) == ("JOB_STATE_PROMOTED", "2")
+    listed = run_cli("learn", "jobs", *address)
+    assert listed.returncode == 0, listed.stderr
+    report = json.loads(listed.stdout)
+    assert [j["id"] for j in report["jobs"]] == [job["id"]]
+    assert report["counts"][0]["model"] == MODEL
+    again = run_cli("learn", "start", MODEL, *address)
+    assert again.returncode == 1
+    assert "INVALID_ARGUMENT" in again.stderr
+    assert "learn.min_samples" in again.stderr
