@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ models: $(STAMP)
 	$(BIN)/python models/build.py
 	$(BIN)/python models/build_tflite.py
 	$(BIN)/python models/build_trainable.py
+
+# edged_<version>_<arch>.deb in dist/ (packaging/build-deb.sh; DEB_ARCH=arm64 for gateways).
+DEB_ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+deb: $(STAMP)
+	PYTHON=$(BIN)/python packaging/build-deb.sh --arch $(DEB_ARCH) --out dist
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
