@@ -52,7 +52,12 @@ mkdir "$work/src"
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md edged hal \
     | tar -xf - -C "$work/src"
 echo "build-deb.sh: building the edged $version wheel" >&2
-"$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheels" "$work/src"
+if ! "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$wheels" \
+        "$work/src"; then
+    echo "build-deb.sh: could not build the edged wheel (its build backend, setuptools, comes" \
+         "from the package index: is it reachable? pip's error is above)" >&2
+    exit 1
+fi
 
 # 2. The runtime dependencies for the target: binary wheels only, for CPython 3.11 and every
 #    manylinux tag from glibc $glibc down to manylinux2014 (glibc 2.17), newest preferred, as
