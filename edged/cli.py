@@ -27,6 +27,17 @@ def _config_epilog() -> str:
     return "\n".join(lines)
 
 
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
+        help="an input tensor from a .npy file (repeat per input)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
@@ -64,14 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Send one ModelInfer request and print the outputs as JSON.",
     )
     infer.add_argument("model", help="model name")
-    infer.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=FILE.npy",
-        required=True,
-        help="an input tensor from a .npy file (repeat per input)",
-    )
+    _add_inputs(infer)
     infer.add_argument(
         "--output",
         action="append",
@@ -100,14 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         "label per sample; the daemon stores their backbone features.",
     )
     add.add_argument("model", help="a model whose model.toml has a [learn] table")
-    add.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=FILE.npy",
-        required=True,
-        help="an input tensor from a .npy file (repeat per input)",
-    )
+    _add_inputs(add)
     add.add_argument(
         "--labels", type=Path, required=True, metavar="FILE.npy", help="integer labels, shape [N]"
     )
