@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import structlog
 
 from edged.config import LearnConfig
@@ -113,26 +112,19 @@ def judge(metrics: Mapping[str, Any], max_old_drop: float, min_new_gain: float) 
 
 
 class _Backbones:
-    """ONNX Runtime sessions of served versions' backbones, one thread each."""
+    """One ONNX Runtime session per trainable model: its served version's backbone (a new
+    version's replaces the old one's)."""
 
     def __init__(self) -> None:
-        self._sessions: dict[Path, Any] = {}
+        self._sessions: dict[str, tuple[Path, Any]] = {}
 
-    def features(self, path: Path, output: str, inputs: Mapping[str, Array]) -> Array:
-        session = self._sessions.get(path)
-        if session is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-            self._sessions = {**self._sessions, path: session}
-        (result,) = session.run([output], dict(inputs))
+    def features(self, model: str, path: Path, output: str, inputs: Mapping[str, Array]) -> Array:
+        cached = self._sessions.get(model)
+        if cached is None or cached[0] != path:
+            cached = (path, worker.backbone_session(path))
+            self._sessions = {**self._sessions, model: cached}
+        (result,) = cached[1].run([output], dict(inputs))
         return np.asarray(result, dtype=np.float32)
-
-    def forget(self, keep: set[Path]) -> None:
-        self._sessions = {p: s for p, s in self._sessions.items() if p in keep}
 
 
 # -- the manager -----------------------------------------------------------------------------
@@ -278,7 +270,7 @@ class LearnManager:
             )
         path = mv.spec.path / str(mv.version) / spec.backbone
         features = await asyncio.to_thread(
-            self._backbones.features, path, spec.features, dict(inputs)
+            self._backbones.features, model, path, spec.features, dict(inputs)
         )
         if features.ndim != 2 or features.shape[0] != count:
             raise InvalidInputError(

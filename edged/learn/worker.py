@@ -63,10 +63,9 @@ def _accuracy(head: Any, features: np.ndarray, labels: np.ndarray) -> float | No
 
 def run(job_dir: Path) -> dict[str, Any]:
     """Do the job in ``job_dir``; returns what result.json holds."""
-    # imported here: the daemon imports this module for its file names only, and never
-    # needs the onnx package or the trainer in its own process
+    # imported here: the daemon imports this module for its file names and backbone_session,
+    # and never needs the onnx package or the trainer in its own process
     import onnx  # noqa: PLC0415
-    import onnxruntime as ort  # noqa: PLC0415
 
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
@@ -126,9 +125,7 @@ def run(job_dir: Path) -> dict[str, Any]:
     onnx.save(served, out / names["model"])
 
     inputs = _random_inputs(task["inputs"], seed)
-    session = ort.InferenceSession(
-        task["backbone"], providers=["CPUExecutionProvider"], sess_options=_one_thread(ort)
-    )
+    session = backbone_session(task["backbone"])
     (features,) = session.run([task["features"]], inputs)
     write_npz(
         out / SELFTEST_FILE,
@@ -153,11 +150,15 @@ def run(job_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def _one_thread(ort: Any) -> Any:
+def backbone_session(path: str | Path) -> Any:
+    """An ONNX Runtime CPU session of a backbone on one thread: the daemon's intake and this
+    worker both compute features with it."""
+    import onnxruntime as ort  # noqa: PLC0415 -- see run()
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    return options
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def main(argv: list[str] | None = None) -> int:
