@@ -45,7 +45,7 @@ from edged.core.errors import (
 from edged.core.types import Array, InferRequest
 from edged.learn import worker
 from edged.learn.head import read_npz, write_npz
-from edged.learn.store import Counts, JobRecord, JobState, LearnStore, SampleStatus
+from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
 from edged.ota.state import State
 from edged.ota.updater import SelfTest, UpdateManager, describe_error
 from edged.serving.manager import ModelManager
@@ -401,7 +401,7 @@ class LearnManager:
         return after
 
     async def _run(
-        self, record: JobRecord, mv: ModelVersion, spec: LearnSpec, samples: Any
+        self, record: JobRecord, mv: ModelVersion, spec: LearnSpec, samples: Samples
     ) -> JobRecord:
         job_dir = self.jobs_dir / str(record.id)
         try:
@@ -436,7 +436,7 @@ class LearnManager:
         record: JobRecord,
         mv: ModelVersion,
         spec: LearnSpec,
-        samples: Any,
+        samples: Samples,
         job_dir: Path,
     ) -> dict[str, Any]:
         version_dir = mv.spec.path / str(mv.version)
@@ -552,7 +552,7 @@ class LearnManager:
         record: JobRecord,
         mv: ModelVersion,
         spec: LearnSpec,
-        samples: Any,
+        samples: Samples,
         job_dir: Path,
         metrics: dict[str, Any],
         verdict: Verdict,
