@@ -18,11 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from edged.core.errors import ConfigError
+from edged.security.roles import parse_identities, parse_roles
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 ENV_PREFIX = "EDGED_"
-# Environment variables with the prefix that are not config keys.
-_ENV_NOT_KEYS = frozenset({"EDGED_CONFIG"})
+# Environment variables with the prefix that are not config keys: the config file, and the
+# client commands' credentials (`edged infer|learn`, `edged-fleet rollout`; docs/security.md).
+CLIENT_ENV = {
+    "ca": "EDGED_CLIENT_CA",
+    "cert": "EDGED_CLIENT_CERT",
+    "key": "EDGED_CLIENT_KEY",
+    "token": "EDGED_CLIENT_TOKEN",
+}
+_ENV_NOT_KEYS = frozenset({"EDGED_CONFIG", *CLIENT_ENV.values()})
 
 
 def _positive(value: Any) -> str | None:
@@ -37,6 +45,26 @@ def _address(value: Any) -> str | None:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         return "must be HOST:PORT with a port from 0 to 65535"
+    return None
+
+
+def _optional_address(value: Any) -> str | None:
+    return _address(value) if value else None
+
+
+def _roles(value: Any) -> str | None:
+    try:
+        parse_roles(value, "roles")
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _identities(value: Any) -> str | None:
+    try:
+        parse_identities(value, "entry")
+    except ConfigError as e:
+        return str(e)
     return None
 
 
@@ -90,6 +118,15 @@ class ServerConfig:
     stream_max_in_flight: int = field(
         default=64,
         metadata=_key("Requests one ModelStreamInfer stream may have running at once.", _positive),
+    )
+    management_address: str = field(
+        default="",
+        metadata=_key(
+            "HOST:PORT of a second gRPC listener serving edged.v1.Management (OTA, learning) "
+            "beside the KServe service; Management then leaves grpc_address. Empty: one "
+            "listener serves both.",
+            _optional_address,
+        ),
     )
 
 
@@ -193,6 +230,110 @@ class ZmqConfig:
         default=256,
         metadata=_key(
             "Requests the endpoint runs at once; more wait in ZeroMQ's queues.", _positive
+        ),
+    )
+    curve_secret_key_file: str = field(
+        default="",
+        metadata=_key(
+            "The server's CURVE key pair (a zmq.auth .key_secret file): tcp:// endpoints then "
+            "encrypt and accept only the clients in curve_clients_dir; ipc:// endpoints keep "
+            "file permissions. Empty: no CURVE."
+        ),
+    )
+    curve_clients_dir: str = field(
+        default="",
+        metadata=_key(
+            "Folder of the allowed clients' CURVE public keys (zmq.auth .key files), re-read "
+            "when it changes; required with curve_secret_key_file."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if bool(self.curve_secret_key_file) != bool(self.curve_clients_dir):
+            raise ConfigError(
+                "config key 'zmq.curve_clients_dir': zmq.curve_secret_key_file and "
+                "zmq.curve_clients_dir go together"
+            )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """[tls]: TLS on the gRPC listeners, mutual TLS with a client CA (docs/security.md). The
+    files are re-read when they change (each new connection checks), so a renewal needs no
+    restart and drops no connection."""
+
+    cert_file: str = field(
+        default="",
+        metadata=_key("PEM certificate chain of the server (leaf first); empty: plaintext gRPC."),
+    )
+    key_file: str = field(
+        default="", metadata=_key("PEM private key of cert_file (unencrypted; mode 0600).")
+    )
+    client_ca_file: str = field(
+        default="",
+        metadata=_key(
+            "PEM bundle of the CAs that sign client certificates: every client must present "
+            "one at the handshake (mutual TLS), and its subject CN/SANs name it in "
+            "auth.identities; empty: no client certificates."
+        ),
+    )
+    listeners: str = field(
+        default="all",
+        metadata=_key(
+            "Which gRPC listeners use TLS: all, or only server.management_address (the "
+            "inference listener stays plaintext, e.g. on loopback).",
+            _one_of("all", "management"),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError(
+                "config key 'tls.key_file': tls.cert_file and tls.key_file go together"
+            )
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("config key 'tls.client_ca_file': needs tls.cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        """A server certificate is configured."""
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """[auth]: who may call what (docs/security.md). Roles: infer, read, manage, learn."""
+
+    tokens_file: str = field(
+        default="",
+        metadata=_key(
+            "File of hashed bearer tokens written by `edged token add` and `revoke`, re-read "
+            "when it changes; empty: no tokens."
+        ),
+    )
+    identities: tuple[str, ...] = field(
+        default=(),
+        metadata=_key(
+            "Roles of verified client identities, as NAME=ROLE+ROLE: NAME is a client "
+            "certificate's subject CN or a SAN, or curve:<Z85 public key> of a ZeroMQ CURVE "
+            "client. In the environment: comma-separated.",
+            _identities,
+        ),
+    )
+    anonymous_roles: tuple[str, ...] = field(
+        default=("infer", "read"),
+        metadata=_key(
+            "Roles every caller has, with or without credentials; empty to require a token or "
+            "identity for everything but liveness and readiness.",
+            _roles,
+        ),
+    )
+    trust_loopback: bool = field(
+        default=True,
+        metadata=_key(
+            "While no credential is configured (no tokens_file, tls.client_ca_file or "
+            "zmq.curve_clients_dir), callers over loopback or a Unix socket get every role "
+            "and others only anonymous_roles; off: loopback is treated as any peer."
         ),
     )
 
@@ -480,6 +621,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)

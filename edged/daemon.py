@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from edged.core.errors import ConfigError
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
+from edged.frontends.security import Security
 from edged.frontends.zmq import ZmqFrontend
 from edged.learn.jobs import LearnManager
 from edged.learn.metrics import LearnCollector
@@ -35,6 +37,7 @@ from edged.ota.metrics import OtaCollector
 from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
+from edged.security.access import AccessCollector
 from edged.serving.manager import ModelManager
 from edged.serving.shared_memory import SharedMemoryRegistry
 from hal.placement import BreakerPolicy
@@ -61,7 +64,10 @@ class Daemon:
             inference_timeout_s=config.executors.inference_timeout_s,
         )
         self.grpc_port: int | None = None
+        self.management_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._management_server: grpc.aio.Server | None = None
+        self._security: Security | None = None
         self._health: HealthPublisher | None = None
         self._zmq: ZmqFrontend | None = None
         self._metrics: MetricsEndpoint | None = None
@@ -95,25 +101,24 @@ class Daemon:
         if not await asyncio.to_thread(repo.is_dir):
             raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
         await self._open_ota()
+        self._security = security = await asyncio.to_thread(Security.from_config, self.config)
+        separate = bool(self.config.server.management_address)
+        management_service = management.service(self.updates, self.learn)
         server, health = build_server(
             self.manager,
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
             regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
-            services=[management.service(self.updates, self.learn)],
+            services=[] if separate else [management_service],
+            interceptors=[security.interceptor(management=not separate)],
         )
         address = self.config.server.grpc_address
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"config key 'server.grpc_address': cannot bind {address}: {e}"
-            ) from e
-        if port == 0 and not address.endswith(":0"):
-            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}")
+        port = security.bind(server, address, "server.grpc_address", management=not separate)
         await server.start()
         self._server, self._health, self.grpc_port = server, health, port
+        if separate:
+            await self._start_management(security, health, management_service)
         health.server_changed(False)
         if self.config.zmq.enabled:
             self._zmq = ZmqFrontend(
@@ -123,6 +128,8 @@ class Daemon:
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
+                access=security.access,
+                curve=security.curve_files,
             )
             try:
                 self.zmq_endpoints = self._zmq.start()
@@ -136,6 +143,7 @@ class Daemon:
                 self._metrics.registry.register(OtaCollector(self.updates))
             if self.learn is not None:
                 self._metrics.registry.register(LearnCollector(self.learn))
+            self._metrics.registry.register(AccessCollector(security.access))
             metrics_host = self.config.metrics.address.rpartition(":")[0]
             try:
                 metrics_port = await asyncio.to_thread(
@@ -148,14 +156,49 @@ class Daemon:
                 ) from e
             self.metrics_address = f"{metrics_host}:{metrics_port}"
         host = address.rpartition(":")[0]
+        security.log_policy(self.zmq_endpoints)
+        security.start_reloading(self._zmq.curve if self._zmq is not None else None)
         log.info(
             "server_live",
             grpc_address=f"{host}:{port}",
+            management_address=self._management_address(),
             zmq_endpoints=self.zmq_endpoints,
             metrics_address=self.metrics_address,
             repository=str(repo),
         )
         self._startup = asyncio.create_task(self._load_repository())
+
+    async def _start_management(
+        self,
+        security: Security,
+        health: HealthPublisher,
+        service: tuple[str, Callable[[grpc.aio.Server], None]],
+    ) -> None:
+        """The second listener, serving Management (server.management_address)."""
+        mserver, _ = build_server(
+            self.manager,
+            is_ready=self.is_ready,
+            max_request_bytes=self.config.server.max_request_bytes,
+            stream_max_in_flight=self.config.server.stream_max_in_flight,
+            services=[service],
+            interceptors=[security.interceptor(management=True)],
+            health=health,
+        )
+        maddress = self.config.server.management_address
+        try:
+            self.management_port = security.bind(
+                mserver, maddress, "server.management_address", management=True
+            )
+        except ConfigError:
+            await self._stop_frontends(0.0)
+            raise
+        await mserver.start()
+        self._management_server = mserver
+
+    def _management_address(self) -> str:
+        if self.management_port is None:
+            return ""
+        return f"{self.config.server.management_address.rpartition(':')[0]}:{self.management_port}"
 
     async def _open_ota(self) -> None:
         """Open the OTA state when OTA or learning is on, or when an earlier run left state to
@@ -263,8 +306,12 @@ class Daemon:
         log.info("shutdown_complete")
 
     async def _stop_frontends(self, grace_s: float) -> None:
+        if self._security is not None:
+            await self._security.stop_reloading()
         if self._zmq is not None:
             await self._zmq.stop(grace_s)
+        if self._management_server is not None:
+            await self._management_server.stop(grace_s)
         if self._server is not None:
             await self._server.stop(grace_s)
         if self._metrics is not None:

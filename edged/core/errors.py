@@ -64,3 +64,13 @@ class NotFoundError(EdgedError):
 
 class AlreadyExistsError(EdgedError):
     """A named resource the request would create exists already."""
+
+
+class UnauthenticatedError(EdgedError):
+    """The call needs credentials the caller did not present, or presented credentials (a
+    bearer token) that are not valid."""
+
+
+class PermissionDeniedError(EdgedError):
+    """The caller is known (or anonymous where no credential is configured) but lacks the
+    role the call needs."""

@@ -22,6 +22,8 @@ CODE_BY_ERROR: dict[type[errors.EdgedError], str] = {
     errors.UnsupportedError: "UNIMPLEMENTED",
     errors.NotFoundError: "NOT_FOUND",
     errors.AlreadyExistsError: "ALREADY_EXISTS",
+    errors.UnauthenticatedError: "UNAUTHENTICATED",
+    errors.PermissionDeniedError: "PERMISSION_DENIED",
 }
 
 

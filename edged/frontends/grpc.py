@@ -420,15 +420,20 @@ def build_server(
     stream_max_in_flight: int,
     regions: SharedMemoryRegistry | None = None,
     services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    health: HealthPublisher | None = None,
 ) -> tuple[grpc.aio.Server, HealthPublisher]:
     """A gRPC server with the inference service, health and reflection (not yet bound), plus
-    ``services``: (full service name, function adding its servicer to a server)."""
+    ``services``: (full service name, function adding its servicer to a server), every call
+    passing ``interceptors`` (the access check). A second listener of the same daemon passes
+    the first one's ``health``, so both answer grpc.health.v1 alike."""
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         InferenceServicer(
@@ -441,10 +446,10 @@ def build_server(
     )
     for _, add_to_server in services:
         add_to_server(server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    publisher = HealthPublisher(health)
-    manager.on_change(publisher.model_changed)
+    if health is None:
+        health = HealthPublisher(HealthServicer())
+        manager.on_change(health.model_changed)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -455,7 +460,7 @@ def build_server(
         server,
         pool=_reflection_pool(),
     )
-    return server, publisher
+    return server, health
 
 
 def _reflection_pool() -> object:

@@ -3,7 +3,10 @@
 
 Thin like the gRPC frontend: frames in -> edged.core types -> the ModelManager (or, for
 "add_samples", the LearnManager) -> frames out, with the same status codes
-(``edged.core.status``).
+(``edged.core.status``). Every message passes the access check (``edged.security.access``)
+as ``zmq/<op>`` once its header is read, before its tensors are decoded; the bearer token
+rides in the header's ``token``. With CURVE configured, tcp:// endpoints are served by a
+CURVE socket (clients named ``curve:<public key>``) and ipc:// endpoints by a plain one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from edged.core.errors import ConfigError, EdgedError, InvalidInputError, Unavai
 from edged.core.status import code_of
 from edged.frontends import zmq_wire as wire
 from edged.learn.jobs import LEARNING_OFF, LearnManager
+from edged.security.access import AccessControl, Credentials, Decision, audited
+from edged.security.curve import IDENTITY_PREFIX, CurveServer
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS
 
@@ -49,7 +54,12 @@ class ZmqFrontend:
         max_message_bytes: int,
         max_in_flight: int,
         learn: LearnManager | None = None,
+        access: AccessControl | None = None,
+        curve: tuple[Path, Path] | None = None,
     ) -> None:
+        self._access = access or AccessControl()
+        self._curve_files = curve
+        self.curve: CurveServer | None = None
         self._manager = manager
         self._learn = learn
         self._addresses = list(addresses)
@@ -57,8 +67,8 @@ class ZmqFrontend:
         self._max_message_bytes = max_message_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
         self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._receivers: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self.endpoints: list[str] = []
 
@@ -66,14 +76,36 @@ class ZmqFrontend:
         """Bind every address; return the endpoints actually bound (ports resolved).
 
         Raises:
-            ConfigError: an address cannot be bound.
+            ConfigError: an address cannot be bound, or a CURVE key file is bad.
         """
         self._context = zmq.asyncio.Context()
+        if self._curve_files is not None:
+            self.curve = CurveServer(self._context, *self._curve_files)
+            self.curve.start()
+            tcp = [a for a in self._addresses if a.startswith("tcp://")]
+            ipc = [a for a in self._addresses if not a.startswith("tcp://")]
+            groups = [(tcp, True), (ipc, False)]
+        else:
+            groups = [(self._addresses, False)]
+        loop = asyncio.get_running_loop()
+        for addresses, curve in groups:
+            if not addresses:
+                continue
+            sock = self._bind(addresses, curve)
+            self._sockets.append(sock)
+            self._receivers.append(loop.create_task(self._receive(sock, curve), name="zmq"))
+        return self.endpoints
+
+    def _bind(self, addresses: Sequence[str], curve: bool) -> zmq.asyncio.Socket:
+        assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        for address in self._addresses:
+        if curve:
+            assert self.curve is not None
+            self.curve.apply(sock)
+        for address in addresses:
             if address.startswith("ipc://"):
                 Path(address[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -85,16 +117,13 @@ class ZmqFrontend:
             if endpoint.startswith("ipc://"):
                 os.chmod(endpoint[len("ipc://") :], 0o660)
             self.endpoints.append(endpoint)
-        self._socket = sock
-        self._receiver = asyncio.get_running_loop().create_task(self._receive(), name="zmq")
-        return self.endpoints
+        return sock
 
-    async def _receive(self) -> None:
-        assert self._socket is not None
+    async def _receive(self, sock: zmq.asyncio.Socket, curve: bool) -> None:
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
+            frames = await sock.recv_multipart(copy=False)
             await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._handle(frames))
+            task = asyncio.get_running_loop().create_task(self._handle(sock, curve, frames))
             self._handlers.add(task)
             task.add_done_callback(self._done)
 
@@ -102,7 +131,33 @@ class ZmqFrontend:
         self._handlers.discard(task)
         self._slots.release()
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
+    @staticmethod
+    def _credentials(frame: zmq.Frame, curve: bool, header: dict[str, Any]) -> Credentials:
+        try:
+            address = str(frame.get("Peer-Address"))
+        except zmq.ZMQError:
+            address = ""
+        names: tuple[str, ...] = ()
+        if curve:
+            names = (IDENTITY_PREFIX + str(frame.get("User-Id")),)
+        token = header.get("token")
+        local = not address or address.startswith("127.") or address == "::1"
+        return Credentials(
+            transport="zmq",
+            peer=f"tcp:{address}" if address else "ipc",
+            local=local and not curve,
+            token=token if isinstance(token, str) else None,
+            names=names,
+        )
+
+    @staticmethod
+    def _audit_args(header: dict[str, Any]) -> dict[str, Any]:
+        args = {k: header[k] for k in ("model", "version") if isinstance(header.get(k), str)}
+        if isinstance(header.get("labels"), list):
+            args["labels_count"] = len(header["labels"])
+        return args
+
+    async def _handle(self, sock: zmq.asyncio.Socket, curve: bool, frames: list[zmq.Frame]) -> None:
         # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]
         envelope: list[Any] = [frames[0]]
         body = frames[1:]
@@ -110,22 +165,32 @@ class ZmqFrontend:
             envelope.append(b"")
             body = body[1:]
         request_id = ""
+        decision: Decision | None = None
+        args: dict[str, Any] | None = None
+        outcome = "OK"
         try:
             if not body:
                 raise InvalidInputError("empty message: a header frame is required")
             header = wire.read_header(body[0].buffer)
             request_id = wire.request_id(header)
+            call = f"zmq/{header.get('op')}"
+            args = self._audit_args(header) if audited(call) else None
+            if header.get("op") in wire.OPS:
+                decision = self._access.check(call, self._credentials(body[0], curve, header), args)
             request = wire.decode_body(header, [f.buffer for f in body[1:]])
             reply = await self._answer(header, request)
         except EdgedError as e:
-            log.info("zmq_refused", request_id=request_id, error=str(e), status=code_of(e))
-            reply = wire.encode_error(request_id, code_of(e), str(e))
+            outcome = code_of(e)
+            log.info("zmq_refused", request_id=request_id, error=str(e), status=outcome)
+            reply = wire.encode_error(request_id, outcome, str(e))
         except Exception as e:
+            outcome = "INTERNAL"
             log.exception("zmq_failed", request_id=request_id)
             reply = wire.encode_error(request_id, "INTERNAL", f"internal error: {e}")
-        assert self._socket is not None
+        if decision is not None:
+            self._access.record(decision, outcome, args)
         try:
-            await self._socket.send_multipart([*envelope, *reply], copy=False)
+            await sock.send_multipart([*envelope, *reply], copy=False)
         except zmq.ZMQError as e:  # the peer went away; nothing to answer
             log.info("zmq_reply_dropped", request_id=request_id, error=str(e))
 
@@ -209,13 +274,15 @@ class ZmqFrontend:
         )
 
     async def stop(self, grace_s: float) -> None:
-        """Stop receiving, let running requests answer (bounded), close the socket."""
-        if self._receiver is not None:
-            self._receiver.cancel()
+        """Stop receiving, let running requests answer (bounded), close the sockets."""
+        for receiver in self._receivers:
+            receiver.cancel()
         if self._handlers:
             await asyncio.wait(set(self._handlers), timeout=grace_s)
-        if self._socket is not None:
-            self._socket.close(0)
+        for sock in self._sockets:
+            sock.close(0)
+        if self.curve is not None:
+            self.curve.stop()
         if self._context is not None:
             self._context.term()
         for endpoint in self.endpoints:

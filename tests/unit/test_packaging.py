@@ -88,8 +88,8 @@ def test_every_key_in_the_packaged_config_is_checked(tmp_path: Path) -> None:
     bad.write_text(data.replace("[metrics]\n", "[metrics]\nadress = '127.0.0.1:9'\n"))
     with pytest.raises(ConfigError, match=r"unknown config key 'metrics\.adress'"):
         load_config(bad, env={})
-    bad.write_text(data + "\n[tls]\ncert = 'x'\n")
-    with pytest.raises(ConfigError, match=r"unknown config section '\[tls\]'"):
+    bad.write_text(data + "\n[tsl]\ncert = 'x'\n")
+    with pytest.raises(ConfigError, match=r"unknown config section '\[tsl\]'"):
         load_config(bad, env={})
 
 

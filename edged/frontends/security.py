@@ -1,0 +1,179 @@
+"""The frontends' security wiring, from config: the access policy (tokens, identities,
+anonymous and loopback roles), TLS credentials per gRPC listener, the gRPC access
+interceptor, CURVE key files for ZeroMQ, and the task that re-reads tokens and CURVE client
+keys when they change (certificates are re-read by gRPC itself, see ``edged.security.tls``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+
+from edged.config import Config
+from edged.core.errors import ConfigError
+from edged.frontends.grpc_access import AccessInterceptor
+from edged.security.access import AccessControl
+from edged.security.curve import CurveServer
+from edged.security.roles import parse_identities, parse_roles
+from edged.security.tls import CertificateFiles
+from edged.security.tokens import RELOAD_INTERVAL_S, TokenStore
+
+log = structlog.get_logger("edged.security")
+
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1", "unix:")
+
+
+@dataclass
+class Security:
+    """What the daemon's frontends enforce."""
+
+    access: AccessControl
+    certificates: CertificateFiles | None = None
+    tls_listeners: str = "all"
+    curve_files: tuple[Path, Path] | None = None
+    _reloader: asyncio.Task[None] | None = field(default=None, repr=False)
+    _plaintext: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Security:
+        """Read the token file, certificates and keys once (blocking: a worker thread).
+
+        Raises:
+            ConfigError: a bad file or value, naming its key.
+        """
+        auth, tls, zmq = config.auth, config.tls, config.zmq
+        tokens = None
+        if auth.tokens_file:
+            tokens = TokenStore(Path(auth.tokens_file))
+            try:
+                tokens.refresh()
+            except ConfigError as e:
+                raise ConfigError(f"config key 'auth.tokens_file': {e}") from e
+        if tls.listeners == "management" and not config.server.management_address:
+            raise ConfigError(
+                "config key 'tls.listeners': 'management' needs server.management_address"
+            )
+        certificates = None
+        if tls.enabled:
+            certificates = CertificateFiles(
+                Path(tls.cert_file),
+                Path(tls.key_file),
+                Path(tls.client_ca_file) if tls.client_ca_file else None,
+                where="tls.cert_file",
+            )
+        curve_files = None
+        if zmq.curve_secret_key_file:
+            curve_files = (Path(zmq.curve_secret_key_file), Path(zmq.curve_clients_dir))
+        access = AccessControl(
+            tokens=tokens,
+            identities=parse_identities(auth.identities, "auth.identities"),
+            anonymous_roles=parse_roles(auth.anonymous_roles, "auth.anonymous_roles"),
+            trust_loopback=auth.trust_loopback,
+            identities_configured=bool(tls.client_ca_file or zmq.curve_clients_dir),
+        )
+        return cls(access, certificates, tls.listeners, curve_files)
+
+    def uses_tls(self, management: bool) -> bool:
+        """Whether a listener (the one serving Management, or not) uses TLS."""
+        return self.certificates is not None and (management or self.tls_listeners == "all")
+
+    def interceptor(self, *, management: bool) -> AccessInterceptor:
+        """The access check of one listener."""
+        verified = self.uses_tls(management) and (
+            self.certificates is not None and self.certificates.client_ca_file is not None
+        )
+        return AccessInterceptor(self.access, verified_certs=verified)
+
+    def bind(self, server: grpc.aio.Server, address: str, key: str, *, management: bool) -> int:
+        """Add the listener at ``address`` (TLS or not); return its port.
+
+        Raises:
+            ConfigError: it cannot be bound, naming ``key``.
+        """
+        try:
+            if self.uses_tls(management):
+                assert self.certificates is not None
+                port = int(server.add_secure_port(address, self.certificates.server_credentials()))
+            else:
+                port = int(server.add_insecure_port(address))
+                if not address.startswith(_LOOPBACK_HOSTS):
+                    self._plaintext.append(address)
+        except RuntimeError as e:
+            raise ConfigError(f"config key '{key}': cannot bind {address}: {e}") from e
+        if port == 0 and not address.endswith(":0"):
+            raise ConfigError(f"config key '{key}': cannot bind {address}")
+        return port
+
+    def log_policy(self, zmq_endpoints: list[str]) -> None:
+        """Say at start who may do what; warn where secrets would cross a network in the
+        clear or where management is reachable only locally."""
+        a = self.access
+        log.info(
+            "access_policy",
+            tls=self.certificates is not None,
+            tls_listeners=self.tls_listeners if self.certificates is not None else "",
+            client_certificates=bool(self.certificates and self.certificates.client_ca_file),
+            curve=self.curve_files is not None,
+            **a.describe(),
+        )
+        if not a.credentials_configured:
+            log.warning(
+                "access_default_policy",
+                detail="no tokens, client CA or CURVE keys configured: management and "
+                "learning calls are refused unless they come over loopback or a Unix socket"
+                if a.trust_loopback
+                else "no tokens, client CA or CURVE keys configured and auth.trust_loopback "
+                "is off: only anonymous_roles are granted, to everyone",
+            )
+        zmq_plain = [
+            e
+            for e in zmq_endpoints
+            if e.startswith("tcp://")
+            and self.curve_files is None
+            and not e[len("tcp://") :].startswith(_LOOPBACK_HOSTS)
+        ]
+        if a.tokens is not None and (self._plaintext or zmq_plain):
+            log.warning(
+                "access_tokens_in_clear",
+                listeners=self._plaintext + zmq_plain,
+                detail="bearer tokens sent to these non-loopback plaintext listeners can be "
+                "read on the network: use TLS (gRPC) or CURVE (ZeroMQ)",
+            )
+
+    def start_reloading(self, curve: CurveServer | None) -> None:
+        """Re-read the tokens file and the CURVE client keys when they change."""
+        if self.access.tokens is None and curve is None:
+            return
+        self._reloader = asyncio.get_running_loop().create_task(
+            self._reload(curve), name="security-reload"
+        )
+
+    async def _reload(self, curve: CurveServer | None) -> None:
+        tokens = self.access.tokens
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            if tokens is not None:
+                try:
+                    if await asyncio.to_thread(tokens.refresh):
+                        log.info("tokens_reloaded", tokens=len(tokens))
+                except ConfigError as e:
+                    log.warning("tokens_reload_failed", error=str(e))
+            if curve is not None:
+                try:
+                    if await asyncio.to_thread(curve.refresh):
+                        log.info("curve_clients_reloaded", clients=curve.allowed)
+                except OSError as e:
+                    log.warning("curve_clients_reload_failed", error=str(e))
+
+    async def stop_reloading(self) -> None:
+        """Stop the reloader."""
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+            self._reloader = None
