@@ -1,6 +1,7 @@
 """The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request; ``devices``
 prints what the hardware probe finds; ``learn`` gives a running daemon labelled samples and
-starts and lists its fine-tune jobs."""
+starts and lists its fine-tune jobs; ``token`` adds, lists and revokes bearer tokens;
+``zmq-keys`` writes a ZeroMQ CURVE key pair."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from edged import __version__
 from edged.config import describe, load_config
 from edged.core.errors import ConfigError, EdgedError
+from edged.security import client as client_auth
 
 
 def _config_epilog() -> str:
@@ -89,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--save", type=Path, metavar="DIR", help="also write each output to DIR/NAME.npy"
     )
+    client_auth.add_arguments(infer)
 
     learn = commands.add_parser(
         "learn",
@@ -132,7 +135,49 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (add, start, jobs):
         sub.add_argument("--address", default="127.0.0.1:8001", help="daemon's gRPC HOST:PORT")
         sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+        client_auth.add_arguments(sub)
+    _add_token_commands(commands)
+    keys = commands.add_parser(
+        "zmq-keys",
+        help="write a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret)",
+        description="Write NAME.key (the public key: give it to the other side) and "
+        "NAME.key_secret (both halves: keep it private) into DIR, as zmq.auth reads them. "
+        "The daemon's pair goes to zmq.curve_secret_key_file; each client's NAME.key goes "
+        "into zmq.curve_clients_dir.",
+    )
+    keys.add_argument("dir", type=Path, metavar="DIR")
+    keys.add_argument("name", metavar="NAME")
     return parser
+
+
+def _add_token_commands(commands: Any) -> None:
+    token = commands.add_parser(
+        "token",
+        help="add, list and revoke bearer tokens (auth.tokens_file)",
+        description="Bearer tokens for gRPC (authorization: Bearer TOKEN) and ZeroMQ (the "
+        "header's token). The file keeps each token's name, roles and a salted hash; a "
+        "running daemon re-reads it within a second. Roles: infer, read, manage, learn "
+        "(docs/security.md).",
+    )
+    actions = token.add_subparsers(dest="action", required=True)
+    add = actions.add_parser(
+        "add", help="make a token and print it (once: only its hash is stored)"
+    )
+    add.add_argument("name", help="who or what holds it (shown in the audit log)")
+    add.add_argument(
+        "--roles", required=True, metavar="ROLE,...", help="comma-separated: infer,read,..."
+    )
+    listing = actions.add_parser("list", help="names, ids, roles and creation times")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = actions.add_parser("revoke", help="remove a token by name")
+    revoke.add_argument("name")
+    for sub in (add, listing, revoke):
+        sub.add_argument(
+            "--file",
+            type=Path,
+            help="the tokens file (default: auth.tokens_file of the configuration)",
+        )
+        sub.add_argument("--config", type=Path, help="TOML config file to take it from")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -195,10 +240,18 @@ def _infer(args: argparse.Namespace) -> int:
         requested_outputs=tuple(args.output),
         id="edged-cli",
     )
-    with grpc.insecure_channel(args.address) as channel:
+    auth = client_auth.ClientAuth.from_args(args)
+    try:
+        channel = auth.channel(args.address)
+    except ConfigError as e:
+        print(f"edged infer: {e}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            reply = stub.ModelInfer(request_to_proto(request), timeout=args.timeout)
+            reply = stub.ModelInfer(
+                request_to_proto(request), timeout=args.timeout, metadata=auth.metadata
+            )
         except grpc.RpcError as e:
             print(f"edged infer: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -267,11 +320,17 @@ def _learn(args: argparse.Namespace) -> int:
         request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy, wait=args.wait)
     else:
         request = mpb.ListJobsRequest(model=args.model, limit=max(0, args.limit))
-    with grpc.insecure_channel(args.address) as channel:
+    auth = client_auth.ClientAuth.from_args(args)
+    try:
+        channel = auth.channel(args.address)
+    except ConfigError as e:
+        print(f"edged learn {args.action}: {e}", file=sys.stderr)
+        return 2
+    with channel:
         stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
         call = {"add": stub.AddSamples, "start": stub.StartFineTune, "jobs": stub.ListJobs}
         try:
-            reply = call[args.action](request, timeout=args.timeout)
+            reply = call[args.action](request, timeout=args.timeout, metadata=auth.metadata)
         except grpc.RpcError as e:
             print(f"edged learn {args.action}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -279,6 +338,66 @@ def _learn(args: argparse.Namespace) -> int:
     if args.action == "start":
         state = mpb.JobState.Name(reply.job.state)
         return 0 if state in ("JOB_STATE_PROMOTED", "JOB_STATE_RUNNING") else 1
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from edged.security import tokens
+    from edged.security.roles import parse_roles
+
+    try:
+        path = args.file
+        if path is None:
+            configured = load_config(args.config).auth.tokens_file
+            if not configured:
+                raise ConfigError("no --file, and auth.tokens_file is not configured")
+            path = Path(configured)
+        if args.action == "add":
+            token = tokens.add_token(path, args.name, parse_roles(args.roles, "--roles"))
+            print(token)
+            print(
+                f"edged token: added {args.name!r} to {path}; the token is shown only now",
+                file=sys.stderr,
+            )
+        elif args.action == "revoke":
+            if not tokens.revoke_token(path, args.name):
+                print(f"edged token: no token named {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"edged token: revoked {args.name!r}", file=sys.stderr)
+        else:
+            entries = sorted(tokens.read_tokens(path).values(), key=lambda e: e.name)
+            rows = [
+                {
+                    "name": e.name,
+                    "id": e.id,
+                    "roles": sorted(r.value for r in e.roles),
+                    "created": e.created,
+                }
+                for e in entries
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['name']:24} {r['id']:8}  {','.join(r['roles']):24} {r['created']}")
+    except (ConfigError, OSError) as e:
+        print(f"edged token {args.action}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _zmq_keys(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    except OSError as e:
+        print(f"edged zmq-keys: {e}", file=sys.stderr)
+        return 2
+    Path(secret).chmod(0o600)
+    print(f"public key (share it): {public}")
+    print(f"secret key (keep it):  {secret}")
     return 0
 
 
@@ -302,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _devices(args)
     if args.command == "learn":
         return _learn(args)
+    if args.command == "token":
+        return _token(args)
+    if args.command == "zmq-keys":
+        return _zmq_keys(args)
     return _infer(args)
 
 

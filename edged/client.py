@@ -7,6 +7,9 @@
 ``ZmqClient`` is synchronous (one request at a time per client object, like a socket);
 ``AsyncZmqClient`` keeps many requests in flight on one connection. Both speak the wire format
 in docs/zmq-protocol.md and raise ``ZmqClientError`` carrying the same status codes as gRPC.
+Both take a bearer ``token`` (sent in every request header) and, for a daemon with CURVE on its
+tcp:// endpoints, ``curve=CurveKeys.from_files(server_public_file, client_secret_file)``
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import zmq.asyncio
 from edged.core.errors import InvalidInputError
 from edged.core.types import Array, InferRequest
 from edged.frontends import zmq_wire as wire
+from edged.security.curve import CurveKeys
+
+__all__ = ["AsyncZmqClient", "CurveKeys", "ZmqClient", "ZmqClientError"]
 
 
 class ZmqClientError(Exception):
@@ -64,11 +70,21 @@ def _request(
 class ZmqClient:
     """A synchronous client over one DEALER socket."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        *,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(address)
+        self._auth: dict[str, Any] = {"token": token} if token else {}
         self._timeout = timeout
         self._ids = itertools.count(1)
 
@@ -116,15 +132,18 @@ class ZmqClient:
         """
         rid = self._next_id()
         frames = wire.encode_request(
-            "infer", rid, request=_request(model, inputs, outputs, version, parameters)
+            "infer",
+            rid,
+            request=_request(model, inputs, outputs, version, parameters),
+            **self._auth,
         )
         return self._call(frames, rid, timeout)[1]
 
     def _op(self, op: str, **fields: Any) -> dict[str, Any]:
         rid = self._next_id()
-        result: dict[str, Any] = self._call(wire.encode_request(op, rid, **fields), rid, None)[0][
-            "result"
-        ]
+        result: dict[str, Any] = self._call(
+            wire.encode_request(op, rid, **fields, **self._auth), rid, None
+        )[0]["result"]
         return result
 
     def is_live(self) -> bool:
@@ -159,6 +178,7 @@ class ZmqClient:
             rid,
             request=_request(model, inputs, None, "", None),
             labels=[int(v) for v in labels],
+            **self._auth,
         )
         result: dict[str, Any] = self._call(frames, rid, None)[0]["result"]
         return result
@@ -171,11 +191,21 @@ class ZmqClient:
 class AsyncZmqClient:
     """An asyncio client: any number of requests in flight on one DEALER socket."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        *,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self._context = zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(address)
+        self._auth: dict[str, Any] = {"token": token} if token else {}
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[list[zmq.Frame]]] = {}
@@ -236,13 +266,18 @@ class AsyncZmqClient:
         """Run ``model`` on ``inputs``; see ``ZmqClient.infer``."""
         rid = self._next_id()
         frames = wire.encode_request(
-            "infer", rid, request=_request(model, inputs, outputs, version, parameters)
+            "infer",
+            rid,
+            request=_request(model, inputs, outputs, version, parameters),
+            **self._auth,
         )
         return (await self._call(frames, rid, timeout))[1]
 
     async def _op(self, op: str, **fields: Any) -> dict[str, Any]:
         rid = self._next_id()
-        header = (await self._call(wire.encode_request(op, rid, **fields), rid, None))[0]
+        header = (
+            await self._call(wire.encode_request(op, rid, **fields, **self._auth), rid, None)
+        )[0]
         result: dict[str, Any] = header["result"]
         return result
 
@@ -272,6 +307,7 @@ class AsyncZmqClient:
             rid,
             request=_request(model, inputs, None, "", None),
             labels=[int(v) for v in labels],
+            **self._auth,
         )
         result: dict[str, Any] = (await self._call(frames, rid, None))[0]["result"]
         return result

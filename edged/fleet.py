@@ -36,6 +36,7 @@ from edged.core.types import Array
 from edged.ota import bundle, publish
 from edged.ota import rollout as plan
 from edged.ota.errors import BundleError
+from edged.security.client import ClientAuth, add_arguments
 from edged.serving.repository import parse_version
 
 #: The longest one StartUpdate or GetUpdateStatus call may take.
@@ -332,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between GetUpdateStatus calls (default 2)",
     )
     ro.add_argument("--json", action="store_true", help="print one JSON object")
+    add_arguments(ro)
     ro.set_defaults(usage_error=ro.error)
     return parser
 
@@ -401,8 +403,15 @@ class _DeviceUpdate:
     ``poll_interval`` seconds until the update is at rest or ``timeout`` has passed."""
 
     def __init__(
-        self, model: str, version: str, timeout: float, poll_interval: float, stop: threading.Event
+        self,
+        model: str,
+        version: str,
+        timeout: float,
+        poll_interval: float,
+        stop: threading.Event,
+        auth: ClientAuth | None = None,
     ) -> None:
+        self.auth = auth or ClientAuth()
         self.model = model
         self.version = version
         self.timeout = timeout
@@ -415,12 +424,13 @@ class _DeviceUpdate:
         def rpc_timeout() -> float:
             return max(0.1, min(RPC_TIMEOUT_S, deadline - time.monotonic()))
 
-        with grpc.insecure_channel(device) as channel:
+        with self.auth.channel(device) as channel:
             stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
             try:
                 reply = stub.StartUpdate(
                     mpb.StartUpdateRequest(model=self.model, version=self.version),
                     timeout=rpc_timeout(),
+                    metadata=self.auth.metadata,
                 )
             except grpc.RpcError as e:
                 return plan.refused(device, f"StartUpdate: {_rpc_error(e)}")
@@ -437,7 +447,9 @@ class _DeviceUpdate:
                     continue
                 try:
                     answer = stub.GetUpdateStatus(
-                        mpb.GetUpdateStatusRequest(model=self.model), timeout=rpc_timeout()
+                        mpb.GetUpdateStatusRequest(model=self.model),
+                        timeout=rpc_timeout(),
+                        metadata=self.auth.metadata,
                     )
                 except grpc.RpcError as e:
                     rpc_error = _rpc_error(e)
@@ -487,7 +499,12 @@ def _rollout(args: argparse.Namespace) -> int:
         args.devices, canary=args.canary, wave_size=args.wave_size, max_failures=args.max_failures
     )
     update = _DeviceUpdate(
-        args.model, args.model_version, args.health_timeout, args.poll_interval, threading.Event()
+        args.model,
+        args.model_version,
+        args.health_timeout,
+        args.poll_interval,
+        threading.Event(),
+        ClientAuth.from_args(args),
     )
     total = len(rollout.waves)
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(args.devices))) as pool:

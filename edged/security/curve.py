@@ -25,6 +25,8 @@ from edged.core.errors import ConfigError
 
 #: prefix of a CURVE client's identity in the access check
 IDENTITY_PREFIX = "curve:"
+#: the ZAP domain of edged's CURVE sockets (zmq.auth matches domains exactly)
+ZAP_DOMAIN = "edged"
 
 
 @dataclass(frozen=True)
@@ -109,21 +111,21 @@ class CurveServer:
         stamp = _folder_stamp(self.clients_dir)
         if stamp == self._stamp:
             return False
-        self._auth.configure_curve(domain="*", location=self.clients_dir)
+        self._auth.configure_curve(domain=ZAP_DOMAIN, location=self.clients_dir)
         self._stamp = stamp
         return True
 
     @property
     def allowed(self) -> int:
         """Client keys accepted now."""
-        return len(self._auth.certs.get("*", {}))
+        return len(self._auth.certs.get(ZAP_DOMAIN, {}))
 
     def apply(self, socket: zmq.asyncio.Socket) -> None:
         """Make ``socket`` (not yet bound) a CURVE server."""
         socket.curve_server = True
         socket.curve_publickey = self.public
         socket.curve_secretkey = self.secret
-        socket.zap_domain = b"edged"
+        socket.zap_domain = ZAP_DOMAIN.encode()
 
     def stop(self) -> None:
         """Stop the authenticator."""

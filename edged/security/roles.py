@@ -71,7 +71,6 @@ ACCESS: Mapping[str, Role | None] = {
     f"{_HEALTH}Watch": None,
     f"{_HEALTH}List": Role.READ,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.READ,
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.READ,
     # ZeroMQ (docs/zmq-protocol.md)
     "zmq/live": None,
     "zmq/ready": None,
@@ -114,7 +113,7 @@ def parse_identities(entries: Iterable[str], where: str) -> dict[str, frozenset[
     """
     identities: dict[str, frozenset[Role]] = {}
     for entry in entries:
-        name, sep, roles = entry.partition("=")
+        name, sep, roles = entry.rpartition("=")  # a Z85 key may hold "="
         if not sep or not name.strip():
             raise ConfigError(f"{where}: {entry!r} must be NAME=ROLE+ROLE...")
         identities[name.strip()] = parse_roles(roles, f"{where} ({name.strip()})")
