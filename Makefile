@@ -34,10 +34,11 @@ test-tools:
 test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
 
-# Throughput/latency against in-process ONNX Runtime, then start-up time and idle memory;
-# JSON on stdout (also written to bench-*.json), tables on stderr.
+# Throughput/latency against in-process ONNX Runtime, the cost of TLS and mutual TLS, then
+# start-up time and idle memory; JSON on stdout (also written to bench-*.json), tables on stderr.
 bench: $(STAMP) test-tools
 	$(BIN)/python benchmarks/serving.py --out bench-serving.json > /dev/null
+	$(BIN)/python benchmarks/tls.py --out bench-tls.json > /dev/null
 	$(BIN)/python benchmarks/startup.py | tee bench-startup.json
 
 protos: $(STAMP)
