@@ -205,6 +205,7 @@ def test_audit_log_records_each_management_call(token_daemon: dict[str, Any]) ->
     assert ok["role"] == "manage"
     assert ok["args"]["model_name"] == "digits"
     assert ok["peer"].startswith("ipv4:127.0.0.1:")
+
     def audited() -> list[dict[str, Any]]:
         return [
             e
