@@ -194,3 +194,9 @@ def test_certificate_files_reload_when_they_change(tmp_path: Path) -> None:
 
 def test_every_role_is_named_in_the_table() -> None:
     assert {r for r in ACCESS.values() if r is not None} == ALL_ROLES
+
+
+def test_security_doc_names_every_call_of_the_table() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    missing = [c for c in ACCESS if c.rpartition("/")[2] not in text]
+    assert not missing, f"docs/security.md does not say who may call {missing}"
