@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edged.core.errors import ConfigError
 from edged.security.roles import Role, parse_roles
@@ -113,9 +113,23 @@ def read_tokens(path: Path) -> dict[str, TokenEntry]:
 
 
 def _write(path: Path, entries: Iterable[TokenEntry]) -> None:
-    body = {"version": FORMAT_VERSION, "tokens": [e.to_json() for e in entries]}
+    """Replace the file; a file that exists keeps its owner and group (e.g. root:edged, so
+    the daemon's user can still read what root wrote)."""
+    body = json.dumps(
+        {"version": FORMAT_VERSION, "tokens": [e.to_json() for e in entries]}, indent=2
+    ).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: f.write(json.dumps(body, indent=2).encode() + b"\n"), 0o640)
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+
+    def write(f: BinaryIO) -> None:
+        if st is not None and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(f.fileno(), st.st_uid, st.st_gid)
+        f.write(body + b"\n")
+
+    write_atomic(path, write, 0o640)
 
 
 def add_token(path: Path, name: str, roles: Iterable[Role]) -> str:

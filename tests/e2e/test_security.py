@@ -622,6 +622,29 @@ def test_curve_client_with_a_mapped_key_infers(curve_setup: dict[str, Any]) -> N
     assert event["curve"] is True
 
 
+def test_async_client_with_curve_keys(curve_setup: dict[str, Any]) -> None:
+    import asyncio
+
+    from edged.client import AsyncZmqClient
+
+    keys = curve_setup["keys"]
+    tcp = next(e for e in curve_setup["daemon"].zmq_endpoints if e.startswith("tcp://"))
+    curve = CurveKeys.from_files(keys / "server.key", keys / "app.key_secret")
+
+    async def run() -> tuple[int, str]:
+        async with AsyncZmqClient(tcp, timeout=20, curve=curve) as client:
+            outs = await asyncio.gather(
+                *(client.infer("digits", {"input": DIGIT}) for _ in range(8))
+            )
+            try:
+                await client.add_samples("digits", {"input": DIGIT}, [1])
+            except ZmqClientError as e:
+                return len(outs), e.code
+            return len(outs), "OK"
+
+    assert asyncio.run(run()) == (8, "PERMISSION_DENIED")  # the key maps to infer only
+
+
 def test_curve_client_without_a_role_is_denied(curve_setup: dict[str, Any]) -> None:
     with _curve_client(curve_setup, "other") as client:
         assert client.model_metadata("digits")["name"] == "digits"  # anonymous: read

@@ -200,3 +200,12 @@ def test_security_doc_names_every_call_of_the_table() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     missing = [c for c in ACCESS if c.rpartition("/")[2] not in text]
     assert not missing, f"docs/security.md does not say who may call {missing}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root")
+def test_token_file_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    add_token(path, "first", [Role.READ])
+    os.chown(path, 0, 4321)  # as root:edged on a gateway
+    add_token(path, "second", [Role.READ])
+    assert (path.stat().st_gid, oct(path.stat().st_mode & 0o777)) == (4321, "0o640")
