@@ -82,18 +82,20 @@ class ZmqFrontend:
         if self._curve_files is not None:
             self.curve = CurveServer(self._context, *self._curve_files)
             self.curve.start()
-            tcp = [a for a in self._addresses if a.startswith("tcp://")]
-            ipc = [a for a in self._addresses if not a.startswith("tcp://")]
-            groups = [(tcp, True), (ipc, False)]
-        else:
-            groups = [(self._addresses, False)]
+        # tcp:// and ipc:// on sockets of their own: CURVE is a socket option, and a
+        # message's socket tells whether its peer is on this host
+        tcp = [a for a in self._addresses if a.startswith("tcp://")]
+        ipc = [a for a in self._addresses if not a.startswith("tcp://")]
         loop = asyncio.get_running_loop()
-        for addresses, curve in groups:
+        groups = [(tcp, "curve" if self.curve else "tcp"), (ipc, "ipc")]
+        if self._addresses and not self._addresses[0].startswith("tcp://"):
+            groups.reverse()  # endpoints listed in the configured order, ipc:// first here
+        for addresses, kind in groups:
             if not addresses:
                 continue
-            sock = self._bind(addresses, curve)
+            sock = self._bind(addresses, kind == "curve")
             self._sockets.append(sock)
-            self._receivers.append(loop.create_task(self._receive(sock, curve), name="zmq"))
+            self._receivers.append(loop.create_task(self._receive(sock, kind), name="zmq"))
         return self.endpoints
 
     def _bind(self, addresses: Sequence[str], curve: bool) -> zmq.asyncio.Socket:
@@ -119,11 +121,11 @@ class ZmqFrontend:
             self.endpoints.append(endpoint)
         return sock
 
-    async def _receive(self, sock: zmq.asyncio.Socket, curve: bool) -> None:
+    async def _receive(self, sock: zmq.asyncio.Socket, kind: str) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
             await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._handle(sock, curve, frames))
+            task = asyncio.get_running_loop().create_task(self._handle(sock, kind, frames))
             self._handlers.add(task)
             task.add_done_callback(self._done)
 
@@ -132,21 +134,21 @@ class ZmqFrontend:
         self._slots.release()
 
     @staticmethod
-    def _credentials(frame: zmq.Frame, curve: bool, header: dict[str, Any]) -> Credentials:
-        try:
-            address = str(frame.get("Peer-Address"))
-        except zmq.ZMQError:
-            address = ""
-        names: tuple[str, ...] = ()
-        if curve:
-            names = (IDENTITY_PREFIX + str(frame.get("User-Id")),)
+    def _credentials(frame: zmq.Frame, kind: str, header: dict[str, Any]) -> Credentials:
+        """``kind``: the socket's, "tcp", "curve" (tcp:// with CURVE) or "ipc"."""
         token = header.get("token")
-        local = not address or address.startswith("127.") or address == "::1"
+        token = token if isinstance(token, str) else None
+        if kind == "ipc":
+            return Credentials(transport="zmq", peer="ipc", local=True, token=token)
+        address = str(frame.get("Peer-Address"))
+        names: tuple[str, ...] = ()
+        if kind == "curve":
+            names = (IDENTITY_PREFIX + str(frame.get("User-Id")),)
         return Credentials(
             transport="zmq",
-            peer=f"tcp:{address}" if address else "ipc",
-            local=local and not curve,
-            token=token if isinstance(token, str) else None,
+            peer=f"tcp:{address}",
+            local=kind == "tcp" and (address.startswith("127.") or address == "::1"),
+            token=token,
             names=names,
         )
 
@@ -157,7 +159,7 @@ class ZmqFrontend:
             args["labels_count"] = len(header["labels"])
         return args
 
-    async def _handle(self, sock: zmq.asyncio.Socket, curve: bool, frames: list[zmq.Frame]) -> None:
+    async def _handle(self, sock: zmq.asyncio.Socket, kind: str, frames: list[zmq.Frame]) -> None:
         # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]
         envelope: list[Any] = [frames[0]]
         body = frames[1:]
@@ -176,7 +178,7 @@ class ZmqFrontend:
             call = f"zmq/{header.get('op')}"
             args = self._audit_args(header) if audited(call) else None
             if header.get("op") in wire.OPS:
-                decision = self._access.check(call, self._credentials(body[0], curve, header), args)
+                decision = self._access.check(call, self._credentials(body[0], kind, header), args)
             request = wire.decode_body(header, [f.buffer for f in body[1:]])
             reply = await self._answer(header, request)
         except EdgedError as e:

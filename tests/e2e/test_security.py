@@ -284,9 +284,10 @@ def _lan_address() -> str | None:
 
 
 def test_default_policy_allows_management_only_over_loopback(tmp_path: Path) -> None:
+    ipc = tmp_path / "edged.sock"
     daemon = DaemonProcess(
         ["--models", str(digits_repo(tmp_path)), "--grpc-address", "0.0.0.0:0"],
-        {"EDGED_ZMQ_ADDRESSES": "tcp://0.0.0.0:0"},
+        {"EDGED_ZMQ_ADDRESSES": f"tcp://0.0.0.0:0,ipc://{ipc}"},
     )
     try:
         daemon.wait_live()
@@ -298,8 +299,9 @@ def test_default_policy_allows_management_only_over_loopback(tmp_path: Path) -> 
         method = "/inference.GRPCInferenceService/RepositoryModelLoad"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert call_code(channel, method, ()) not in AUTH_CODES
-        with ZmqClient(f"tcp://127.0.0.1:{zport}", timeout=20) as client:
-            assert _zmq_call(client, "add_samples") == "UNAVAILABLE"  # allowed; learning off
+        for local in (f"tcp://127.0.0.1:{zport}", f"ipc://{ipc}"):
+            with ZmqClient(local, timeout=20) as client:
+                assert _zmq_call(client, "add_samples") == "UNAVAILABLE"  # allowed; learning off
         lan = _lan_address()
         if lan is None:
             pytest.skip("no non-loopback interface to call from")
