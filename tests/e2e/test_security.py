@@ -26,7 +26,7 @@ from cryptography import x509
 
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged.client import CurveKeys, ZmqClient, ZmqClientError
-from edged.security.roles import ACCESS, Role
+from edged.security.roles import ACCESS, AUDITED, Role
 from tests import pki
 from tests.daemon_process import REPO_ROOT, DaemonProcess, run_cli
 
@@ -233,6 +233,25 @@ def test_audit_log_records_each_management_call(token_daemon: dict[str, Any]) ->
     metrics = urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics").read().decode()
     assert 'edged_access_calls_total{outcome="OK",role="manage"}' in metrics
     assert 'edged_access_calls_total{outcome="PERMISSION_DENIED",role="manage"}' in metrics
+
+
+@pytest.mark.parametrize("call", sorted(c for c, r in ACCESS.items() if r in AUDITED))
+def test_audit_log_has_an_event_for_each_management_and_learning_call(
+    token_daemon: dict[str, Any], call: str
+) -> None:
+    daemon: DaemonProcess = token_daemon["daemon"]
+    role = ACCESS[call]
+    assert role is not None
+    token = token_daemon["tokens"][role]
+    if call.startswith("zmq/"):
+        with ZmqClient(daemon.zmq_endpoints[0], timeout=20, token=token) as client:
+            code = _zmq_call(client, call.removeprefix("zmq/"))
+    else:
+        with grpc.insecure_channel(daemon.address) as channel:
+            code = call_code(channel, call, bearer(token))
+    event = daemon.wait_for("audit", call=call, who=f"token:{role}-client", outcome=code)
+    assert event["role"] == role
+    assert event["transport"] == ("zmq" if call.startswith("zmq/") else "grpc")
 
 
 def test_unix_socket_is_not_trusted_once_tokens_exist(token_daemon: dict[str, Any]) -> None:
