@@ -9,10 +9,11 @@ Every key ``[section] key`` can also be set by the environment variable
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
         return None if value in choices else f"must be one of {', '.join(choices)}"
 
     return check
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """The suffix " (did you mean 'x'?)" naming the closest known name, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _key(doc: str, check: Callable[[Any], str | None] | None = None) -> dict[str, Any]:
@@ -567,7 +574,9 @@ def _env_values(
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
             continue
         if name not in env_keys:
-            raise ConfigError(f"unknown config environment variable '{name}'")
+            raise ConfigError(
+                f"unknown config environment variable '{name}'{_did_you_mean(name, env_keys)}"
+            )
         found[name] = (*env_keys[name], value)
     return found
 
@@ -589,15 +598,18 @@ def build_config(
 
     for section, table in data.items():
         if section not in sections:
+            hint = _did_you_mean(section, sections)
             raise ConfigError(
-                f"unknown config section '[{section}]' (known: {', '.join(sections)})"
+                f"unknown config section '[{section}]'{hint} (known: {', '.join(sections)})"
             )
         if not isinstance(table, Mapping):
             raise ConfigError(f"config key '{section}' must be a table")
         known = {f.name for f in dataclasses.fields(sections[section])}
         for key, value in table.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'")
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}'{_did_you_mean(key, known)}"
+                )
             values[section][key] = (value, False)
 
     for section, key, value in _env_values(env or {}, sections).values():
@@ -608,7 +620,8 @@ def build_config(
         if section not in sections or key not in {
             f.name for f in dataclasses.fields(sections[section])
         }:
-            raise ConfigError(f"unknown config key '{dotted}'")
+            every = [f"{s}.{f.name}" for s, c in sections.items() for f in dataclasses.fields(c)]
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(dotted, every)}")
         values[section][key] = (value, False)
 
     built: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -499,3 +500,26 @@ def test_ota_refusals(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         build_config({"ota": data}, env={})
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "overrides", "suggestion"),
+    [
+        pytest.param({"server": {"grpc_adress": "x"}}, {}, {}, "grpc_address", id="toml-key"),
+        pytest.param({"modles": {}}, {}, {}, "models", id="toml-section"),
+        pytest.param({}, {"EDGED_LOG_LEVLE": "info"}, {}, "EDGED_LOG_LEVEL", id="env-var"),
+        pytest.param({}, {}, {"models.repositry": "x"}, "models.repository", id="override"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_one(
+    data: dict[str, Any], env: dict[str, str], overrides: dict[str, Any], suggestion: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"(did you mean '{suggestion}'?)")):
+        build_config(data, env, overrides)
+
+
+def test_unknown_key_far_from_every_known_one_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"server": {"zzzzzzzz": 1}})
+    assert "did you mean" not in str(caught.value)
+    assert "server.zzzzzzzz" in str(caught.value)
