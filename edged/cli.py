@@ -1,12 +1,13 @@
-"""The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request; ``devices``
-prints what the hardware probe finds; ``learn`` gives a running daemon labelled samples and
-starts and lists its fine-tune jobs."""
+"""The edged command: serve runs the daemon; infer sends one request; devices prints what
+the hardware probe finds; learn gives a running daemon labelled samples and starts and lists
+its fine-tune jobs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,7 +138,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from edged import logs
-    from edged.daemon import Daemon
 
     overrides: dict[str, Any] = {}
     if args.models is not None:
@@ -147,22 +147,55 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
-        print(f"edged: {e}", file=sys.stderr)
+        print(f"{logs.stderr_prefix()}edged: {e}", file=sys.stderr)
         return 2
     logs.configure(config.log.level, config.log.format)
+    logs.quiet_native_libraries(config.log.level)  # before gRPC starts
+
+    from edged.daemon import Daemon
+
     try:
-        asyncio.run(Daemon(config).run_until_signalled())
-    except ConfigError as e:
-        print(f"edged: {e}", file=sys.stderr)
+        with logs.native_stderr_captured(config.log.capture_native_stderr):
+            asyncio.run(Daemon(config).run_until_signalled())
+    except ConfigError as e:  # after the capture ends: its native lines come first
+        print(f"{logs.stderr_prefix()}edged: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _load_npy(path: str | Path, flag: str) -> np.ndarray[Any, Any]:
+    """One array from a .npy file (numpy.save's format), for the option ``flag``.
+
+    Raises:
+        ValueError: the file is not a .npy file, or holds Python objects; the message names
+            the flag and the file.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head != _NPY_MAGIC:
+        kind = "a .npz archive" if head.startswith(b"PK") else "not a .npy file"
+        raise ValueError(
+            f"{flag} {path}: {kind}; give one array saved with numpy.save (a .npy file)"
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(
+            f"{flag} {path}: a .npy file that holds Python objects (pickled) or is damaged "
+            f"({e}); save numeric or string arrays"
+        ) from e
+    return array  # type: ignore[no-any-return]
 
 
 def _load_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--input {spec!r}: expected NAME=FILE.npy")
-    array = np.load(path, allow_pickle=False)
+    array = _load_npy(path, "--input")
     if array.dtype.kind in "SU":  # fixed-width strings stand for a BYTES tensor
         flat = np.empty(array.size, dtype=object)
         flat[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
@@ -247,7 +280,7 @@ def _learn(args: argparse.Namespace) -> int:
     if args.action == "add":
         try:
             inputs = dict(_load_input(s) for s in args.input)
-            labels = np.load(args.labels, allow_pickle=False)
+            labels = _load_npy(args.labels, "--labels")
         except (OSError, ValueError) as e:
             print(f"edged learn add: {e}", file=sys.stderr)
             return 2
@@ -296,13 +329,22 @@ def _devices(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edged`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "devices":
-        return _devices(args)
-    if args.command == "learn":
-        return _learn(args)
-    return _infer(args)
+    run = {"serve": _serve, "devices": _devices, "learn": _learn, "infer": _infer}
+    try:
+        code = run[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``edged devices --json | head -1``): exit quietly
+    as a killed-by-SIGPIPE tool does, with nothing left to flush into the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":

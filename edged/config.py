@@ -217,7 +217,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """[log]: structured logs on stdout."""
+    """[log]: structured logs on stdout (with journald priorities under systemd)."""
 
     level: str = field(
         default="info",
@@ -230,6 +230,13 @@ class LogConfig:
             _one_of("json", "console"),
         ),
     )
+    capture_native_stderr: bool = field(
+        default=True,
+        metadata=_key(
+            "Turn what native libraries (ONNX Runtime, LiteRT, gRPC core) write to stderr "
+            "into native_stderr events; off: their lines pass through raw."
+        ),
+    )
 
 
 def _rate(value: Any) -> str | None:
@@ -238,6 +245,11 @@ def _rate(value: Any) -> str | None:
 
 def _share(value: Any) -> str | None:
     return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
+
+
+def _absolute_paths(value: Any) -> str | None:
+    relative = [v for v in value if not Path(v).is_absolute()]
+    return f"{relative[0]!r} is not an absolute path" if relative else None
 
 
 def _url(value: Any) -> str | None:
@@ -256,6 +268,15 @@ class OtaConfig:
             "Folder for state that survives restarts: the OTA database (ota.sqlite3), TUF "
             "metadata (tuf/) and, with learn.enabled, the sample store and fine-tune jobs "
             "(learn.sqlite3, learn/)."
+        ),
+    )
+    state_roots: tuple[str, ...] = field(
+        default=("/var/lib/edged",),
+        metadata=_key(
+            "Folders state_dir must be inside when OTA or learning uses it (refused at start "
+            "otherwise), besides the StateDirectory systemd gives the service "
+            "($STATE_DIRECTORY). In the environment: comma-separated.",
+            _absolute_paths,
         ),
     )
     repository_url: str = field(

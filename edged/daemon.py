@@ -15,14 +15,18 @@ loads; every load, at start-up or by RepositoryModelLoad, places models with tho
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 import structlog
 
-from edged.config import Config
+from edged.config import Config, OtaConfig
 from edged.core.errors import ConfigError
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
@@ -40,6 +44,49 @@ from edged.serving.shared_memory import SharedMemoryRegistry
 from hal.placement import BreakerPolicy
 
 log = structlog.get_logger("edged.daemon")
+
+
+def _bind_error(address: str) -> str:
+    """Why a TCP listener cannot bind ``address`` ("address already in use", "permission
+    denied", ...), from the operating system: gRPC's own error only says that it failed."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        return f"cannot resolve {host!r}: {e}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                reason = (e.strerror or str(e)).lower()
+                if e.errno == errno.EADDRINUSE:
+                    reason += " (another process listens there)"
+                return reason
+    return ""
+
+
+def _state_dir(ota: OtaConfig, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """``ota.state_dir`` resolved, and whether it exists yet.
+
+    It must lie inside one of ``ota.state_roots`` or the folders systemd names in
+    ``$STATE_DIRECTORY`` (StateDirectory=), so that a mistyped or default path never makes a
+    daemon running as root create state somewhere on the host unasked.
+
+    Raises:
+        ConfigError: it lies outside every root.
+    """
+    state_dir = Path(ota.state_dir).resolve()
+    systemd = [p for p in env.get("STATE_DIRECTORY", "").split(":") if p]
+    roots = [Path(r).resolve() for r in (*ota.state_roots, *systemd)]
+    if not any(state_dir == root or root in state_dir.parents for root in roots):
+        raise ConfigError(
+            f"config key 'ota.state_dir': {state_dir} is outside the allowed state roots "
+            f"({', '.join(map(str, roots)) or 'none'}); set ota.state_dir inside one, or add "
+            f"its folder to ota.state_roots (EDGED_OTA_STATE_ROOTS)"
+        )
+    return state_dir, state_dir.is_dir()
 
 
 class Daemon:
@@ -107,11 +154,13 @@ class Daemon:
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as e:
+            why = await asyncio.to_thread(_bind_error, address)
             raise ConfigError(
-                f"config key 'server.grpc_address': cannot bind {address}: {e}"
+                f"config key 'server.grpc_address': cannot bind {address}: {why or e}"
             ) from e
         if port == 0 and not address.endswith(":0"):
-            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}")
+            why = await asyncio.to_thread(_bind_error, address)
+            raise ConfigError(f"config key 'server.grpc_address': cannot bind {address}: {why}")
         await server.start()
         self._server, self._health, self.grpc_port = server, health, port
         health.server_changed(False)
@@ -169,6 +218,15 @@ class Daemon:
             and not await asyncio.to_thread((state_dir / OTA_STATE_FILE).exists)
         ):
             return
+        state_dir, existed = await asyncio.to_thread(_state_dir, ota, os.environ)
+        # say where state goes; a folder created outside systemd's StateDirectory is worth a
+        # look (a root shell on a development host creating /var/lib/edged/state, say)
+        (log.info if existed or os.environ.get("STATE_DIRECTORY") else log.warning)(
+            "state_directory",
+            path=str(state_dir),
+            created=not existed,
+            used_by=[n for n, on in (("ota", True), ("learn", learn.enabled)) if on],
+        )
         try:
             self._store = await asyncio.to_thread(
                 UpdateStore, state_dir, history_limit=ota.history_limit
@@ -215,12 +273,20 @@ class Daemon:
         self._failed = await self.manager.load_all()
         for model, error in self._failed.items():
             log.error("model_load_failed", model=model, error=error)
+        served = len(self.manager.ready_models())
+        if not served and not self._failed:
+            log.warning(
+                "repository_empty",
+                repository=self.config.models.repository,
+                hint="no <model>/<version>/ folder with a model file: nothing is served "
+                "until one is added and loaded (RepositoryModelLoad) or an update installs one",
+            )
         self._loaded = True
         assert self._health is not None
         self._health.server_changed(self.is_ready())
-        log.info(
+        (log.warning if self._failed or not served else log.info)(
             "server_ready" if self.is_ready() else "server_not_ready",
-            models=len(self.manager.ready_models()),
+            models=served,
             failed=sorted(self._failed),
             seconds=round(time.monotonic() - started, 3),
         )

@@ -155,6 +155,9 @@ class ModelManager:
         self._listeners: list[Callable[[str, bool], None]] = []
         self._devices: list[DeviceReport] | None = None if devices is None else list(devices)
         self._probing: asyncio.Future[list[DeviceReport]] | None = None
+        # (executor, reason) pairs already logged at info: the probe runs once per start, so
+        # its reason for an absent kind is logged once, not once per model (repeats: debug)
+        self._skips_logged: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.failovers: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         """(model, version, from, to) -> moves away from a failing executor."""
@@ -258,14 +261,17 @@ class ModelManager:
 
     async def _candidates(self, spec: ModelSpec) -> tuple[str, ...]:
         """Executors that may run ``spec`` here (hal.placement over the probe's reports),
-        best first; each one skipped is logged with the probe's reason.
+        best first; each one skipped is logged with the probe's reason (at info the first
+        time a reason is given for that executor, at debug after that).
 
         Raises:
             ModelLoadError: none may.
         """
         plan = place(spec.executor_preference, spec.format, await self.devices())
         for kind, reason in plan.skipped:
-            log.info("executor_skipped", model=spec.name, executor=kind, reason=reason)
+            emit = log.debug if (kind, reason) in self._skips_logged else log.info
+            self._skips_logged.add((kind, reason))
+            emit("executor_skipped", model=spec.name, executor=kind, reason=reason)
         if not plan.candidates:
             raise ModelLoadError(
                 f"model '{spec.name}': no executor here runs format '{spec.format}': "

@@ -35,6 +35,7 @@ ALL_KEYS = {
     "metrics.address",
     "log.level",
     "log.format",
+    "log.capture_native_stderr",
     "ota.state_dir",
     "ota.repository_url",
     "ota.root",
