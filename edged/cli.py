@@ -9,7 +9,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         help="naive, ewc, lwf, replay, streaming-lda, replay+lwf or replay+ewc "
         "(default: the model's)",
     )
-    start.add_argument("--wait", action="store_true", help="wait for the job to come to rest")
+    start.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job to come to rest, printing its progress on stderr (training, "
+        "then the update that publishes the new version: warm-up, health window, commit)",
+    )
     jobs = actions.add_parser(
         "jobs",
         help="past and running jobs, and the sample store (ListJobs)",
@@ -297,22 +303,102 @@ def _learn(args: argparse.Namespace) -> int:
             labels=[int(v) for v in labels.reshape(-1)],
         )
     elif args.action == "start":
-        request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy, wait=args.wait)
+        # --wait polls and reports progress rather than asking the daemon to hold the call
+        request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy)
     else:
         request = mpb.ListJobsRequest(model=args.model, limit=max(0, args.limit))
     with grpc.insecure_channel(args.address) as channel:
         stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
         call = {"add": stub.AddSamples, "start": stub.StartFineTune, "jobs": stub.ListJobs}
+        deadline = time.monotonic() + args.timeout
         try:
             reply = call[args.action](request, timeout=args.timeout)
+            if args.action == "start" and args.wait:
+                reply = mpb.StartFineTuneResponse(
+                    job=_follow_job(stub, reply.job, deadline, _progress("edged learn start"))
+                )
         except grpc.RpcError as e:
             print(f"edged learn {args.action}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as e:
+            print(f"edged learn {args.action}: DEADLINE_EXCEEDED: {e}", file=sys.stderr)
             return 1
     print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
     if args.action == "start":
         state = mpb.JobState.Name(reply.job.state)
         return 0 if state in ("JOB_STATE_PROMOTED", "JOB_STATE_RUNNING") else 1
     return 0
+
+
+_AT_REST = ("JOB_STATE_PROMOTED", "JOB_STATE_REJECTED", "JOB_STATE_FAILED")
+POLL_S = 0.5
+
+
+def _progress(prefix: str) -> Callable[[str], None]:
+    """Progress lines on stderr (stdout keeps the one JSON reply)."""
+
+    def say(line: str) -> None:
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _follow_job(stub: Any, job: Any, deadline: float, say: Callable[[str], None]) -> Any:
+    """Poll a fine-tune job (GetJob) until it comes to rest, saying each change: its state,
+    training progress in tenths, and, once it publishes, every state of the update that
+    carries the new version (warming, the health window, commit or rollback). Returns the job
+    at rest.
+
+    Raises:
+        grpc.RpcError: a call failed.
+        TimeoutError: ``deadline`` passed first.
+    """
+    from edged._proto.edged.v1 import management_pb2 as mpb
+
+    said: tuple[str, int] | None = None
+    update_states_said = 0
+    while True:
+        state = mpb.JobState.Name(job.state)
+        tenth = int(job.progress * 10) if state == "JOB_STATE_RUNNING" else -1
+        if job.update_id and state in _AT_REST:  # the update's last states, then the verdict
+            update_states_said = _say_update(stub, job, update_states_said, say)
+        if (state, tenth) != said:
+            said = (state, tenth)
+            training = f" (training {tenth * 10}%)" if tenth >= 0 else ""
+            say(f"job {job.id} {state.removeprefix('JOB_STATE_')}{training}")
+        if state in _AT_REST:
+            return job
+        if job.update_id:
+            update_states_said = _say_update(stub, job, update_states_said, say)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"job {job.id} is still {state} after --timeout")
+        time.sleep(min(POLL_S, left))
+        job = stub.GetJob(mpb.GetJobRequest(job_id=job.id), timeout=left).job
+
+
+def _say_update(stub: Any, job: Any, already: int, say: Callable[[str], None]) -> int:
+    """Say the states of the job's update not said yet; returns how many are said."""
+    from edged._proto.edged.v1 import management_pb2 as mpb
+
+    listed = stub.ListUpdates(mpb.ListUpdatesRequest(model=job.model, limit=10)).updates
+    update = next((u for u in listed if u.update_id == job.update_id), None)
+    if update is None:
+        return already
+    meaning = {
+        "WARMING": "loading, warming up and self-testing",
+        "ACTIVE_TRIAL": "serving; health window open",
+        "COMMITTED": "health window passed; committed",
+        "ROLLING_BACK": "rolling back",
+        "ROLLED_BACK": "rolled back",
+        "FAILED": "failed",
+    }
+    for transition in update.transitions[already:]:
+        name = mpb.UpdateState.Name(transition.state).removeprefix("UPDATE_STATE_")
+        why = f": {transition.reason}" if transition.reason else ""
+        detail = meaning.get(name, name.lower())
+        say(f"update {update.update_id} to version {update.to_version}: {name} ({detail}){why}")
+    return len(update.transitions)
 
 
 def _devices(args: argparse.Namespace) -> int:
