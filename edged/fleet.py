@@ -19,7 +19,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -401,13 +401,20 @@ class _DeviceUpdate:
     ``poll_interval`` seconds until the update is at rest or ``timeout`` has passed."""
 
     def __init__(
-        self, model: str, version: str, timeout: float, poll_interval: float, stop: threading.Event
+        self,
+        model: str,
+        version: str,
+        timeout: float,
+        poll_interval: float,
+        stop: threading.Event,
+        say: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.model = model
         self.version = version
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.stop = stop
+        self.say = say
 
     def __call__(self, device: str) -> plan.DeviceResult:
         deadline = time.monotonic() + self.timeout
@@ -429,6 +436,8 @@ class _DeviceUpdate:
                 return plan.already(device, now, reply.reason)
             update_id = now.update_id
             rpc_error = ""
+            said = now.state
+            self.say(f"  {device}: update {update_id} {now.state}")
             while (result := plan.settle(device, update_id, now)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stop.is_set():
@@ -461,12 +470,20 @@ class _DeviceUpdate:
                         f"GetUpdateStatus has no status for model {self.model!r}",
                     )
                 now = _view(mine[0])
+                if now.update_id == update_id and now.state != said:
+                    said = now.state
+                    self.say(f"  {device}: update {update_id} {now.state}")
             return result
 
 
+_PROGRESS_LOCK = threading.Lock()
+
+
 def _progress(text: str) -> None:
-    sys.stderr.write(f"edged-fleet: {text}\n")
-    sys.stderr.flush()
+    """One progress line on stderr (from any thread; stdout keeps the report)."""
+    with _PROGRESS_LOCK:
+        sys.stderr.write(f"edged-fleet: {text}\n")
+        sys.stderr.flush()
 
 
 def _versions(r: plan.DeviceResult) -> str:
@@ -487,7 +504,12 @@ def _rollout(args: argparse.Namespace) -> int:
         args.devices, canary=args.canary, wave_size=args.wave_size, max_failures=args.max_failures
     )
     update = _DeviceUpdate(
-        args.model, args.model_version, args.health_timeout, args.poll_interval, threading.Event()
+        args.model,
+        args.model_version,
+        args.health_timeout,
+        args.poll_interval,
+        threading.Event(),
+        _progress,
     )
     total = len(rollout.waves)
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(args.devices))) as pool:
@@ -576,7 +598,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif args.command == "publish":
         done = publish.publish(
-            args.dir, args.bundle, force=args.force, keys_dir=args.keys, expiry=_expiry(args)
+            args.dir,
+            args.bundle,
+            force=args.force,
+            keys_dir=args.keys,
+            expiry=_expiry(args),
+            progress=_progress,
         )
         signed = ", ".join(f"{k} v{v}" for k, v in done.versions.items())
         _out(f"published {done.target} (sha256 {done.sha256}, {done.length} bytes): {signed}")

@@ -432,7 +432,12 @@ def test_edged_fleet_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     args += ["--source", str(DIGITS / "1"), "--selftest-input", f"input={sample}"]
     assert fleet.main(args) == 0
     assert fleet.main(["publish", str(d), str(out)]) == 0
-    assert "published models/digits/2.tar.gz" in capsys.readouterr().out
+    published = capsys.readouterr()
+    assert "published models/digits/2.tar.gz" in published.out
+    steps = [line.removeprefix("edged-fleet: ") for line in published.err.splitlines()]
+    assert steps[0].startswith(f"checking {out} whole")
+    assert [s.split(" ")[0] for s in steps[1:]] == ["digits", "copying", "signing", "signing"]
+    assert steps[-1] == "signing snapshot and timestamp"
     assert fleet.main(["publish", str(d), str(out)]) == 1
     assert "pass --force" in capsys.readouterr().err
     assert fleet.main(["refresh", str(d)]) == 0
