@@ -172,16 +172,21 @@ def _serve(args: argparse.Namespace) -> int:
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _load_npy(path: str | Path, flag: str) -> np.ndarray[Any, Any]:
-    """One array from a .npy file (numpy.save's format), for the option ``flag``.
+def load_npy(path: str | Path, flag: str) -> np.ndarray[Any, Any]:
+    """One array from a .npy file (numpy.save's format), for the command-line option ``flag``
+    (edged and edged-fleet).
 
     Raises:
-        ValueError: the file is not a .npy file, or holds Python objects; the message names
-            the flag and the file.
+        ValueError: the file is missing, is not a .npy file, or holds Python objects; the
+            message names the flag and the file.
         OSError: the file cannot be read.
     """
-    with open(path, "rb") as f:
-        head = f.read(len(_NPY_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except FileNotFoundError:
+        where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+        raise ValueError(f"{flag} {path}: no such file{where}") from None
     if head != _NPY_MAGIC:
         kind = "a .npz archive" if head.startswith(b"PK") else "not a .npy file"
         raise ValueError(
@@ -201,7 +206,7 @@ def _load_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--input {spec!r}: expected NAME=FILE.npy")
-    array = _load_npy(path, "--input")
+    array = load_npy(path, "--input")
     if array.dtype.kind in "SU":  # fixed-width strings stand for a BYTES tensor
         flat = np.empty(array.size, dtype=object)
         flat[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
@@ -286,7 +291,7 @@ def _learn(args: argparse.Namespace) -> int:
     if args.action == "add":
         try:
             inputs = dict(_load_input(s) for s in args.input)
-            labels = _load_npy(args.labels, "--labels")
+            labels = load_npy(args.labels, "--labels")
         except (OSError, ValueError) as e:
             print(f"edged learn add: {e}", file=sys.stderr)
             return 2
@@ -396,8 +401,8 @@ def _say_update(stub: Any, job: Any, already: int, say: Callable[[str], None]) -
     for transition in update.transitions[already:]:
         name = mpb.UpdateState.Name(transition.state).removeprefix("UPDATE_STATE_")
         why = f": {transition.reason}" if transition.reason else ""
-        detail = meaning.get(name, name.lower())
-        say(f"update {update.update_id} to version {update.to_version}: {name} ({detail}){why}")
+        detail = f" ({meaning[name]})" if name in meaning else ""
+        say(f"update {update.update_id} to version {update.to_version}: {name}{detail}{why}")
     return len(update.transitions)
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from edged import __version__
 from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
+from edged.cli import load_npy
 from edged.core.errors import EdgedError
 from edged.core.types import Array
 from edged.ota import bundle, publish
@@ -345,17 +345,17 @@ def _expiry(args: argparse.Namespace) -> publish.Expiry:
     return publish.Expiry(**periods)
 
 
-def _load_tensors(pairs: Sequence[tuple[str, Path]]) -> dict[str, Array] | None:
+def _load_tensors(pairs: Sequence[tuple[str, Path]], flag: str) -> dict[str, Array] | None:
     if not pairs:
         return None
     tensors: dict[str, Array] = {}
     for name, path in pairs:
         if name in tensors:
-            raise BundleError(f"tensor {name!r} is given twice")
+            raise BundleError(f"{flag}: tensor {name!r} is given twice")
         try:
-            tensors[name] = np.load(path, allow_pickle=False)
+            tensors[name] = load_npy(path, flag)
         except (OSError, ValueError) as e:
-            raise BundleError(f"{path}: not a .npy file without pickles: {e}") from e
+            raise BundleError(str(e)) from e
     return tensors
 
 
@@ -585,9 +585,9 @@ def _run(args: argparse.Namespace) -> int:
             args.model_dir,
             args.model_version,
             args.out,
-            _load_tensors(args.selftest_input),
+            _load_tensors(args.selftest_input, "--selftest-input"),
             source=args.source,
-            expected=_load_tensors(args.selftest_output),
+            expected=_load_tensors(args.selftest_output, "--selftest-output"),
             rtol=args.rtol,
             atol=args.atol,
         )
