@@ -5,9 +5,15 @@ state goes (and the state roots), and a busy port named without gRPC core's raw 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -180,3 +186,64 @@ def test_systemd_state_directory_is_a_root(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.stderr
     assert event["path"] == str((service / "state").resolve())
     assert event["level"] == "info"  # the folder systemd made for the service
+
+
+JOURNAL_SOCKET = Path("/run/systemd/journal/stdout")
+
+
+def _journald_listens() -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(JOURNAL_SOCKET))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(
+    not (_journald_listens() and shutil.which("systemd-cat") and shutil.which("journalctl")),
+    reason="needs a running systemd-journald (/run/systemd/journal/stdout), systemd-cat and "
+    "journalctl",
+)
+def test_journalctl_filters_a_failed_load_by_priority(mixed_repo: Path) -> None:
+    """The real journald: systemd-cat connects edged's stdout to the journal's stream socket
+    with level prefixes on (as a unit's StandardOutput=journal does); JOURNAL_STREAM names the
+    socket as systemd would. `journalctl -p err` then shows model_load_failed and no info."""
+    tag = f"edged-test-{uuid.uuid4().hex[:12]}"
+    script = (
+        'export JOURNAL_STREAM="$(stat -L -c %d:%i /proc/$$/fd/1)"; '
+        f'exec "{sys.executable}" -m edged.cli serve --models "{mixed_repo}" '
+        "--grpc-address 127.0.0.1:0"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    env.update(EDGED_ZMQ_ADDRESSES="tcp://127.0.0.1:0", EDGED_METRICS_ADDRESS="127.0.0.1:0")
+    proc = subprocess.Popen(
+        ["systemd-cat", "-t", tag, "--level-prefix=true", "sh", "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _journal(tag, "info", "server_not_ready"):
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    errors = _journal(tag, "err")
+    assert [e["event"] for e in errors] == ["model_load_failed"]
+    assert errors[0]["model"] == "broken"
+    warnings = {e["event"] for e in _journal(tag, "warning")}
+    assert {"model_load_failed", "server_not_ready"} <= warnings
+    assert "server_live" not in warnings
+
+
+def _journal(tag: str, priority: str, event: str = "") -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["journalctl", "-t", tag, "-p", priority, "-o", "cat", "--no-pager"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [e for e in events if not event or e["event"] == event]
