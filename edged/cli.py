@@ -425,13 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = run[args.command](args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except BrokenPipeError:
-        return _stdout_closed()
+        return stdout_closed()
     return code
 
 
-def _stdout_closed() -> int:
+def stdout_closed() -> int:
     """The reader of our output went away (``edged devices --json | head -1``): exit quietly
-    as a killed-by-SIGPIPE tool does, with nothing left to flush into the closed pipe."""
+    as a killed-by-SIGPIPE tool does, with nothing left to flush into the closed pipe (edged
+    and edged-fleet)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

@@ -30,7 +30,7 @@ import grpc
 from edged import __version__
 from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
-from edged.cli import load_npy
+from edged.cli import load_npy, stdout_closed
 from edged.core.errors import EdgedError
 from edged.core.types import Array
 from edged.ota import bundle, publish
@@ -626,12 +626,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edged-fleet``; returns the exit status (1: the operation failed, named)."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return stdout_closed()
     except EdgedError as e:
         sys.stderr.write(f"edged-fleet: error: {e}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -22,13 +22,19 @@ def test_help_has_no_markup(command: list[str]) -> None:
     assert "`" not in result.stdout
 
 
-def test_closed_pipe_ends_quietly() -> None:
+@pytest.mark.parametrize("tool", ["edged", "edged-fleet"])
+def test_closed_pipe_ends_quietly(tool: str, tmp_path: Path) -> None:
     """`edged devices --json | head -1`: the reader is gone before the output is written."""
+    if tool == "edged":
+        command = ["edged.cli", "devices", "--json"]
+    else:
+        assert run_cli_module("edged.fleet", "init", str(tmp_path / "fleet")).returncode == 0
+        command = ["edged.fleet", "status", str(tmp_path / "fleet"), "--json"]
     read_fd, write_fd = os.pipe()
     os.close(read_fd)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "edged.cli", "devices", "--json"],
+            [sys.executable, "-m", *command],
             stdout=write_fd,
             stderr=subprocess.PIPE,
             text=True,
@@ -40,6 +46,17 @@ def test_closed_pipe_ends_quietly() -> None:
         os.close(write_fd)
     assert result.stderr == ""  # no BrokenPipeError traceback
     assert result.returncode == 141  # as a tool killed by SIGPIPE
+
+
+def run_cli_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
