@@ -37,6 +37,7 @@ ALL_KEYS = {
     "log.format",
     "log.capture_native_stderr",
     "ota.state_dir",
+    "ota.state_roots",
     "ota.repository_url",
     "ota.root",
     "ota.poll_interval_s",
