@@ -15,6 +15,7 @@ to load with the reason, and RepositoryIndex lists it UNAVAILABLE with that reas
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -699,3 +700,34 @@ def resolve_signature(
         outputs=_apply_decls(artifact.outputs, spec.outputs, batched, "output", spec.name),
         max_batch_size=mbs,
     )
+
+
+def _toml_str(value: str) -> str:
+    # JSON's escapes (\", \\, \n, \uXXXX) are all valid in a TOML basic string
+    return json.dumps(value, ensure_ascii=True)
+
+
+def model_toml_text(spec: ModelSpec, signature: Signature) -> str:
+    """The completed configuration of a served model as model.toml text: what edged read
+    from the artifact and model.toml together, ready to copy into a model.toml and narrow."""
+    lines = [
+        f"# completed by edged ({'model.toml + ' if spec.configured else ''}the artifact)",
+        f"name = {_toml_str(spec.name)}",
+        f"format = {_toml_str(spec.format)}",
+        f"max_batch_size = {signature.max_batch_size}",
+        f"executors = [{', '.join(_toml_str(k) for k in spec.executor_preference)}]",
+        f"placement = {_toml_str(spec.placement)}",
+    ]
+    if spec.instances is not None:
+        lines.append(f"instances = {spec.instances}")
+    for key, tensors in (("inputs", signature.inputs), ("outputs", signature.outputs)):
+        for tensor in tensors:
+            dims = ", ".join(str(d) for d in signature.config_dims(tensor))
+            lines += [
+                "",
+                f"[[{key}]]",
+                f"name = {_toml_str(tensor.name)}",
+                f"datatype = {_toml_str(tensor.datatype.value)}",
+                f"dims = [{dims}]",
+            ]
+    return "\n".join(lines) + "\n"
