@@ -212,6 +212,12 @@ def _parser() -> argparse.ArgumentParser:
         help="an expected output (repeat per output; default: computed by running the model)",
     )
     build.add_argument(
+        "--no-selftest",
+        action="store_true",
+        help="bundle no test vectors: a device tests the new version with the reference sample "
+        "of the version it serves (its warm-up sample, or its first request that succeeded)",
+    )
+    build.add_argument(
         "--rtol",
         type=float,
         default=bundle.DEFAULT_RTOL,
@@ -568,6 +574,7 @@ def _run(args: argparse.Namespace) -> int:
             expected=_load_tensors(args.selftest_output),
             rtol=args.rtol,
             atol=args.atol,
+            selftest=not args.no_selftest,
         )
         manifest = bundle.read_manifest(path)
         _out(
