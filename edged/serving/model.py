@@ -704,7 +704,10 @@ def load_model_version(
         raise ModelLoadError(
             f"model '{spec.name}' version {version}: no executor could load it: "
             + (
-                "; ".join(f"{k}: {v}" for k, v in attempts.refused.items())
+                "; ".join(
+                    v if v.startswith(f"{k}: ") else f"{k}: {v}"
+                    for k, v in attempts.refused.items()
+                )
                 or "no candidate executor"
             )
         )
