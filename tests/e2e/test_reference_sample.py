@@ -8,7 +8,9 @@ becomes the reference sample, and what warm-up answers were used for works from 
 (b) failover and recovery (flaky-sim, tests/flaky_sim.py, a simulated accelerator): the
     version moves to cpu-onnx running the reference; a recovered device that computes wrong
     is refused by comparing its answer to the reference with the serving copy's; once right
-    again, the model moves back.
+    again, the model moves back;
+(c) ``placement = "auto"``: nothing could be timed at load; the version is placed again,
+    timed on the reference sample, and moves to the faster executor.
 """
 
 from __future__ import annotations
@@ -230,3 +232,40 @@ def test_failover_and_recovery_compare_with_the_first_request(tmp_path: Path, mo
     finally:
         assert daemon.stop() == 0, daemon.stderr
     shutil.rmtree(sim_path, ignore_errors=True)
+
+
+# -- (c) placement = "auto" -------------------------------------------------------------------
+
+
+def test_auto_placement_times_the_first_request(tmp_path: Path, models: Path) -> None:
+    """Nothing could be timed at load (the model refuses the synthetic input on both
+    executors); the first request is the reference, the version is placed again timed on
+    it, and moves to the faster executor (flaky-sim is made 50 ms slower per run)."""
+    sim_path = flaky_sim.install(tmp_path / "site")
+    (models / "vad" / "model.toml").write_text(
+        'executors = ["flaky-sim", "cpu-onnx"]\nplacement = "auto"\ninstances = 1\n'
+    )
+    daemon = DaemonProcess(
+        ["--models", str(models), "--grpc-address", "127.0.0.1:0"],
+        env={
+            "PYTHONPATH": os.pathsep.join([str(sim_path), os.environ.get("PYTHONPATH", "")]),
+            "FLAKY_SIM_DELAY_S": "0.05",
+        },
+    )
+    try:
+        daemon.wait_live()
+        daemon.wait_for("server_ready", timeout=60)
+        decided = daemon.wait_for("placement_decided", model="vad")
+        assert (decided["executor"], decided["timings_ms"]) == ("flaky-sim", {})
+        first = chunk(1)
+        assert_answer(infer(daemon.address, first)[1], first)
+        replanned = daemon.wait_for("placement_replanned", model="vad", timeout=30)
+        assert (replanned["from"], replanned["to"]) == ("flaky-sim", "cpu-onnx")
+        assert set(replanned["timings_ms"]) == {"flaky-sim", "cpu-onnx"}
+        with grpcclient.InferenceServerClient(daemon.address) as client:
+            config = client.get_model_config("vad", as_json=True)["config"]
+        assert config["parameters"]["executor"]["string_value"] == "cpu-onnx"
+        later = chunk(2)
+        assert_answer(infer(daemon.address, later)[1], later)
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
