@@ -10,7 +10,8 @@ becomes the reference sample, and what warm-up answers were used for works from 
     is refused by comparing its answer to the reference with the serving copy's; once right
     again, the model moves back;
 (c) ``placement = "auto"``: nothing could be timed at load; the version is placed again,
-    timed on the reference sample, and moves to the faster executor.
+    timed on the reference sample, and moves to the faster executor;
+(d) a synthetic warm-up that hangs still fails the load (models.load_timeout_s).
 """
 
 from __future__ import annotations
@@ -267,5 +268,42 @@ def test_auto_placement_times_the_first_request(tmp_path: Path, models: Path) ->
         assert config["parameters"]["executor"]["string_value"] == "cpu-onnx"
         later = chunk(2)
         assert_answer(infer(daemon.address, later)[1], later)
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+# -- (d) a warm-up that hangs ------------------------------------------------------------------
+
+
+def test_a_hanging_warm_up_still_fails_the_load(tmp_path: Path, models: Path) -> None:
+    """The synthetic warm-up may fail without refusing the model, but not hang: the load's
+    time limit (models.load_timeout_s) fails it, and the other models serve."""
+    sim_path = flaky_sim.install(tmp_path / "site")
+    (models / "vad" / "model.toml").write_text('executors = ["flaky-sim"]\ninstances = 1\n')
+    corpus.place(models, corpus.CORPUS[3])  # ocr_cls, on cpu-onnx
+    fault = tmp_path / "fault"
+    fault.write_text("hang")
+    daemon = DaemonProcess(
+        ["--models", str(models), "--grpc-address", "127.0.0.1:0"],
+        env={
+            "PYTHONPATH": os.pathsep.join([str(sim_path), os.environ.get("PYTHONPATH", "")]),
+            "FLAKY_SIM_FAULT_FILE": str(fault),
+            "FLAKY_SIM_HANG_S": "3",
+            "EDGED_MODELS_LOAD_TIMEOUT_S": "1",
+            "EDGED_MODELS_STRICT_READINESS": "false",
+        },
+    )
+    try:
+        daemon.wait_live()
+        daemon.wait_for("server_ready", timeout=60)
+        failed = daemon.wait_for("model_load_failed", model="vad")
+        assert "took more than 1.0s to load" in failed["error"]
+        with grpcclient.InferenceServerClient(daemon.address) as client:
+            assert client.is_model_ready("ocr_cls")
+            assert not client.is_model_ready("vad")
+            index = client.get_model_repository_index(as_json=True)["models"]
+            (vad,) = [m for m in index if m["name"] == "vad"]
+            assert vad["state"] == "UNAVAILABLE"
+            assert "took more than" in vad["reason"]
     finally:
         assert daemon.stop() == 0, daemon.stderr
