@@ -16,6 +16,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,3 +161,24 @@ def place(repo: Path, model: CorpusModel) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(fetch(model), folder / model.artifact)
     return repo / model.name
+
+
+def onnx_session(path: Path, executor: str) -> Any:
+    """An in-process ONNX Runtime session on the providers ``executor`` (where the daemon
+    placed the model: cpu-onnx, or cuda on a GPU host) runs, with the runtime's defaults."""
+    import onnxruntime as ort
+
+    from hal.cuda import gpu_providers
+
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if executor == "cuda":
+        providers = gpu_providers(ort.get_available_providers(), 0)
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+def tolerance(executor: str) -> dict[str, float]:
+    """assert_allclose's tolerance against in-process runs: float32 rounding on the CPU
+    (different thread counts); a GPU's kernels are picked per session (cuDNN, TensorRT)."""
+    if executor in {"cuda", "edgetpu"}:
+        return {"rtol": 1e-3, "atol": 1e-4}
+    return {"rtol": 1e-5, "atol": 1e-6}
