@@ -8,7 +8,8 @@ the manager does the loading. Layout::
     <repo>/<model>/warmup/*.npz             optional: warm-up samples, one request each
     <repo>/<model>/ACTIVE                   optional: the versions served, one per line
 
-Every folder of the repository whose name does not start with "." is a model: one that
+Every folder of the repository whose name does not start with "." is a model (but
+``lost+found`` and ``__pycache__``): one that
 cannot be served (no artifact edged knows, two that conflict, an unreadable folder) fails
 to load with the reason, and RepositoryIndex lists it UNAVAILABLE with that reason.
 """
@@ -546,13 +547,22 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     return parse_model_toml(model_dir, data, detected or "onnx", configured=configured)
 
 
+#: folders of a repository that are never models: a filesystem's (the repository as a
+#: mount point) and Python's byte-code cache
+NOT_MODELS = frozenset({"lost+found", "__pycache__"})
+
+
 def list_models(repo: Path) -> list[str]:
     """Names of the model folders: every folder of ``repo`` whose name does not start with
-    ".", sorted. Nothing inside them is read here: one unreadable folder fails only its own
-    load (``read_model_spec``)."""
+    "." (nor ``NOT_MODELS``), sorted. Nothing inside them is read here: one unreadable
+    folder fails only its own load (``read_model_spec``)."""
     try:
         with os.scandir(repo) as entries:
-            return sorted(e.name for e in entries if not e.name.startswith(".") and _is_dir(e))
+            return sorted(
+                e.name
+                for e in entries
+                if not e.name.startswith(".") and e.name not in NOT_MODELS and _is_dir(e)
+            )
     except (FileNotFoundError, NotADirectoryError):
         return []
 

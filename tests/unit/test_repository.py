@@ -233,7 +233,7 @@ def test_read_model_spec_not_toml(tmp_path: Path, content: bytes) -> None:
 def test_list_models(tmp_path: Path) -> None:
     """Every folder not starting with "." is a model, model.toml or not: one that cannot be
     served fails its own load, with the reason, instead of being skipped."""
-    for name in ["b", "a", ".hidden", "no_toml"]:
+    for name in ["b", "a", ".hidden", "no_toml", "lost+found", "__pycache__"]:
         (tmp_path / name).mkdir()
     for name in ["b", "a", ".hidden"]:
         (tmp_path / name / "model.toml").write_text("")
