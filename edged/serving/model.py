@@ -313,7 +313,10 @@ def _warmup_npz(path: Path, signature: Signature) -> Sample:
         ModelLoadError: unreadable, pickled, or not the model's inputs.
     """
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz of one array per input")
+        with loaded as npz:
             inputs = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ModelLoadError(f"{path}: not a readable .npz without pickles: {e}") from e
