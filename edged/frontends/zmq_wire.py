@@ -164,7 +164,8 @@ def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest
     if op == "add_samples":
         labels = header.get("labels")
         if not isinstance(labels, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31 for v in labels
+            isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31
+            for v in labels
         ):
             raise InvalidInputError("header 'labels' must be a list of integers (class numbers)")
     outputs = header.get("outputs", [])
