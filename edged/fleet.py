@@ -174,10 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "bundle",
         help="build a model bundle (.tar.gz) from a model folder",
-        description="Bundle MODEL_DIR/model.toml and the files of a version folder with a "
-        "self-test: inputs and the outputs the model must answer. For onnx and tflite models "
-        "the expected outputs are computed here by running the model on the CPU; other "
-        "formats need --selftest-output.",
+        description="Bundle MODEL_DIR/model.toml (empty when there is none) and the files of "
+        "a version folder with a self-test: inputs and the outputs the model must answer. "
+        "For onnx and tflite models the expected outputs are computed here by running the "
+        "model on the CPU; other formats need --selftest-output (or --no-selftest).",
     )
     build.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     build.add_argument(

@@ -332,3 +332,18 @@ def test_check_like_reference_accepts_new_values() -> None:
     bundle.check_like_reference(
         REFERENCE, {"y": np.full((1, 2), 7, np.float32), "n": np.ones((1,), np.int64)}
     )
+
+
+def test_edged_fleet_bundle_no_selftest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edged import fleet
+    from tests import modelgen
+
+    model_dir = tmp_path / "strict"  # no model.toml: the artifact decides the format
+    modelgen.needs_two_rows_model(model_dir / "1")
+    out = tmp_path / "strict-1.tar.gz"
+    args = ["bundle", str(model_dir), "--version", "1", "--out", str(out)]
+    assert fleet.main(args) == 1
+    assert "--no-selftest" in capsys.readouterr().err
+    assert fleet.main([*args, "--no-selftest"]) == 0
+    assert "strict version 1 (onnx; model.onnx;" in capsys.readouterr().out
+    assert bundle.inspect_bundle(out).manifest.selftest_file == ""
