@@ -263,7 +263,7 @@ def test_unservable_folders_are_refused_with_the_reason(
     shutil.copyfile(corpus.fetch(corpus.CORPUS[3]), corpus_repo / "both" / "1" / "model.onnx")
     shutil.copyfile(corpus.fetch(corpus.CORPUS[5]), corpus_repo / "both" / "1" / "model.tflite")
     reasons = {
-        "face_attention": "Landmarks2TransformMatrix",
+        "face_attention": "unresolved custom op: Landmarks2TransformMatrix",
         "torch": "model.pt, which is no artifact edged serves",
         "both": "artifacts of 2 formats (model.onnx, model.tflite)",
     }
@@ -272,6 +272,8 @@ def test_unservable_folders_are_refused_with_the_reason(
             with pytest.raises(grpcclient.InferenceServerException) as err:
                 client.load_model(name)
             assert reason in err.value.message(), err.value.message()
+            if name == "face_attention":  # and every custom op the model declares
+                assert "declares custom ops Landmarks2TransformMatrix, " in err.value.message()
         index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
         for name, reason in reasons.items():
             assert index[name]["state"] == "UNAVAILABLE"
