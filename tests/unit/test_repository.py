@@ -685,3 +685,52 @@ def test_parse_warmup_refuses(tmp_path: Path, data: dict[str, Any], key: str) ->
     with pytest.raises(ModelLoadError) as info:
         parse_model_toml(_model_dir(tmp_path), data)
     assert key in str(info.value)
+
+
+# --------------------------------------------------------------------------- completed config
+
+
+def test_model_toml_text_round_trips(tmp_path: Path) -> None:
+    """ModelConfig's model_toml: copied into model.toml, it describes the same model."""
+    import tomllib
+
+    from edged.serving.repository import model_toml_text
+
+    model_dir = _model_dir(tmp_path, "vad", ("1",))
+    (model_dir / "1" / "model.onnx").write_bytes(b"x")
+    spec = read_model_spec(model_dir)
+    artifact = Signature(
+        inputs=(
+            TensorSpec("input", FP32, (-1, -1)),
+            TensorSpec("state", FP32, (2, -1, 128)),
+            TensorSpec("sr", INT64, ()),
+        ),
+        outputs=(TensorSpec("output", FP32, (-1, 1)),),
+    )
+    served = resolve_signature(artifact, spec, default_max_batch_size=8)
+    text = model_toml_text(spec, served)
+    again = parse_model_toml(model_dir, tomllib.loads(text))
+    assert (again.format, again.max_batch_size, again.configured) == ("onnx", 0, True)
+    assert again.executor_preference == spec.executor_preference
+    assert resolve_signature(artifact, again, default_max_batch_size=8) == served
+    assert again.inputs[2] == TensorDecl("sr", INT64, ())
+
+
+def test_model_toml_text_of_a_batching_model(tmp_path: Path) -> None:
+    import tomllib
+
+    from edged.serving.repository import model_toml_text
+
+    model_dir = _model_dir(tmp_path, "cls", ("1",))
+    (model_dir / "1" / "model.onnx").write_bytes(b"x")
+    spec = read_model_spec(model_dir)
+    artifact = Signature(
+        inputs=(TensorSpec("x", FP32, (-1, 3, -1, -1)),),
+        outputs=(TensorSpec("y", FP32, (-1, 2)),),
+    )
+    served = resolve_signature(artifact, spec, default_max_batch_size=8)
+    text = model_toml_text(spec, served)
+    assert "max_batch_size = 8" in text
+    assert "dims = [3, -1, -1]" in text  # without the batch axis, as Triton's dims
+    again = parse_model_toml(model_dir, tomllib.loads(text))
+    assert resolve_signature(artifact, again, default_max_batch_size=8) == served
