@@ -106,7 +106,9 @@ class ModelsConfig:
 
     repository: str = field(
         default="/var/lib/edged/models",
-        metadata=_key("Folder holding <model>/model.toml and <model>/<version>/ folders."),
+        metadata=_key(
+            "Folder holding <model>/<version>/ folders (and optional <model>/model.toml)."
+        ),
     )
     strict_readiness: bool = field(
         default=True,

@@ -174,10 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "bundle",
         help="build a model bundle (.tar.gz) from a model folder",
-        description="Bundle MODEL_DIR/model.toml and the files of a version folder with a "
-        "self-test: inputs and the outputs the model must answer. For onnx and tflite models "
-        "the expected outputs are computed here by running the model on the CPU; other "
-        "formats need --selftest-output.",
+        description="Bundle MODEL_DIR/model.toml (empty when there is none) and the files of "
+        "a version folder with a self-test: inputs and the outputs the model must answer. "
+        "For onnx and tflite models the expected outputs are computed here by running the "
+        "model on the CPU; other formats need --selftest-output (or --no-selftest).",
     )
     build.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     build.add_argument(
@@ -210,6 +210,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE.npy",
         help="an expected output (repeat per output; default: computed by running the model)",
+    )
+    build.add_argument(
+        "--no-selftest",
+        action="store_true",
+        help="bundle no test vectors: a device tests the new version with the reference sample "
+        "of the version it serves (its warm-up sample, or its first request that succeeded)",
     )
     build.add_argument(
         "--rtol",
@@ -590,6 +596,7 @@ def _run(args: argparse.Namespace) -> int:
             expected=_load_tensors(args.selftest_output, "--selftest-output"),
             rtol=args.rtol,
             atol=args.atol,
+            selftest=not args.no_selftest,
         )
         manifest = bundle.read_manifest(path)
         _out(

@@ -27,7 +27,7 @@ from edged.core import errors
 from edged.core.status import code_of
 from edged.frontends import kserve_codec as codec
 from edged.serving.manager import ModelManager
-from edged.serving.repository import PLATFORMS
+from edged.serving.repository import PLATFORMS, model_toml_text
 from edged.serving.shared_memory import SharedMemoryRegistry
 from edged.serving.stats import Duration, ModelStats
 
@@ -179,6 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             [v.version for v in self._manager.versions(mv.name)],
             executor=mv.kind,
         )
+        config.parameters["model_toml"].string_value = model_toml_text(mv.spec, mv.signature)
         if mv.batching.max_batch_size > 0:
             db = config.dynamic_batching
             db.max_queue_delay_microseconds = mv.batching.max_queue_delay_ns // 1000

@@ -38,7 +38,7 @@ from edged.core.errors import (
     UnavailableError,
 )
 from edged.core.types import InferRequest, InferResponse
-from edged.serving.model import ModelVersion, load_model_version
+from edged.serving.model import ModelVersion, Sample, load_model_version
 from edged.serving.repository import (
     ModelSpec,
     list_models,
@@ -314,9 +314,11 @@ class ModelManager:
         *,
         trial_runs: int = 0,
         stats: ModelStats | None = None,
+        reference: Sample | None = None,
     ) -> ModelVersion:
         """Load and warm ``version`` on one of ``candidates`` (placement per model.toml) in
-        a worker thread, bounded by ``load_timeout_s``, and start its scheduler.
+        a worker thread, bounded by ``load_timeout_s``, and start its scheduler;
+        ``reference`` (the sample the version already ran) runs first and must succeed.
 
         Raises:
             ModelLoadError: no candidate loaded it in time.
@@ -335,6 +337,7 @@ class ModelManager:
                 max_run_s=self.inference_timeout_s if trial_runs else 0.0,
                 inference_timeout_s=self.inference_timeout_s,
                 stats=stats,
+                reference=reference,
             )
         )
         try:
@@ -374,8 +377,40 @@ class ModelManager:
             log.error("placement_task_failed", error=f"{type(error).__name__}: {error}")
 
     def _watch(self, model: _Model, mv: ModelVersion) -> None:
-        """Feed every batch's outcome on ``mv`` to its executor's breaker."""
+        """Feed every batch's outcome on ``mv`` to its executor's breaker; re-plan an
+        ``auto`` placement nothing could time once a request gives a reference sample."""
         mv.scheduler.on_outcome = functools.partial(self._on_outcome, model, mv)
+        if mv.spec.placement == "auto" and len(mv.placement.candidates) > 1:
+            mv.on_reference = functools.partial(self._on_reference, model)
+
+    def _on_reference(self, model: _Model, mv: ModelVersion) -> None:
+        if model.serving.get(mv.version) is mv and not mv.placement.timings_s:
+            self._spawn(self._replan(model, mv))
+
+    async def _replan(self, model: _Model, mv: ModelVersion) -> None:
+        """``placement = "auto"`` again, timed on ``mv``'s reference sample (its warm-up had
+        none that ran); move the version if another executor is faster."""
+        labels = {"model": mv.name, "version": mv.version}
+        try:
+            new = await self._load_version(
+                mv.spec, mv.version, mv.placement.candidates, stats=mv.stats, reference=mv.reference
+            )
+        except ModelLoadError as e:
+            log.warning("placement_replan_failed", **labels, executor=mv.kind, error=str(e))
+            return
+        timings = {k: round(v * 1000, 3) for k, v in new.placement.timings_s.items()}
+        if new.kind == mv.kind:
+            await new.close()
+            log.info("placement_replanned", **labels, executor=mv.kind, timings_ms=timings)
+            return
+        if await self._move(model, mv, new, new.kind) is not None:
+            log.info(
+                "placement_replanned",
+                **labels,
+                **{"from": mv.kind, "to": new.kind},
+                executor=new.kind,
+                timings_ms=timings,
+            )
 
     def _on_outcome(self, model: _Model, mv: ModelVersion, error: EdgedError | None) -> None:
         """One batch's outcome (on the event loop, before its callers are answered). Only
@@ -448,7 +483,11 @@ class ModelManager:
         for kind in targets:
             try:
                 new = await self._load_version(
-                    failing.spec, failing.version, [kind], stats=failing.stats
+                    failing.spec,
+                    failing.version,
+                    [kind],
+                    stats=failing.stats,
+                    reference=failing.reference,
                 )
             except ModelLoadError as e:
                 health.breaker(kind).trip(time.monotonic())
@@ -522,12 +561,17 @@ class ModelManager:
         labels = {"model": current.name, "version": current.version}
         try:
             new = await self._load_version(
-                current.spec, current.version, [kind], trial_runs=TRIAL_RUNS, stats=current.stats
+                current.spec,
+                current.version,
+                [kind],
+                trial_runs=TRIAL_RUNS,
+                stats=current.stats,
+                reference=current.reference,
             )
         except ModelLoadError as e:
             error = str(e)
         else:
-            problem = outputs_disagree(current.placement.warm_outputs, new.placement.warm_outputs)
+            problem = outputs_disagree(current.reference_outputs, new.reference_outputs)
             if problem is None:
                 moved = await self._move(model, current, new, kind)
                 if moved is None:
