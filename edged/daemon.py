@@ -24,6 +24,7 @@ import structlog
 
 from edged.config import Config
 from edged.core.errors import ConfigError
+from edged.core.limits import RequestLimits
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
@@ -36,7 +37,7 @@ from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
-from edged.serving.shared_memory import SharedMemoryRegistry
+from edged.serving.shared_memory import SharedMemoryRegistry, ShmLimits
 from hal.placement import BreakerPolicy
 
 log = structlog.get_logger("edged.daemon")
@@ -59,6 +60,20 @@ class Daemon:
                 retry_after_s=config.executors.retry_after_s,
             ),
             inference_timeout_s=config.executors.inference_timeout_s,
+        )
+        lim = config.limits
+        self.limits = RequestLimits(lim.max_inputs, lim.max_outputs, lim.max_parameters)
+        self.regions = (
+            SharedMemoryRegistry(
+                limits=ShmLimits(
+                    lim.shm_max_regions,
+                    lim.shm_max_regions_per_connection,
+                    lim.shm_max_bytes,
+                    lim.shm_max_bytes_per_connection,
+                )
+            )
+            if config.server.shared_memory
+            else None
         )
         self.grpc_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -100,7 +115,8 @@ class Daemon:
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
+            regions=self.regions,
+            limits=self.limits,
             services=[management.service(self.updates, self.learn)],
         )
         address = self.config.server.grpc_address
@@ -123,6 +139,7 @@ class Daemon:
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
+                limits=self.limits,
             )
             try:
                 self.zmq_endpoints = self._zmq.start()
@@ -256,6 +273,8 @@ class Daemon:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
         await self._stop_frontends(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()
+        if self.regions is not None:
+            await asyncio.to_thread(self.regions.close)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         if self._learn_store is not None:
