@@ -151,7 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(config.log.level, config.log.format)
     try:
-        asyncio.run(Daemon(config).run_until_signalled())
+        daemon = Daemon(config, reload_config=lambda: load_config(args.config, overrides=overrides))
+        asyncio.run(daemon.run_until_signalled())
     except ConfigError as e:
         print(f"edged: {e}", file=sys.stderr)
         return 2

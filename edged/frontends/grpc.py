@@ -119,10 +119,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream_max_in_flight: int = 64,
         regions: SharedMemoryRegistry | None = None,
         limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+        closing: asyncio.Event | None = None,
     ) -> None:
         self._manager = manager
         self._regions = regions
         self._limits = limits
+        self._closing = closing
+        self._readers: set[asyncio.Task[None]] = set()
+        self._stream_watch: asyncio.Task[None] | None = None
         self._is_ready = is_ready
         self._stream_max_in_flight = stream_max_in_flight
 
@@ -257,16 +261,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         return await self._infer(request)
 
+    def _watch_streams(self) -> None:
+        """Once ``closing`` is set (shutdown), every stream stops reading new requests."""
+        if self._closing is None or self._stream_watch is not None:
+            return
+        closing = self._closing
+
+        async def watch() -> None:
+            await closing.wait()
+            for reader in list(self._readers):
+                reader.cancel()
+
+        self._stream_watch = asyncio.get_running_loop().create_task(watch())
+
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (bounded); each answer, or its error as
-        ``error_message``, goes back as it completes. An error never ends the stream."""
+        ``error_message``, goes back as it completes. An error never ends the stream. At
+        shutdown the stream stops reading, answers the requests in flight, and ends (OK)."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        closing = self._closing
 
         async def answer(message: pb.ModelInferRequest) -> None:
             try:
@@ -284,17 +303,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for message in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
+                try:
+                    async for message in request_iterator:
+                        await slots.acquire()
+                        task = asyncio.create_task(answer(message))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                except asyncio.CancelledError:
+                    if closing is None or not closing.is_set():
+                        raise
+                    log.info("stream_closed_for_shutdown", in_flight=len(tasks))
+                while tasks:  # answer what is in flight; a shutdown does not cut it short
+                    try:
+                        await asyncio.wait(set(tasks))
+                    except asyncio.CancelledError:
+                        if closing is None or not closing.is_set():
+                            raise
             finally:
                 results.put_nowait(None)
 
+        self._watch_streams()
         reader = asyncio.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
             while (item := await results.get()) is not None:
                 yield item
@@ -494,6 +525,7 @@ def build_server(
     stream_max_in_flight: int,
     regions: SharedMemoryRegistry | None = None,
     limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+    closing: asyncio.Event | None = None,
     services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
 ) -> tuple[grpc.aio.Server, HealthPublisher]:
     """A gRPC server with the inference service, health and reflection (not yet bound), plus
@@ -512,6 +544,7 @@ def build_server(
             stream_max_in_flight=stream_max_in_flight,
             regions=regions,
             limits=limits,
+            closing=closing,
         ),
         server,
     )
