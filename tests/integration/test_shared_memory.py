@@ -183,7 +183,7 @@ def test_truncated_region_is_refused_not_a_crash(client, regions) -> None:
 
 
 def test_replaced_region_is_refused(client, regions) -> None:
-    key, handle = regions("r", 64 * 4)
+    key, _ = regions("r", 64 * 4)
     client.register_system_shared_memory("r", key, 64 * 4)
     path = _shm_path(key)
     path.unlink()
