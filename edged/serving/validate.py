@@ -81,7 +81,7 @@ def request_options(parameters: Mapping[str, object]) -> tuple[int, int]:
         value = parameters.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInputError(
-                f"parameter '{key}' must be a non-negative integer, got {value!r}"
+                f"parameter '{key}' must be a non-negative integer, got {clip(repr(value))}"
             )
         values.append(value)
     return values[0], values[1] * 1000
