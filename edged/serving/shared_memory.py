@@ -134,6 +134,11 @@ class Region:
             view = memoryview(data)
             while view:
                 written = os.pwrite(self._fd, view, start)
+                if written <= 0:
+                    raise InvalidInputError(
+                        f"{what}: shared memory key '{clip(self.key)}' of region "
+                        f"'{clip(self.name)}' took no more bytes"
+                    )
                 view, start = view[written:], start + written
 
     def close(self) -> None:
