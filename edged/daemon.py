@@ -135,7 +135,7 @@ class Daemon:
             regions=self.regions,
             limits=self.limits,
             closing=self._closing,
-            services=[management.service(self.updates, self.learn)],
+            services=[management.service(self.updates, self.learn, self.limits)],
         )
         address = self.config.server.grpc_address
         try:

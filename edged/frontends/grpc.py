@@ -372,7 +372,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._check_repository(request.repository_name)
         await self._check_model_folder(request.model_name)
         if request.parameters:
-            names = ", ".join(sorted(request.parameters))
+            names = errors.clip(", ".join(sorted(request.parameters)), 200)
             raise errors.UnsupportedError(
                 f"load parameters are not supported ({names}); "
                 "edit model.toml in the repository instead"
@@ -481,7 +481,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _check_repository(name: str) -> None:
         if name not in ("", "models"):
             raise errors.ModelNotFoundError(
-                f"unknown repository '{name}' (edged serves one, "
+                f"unknown repository '{errors.clip(name)}' (edged serves one, "
                 "'models'; leave repository_name empty)"
             )
 
