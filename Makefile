@@ -11,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-$(CHECKSUM)
 STAMP         := $(VENV)/.installed-$(CHECKSUM)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test-tools:
 
 test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
+
+# Long fuzzing runs of the harnesses in tests/fuzz/ (`make test` runs them briefly): atheris
+# for FUZZ_SECONDS (60) per harness where it installs (x86-64 wheels), else hypothesis.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris \
+	  || echo "make: atheris did not install; fuzzing with hypothesis instead"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m tests.fuzz.run
 
 # Throughput/latency against in-process ONNX Runtime, then start-up time and idle memory;
 # JSON on stdout (also written to bench-*.json), tables on stderr.

@@ -161,8 +161,9 @@ def _serve(args: argparse.Namespace) -> int:
     from edged.daemon import Daemon
 
     try:
+        daemon = Daemon(config, reload_config=lambda: load_config(args.config, overrides=overrides))
         with logs.native_stderr_captured(config.log.capture_native_stderr):
-            asyncio.run(Daemon(config).run_until_signalled())
+            asyncio.run(daemon.run_until_signalled())
     except ConfigError as e:  # after the capture ends: its native lines come first
         print(f"{logs.stderr_prefix()}edged: {e}", file=sys.stderr)
         return 2

@@ -101,6 +101,60 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: bounds on the work one request or one client may cause."""
+
+    max_inputs: int = field(
+        default=256,
+        metadata=_key(
+            "Most input tensors in one inference request (gRPC or ZeroMQ); more get "
+            "RESOURCE_EXHAUSTED before anything is decoded.",
+            _positive,
+        ),
+    )
+    max_outputs: int = field(
+        default=256,
+        metadata=_key(
+            "Most requested outputs in one inference request; more get RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    max_parameters: int = field(
+        default=64,
+        metadata=_key(
+            "Most parameters on one request, and on one of its tensors; more get "
+            "RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    shm_max_regions: int = field(
+        default=256,
+        metadata=_key(
+            "Most system shared memory regions registered at once (each holds a file "
+            "descriptor); one more gets RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    shm_max_regions_per_connection: int = field(
+        default=64,
+        metadata=_key(
+            "Most shared memory regions one client connection may have registered.", _positive
+        ),
+    )
+    shm_max_bytes: int = field(
+        default=4 * 1024**3,
+        metadata=_key("Most bytes all registered shared memory regions may span.", _positive),
+    )
+    shm_max_bytes_per_connection: int = field(
+        default=1024**3,
+        metadata=_key(
+            "Most bytes the shared memory regions of one client connection may span.",
+            _positive,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     """[models]: the model repository and how models are loaded."""
 
@@ -507,6 +561,7 @@ class Config:
     """The whole configuration; each field is one TOML section."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)

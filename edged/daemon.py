@@ -15,19 +15,22 @@ loads; every load, at start-up or by RepositoryModelLoad, places models with tho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 import structlog
 
+from edged import logs
 from edged.config import Config, OtaConfig
 from edged.core.errors import ConfigError
+from edged.core.limits import RequestLimits
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
@@ -35,12 +38,13 @@ from edged.frontends.zmq import ZmqFrontend
 from edged.learn.jobs import LearnManager
 from edged.learn.metrics import LearnCollector
 from edged.learn.store import LearnStore
+from edged.lifecycle import Notifier, ReloadHooks, Watchdog, watchdog_interval
 from edged.ota.metrics import OtaCollector
 from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
-from edged.serving.shared_memory import SharedMemoryRegistry
+from edged.serving.shared_memory import SharedMemoryRegistry, ShmLimits
 from hal.placement import BreakerPolicy
 
 log = structlog.get_logger("edged.daemon")
@@ -90,10 +94,23 @@ def _state_dir(ota: OtaConfig, env: Mapping[str, str]) -> tuple[Path, bool]:
 
 
 class Daemon:
-    """One edged process's serving machinery."""
+    """One edged process's serving machinery.
 
-    def __init__(self, config: Config) -> None:
+    ``reload_config`` reads the configuration again (file and environment) for SIGHUP; without
+    it SIGHUP runs the other reload hooks only.
+    """
+
+    def __init__(
+        self, config: Config, *, reload_config: Callable[[], Config] | None = None
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self.reloads = ReloadHooks()
+        """What SIGHUP reloads; other parts add their hooks (``reloads.add``)."""
+        if reload_config is not None:
+            self.reloads.add("log.level", self._reload_log_level)
+        self.notifier = Notifier()
+        self._closing = asyncio.Event()
         self.manager = ModelManager(
             Path(config.models.repository),
             default_max_batch_size=config.models.default_max_batch_size,
@@ -106,6 +123,20 @@ class Daemon:
                 retry_after_s=config.executors.retry_after_s,
             ),
             inference_timeout_s=config.executors.inference_timeout_s,
+        )
+        lim = config.limits
+        self.limits = RequestLimits(lim.max_inputs, lim.max_outputs, lim.max_parameters)
+        self.regions = (
+            SharedMemoryRegistry(
+                limits=ShmLimits(
+                    lim.shm_max_regions,
+                    lim.shm_max_regions_per_connection,
+                    lim.shm_max_bytes,
+                    lim.shm_max_bytes_per_connection,
+                )
+            )
+            if config.server.shared_memory
+            else None
         )
         self.grpc_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -147,8 +178,10 @@ class Daemon:
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
-            services=[management.service(self.updates, self.learn)],
+            regions=self.regions,
+            limits=self.limits,
+            closing=self._closing,
+            services=[management.service(self.updates, self.learn, self.limits)],
         )
         address = self.config.server.grpc_address
         try:
@@ -172,6 +205,7 @@ class Daemon:
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
+                limits=self.limits,
             )
             try:
                 self.zmq_endpoints = self._zmq.start()
@@ -301,7 +335,13 @@ class Daemon:
             await asyncio.shield(self._startup)
 
     async def stop(self) -> None:
-        """Stop intake, drain, stop the server, unload models. Idempotent."""
+        """Stop intake, drain, stop the server, unload models. Idempotent.
+
+        The frontends stop taking new requests first (gRPC refuses new calls, the ZeroMQ
+        socket stops receiving, streams stop reading) while every request they had already
+        received runs to its answer, bounded by ``server.shutdown_grace_s``; only then does
+        the model manager refuse requests, drain and unload.
+        """
         if self._stopping:
             return
         self._stopping = True
@@ -310,18 +350,27 @@ class Daemon:
         if self.updates is not None:
             await self.updates.stop()
         grace = self.config.server.shutdown_grace_s
-        log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
         if self._startup is not None and not self._startup.done():
             self._startup.cancel()
-        self.manager.stop_intake()
         if self._health is not None:
             await self._health.shutdown()
         deadline = time.monotonic() + grace
-        drained = await self.manager.drain(grace)
+        self._closing.set()
+        frontends = asyncio.ensure_future(self._stop_frontends(grace))
+        # two turns of the loop: _stop_frontends starts each frontend's stop, and each stop
+        # runs to its first wait, by which time gRPC refuses new calls (Server.stop "stops
+        # servicing new RPCs immediately") and the ZeroMQ receiver is cancelled
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
+        await frontends
+        self.manager.stop_intake()
+        drained = await self.manager.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
-        await self._stop_frontends(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()
+        if self.regions is not None:
+            await asyncio.to_thread(self.regions.close)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         if self._learn_store is not None:
@@ -329,19 +378,79 @@ class Daemon:
         log.info("shutdown_complete")
 
     async def _stop_frontends(self, grace_s: float) -> None:
+        """Every frontend at once: no new requests, those received answered within
+        ``grace_s``."""
+        stops: list[Awaitable[None]] = []
         if self._zmq is not None:
-            await self._zmq.stop(grace_s)
+            stops.append(self._zmq.stop(grace_s))
         if self._server is not None:
-            await self._server.stop(grace_s)
+            stops.append(self._server.stop(grace_s))
+        await asyncio.gather(*stops)
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
 
+    # -- SIGHUP ----------------------------------------------------------------------------
+
+    async def _reload_log_level(self) -> None:
+        assert self._reload_config is not None
+        fresh = await asyncio.to_thread(self._reload_config)
+        if fresh.log.level != self.config.log.level:
+            logs.set_level(fresh.log.level)
+            log.warning("log_level_changed", before=self.config.log.level, after=fresh.log.level)
+            self.config = dataclasses.replace(self.config, log=fresh.log)
+
+    async def reload(self) -> dict[str, str]:
+        """What SIGHUP does: run every reload hook; never raises."""
+        log.info("reload_started", hooks=self.reloads.names())
+        results = await self.reloads.run()
+        log.info("reload_finished", results=results)
+        return results
+
+    # -- the process -----------------------------------------------------------------------
+
     async def run_until_signalled(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop."""
+        """Start, serve until SIGTERM or SIGINT, then stop; SIGHUP reloads. With systemd
+        (``$NOTIFY_SOCKET``): READY=1 once the listeners are bound, STATUS= as models load,
+        WATCHDOG=1 from the event loop every half ``$WATCHDOG_USEC``, STOPPING=1 on the way
+        out."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        reloading: set[asyncio.Task[dict[str, str]]] = set()
+
+        def on_sighup() -> None:
+            if self._stopping or reloading:
+                log.info("reload_skipped", reason="stopping" if self._stopping else "running")
+                return
+            task = loop.create_task(self.reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        interval = watchdog_interval()
+        watchdog = Watchdog(self.notifier, interval) if interval else None
+        try:
+            await self.start()
+            self.notifier.ready(status="serving; loading models")
+            if watchdog is not None:
+                watchdog.start()
+                log.info("watchdog_started", interval_s=interval)
+            loaded = loop.create_task(self._report_loaded())
+            await stop.wait()
+            loaded.cancel()
+            self.notifier.stopping(status="draining")
+            await self.stop()
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            self.notifier.close()
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    async def _report_loaded(self) -> None:
+        await self.wait_loaded()
+        ready = len(self.manager.ready_models())
+        failed = len(self._failed)
+        self.notifier.status(
+            f"serving {ready} model version(s)" + (f"; {failed} failed to load" if failed else "")
+        )

@@ -73,6 +73,36 @@ def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Pro
     return render
 
 
+#: each logging method's level, for the level filter
+_METHOD_LEVELS = {
+    **_LEVELS,
+    "warn": 30,
+    "exception": 40,
+    "critical": 50,
+    "fatal": 50,
+    "msg": 20,
+}
+_threshold = 20
+
+
+def set_level(level: str) -> None:
+    """Log ``level`` and above from now on (SIGHUP applies a changed ``log.level`` this way).
+
+    Raises:
+        KeyError: not one of debug, info, warning, error.
+    """
+    global _threshold  # noqa: PLW0603 - the one setting every logger reads
+    _threshold = _LEVELS[level]
+
+
+def _filter_level(
+    logger: object, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    if _METHOD_LEVELS.get(method, 20) < _threshold:
+        raise structlog.DropEvent
+    return event
+
+
 def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = None) -> None:
     """Render every event as one JSON line on stdout (or readable lines for a terminal), with
     the context variables (model, version, request_id) merged in first; with ``journal``
@@ -86,15 +116,17 @@ def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = 
         journal = journal_stream(sys.stdout.fileno()) if _has_fileno(sys.stdout) else False
     if journal:
         renderer = _with_priority(renderer)
+    set_level(level)
     structlog.configure(
         processors=[
+            _filter_level,  # first: a dropped event costs one call (the level can change)
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(10),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )

@@ -628,7 +628,8 @@ def build_bundle(
         BundleError: the folder, model.toml, the artifact or the self-test is unusable; a
             model that fails to load or run is named with the cause.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    # resolved first: the model's name defaults to its folder's, which "." does not have
+    model_dir, out_path = Path(model_dir).resolve(), Path(out_path)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise BundleError(f"version must be an integer >= 1, not {version!r}")
     toml_path = model_dir / MODEL_TOML

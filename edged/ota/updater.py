@@ -820,6 +820,9 @@ class UpdateManager:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            # the stage that failed may have advanced the record: carry on from what is
+            # persisted, not from this function's last copy
+            record = await self._stored(record)
             if isinstance(e, _Aborted):
                 reason = str(e)
             else:
@@ -827,9 +830,39 @@ class UpdateManager:
                 log.warning(
                     "ota_stage_failed", model=record.model, state=str(record.state), error=reason
                 )
-            record = await self._fail(record, reason)
+            record = await self._settle(record, reason)
         finally:
             await asyncio.to_thread(clear_staging, model_dir)
+        return record
+
+    async def _stored(self, record: UpdateRecord) -> UpdateRecord:
+        """``record`` as last persisted (the store is the truth; a stage advances its own
+        copy), or ``record`` itself if the store cannot say."""
+        try:
+            stored = await asyncio.to_thread(self.store.get, record.id)
+        except Exception as e:
+            log.warning("ota_state_unreadable", model=record.model, error=describe_error(e))
+            return record
+        return stored if stored is not None else record
+
+    async def _settle(self, record: UpdateRecord, reason: str) -> UpdateRecord:
+        """Bring an update that failed in any stage to a terminal state (FAILED or
+        ROLLED_BACK), so that the model is free for the next update. Undoing is tried twice,
+        from the persisted state each time; what fails is logged and added to the reason."""
+        for _ in range(2):
+            try:
+                return await self._fail(record, reason)
+            except Exception as e:
+                log.exception(
+                    "ota_undo_failed",
+                    model=record.model,
+                    state=str(record.state),
+                    error=describe_error(e),
+                )
+                reason = f"{reason}; undoing it failed: {describe_error(e)}"
+                record = await self._stored(record)
+                if record.state in AT_REST:
+                    return record
         return record
 
     async def _fail(self, record: UpdateRecord, reason: str) -> UpdateRecord:

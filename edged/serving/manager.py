@@ -36,6 +36,7 @@ from edged.core.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     UnavailableError,
+    clip,
 )
 from edged.core.types import InferRequest, InferResponse
 from edged.serving.model import ModelVersion, Sample, load_model_version
@@ -215,7 +216,7 @@ class ModelManager:
             ModelLoadError: model.toml is invalid or a version failed to load or warm up.
         """
         if "/" in name or name in {"", ".", ".."} or name.startswith("."):
-            raise ModelNotFoundError(f"model '{name}' is not a model name in the repository")
+            raise ModelNotFoundError(f"model '{clip(name)}' is not a model name in the repository")
         model = self._models.setdefault(name, _Model(name))
         async with model.lock:
             model.wanted = True
@@ -296,7 +297,7 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"model '{name}' is not loaded")
+            raise ModelNotFoundError(f"model '{clip(name)}' is not loaded")
         async with model.lock:
             model.wanted = False
             retired = list(model.serving.values())
@@ -646,11 +647,11 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         if version:
             number = parse_version(version)
             if number is None:
-                raise InvalidInputError(f"model_version '{version}' is not a version number")
+                raise InvalidInputError(f"model_version '{clip(version)}' is not a version number")
             mv = model.serving.get(number)
             if mv is None:
                 if number in model.states:
@@ -700,7 +701,7 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         return [model.serving[v] for v in sorted(model.serving)]
 
     def index(self) -> list[IndexEntry]:

@@ -20,6 +20,7 @@ the server's files, each refused with its exact error class:
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -448,3 +449,17 @@ def test_edged_fleet_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert report["roles"]["timestamp"]["version"] == 3
     assert fleet.main(["status", str(d)]) == 0
     assert "digits 2: models/digits/2.tar.gz (onnx" in capsys.readouterr().out
+
+
+def test_edged_fleet_bundle_of_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edged-fleet bundle . --version N` inside a model folder names the model after it."""
+    model = tmp_path / "digits"
+    shutil.copytree(DIGITS, model)
+    monkeypatch.chdir(model)
+    out = tmp_path / "digits-1.tar.gz"
+    assert fleet.main(["bundle", ".", "--version", "1", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    assert bundle.read_manifest(out).name == "digits"
