@@ -2,10 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Two stamps, each named by pyproject.toml's checksum (a changed pyproject.toml reinstalls):
+# RUNTIME_STAMP when edged and its runtime dependencies are installed (all `make serve`
+# needs), STAMP when the dev/test extras and pynq are too (everything else). Installing the
+# dev stack also satisfies the runtime stamp; the runtime install never satisfies STAMP.
+CHECKSUM      := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUNTIME_STAMP := $(VENV)/.runtime-$(CHECKSUM)
+STAMP         := $(VENV)/.installed-$(CHECKSUM)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,11 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,pynq]'
 	# pynq pins numpy<2 and an old grpcio; its code runs beside numpy 2 (docs/adr/0002)
 	$(BIN)/python -m pip install -q --no-deps pynq==4.0.0 pynqutils==0.1.3
-	rm -f $(VENV)/.installed-* && touch $@
+	rm -f $(VENV)/.installed-* $(VENV)/.runtime-* && touch $@ $(RUNTIME_STAMP)
+
+# The runtime only: what `edged serve` imports, no test, build or lint tools.
+$(RUNTIME_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	rm -f $(VENV)/.runtime-* && touch $@
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(RUNTIME_STAMP)
 	@echo "edged: serving ./models on $(GRPC_ADDRESS) (Ctrl-C stops it)."
 	@echo "edged: in another shell, send a request:"
 	@echo "    $(BIN)/edged infer digits --address $(GRPC_ADDRESS) --input input=models/digits/sample.npy"
@@ -33,6 +46,14 @@ test-tools:
 
 test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
+
+# Long fuzzing runs of the harnesses in tests/fuzz/ (`make test` runs them briefly): atheris
+# for FUZZ_SECONDS (60) per harness where it installs (x86-64 wheels), else hypothesis.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris \
+	  || echo "make: atheris did not install; fuzzing with hypothesis instead"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m tests.fuzz.run
 
 # Throughput/latency against in-process ONNX Runtime, the cost of TLS and mutual TLS, then
 # start-up time and idle memory; JSON on stdout (also written to bench-*.json), tables on stderr.

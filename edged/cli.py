@@ -1,15 +1,17 @@
-"""The ``edged`` command: ``serve`` runs the daemon; ``infer`` sends one request; ``devices``
-prints what the hardware probe finds; ``learn`` gives a running daemon labelled samples and
-starts and lists its fine-tune jobs; ``token`` adds, lists and revokes bearer tokens;
-``zmq-keys`` writes a ZeroMQ CURVE key pair."""
+"""The edged command: serve runs the daemon; infer sends one request; devices prints what
+the hardware probe finds; learn gives a running daemon labelled samples and starts and lists
+its fine-tune jobs; token adds, lists and revokes bearer tokens; zmq-keys writes a ZeroMQ
+CURVE key pair."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         help="naive, ewc, lwf, replay, streaming-lda, replay+lwf or replay+ewc "
         "(default: the model's)",
     )
-    start.add_argument("--wait", action="store_true", help="wait for the job to come to rest")
+    start.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job to come to rest, printing its progress on stderr (training, "
+        "then the update that publishes the new version: warm-up, health window, commit)",
+    )
     jobs = actions.add_parser(
         "jobs",
         help="past and running jobs, and the sample store (ListJobs)",
@@ -182,7 +189,6 @@ def _add_token_commands(commands: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from edged import logs
-    from edged.daemon import Daemon
 
     overrides: dict[str, Any] = {}
     if args.models is not None:
@@ -192,22 +198,61 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
-        print(f"edged: {e}", file=sys.stderr)
+        print(f"{logs.stderr_prefix()}edged: {e}", file=sys.stderr)
         return 2
     logs.configure(config.log.level, config.log.format)
+    logs.quiet_native_libraries(config.log.level)  # before gRPC starts
+
+    from edged.daemon import Daemon
+
     try:
-        asyncio.run(Daemon(config).run_until_signalled())
-    except ConfigError as e:
-        print(f"edged: {e}", file=sys.stderr)
+        daemon = Daemon(config, reload_config=lambda: load_config(args.config, overrides=overrides))
+        with logs.native_stderr_captured(config.log.capture_native_stderr):
+            asyncio.run(daemon.run_until_signalled())
+    except ConfigError as e:  # after the capture ends: its native lines come first
+        print(f"{logs.stderr_prefix()}edged: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: str | Path, flag: str) -> np.ndarray[Any, Any]:
+    """One array from a .npy file (numpy.save's format), for the command-line option ``flag``
+    (edged and edged-fleet).
+
+    Raises:
+        ValueError: the file is missing, is not a .npy file, or holds Python objects; the
+            message names the flag and the file.
+        OSError: the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except FileNotFoundError:
+        where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+        raise ValueError(f"{flag} {path}: no such file{where}") from None
+    if head != _NPY_MAGIC:
+        kind = "a .npz archive" if head.startswith(b"PK") else "not a .npy file"
+        raise ValueError(
+            f"{flag} {path}: {kind}; give one array saved with numpy.save (a .npy file)"
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(
+            f"{flag} {path}: a .npy file that holds Python objects (pickled) or is damaged "
+            f"({e}); save numeric or string arrays"
+        ) from e
+    return array  # type: ignore[no-any-return]
 
 
 def _load_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--input {spec!r}: expected NAME=FILE.npy")
-    array = np.load(path, allow_pickle=False)
+    array = load_npy(path, "--input")
     if array.dtype.kind in "SU":  # fixed-width strings stand for a BYTES tensor
         flat = np.empty(array.size, dtype=object)
         flat[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
@@ -240,18 +285,10 @@ def _infer(args: argparse.Namespace) -> int:
         requested_outputs=tuple(args.output),
         id="edged-cli",
     )
-    auth = client_auth.ClientAuth.from_args(args)
-    try:
-        channel = auth.channel(args.address)
-    except ConfigError as e:
-        print(f"edged infer: {e}", file=sys.stderr)
-        return 2
-    with channel:
+    with client_auth.ClientAuth.from_args(args).channel(args.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            reply = stub.ModelInfer(
-                request_to_proto(request), timeout=args.timeout, metadata=auth.metadata
-            )
+            reply = stub.ModelInfer(request_to_proto(request), timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"edged infer: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -300,7 +337,7 @@ def _learn(args: argparse.Namespace) -> int:
     if args.action == "add":
         try:
             inputs = dict(_load_input(s) for s in args.input)
-            labels = np.load(args.labels, allow_pickle=False)
+            labels = load_npy(args.labels, "--labels")
         except (OSError, ValueError) as e:
             print(f"edged learn add: {e}", file=sys.stderr)
             return 2
@@ -317,28 +354,102 @@ def _learn(args: argparse.Namespace) -> int:
             labels=[int(v) for v in labels.reshape(-1)],
         )
     elif args.action == "start":
-        request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy, wait=args.wait)
+        # --wait polls and reports progress rather than asking the daemon to hold the call
+        request = mpb.StartFineTuneRequest(model=args.model, strategy=args.strategy)
     else:
         request = mpb.ListJobsRequest(model=args.model, limit=max(0, args.limit))
-    auth = client_auth.ClientAuth.from_args(args)
-    try:
-        channel = auth.channel(args.address)
-    except ConfigError as e:
-        print(f"edged learn {args.action}: {e}", file=sys.stderr)
-        return 2
-    with channel:
+    with client_auth.ClientAuth.from_args(args).channel(args.address) as channel:
         stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
         call = {"add": stub.AddSamples, "start": stub.StartFineTune, "jobs": stub.ListJobs}
+        deadline = time.monotonic() + args.timeout
         try:
-            reply = call[args.action](request, timeout=args.timeout, metadata=auth.metadata)
+            reply = call[args.action](request, timeout=args.timeout)
+            if args.action == "start" and args.wait:
+                reply = mpb.StartFineTuneResponse(
+                    job=_follow_job(stub, reply.job, deadline, _progress("edged learn start"))
+                )
         except grpc.RpcError as e:
             print(f"edged learn {args.action}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as e:
+            print(f"edged learn {args.action}: DEADLINE_EXCEEDED: {e}", file=sys.stderr)
             return 1
     print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
     if args.action == "start":
         state = mpb.JobState.Name(reply.job.state)
         return 0 if state in ("JOB_STATE_PROMOTED", "JOB_STATE_RUNNING") else 1
     return 0
+
+
+_AT_REST = ("JOB_STATE_PROMOTED", "JOB_STATE_REJECTED", "JOB_STATE_FAILED")
+POLL_S = 0.5
+
+
+def _progress(prefix: str) -> Callable[[str], None]:
+    """Progress lines on stderr (stdout keeps the one JSON reply)."""
+
+    def say(line: str) -> None:
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _follow_job(stub: Any, job: Any, deadline: float, say: Callable[[str], None]) -> Any:
+    """Poll a fine-tune job (GetJob) until it comes to rest, saying each change: its state,
+    training progress in tenths, and, once it publishes, every state of the update that
+    carries the new version (warming, the health window, commit or rollback). Returns the job
+    at rest.
+
+    Raises:
+        grpc.RpcError: a call failed.
+        TimeoutError: ``deadline`` passed first.
+    """
+    from edged._proto.edged.v1 import management_pb2 as mpb
+
+    said: tuple[str, int] | None = None
+    update_states_said = 0
+    while True:
+        state = mpb.JobState.Name(job.state)
+        tenth = int(job.progress * 10) if state == "JOB_STATE_RUNNING" else -1
+        if job.update_id and state in _AT_REST:  # the update's last states, then the verdict
+            update_states_said = _say_update(stub, job, update_states_said, say)
+        if (state, tenth) != said:
+            said = (state, tenth)
+            training = f" (training {tenth * 10}%)" if tenth >= 0 else ""
+            say(f"job {job.id} {state.removeprefix('JOB_STATE_')}{training}")
+        if state in _AT_REST:
+            return job
+        if job.update_id:
+            update_states_said = _say_update(stub, job, update_states_said, say)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"job {job.id} is still {state} after --timeout")
+        time.sleep(min(POLL_S, left))
+        job = stub.GetJob(mpb.GetJobRequest(job_id=job.id), timeout=left).job
+
+
+def _say_update(stub: Any, job: Any, already: int, say: Callable[[str], None]) -> int:
+    """Say the states of the job's update not said yet; returns how many are said."""
+    from edged._proto.edged.v1 import management_pb2 as mpb
+
+    listed = stub.ListUpdates(mpb.ListUpdatesRequest(model=job.model, limit=10)).updates
+    update = next((u for u in listed if u.update_id == job.update_id), None)
+    if update is None:
+        return already
+    meaning = {
+        "WARMING": "loading, warming up and self-testing",
+        "ACTIVE_TRIAL": "serving; health window open",
+        "COMMITTED": "health window passed; committed",
+        "ROLLING_BACK": "rolling back",
+        "ROLLED_BACK": "rolled back",
+        "FAILED": "failed",
+    }
+    for transition in update.transitions[already:]:
+        name = mpb.UpdateState.Name(transition.state).removeprefix("UPDATE_STATE_")
+        why = f": {transition.reason}" if transition.reason else ""
+        detail = f" ({meaning[name]})" if name in meaning else ""
+        say(f"update {update.update_id} to version {update.to_version}: {name}{detail}{why}")
+    return len(update.transitions)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -415,17 +526,33 @@ def _devices(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edged`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "devices":
-        return _devices(args)
-    if args.command == "learn":
-        return _learn(args)
-    if args.command == "token":
-        return _token(args)
-    if args.command == "zmq-keys":
-        return _zmq_keys(args)
-    return _infer(args)
+    run = {
+        "serve": _serve,
+        "devices": _devices,
+        "learn": _learn,
+        "infer": _infer,
+        "token": _token,
+        "zmq-keys": _zmq_keys,
+    }
+    try:
+        code = run[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return stdout_closed()
+    except ConfigError as e:  # a client command's TLS files (--ca, --cert, --key)
+        print(f"edged {args.command}: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+def stdout_closed() -> int:
+    """The reader of our output went away (``edged devices --json | head -1``): exit quietly
+    as a killed-by-SIGPIPE tool does, with nothing left to flush into the closed pipe (edged
+    and edged-fleet)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ Every key ``[section] key`` can also be set by the environment variable
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,12 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """The suffix " (did you mean 'x'?)" naming the closest known name, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _key(doc: str, check: Callable[[Any], str | None] | None = None) -> dict[str, Any]:
     return {"doc": doc, "check": check}
 
@@ -131,12 +138,68 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: bounds on the work one request or one client may cause."""
+
+    max_inputs: int = field(
+        default=256,
+        metadata=_key(
+            "Most input tensors in one inference request (gRPC or ZeroMQ); more get "
+            "RESOURCE_EXHAUSTED before anything is decoded.",
+            _positive,
+        ),
+    )
+    max_outputs: int = field(
+        default=256,
+        metadata=_key(
+            "Most requested outputs in one inference request; more get RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    max_parameters: int = field(
+        default=64,
+        metadata=_key(
+            "Most parameters on one request, and on one of its tensors; more get "
+            "RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    shm_max_regions: int = field(
+        default=256,
+        metadata=_key(
+            "Most system shared memory regions registered at once (each holds a file "
+            "descriptor); one more gets RESOURCE_EXHAUSTED.",
+            _positive,
+        ),
+    )
+    shm_max_regions_per_connection: int = field(
+        default=64,
+        metadata=_key(
+            "Most shared memory regions one client connection may have registered.", _positive
+        ),
+    )
+    shm_max_bytes: int = field(
+        default=4 * 1024**3,
+        metadata=_key("Most bytes all registered shared memory regions may span.", _positive),
+    )
+    shm_max_bytes_per_connection: int = field(
+        default=1024**3,
+        metadata=_key(
+            "Most bytes the shared memory regions of one client connection may span.",
+            _positive,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     """[models]: the model repository and how models are loaded."""
 
     repository: str = field(
         default="/var/lib/edged/models",
-        metadata=_key("Folder holding <model>/model.toml and <model>/<version>/ folders."),
+        metadata=_key(
+            "Folder holding <model>/<version>/ folders (and optional <model>/model.toml)."
+        ),
     )
     strict_readiness: bool = field(
         default=True,
@@ -307,7 +370,7 @@ class AuthConfig:
     tokens_file: str = field(
         default="",
         metadata=_key(
-            "File of hashed bearer tokens written by `edged token add` and `revoke`, re-read "
+            "File of hashed bearer tokens written by edged token add and revoke, re-read "
             "when it changes; empty: no tokens."
         ),
     )
@@ -351,7 +414,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """[log]: structured logs on stdout."""
+    """[log]: structured logs on stdout (with journald priorities under systemd)."""
 
     level: str = field(
         default="info",
@@ -364,6 +427,13 @@ class LogConfig:
             _one_of("json", "console"),
         ),
     )
+    capture_native_stderr: bool = field(
+        default=True,
+        metadata=_key(
+            "Turn what native libraries (ONNX Runtime, LiteRT, gRPC core) write to stderr "
+            "into native_stderr events; off: their lines pass through raw."
+        ),
+    )
 
 
 def _rate(value: Any) -> str | None:
@@ -372,6 +442,11 @@ def _rate(value: Any) -> str | None:
 
 def _share(value: Any) -> str | None:
     return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
+
+
+def _absolute_paths(value: Any) -> str | None:
+    relative = [v for v in value if not Path(v).is_absolute()]
+    return f"{relative[0]!r} is not an absolute path" if relative else None
 
 
 def _url(value: Any) -> str | None:
@@ -390,6 +465,15 @@ class OtaConfig:
             "Folder for state that survives restarts: the OTA database (ota.sqlite3), TUF "
             "metadata (tuf/) and, with learn.enabled, the sample store and fine-tune jobs "
             "(learn.sqlite3, learn/)."
+        ),
+    )
+    state_roots: tuple[str, ...] = field(
+        default=("/var/lib/edged",),
+        metadata=_key(
+            "Folders state_dir must be inside when OTA or learning uses it (refused at start "
+            "otherwise), besides the StateDirectory systemd gives the service "
+            "($STATE_DIRECTORY). In the environment: comma-separated.",
+            _absolute_paths,
         ),
     )
     repository_url: str = field(
@@ -618,6 +702,7 @@ class Config:
     """The whole configuration; each field is one TOML section."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
@@ -710,7 +795,9 @@ def _env_values(
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
             continue
         if name not in env_keys:
-            raise ConfigError(f"unknown config environment variable '{name}'")
+            raise ConfigError(
+                f"unknown config environment variable '{name}'{_did_you_mean(name, env_keys)}"
+            )
         found[name] = (*env_keys[name], value)
     return found
 
@@ -732,15 +819,18 @@ def build_config(
 
     for section, table in data.items():
         if section not in sections:
+            hint = _did_you_mean(section, sections)
             raise ConfigError(
-                f"unknown config section '[{section}]' (known: {', '.join(sections)})"
+                f"unknown config section '[{section}]'{hint} (known: {', '.join(sections)})"
             )
         if not isinstance(table, Mapping):
             raise ConfigError(f"config key '{section}' must be a table")
         known = {f.name for f in dataclasses.fields(sections[section])}
         for key, value in table.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'")
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}'{_did_you_mean(key, known)}"
+                )
             values[section][key] = (value, False)
 
     for section, key, value in _env_values(env or {}, sections).values():
@@ -751,7 +841,8 @@ def build_config(
         if section not in sections or key not in {
             f.name for f in dataclasses.fields(sections[section])
         }:
-            raise ConfigError(f"unknown config key '{dotted}'")
+            every = [f"{s}.{f.name}" for s, c in sections.items() for f in dataclasses.fields(c)]
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(dotted, every)}")
         values[section][key] = (value, False)
 
     built: dict[str, Any] = {}

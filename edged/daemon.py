@@ -15,16 +15,22 @@ loads; every load, at start-up or by RepositoryModelLoad, places models with tho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
+import os
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 import structlog
 
-from edged.config import Config
+from edged import logs
+from edged.config import Config, OtaConfig
 from edged.core.errors import ConfigError
+from edged.core.limits import RequestLimits
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.metrics import MetricsEndpoint
@@ -33,23 +39,80 @@ from edged.frontends.zmq import ZmqFrontend
 from edged.learn.jobs import LearnManager
 from edged.learn.metrics import LearnCollector
 from edged.learn.store import LearnStore
+from edged.lifecycle import Notifier, ReloadHooks, Watchdog, watchdog_interval
 from edged.ota.metrics import OtaCollector
 from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
 from edged.security.access import AccessCollector
 from edged.serving.manager import ModelManager
-from edged.serving.shared_memory import SharedMemoryRegistry
+from edged.serving.shared_memory import SharedMemoryRegistry, ShmLimits
 from hal.placement import BreakerPolicy
 
 log = structlog.get_logger("edged.daemon")
 
 
-class Daemon:
-    """One edged process's serving machinery."""
+def _bind_error(address: str) -> str:
+    """Why a TCP listener cannot bind ``address`` ("address already in use", "permission
+    denied", ...), from the operating system: gRPC's own error only says that it failed."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        return f"cannot resolve {host!r}: {e}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                reason = (e.strerror or str(e)).lower()
+                if e.errno == errno.EADDRINUSE:
+                    reason += " (another process listens there)"
+                return reason
+    return ""
 
-    def __init__(self, config: Config) -> None:
+
+def _state_dir(ota: OtaConfig, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """``ota.state_dir`` resolved, and whether it exists yet.
+
+    It must lie inside one of ``ota.state_roots`` or the folders systemd names in
+    ``$STATE_DIRECTORY`` (StateDirectory=), so that a mistyped or default path never makes a
+    daemon running as root create state somewhere on the host unasked.
+
+    Raises:
+        ConfigError: it lies outside every root.
+    """
+    state_dir = Path(ota.state_dir).resolve()
+    systemd = [p for p in env.get("STATE_DIRECTORY", "").split(":") if p]
+    roots = [Path(r).resolve() for r in (*ota.state_roots, *systemd)]
+    if not any(state_dir == root or root in state_dir.parents for root in roots):
+        raise ConfigError(
+            f"config key 'ota.state_dir': {state_dir} is outside the allowed state roots "
+            f"({', '.join(map(str, roots)) or 'none'}); set ota.state_dir inside one, or add "
+            f"its folder to ota.state_roots (EDGED_OTA_STATE_ROOTS)"
+        )
+    return state_dir, state_dir.is_dir()
+
+
+class Daemon:
+    """One edged process's serving machinery.
+
+    ``reload_config`` reads the configuration again (file and environment) for SIGHUP; without
+    it SIGHUP runs the other reload hooks only.
+    """
+
+    def __init__(
+        self, config: Config, *, reload_config: Callable[[], Config] | None = None
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self.reloads = ReloadHooks()
+        """What SIGHUP reloads; other parts add their hooks (``reloads.add``)."""
+        if reload_config is not None:
+            self.reloads.add("log.level", self._reload_log_level)
+        self.notifier = Notifier()
+        self._closing = asyncio.Event()
         self.manager = ModelManager(
             Path(config.models.repository),
             default_max_batch_size=config.models.default_max_batch_size,
@@ -62,6 +125,20 @@ class Daemon:
                 retry_after_s=config.executors.retry_after_s,
             ),
             inference_timeout_s=config.executors.inference_timeout_s,
+        )
+        lim = config.limits
+        self.limits = RequestLimits(lim.max_inputs, lim.max_outputs, lim.max_parameters)
+        self.regions = (
+            SharedMemoryRegistry(
+                limits=ShmLimits(
+                    lim.shm_max_regions,
+                    lim.shm_max_regions_per_connection,
+                    lim.shm_max_bytes,
+                    lim.shm_max_bytes_per_connection,
+                )
+            )
+            if config.server.shared_memory
+            else None
         )
         self.grpc_port: int | None = None
         self.management_port: int | None = None
@@ -102,19 +179,22 @@ class Daemon:
             raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
         await self._open_ota()
         self._security = security = await asyncio.to_thread(Security.from_config, self.config)
+        self.reloads.add("auth", security.reload)
         separate = bool(self.config.server.management_address)
-        management_service = management.service(self.updates, self.learn)
+        management_service = management.service(self.updates, self.learn, self.limits)
         server, health = build_server(
             self.manager,
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=SharedMemoryRegistry() if self.config.server.shared_memory else None,
+            regions=self.regions,
+            limits=self.limits,
+            closing=self._closing,
             services=[] if separate else [management_service],
             interceptors=[security.interceptor(management=not separate)],
         )
         address = self.config.server.grpc_address
-        port = security.bind(server, address, "server.grpc_address", management=not separate)
+        port = await self._bind(server, address, "server.grpc_address", not separate)
         await server.start()
         self._server, self._health, self.grpc_port = server, health, port
         if separate:
@@ -128,6 +208,7 @@ class Daemon:
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
+                limits=self.limits,
                 access=security.access,
                 curve=security.curve_files,
             )
@@ -168,6 +249,23 @@ class Daemon:
         )
         self._startup = asyncio.create_task(self._load_repository())
 
+    async def _bind(
+        self, server: grpc.aio.Server, address: str, key: str, management: bool
+    ) -> int:
+        """Add a listener (TLS or not, as ``[tls]`` says); return its port.
+
+        Raises:
+            ConfigError: it cannot be bound, naming ``key`` and the operating system's reason.
+        """
+        assert self._security is not None
+        try:
+            return self._security.bind(server, address, key, management=management)
+        except ConfigError as e:
+            why = await asyncio.to_thread(_bind_error, address)
+            if not why:
+                raise
+            raise ConfigError(f"config key '{key}': cannot bind {address}: {why}") from e
+
     async def _start_management(
         self,
         security: Security,
@@ -180,14 +278,17 @@ class Daemon:
             is_ready=self.is_ready,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
+            regions=self.regions,
+            limits=self.limits,
+            closing=self._closing,
             services=[service],
             interceptors=[security.interceptor(management=True)],
             health=health,
         )
         maddress = self.config.server.management_address
         try:
-            self.management_port = security.bind(
-                mserver, maddress, "server.management_address", management=True
+            self.management_port = await self._bind(
+                mserver, maddress, "server.management_address", True
             )
         except ConfigError:
             await self._stop_frontends(0.0)
@@ -212,6 +313,15 @@ class Daemon:
             and not await asyncio.to_thread((state_dir / OTA_STATE_FILE).exists)
         ):
             return
+        state_dir, existed = await asyncio.to_thread(_state_dir, ota, os.environ)
+        # say where state goes; a folder created outside systemd's StateDirectory is worth a
+        # look (a root shell on a development host creating /var/lib/edged/state, say)
+        (log.info if existed or os.environ.get("STATE_DIRECTORY") else log.warning)(
+            "state_directory",
+            path=str(state_dir),
+            created=not existed,
+            used_by=[n for n, on in (("ota", True), ("learn", learn.enabled)) if on],
+        )
         try:
             self._store = await asyncio.to_thread(
                 UpdateStore, state_dir, history_limit=ota.history_limit
@@ -258,12 +368,20 @@ class Daemon:
         self._failed = await self.manager.load_all()
         for model, error in self._failed.items():
             log.error("model_load_failed", model=model, error=error)
+        served = len(self.manager.ready_models())
+        if not served and not self._failed:
+            log.warning(
+                "repository_empty",
+                repository=self.config.models.repository,
+                hint="no <model>/<version>/ folder with a model file: nothing is served "
+                "until one is added and loaded (RepositoryModelLoad) or an update installs one",
+            )
         self._loaded = True
         assert self._health is not None
         self._health.server_changed(self.is_ready())
-        log.info(
+        (log.warning if self._failed or not served else log.info)(
             "server_ready" if self.is_ready() else "server_not_ready",
-            models=len(self.manager.ready_models()),
+            models=served,
             failed=sorted(self._failed),
             seconds=round(time.monotonic() - started, 3),
         )
@@ -278,7 +396,13 @@ class Daemon:
             await asyncio.shield(self._startup)
 
     async def stop(self) -> None:
-        """Stop intake, drain, stop the server, unload models. Idempotent."""
+        """Stop intake, drain, stop the server, unload models. Idempotent.
+
+        The frontends stop taking new requests first (gRPC refuses new calls, the ZeroMQ
+        socket stops receiving, streams stop reading) while every request they had already
+        received runs to its answer, bounded by ``server.shutdown_grace_s``; only then does
+        the model manager refuse requests, drain and unload.
+        """
         if self._stopping:
             return
         self._stopping = True
@@ -287,18 +411,27 @@ class Daemon:
         if self.updates is not None:
             await self.updates.stop()
         grace = self.config.server.shutdown_grace_s
-        log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
         if self._startup is not None and not self._startup.done():
             self._startup.cancel()
-        self.manager.stop_intake()
         if self._health is not None:
             await self._health.shutdown()
         deadline = time.monotonic() + grace
-        drained = await self.manager.drain(grace)
+        self._closing.set()
+        frontends = asyncio.ensure_future(self._stop_frontends(grace))
+        # two turns of the loop: _stop_frontends starts each frontend's stop, and each stop
+        # runs to its first wait, by which time gRPC refuses new calls (Server.stop "stops
+        # servicing new RPCs immediately") and the ZeroMQ receiver is cancelled
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        log.info("shutdown_started", in_flight=self.manager.in_flight(), grace_s=grace)
+        await frontends
+        self.manager.stop_intake()
+        drained = await self.manager.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
             log.warning("shutdown_drain_timeout", in_flight=self.manager.in_flight())
-        await self._stop_frontends(max(0.0, deadline - time.monotonic()))
         await self.manager.unload_all()
+        if self.regions is not None:
+            await asyncio.to_thread(self.regions.close)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         if self._learn_store is not None:
@@ -306,23 +439,83 @@ class Daemon:
         log.info("shutdown_complete")
 
     async def _stop_frontends(self, grace_s: float) -> None:
+        """Every frontend at once: no new requests, those received answered within
+        ``grace_s``."""
         if self._security is not None:
             await self._security.stop_reloading()
+        stops: list[Awaitable[None]] = []
         if self._zmq is not None:
-            await self._zmq.stop(grace_s)
+            stops.append(self._zmq.stop(grace_s))
         if self._management_server is not None:
-            await self._management_server.stop(grace_s)
+            stops.append(self._management_server.stop(grace_s))
         if self._server is not None:
-            await self._server.stop(grace_s)
+            stops.append(self._server.stop(grace_s))
+        await asyncio.gather(*stops)
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
 
+    # -- SIGHUP ----------------------------------------------------------------------------
+
+    async def _reload_log_level(self) -> None:
+        assert self._reload_config is not None
+        fresh = await asyncio.to_thread(self._reload_config)
+        if fresh.log.level != self.config.log.level:
+            logs.set_level(fresh.log.level)
+            log.warning("log_level_changed", before=self.config.log.level, after=fresh.log.level)
+            self.config = dataclasses.replace(self.config, log=fresh.log)
+
+    async def reload(self) -> dict[str, str]:
+        """What SIGHUP does: run every reload hook; never raises."""
+        log.info("reload_started", hooks=self.reloads.names())
+        results = await self.reloads.run()
+        log.info("reload_finished", results=results)
+        return results
+
+    # -- the process -----------------------------------------------------------------------
+
     async def run_until_signalled(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop."""
+        """Start, serve until SIGTERM or SIGINT, then stop; SIGHUP reloads. With systemd
+        (``$NOTIFY_SOCKET``): READY=1 once the listeners are bound, STATUS= as models load,
+        WATCHDOG=1 from the event loop every half ``$WATCHDOG_USEC``, STOPPING=1 on the way
+        out."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        reloading: set[asyncio.Task[dict[str, str]]] = set()
+
+        def on_sighup() -> None:
+            if self._stopping or reloading:
+                log.info("reload_skipped", reason="stopping" if self._stopping else "running")
+                return
+            task = loop.create_task(self.reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        interval = watchdog_interval()
+        watchdog = Watchdog(self.notifier, interval) if interval else None
+        try:
+            await self.start()
+            self.notifier.ready(status="serving; loading models")
+            if watchdog is not None:
+                watchdog.start()
+                log.info("watchdog_started", interval_s=interval)
+            loaded = loop.create_task(self._report_loaded())
+            await stop.wait()
+            loaded.cancel()
+            self.notifier.stopping(status="draining")
+            await self.stop()
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            self.notifier.close()
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    async def _report_loaded(self) -> None:
+        await self.wait_loaded()
+        ready = len(self.manager.ready_models())
+        failed = len(self._failed)
+        self.notifier.status(
+            f"serving {ready} model version(s)" + (f"; {failed} failed to load" if failed else "")
+        )

@@ -19,18 +19,18 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from edged import __version__
 from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
+from edged.cli import load_npy, stdout_closed
 from edged.core.errors import EdgedError
 from edged.core.types import Array
 from edged.ota import bundle, publish
@@ -175,10 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "bundle",
         help="build a model bundle (.tar.gz) from a model folder",
-        description="Bundle MODEL_DIR/model.toml and the files of a version folder with a "
-        "self-test: inputs and the outputs the model must answer. For onnx and tflite models "
-        "the expected outputs are computed here by running the model on the CPU; other "
-        "formats need --selftest-output.",
+        description="Bundle MODEL_DIR/model.toml (empty when there is none) and the files of "
+        "a version folder with a self-test: inputs and the outputs the model must answer. "
+        "For onnx and tflite models the expected outputs are computed here by running the "
+        "model on the CPU; other formats need --selftest-output (or --no-selftest).",
     )
     build.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     build.add_argument(
@@ -211,6 +211,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE.npy",
         help="an expected output (repeat per output; default: computed by running the model)",
+    )
+    build.add_argument(
+        "--no-selftest",
+        action="store_true",
+        help="bundle no test vectors: a device tests the new version with the reference sample "
+        "of the version it serves (its warm-up sample, or its first request that succeeded)",
     )
     build.add_argument(
         "--rtol",
@@ -347,17 +353,17 @@ def _expiry(args: argparse.Namespace) -> publish.Expiry:
     return publish.Expiry(**periods)
 
 
-def _load_tensors(pairs: Sequence[tuple[str, Path]]) -> dict[str, Array] | None:
+def _load_tensors(pairs: Sequence[tuple[str, Path]], flag: str) -> dict[str, Array] | None:
     if not pairs:
         return None
     tensors: dict[str, Array] = {}
     for name, path in pairs:
         if name in tensors:
-            raise BundleError(f"tensor {name!r} is given twice")
+            raise BundleError(f"{flag}: tensor {name!r} is given twice")
         try:
-            tensors[name] = np.load(path, allow_pickle=False)
+            tensors[name] = load_npy(path, flag)
         except (OSError, ValueError) as e:
-            raise BundleError(f"{path}: not a .npy file without pickles: {e}") from e
+            raise BundleError(str(e)) from e
     return tensors
 
 
@@ -409,14 +415,16 @@ class _DeviceUpdate:
         timeout: float,
         poll_interval: float,
         stop: threading.Event,
+        say: Callable[[str], None] = lambda _: None,
         auth: ClientAuth | None = None,
     ) -> None:
-        self.auth = auth or ClientAuth()
         self.model = model
         self.version = version
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.stop = stop
+        self.say = say
+        self.auth = auth or ClientAuth()
 
     def __call__(self, device: str) -> plan.DeviceResult:
         deadline = time.monotonic() + self.timeout
@@ -430,7 +438,6 @@ class _DeviceUpdate:
                 reply = stub.StartUpdate(
                     mpb.StartUpdateRequest(model=self.model, version=self.version),
                     timeout=rpc_timeout(),
-                    metadata=self.auth.metadata,
                 )
             except grpc.RpcError as e:
                 return plan.refused(device, f"StartUpdate: {_rpc_error(e)}")
@@ -439,6 +446,8 @@ class _DeviceUpdate:
                 return plan.already(device, now, reply.reason)
             update_id = now.update_id
             rpc_error = ""
+            said = now.state
+            self.say(f"  {device}: update {update_id} {now.state}")
             while (result := plan.settle(device, update_id, now)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stop.is_set():
@@ -447,9 +456,7 @@ class _DeviceUpdate:
                     continue
                 try:
                     answer = stub.GetUpdateStatus(
-                        mpb.GetUpdateStatusRequest(model=self.model),
-                        timeout=rpc_timeout(),
-                        metadata=self.auth.metadata,
+                        mpb.GetUpdateStatusRequest(model=self.model), timeout=rpc_timeout()
                     )
                 except grpc.RpcError as e:
                     rpc_error = _rpc_error(e)
@@ -473,12 +480,20 @@ class _DeviceUpdate:
                         f"GetUpdateStatus has no status for model {self.model!r}",
                     )
                 now = _view(mine[0])
+                if now.update_id == update_id and now.state != said:
+                    said = now.state
+                    self.say(f"  {device}: update {update_id} {now.state}")
             return result
 
 
+_PROGRESS_LOCK = threading.Lock()
+
+
 def _progress(text: str) -> None:
-    sys.stderr.write(f"edged-fleet: {text}\n")
-    sys.stderr.flush()
+    """One progress line on stderr (from any thread; stdout keeps the report)."""
+    with _PROGRESS_LOCK:
+        sys.stderr.write(f"edged-fleet: {text}\n")
+        sys.stderr.flush()
 
 
 def _versions(r: plan.DeviceResult) -> str:
@@ -504,6 +519,7 @@ def _rollout(args: argparse.Namespace) -> int:
         args.health_timeout,
         args.poll_interval,
         threading.Event(),
+        _progress,
         ClientAuth.from_args(args),
     )
     total = len(rollout.waves)
@@ -580,11 +596,12 @@ def _run(args: argparse.Namespace) -> int:
             args.model_dir,
             args.model_version,
             args.out,
-            _load_tensors(args.selftest_input),
+            _load_tensors(args.selftest_input, "--selftest-input"),
             source=args.source,
-            expected=_load_tensors(args.selftest_output),
+            expected=_load_tensors(args.selftest_output, "--selftest-output"),
             rtol=args.rtol,
             atol=args.atol,
+            selftest=not args.no_selftest,
         )
         manifest = bundle.read_manifest(path)
         _out(
@@ -593,7 +610,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif args.command == "publish":
         done = publish.publish(
-            args.dir, args.bundle, force=args.force, keys_dir=args.keys, expiry=_expiry(args)
+            args.dir,
+            args.bundle,
+            force=args.force,
+            keys_dir=args.keys,
+            expiry=_expiry(args),
+            progress=_progress,
         )
         signed = ", ".join(f"{k} v{v}" for k, v in done.versions.items())
         _out(f"published {done.target} (sha256 {done.sha256}, {done.length} bytes): {signed}")
@@ -616,12 +638,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edged-fleet``; returns the exit status (1: the operation failed, named)."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return stdout_closed()
     except EdgedError as e:
         sys.stderr.write(f"edged-fleet: error: {e}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from edged.core.errors import ExecutorError, InvalidInputError, ModelLoadError
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
-from hal.tflite_format import EDGETPU_CUSTOM_OP, NotTfliteError, is_edgetpu_model
+from hal.tflite_format import EDGETPU_CUSTOM_OP, NotTfliteError, custom_ops, is_edgetpu_model
 
 AI_EDGE_LITERT = "ai-edge-litert"
 TFLITE_RUNTIME = "tflite-runtime"
@@ -261,9 +261,30 @@ class LiteRtCpuExecutor(Executor):
     def _load(self, artifact: ModelArtifact, options: ExecutorOptions) -> LoadedModel:
         refuse_edgetpu(artifact, self.kind)
         runtime = load_runtime()
-        interpreter = runtime.interpreter(
-            model_path=str(artifact.path),
-            num_threads=max(1, options.intra_op_threads),
-            experimental_op_resolver_type=runtime.builtin_resolver,
-        )
-        return LiteRtModel(interpreter, self.kind)
+        try:
+            interpreter = runtime.interpreter(
+                model_path=str(artifact.path),
+                num_threads=max(1, options.intra_op_threads),
+                experimental_op_resolver_type=runtime.builtin_resolver,
+            )
+            return LiteRtModel(interpreter, self.kind)
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(
+                f"{self.kind}: cannot load {artifact.path}: {e}{_custom_ops_note(artifact, e)}"
+            ) from e
+
+
+def _custom_ops_note(artifact: ModelArtifact, error: BaseException) -> str:
+    """When LiteRT refused an unresolved custom op: every custom op the model declares."""
+    if "custom op" not in str(error):
+        return ""
+    try:
+        declared = custom_ops(artifact.path)
+    except (OSError, NotTfliteError):
+        return ""
+    return (
+        f" (the model declares custom ops {', '.join(declared)}; this LiteRT runtime has no "
+        "kernel for at least one of them: serve the model where its custom ops are built in)"
+        if declared
+        else ""
+    )

@@ -1,6 +1,7 @@
 """cuda: ONNX Runtime on an NVIDIA GPU (TensorRT, then CUDA execution provider).
 
-Needs ``pip install 'edged[cuda]'`` (onnxruntime-gpu and pycuda) and an NVIDIA driver. Without
+Needs onnxruntime-gpu in place of onnxruntime (``pip uninstall -y onnxruntime`` first: both
+wheels install the same ``onnxruntime`` module), pycuda, and an NVIDIA driver. Without
 a usable GPU the executor refuses to load with the probe's reason, so the daemon falls back to
 the next executor in the model's list and never routes a request here.
 

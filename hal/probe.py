@@ -264,6 +264,25 @@ def cuda_devices(lib: Any) -> tuple[list[dict[str, str]], str]:
     return devices, ""
 
 
+#: onnxruntime and onnxruntime-gpu install the same ``onnxruntime`` module: with both
+#: installed, whichever was installed last owns the files, and uninstalling one afterwards
+#: deletes files the other needs. So the CPU wheel goes first.
+CUDA_INSTALL_HINT = (
+    "pip uninstall -y onnxruntime, then pip install 'onnxruntime-gpu>=1.17' (both wheels "
+    "install the same onnxruntime module)"
+)
+
+
+def _onnxruntime_gpu_hint() -> str:
+    if _version("onnxruntime-gpu") and _version("onnxruntime"):
+        return (
+            "onnxruntime and onnxruntime-gpu are both installed and share one onnxruntime "
+            "module: pip uninstall -y onnxruntime onnxruntime-gpu, then pip install "
+            "'onnxruntime-gpu>=1.17'"
+        )
+    return f"install onnxruntime-gpu in its place: {CUDA_INSTALL_HINT}"
+
+
 def probe_cuda(host: HostPaths) -> DeviceReport:
     """An NVIDIA driver with a device, onnxruntime-gpu's CUDA provider, and pycuda."""
     reasons: list[str] = []
@@ -285,7 +304,7 @@ def probe_cuda(host: HostPaths) -> DeviceReport:
         if devices:
             details["devices"] = str(len(devices))
     if importlib.util.find_spec("onnxruntime") is None:
-        reasons.append("onnxruntime-gpu is not installed (pip install 'edged[cuda]')")
+        reasons.append("onnxruntime-gpu is not installed (pip install 'onnxruntime-gpu>=1.17')")
     else:
         ort = importlib.import_module("onnxruntime")
         providers = list(ort.get_available_providers())
@@ -293,12 +312,12 @@ def probe_cuda(host: HostPaths) -> DeviceReport:
         if "CUDAExecutionProvider" not in providers:
             reasons.append(
                 f"onnxruntime {ort.__version__} lacks CUDAExecutionProvider (it has "
-                f"{', '.join(providers)}): install onnxruntime-gpu (pip install 'edged[cuda]')"
+                f"{', '.join(providers)}): {_onnxruntime_gpu_hint()}"
             )
         if "TensorrtExecutionProvider" in providers:
             details["tensorrt"] = "TensorrtExecutionProvider available"
     if importlib.util.find_spec("pycuda") is None:
-        reasons.append("pycuda is not installed (pip install 'edged[cuda]')")
+        reasons.append("pycuda is not installed (pip install 'pycuda>=2024.1')")
     return _report("cuda", reasons, details)
 
 
@@ -415,13 +434,23 @@ def pynq_devices(
     return devices, details
 
 
+#: pynq 4.0.0 and pynqutils pin numpy<2 and grpcio==1.64: a plain ``pip install pynq`` would
+#: downgrade edged's numpy and grpcio. Install what they need, then them without their pins
+#: (docs/adr/0002-pynq-alongside-numpy2.md).
+PYNQ_INSTALL_HINT = (
+    "pip install 'edged[pynq]', then pip install --no-deps pynq==4.0.0 pynqutils==0.1.3; "
+    "never a plain pip install pynq, which downgrades numpy and grpcio "
+    "(docs/adr/0002-pynq-alongside-numpy2.md)"
+)
+
+
 def probe_pynq(host: HostPaths) -> DeviceReport:
     """The pynq package and an FPGA it can program. The package is found, not imported:
     importing pynq loads board drivers, which the probe must not do on an unknown host."""
     reasons: list[str] = []
     devices, details = pynq_devices(host.sysfs, host.dev, host.xrt)
     if importlib.util.find_spec("pynq") is None:
-        reasons.append("pynq is not installed (pip install pynq)")
+        reasons.append(f"pynq is not installed ({PYNQ_INSTALL_HINT})")
     else:
         details["runtime"] = f"pynq {_version('pynq') or '(unknown version)'}"
     for i, device in enumerate(devices):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,23 +19,54 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_MODELS = REPO_ROOT / "models"
 
 
-class DaemonProcess:
-    """A running `edged serve`; ``events`` collects its parsed log lines."""
+# Tests keep OTA and learning state in temporary folders: allow them as state roots.
+TEST_STATE_ROOTS = tempfile.gettempdir()
+_PRIORITY = re.compile(r"^<([0-7])>")
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-        full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default ports
-        full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
-        full_env.update(env or {})
+
+def _test_env(env: dict[str, str] | None) -> dict[str, str]:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EDGED_") and k not in ("JOURNAL_STREAM", "STATE_DIRECTORY")
+    }
+    full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default ports
+    full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
+    full_env["EDGED_OTA_STATE_ROOTS"] = TEST_STATE_ROOTS
+    full_env.update(env or {})
+    return full_env
+
+
+class DaemonProcess:
+    """A running `edged serve`; ``events`` collects its parsed log lines.
+
+    With ``journal``, its stdout is a pipe that ``JOURNAL_STREAM`` names (device:inode), as
+    systemd does for a service whose output goes to journald; each event then records the
+    ``<N>`` priority prefix its line started with as ``_priority``."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, *, journal: bool = False
+    ) -> None:
+        full_env = _test_env(env)
+        stdout: int | None = subprocess.PIPE
+        read_end = None
+        if journal:
+            read_fd, write_fd = os.pipe()
+            st = os.fstat(write_fd)
+            full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            stdout, read_end = write_fd, os.fdopen(read_fd, "r")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edged.cli", "serve", *args],
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             env=full_env,
             text=True,
             cwd=REPO_ROOT,
         )
+        if read_end is not None:
+            os.close(stdout)  # type: ignore[arg-type]
+        self._stdout = read_end if read_end is not None else self.proc.stdout
         self.events: list[dict[str, Any]] = []
         self.other_lines: list[str] = []
         self._cond = threading.Condition()
@@ -49,12 +82,15 @@ class DaemonProcess:
         self.metrics_address = ""
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        assert self._stdout is not None
+        for line in self._stdout:
             with self._cond:
                 try:
-                    event = json.loads(line)
+                    priority = _PRIORITY.match(line)
+                    event = json.loads(line[priority.end() :] if priority else line)
                     event["_t"] = time.monotonic() - self.started
+                    if priority:
+                        event["_priority"] = int(priority.group(1))
                     self.events.append(event)
                 except json.JSONDecodeError:
                     self.other_lines.append(line)
@@ -127,10 +163,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """Run the edged CLI to completion."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-    full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"
-    full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
-    full_env.update(env or {})
+    full_env = _test_env(env)
     return subprocess.run(
         [sys.executable, "-m", "edged.cli", *args],
         capture_output=True,

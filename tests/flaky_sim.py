@@ -10,7 +10,8 @@ misbehaves on command, through environment variables (not ``EDGED_``: those are 
 
 - ``FLAKY_SIM_FAULT_FILE``: while this file exists, every inference fails. Its content picks
   how: ``raise`` (or empty) raises a device error; ``hang`` sleeps ``FLAKY_SIM_HANG_S``
-  seconds (default 2) before answering, past any sensible inference timeout.
+  seconds (default 2) before answering, past any sensible inference timeout; ``corrupt``
+  answers, but every float output is off by 1 (a device that computes wrong).
 - ``FLAKY_SIM_DELAY_S``: every inference takes this much longer (a slow device).
 - ``FLAKY_SIM_ABSENT``: the probe reports the device absent, with this text as the reason.
 """
@@ -62,6 +63,9 @@ class FlakySimModel(LoadedModel):
         fault = _fault()
         if fault == "hang":
             time.sleep(float(os.environ.get("FLAKY_SIM_HANG_S", "2") or 2))
+        elif fault == "corrupt":
+            outputs = self._inner.infer(inputs)
+            return {k: v + 1 if v.dtype.kind == "f" else v for k, v in outputs.items()}
         elif fault is not None:
             raise SimulatedDeviceError("simulated device fault (flaky-sim)")
         return self._inner.infer(inputs)

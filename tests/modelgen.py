@@ -120,6 +120,20 @@ def dynamic_axes_model(directory: str | PathLike[str]) -> Path:
     return _write(_model(graph, "y = 3 * x with two symbolic axes"), directory)
 
 
+def needs_two_rows_model(directory: str | PathLike[str]) -> Path:
+    """``x`` FP32 [batch, seq] -> ``y`` FP32 [batch, seq + 2]: reflect padding by 1 on the
+    sequence axis, which ONNX Runtime refuses for seq < 2 (as silero-vad's STFT does): a
+    model that runs on real inputs but not on the synthetic warm-up's size-1 axes."""
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect", name="reflect")],
+        "needs_two_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None])],
+        initializer=[numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), name="pads")],
+    )
+    return _write(_model(graph, "reflect padding: seq must be >= 2"), directory)
+
+
 def scalar_input_model(directory: str | PathLike[str]) -> Path:
     """``scale`` FP32 [] (rank 0) and ``x`` FP32 [batch, 3] -> ``y`` FP32 [batch, 3] = x * scale.
 

@@ -66,6 +66,31 @@ class AlreadyExistsError(EdgedError):
     """A named resource the request would create exists already."""
 
 
+#: the most characters of client-supplied text an error message or log line quotes
+CLIP_CHARS = 64
+#: the longest error message a frontend sends (gRPC carries it in a trailer, whose size the
+#: client caps: an over-long message would turn into RESOURCE_EXHAUSTED)
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip(text: object, limit: int = CLIP_CHARS) -> str:
+    """Client-supplied ``text`` fit to quote in an error message or a log line: at most
+    ``limit`` characters, control characters escaped, what was cut said with its length."""
+    value = text if isinstance(text, str) else str(text)
+    if len(value) > limit:
+        value = f"{value[:limit]}...({len(value)} chars)"
+    if not value.isprintable():
+        value = value.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    return value
+
+
+def clip_message(message: str) -> str:
+    """An error message as a frontend sends it: at most ``MAX_MESSAGE_CHARS`` characters."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[: MAX_MESSAGE_CHARS - 20]}...(truncated)"
+
+
 class UnauthenticatedError(EdgedError):
     """The call needs credentials the caller did not present, or presented credentials (a
     bearer token) that are not valid."""

@@ -8,12 +8,13 @@ use the same little-endian layout, and BYTES elements are each prefixed by their
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Sequence
 
 import numpy as np
 
-from edged.core.errors import InvalidInputError
+from edged.core.errors import InvalidInputError, clip
 from edged.core.types import Array, DataType
 
 _LEN = struct.Struct("<I")
@@ -24,15 +25,40 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+#: the most dimensions a tensor may have (numpy's limit)
+MAX_DIMS = 64
+#: the most elements a shape may describe, counting a 0 dimension as 1 (numpy refuses shapes
+#: whose product of non-zero dimensions overflows, even when another dimension is 0)
+MAX_ELEMENTS = 2**48
+
+
 def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape as a tuple, refusing negative dims.
+    """The shape as a tuple of Python ints, refusing what no tensor can have.
 
     Raises:
-        InvalidInputError: a dim is negative.
+        InvalidInputError: more than ``MAX_DIMS`` dimensions, a dimension that is not an
+            integer or is negative, or a shape over ``MAX_ELEMENTS`` (0 dimensions counted as
+            1); names the tensor.
     """
-    dims = tuple(int(d) for d in shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidInputError(
+            f"tensor '{clip(name)}': shape has {len(shape)} dimensions, more than {MAX_DIMS}"
+        )
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise InvalidInputError(
+            f"tensor '{clip(name)}': shape must be a list of integers"
+        ) from None
     if any(d < 0 for d in dims):
-        raise InvalidInputError(f"tensor '{name}': shape {list(dims)} has a negative dimension")
+        raise InvalidInputError(
+            f"tensor '{clip(name)}': shape {clip(list(dims))} has a negative dimension"
+        )
+    if math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
+        raise InvalidInputError(
+            f"tensor '{clip(name)}': shape {clip(list(dims))} is too large (more than "
+            f"{MAX_ELEMENTS} elements, counting a 0 dimension as 1)"
+        )
     return dims
 
 
@@ -52,7 +78,7 @@ def decode_raw(
     expected = count * datatype.itemsize
     if len(raw) != expected:
         raise InvalidInputError(
-            f"tensor '{name}': {len(raw)} bytes of raw contents, but {datatype} with shape "
+            f"tensor '{clip(name)}': {len(raw)} bytes of raw contents, but {datatype} with shape "
             f"{list(dims)} needs {expected}"
         )
     array = np.frombuffer(raw, dtype=datatype.numpy_dtype.newbyteorder("<"), count=count)
@@ -78,26 +104,28 @@ def decode_bytes(name: str, dims: tuple[int, ...], raw: bytes | memoryview) -> A
     while offset < end:
         if len(items) == count:
             raise InvalidInputError(
-                f"tensor '{name}': BYTES contents hold more than the {count} elements of shape "
+                f"tensor '{clip(name)}': BYTES contents hold more than the {count} elements of "
+                f"shape "
                 f"{list(dims)}"
             )
         if offset + 4 > end:
             raise InvalidInputError(
-                f"tensor '{name}': BYTES element {len(items)} has a length prefix cut short "
+                f"tensor '{clip(name)}': BYTES element {len(items)} has a length prefix cut short "
                 f"at byte {offset}"
             )
         (length,) = _LEN.unpack_from(view, offset)
         offset += 4
         if offset + length > end:
             raise InvalidInputError(
-                f"tensor '{name}': BYTES element {len(items)} declares {length} bytes but only "
+                f"tensor '{clip(name)}': BYTES element {len(items)} declares {length} bytes but "
+                "only "
                 f"{end - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
     if len(items) != count:
         raise InvalidInputError(
-            f"tensor '{name}': BYTES contents hold {len(items)} elements, shape {list(dims)} "
+            f"tensor '{clip(name)}': BYTES contents hold {len(items)} elements, shape {list(dims)} "
             f"needs {count}"
         )
     array = np.empty(count, dtype=object)

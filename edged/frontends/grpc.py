@@ -24,18 +24,23 @@ from edged._proto._pool import add_serialized_file
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core import errors
+from edged.core.limits import RequestLimits
 from edged.core.status import code_of
+from edged.core.types import InferRequest
 from edged.frontends import kserve_codec as codec
 from edged.serving.manager import ModelManager
-from edged.serving.repository import PLATFORMS
-from edged.serving.shared_memory import SharedMemoryRegistry
+from edged.serving.repository import PLATFORMS, model_toml_text
+from edged.serving.shared_memory import SharedMemoryRegistry, Span
 from edged.serving.stats import Duration, ModelStats
 
 log = structlog.get_logger("edged.grpc")
 
 
-#: what ServerMetadata lists as implemented
+#: what ServerMetadata lists as implemented (plus "system_shared_memory" when it is on)
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+#: the longest model name (a folder name: NAME_MAX)
+MAX_MODEL_NAME_BYTES = 255
 
 SERVER_NAME = "edged"
 
@@ -58,13 +63,14 @@ def handle_errors(
         try:
             return await rpc(self, request, context)
         except errors.EdgedError as e:
-            await context.abort(status_of(e), str(e))
+            await context.abort(status_of(e), errors.clip_message(str(e)))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
             log.exception("rpc_failed", rpc=rpc.__name__)
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+                grpc.StatusCode.INTERNAL,
+                errors.clip_message(f"internal error: {type(e).__name__}: {e}"),
             )
         raise AssertionError("unreachable: abort raises")
 
@@ -112,9 +118,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         stream_max_in_flight: int = 64,
         regions: SharedMemoryRegistry | None = None,
+        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+        closing: asyncio.Event | None = None,
     ) -> None:
         self._manager = manager
         self._regions = regions
+        self._limits = limits
+        self._closing = closing
+        self._readers: set[asyncio.Task[None]] = set()
+        self._stream_watch: asyncio.Task[None] | None = None
         self._is_ready = is_ready
         self._stream_max_in_flight = stream_max_in_flight
 
@@ -146,8 +158,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        extensions = list(EXTENSIONS)
+        if self._regions is not None:
+            extensions.append(SHARED_MEMORY_EXTENSION)
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+            name=SERVER_NAME, version=__version__, extensions=extensions
         )
 
     @handle_errors
@@ -179,6 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             [v.version for v in self._manager.versions(mv.name)],
             executor=mv.kind,
         )
+        config.parameters["model_toml"].string_value = model_toml_text(mv.spec, mv.signature)
         if mv.batching.max_batch_size > 0:
             db = config.dynamic_batching
             db.max_queue_delay_microseconds = mv.batching.max_queue_delay_ns // 1000
@@ -208,17 +224,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------
 
+    def _decode(self, message: pb.ModelInferRequest) -> tuple[InferRequest, dict[str, Span]]:
+        return (
+            codec.request_from_proto(message, self._regions),
+            codec.output_spans(message, self._regions),
+        )
+
     async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Limits first (counts only), then decode (on a worker thread unless cheap), infer,
+        encode (likewise)."""
         with structlog.contextvars.bound_contextvars(
-            model=message.model_name, version=message.model_version, request_id=message.id
+            model=errors.clip(message.model_name),
+            version=errors.clip(message.model_version),
+            request_id=errors.clip(message.id),
         ):
             try:
-                request = codec.request_from_proto(message, self._regions)
-                spans = codec.output_spans(message, self._regions)
+                codec.check_limits(message, self._limits)
+                if codec.decodes_inline(message):
+                    request, spans = self._decode(message)
+                else:
+                    request, spans = await asyncio.to_thread(self._decode, message)
                 response = await self._manager.infer(request)
-                return codec.response_to_proto(response, spans)
+                if codec.encodes_inline(response, spans):
+                    return codec.response_to_proto(response, spans)
+                return await asyncio.to_thread(codec.response_to_proto, response, spans)
             except errors.EdgedError as e:
-                log.info("infer_refused", error=str(e), status=status_of(e).name)
+                log.info(
+                    "infer_refused",
+                    error=errors.clip_message(str(e)),
+                    status=status_of(e).name,
+                )
                 raise
 
     @handle_errors
@@ -227,42 +262,71 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         return await self._infer(request)
 
+    def _watch_streams(self) -> None:
+        """Once ``closing`` is set (shutdown), every stream stops reading new requests."""
+        if self._closing is None or self._stream_watch is not None:
+            return
+        closing = self._closing
+
+        async def watch() -> None:
+            await closing.wait()
+            for reader in list(self._readers):
+                reader.cancel()
+
+        self._stream_watch = asyncio.get_running_loop().create_task(watch())
+
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (bounded); each answer, or its error as
-        ``error_message``, goes back as it completes. An error never ends the stream."""
+        ``error_message``, goes back as it completes. An error never ends the stream. At
+        shutdown the stream stops reading, answers the requests in flight, and ends (OK)."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        closing = self._closing
 
         async def answer(message: pb.ModelInferRequest) -> None:
             try:
                 response = await self._infer(message)
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except errors.EdgedError as e:
-                results.put_nowait(self._stream_error(message, str(e)))
+                results.put_nowait(self._stream_error(message, errors.clip_message(str(e))))
             except Exception as e:
                 log.exception("stream_infer_failed")
-                results.put_nowait(self._stream_error(message, f"internal error: {e}"))
+                results.put_nowait(
+                    self._stream_error(message, errors.clip_message(f"internal error: {e}"))
+                )
             finally:
                 slots.release()
 
         async def read() -> None:
             try:
-                async for message in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
+                try:
+                    async for message in request_iterator:
+                        await slots.acquire()
+                        task = asyncio.create_task(answer(message))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                except asyncio.CancelledError:
+                    if closing is None or not closing.is_set():
+                        raise
+                    log.info("stream_closed_for_shutdown", in_flight=len(tasks))
+                while tasks:  # answer what is in flight; a shutdown does not cut it short
+                    try:
+                        await asyncio.wait(set(tasks))
+                    except asyncio.CancelledError:
+                        if closing is None or not closing.is_set():
+                            raise
             finally:
                 results.put_nowait(None)
 
+        self._watch_streams()
         reader = asyncio.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
             while (item := await results.get()) is not None:
                 yield item
@@ -276,7 +340,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStreamInferResponse(
             error_message=error,
             infer_response=pb.ModelInferResponse(
-                model_name=message.model_name, model_version=message.model_version, id=message.id
+                model_name=errors.clip(message.model_name, 256),
+                model_version=errors.clip(message.model_version, 256),
+                id=errors.clip(message.id, 256),
             ),
         )
 
@@ -305,8 +371,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelLoadResponse:
         self._check_repository(request.repository_name)
+        await self._check_model_folder(request.model_name)
         if request.parameters:
-            names = ", ".join(sorted(request.parameters))
+            names = errors.clip(", ".join(sorted(request.parameters)), 200)
             raise errors.UnsupportedError(
                 f"load parameters are not supported ({names}); "
                 "edit model.toml in the repository instead"
@@ -325,6 +392,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelUnloadResponse:
         self._check_repository(request.repository_name)
+        self._check_model_name(request.model_name)
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -345,9 +413,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request.key,
             request.offset,
             request.byte_size,
+            context.peer(),
         )
         log.info(
-            "shm_registered", region=request.name, key=request.key, byte_size=request.byte_size
+            "shm_registered",
+            region=errors.clip(request.name),
+            key=errors.clip(request.key),
+            byte_size=request.byte_size,
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -368,15 +440,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._registry().unregister(request.name)
-        log.info("shm_unregistered", region=request.name or "*")
+        await asyncio.to_thread(self._registry().unregister, request.name)
+        log.info("shm_unregistered", region=errors.clip(request.name) or "*")
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    @staticmethod
+    def _check_model_name(name: str) -> None:
+        """A name that could be a model folder's: a plain file name.
+
+        Raises:
+            InvalidInputError: empty, too long, a path, a NUL byte or a hidden name.
+        """
+        if (
+            not name
+            or len(name.encode(errors="surrogatepass")) > MAX_MODEL_NAME_BYTES
+            or not name.isprintable()
+            or "/" in name
+            or name.startswith(".")
+        ):
+            raise errors.InvalidInputError(
+                f"model name '{errors.clip(name)}' is not a model folder name (a plain name of "
+                f"at most {MAX_MODEL_NAME_BYTES} bytes, no '/', no control characters, not "
+                "starting with '.')"
+            )
+
+    async def _check_model_folder(self, name: str) -> None:
+        """``name`` is a model folder in the repository, checked before anything is marked
+        as wanted (so a bad name leaves readiness alone).
+
+        Raises:
+            InvalidInputError: not a plain folder name.
+            ModelNotFoundError: no such model folder.
+        """
+        self._check_model_name(name)
+        if name not in await asyncio.to_thread(self._manager.models_on_disk):
+            raise errors.ModelNotFoundError(
+                f"'{errors.clip(name)}' is not a model folder in the repository"
+            )
 
     @staticmethod
     def _check_repository(name: str) -> None:
         if name not in ("", "models"):
             raise errors.ModelNotFoundError(
-                f"unknown repository '{name}' (edged serves one, "
+                f"unknown repository '{errors.clip(name)}' (edged serves one, "
                 "'models'; leave repository_name empty)"
             )
 
@@ -419,6 +525,8 @@ def build_server(
     max_request_bytes: int,
     stream_max_in_flight: int,
     regions: SharedMemoryRegistry | None = None,
+    limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+    closing: asyncio.Event | None = None,
     services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     health: HealthPublisher | None = None,
@@ -441,6 +549,8 @@ def build_server(
             is_ready=is_ready,
             stream_max_in_flight=stream_max_in_flight,
             regions=regions,
+            limits=limits,
+            closing=closing,
         ),
         server,
     )

@@ -13,10 +13,11 @@ import numpy as np
 
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import model_config_pb2 as mc
-from edged.core.errors import InvalidInputError, UnsupportedError
+from edged.core.errors import InvalidInputError, UnsupportedError, clip
+from edged.core.limits import RequestLimits
 from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
-from edged.serving.shared_memory import SharedMemoryRegistry
+from edged.serving.shared_memory import SharedMemoryRegistry, Span
 
 #: which typed ``contents`` field carries each datatype (FP16 has none: raw only)
 CONTENTS_FIELD: dict[DataType, str] = {
@@ -55,7 +56,7 @@ def _datatype(name: str, text: str) -> DataType:
         return DataType(text)
     except ValueError:
         raise InvalidInputError(
-            f"tensor '{name}': datatype '{text}' is not one of {', '.join(DataType)}"
+            f"tensor '{clip(name)}': datatype '{clip(text)}' is not one of {', '.join(DataType)}"
         ) from None
 
 
@@ -67,20 +68,20 @@ def _typed_contents(
         return np.empty(shape, dtype=datatype.numpy_dtype)
     if field is None:
         raise InvalidInputError(
-            f"tensor '{name}': {datatype} has no typed contents field; "
+            f"tensor '{clip(name)}': {datatype} has no typed contents field; "
             "send it in raw_input_contents"
         )
     for other in _ALL_CONTENTS_FIELDS:
         if other != field and len(getattr(contents, other)):
             raise InvalidInputError(
-                f"tensor '{name}': {datatype} data must be in "
+                f"tensor '{clip(name)}': {datatype} data must be in "
                 f"contents.{field}, not contents.{other}"
             )
     values = getattr(contents, field)
     count = element_count(shape)
     if len(values) != count:
         raise InvalidInputError(
-            f"tensor '{name}': contents.{field} holds {len(values)} "
+            f"tensor '{clip(name)}': contents.{field} holds {len(values)} "
             f"elements, shape {list(shape)} needs {count}"
         )
     if datatype is DataType.BYTES:
@@ -93,7 +94,8 @@ def _typed_contents(
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidInputError(
-                f"tensor '{name}': a value in contents.{field} is outside the range of {datatype}"
+                f"tensor '{clip(name)}': a value in contents.{field} is outside the range of "
+                f"{datatype}"
             )
         return wide.astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
@@ -124,7 +126,7 @@ def _int_parameter(
 
 def shm_span(
     parameters: Mapping[str, pb.InferParameter], regions: SharedMemoryRegistry | None, what: str
-) -> memoryview:
+) -> Span:
     """The bytes a tensor's ``shared_memory_*`` parameters name, bounds-checked.
 
     Raises:
@@ -143,7 +145,13 @@ def shm_span(
         raise InvalidInputError(f"{what}: parameter 'shared_memory_region' must name a region")
     offset = _int_parameter(parameters, "shared_memory_offset", what, 0)
     size = _int_parameter(parameters, "shared_memory_byte_size", what)
-    return regions.get(name, what).view(offset, size, what)
+    region = regions.get(name, what)
+    if offset + size > region.byte_size:
+        raise InvalidInputError(
+            f"{what}: shared memory span [{offset}, {offset + size}) is outside region "
+            f"'{clip(name)}' of {region.byte_size} bytes"
+        )
+    return Span(region, offset, size, what)
 
 
 def _decode_input(
@@ -156,22 +164,69 @@ def _decode_input(
     shape = check_shape(name, tensor.shape)
     typed = _has_typed_contents(tensor)
     if _uses_shm(tensor.parameters):
-        span = shm_span(tensor.parameters, regions, f"tensor '{name}'")
+        span = shm_span(tensor.parameters, regions, f"tensor '{clip(name)}'")
         if typed:
             raise InvalidInputError(
-                f"tensor '{name}': both shared memory and typed contents are set; send one"
+                f"tensor '{clip(name)}': both shared memory and typed contents are set; send one"
             )
-        return decode_raw(name, datatype, shape, span)
+        return decode_raw(name, datatype, shape, memoryview(span.read()))
     if raw is not None:
         if typed:
             raise InvalidInputError(
-                f"tensor '{name}': both raw_input_contents and typed contents are set; send one"
+                f"tensor '{clip(name)}': both raw_input_contents and typed contents are set; "
+                "send one"
             )
         return decode_raw(name, datatype, shape, raw)
     if typed or element_count(shape) == 0:
         return _typed_contents(name, datatype, shape, tensor.contents)
     raise InvalidInputError(
-        f"tensor '{name}': no data (neither raw_input_contents nor contents is set)"
+        f"tensor '{clip(name)}': no data (neither raw_input_contents nor contents is set)"
+    )
+
+
+#: a request with more tensors than this, or any BYTES, typed-contents or shared-memory
+#: tensor, is decoded on a worker thread rather than on the event loop
+INLINE_MAX_TENSORS = 8
+
+
+def check_limits(message: pb.ModelInferRequest, limits: RequestLimits) -> None:
+    """Check a request's counts against ``limits`` before any of it is decoded (cheap: only
+    lengths are read).
+
+    Raises:
+        OverloadedError: too many inputs, outputs or parameters; names the limit.
+    """
+    limits.check(
+        inputs=len(message.inputs),
+        outputs=len(message.outputs),
+        parameters=len(message.parameters),
+    )
+    for i, tensor in enumerate(message.inputs):
+        limits.check_tensor_parameters(f"inputs[{i}]", len(tensor.parameters))
+    for i, out in enumerate(message.outputs):
+        limits.check_tensor_parameters(f"outputs[{i}]", len(out.parameters))
+
+
+def decodes_inline(message: pb.ModelInferRequest) -> bool:
+    """Whether decoding ``message`` is cheap enough for the event loop: a few tensors, all in
+    ``raw_input_contents`` (viewed, not copied), none BYTES (split element by element)."""
+    if len(message.inputs) > INLINE_MAX_TENSORS or len(message.outputs) > INLINE_MAX_TENSORS:
+        return False
+    return not any(
+        t.datatype == "BYTES" or t.HasField("contents") or _uses_shm(t.parameters)
+        for t in message.inputs
+    ) and not any(_uses_shm(o.parameters) for o in message.outputs)
+
+
+def encodes_inline(response: InferResponse, spans: Mapping[str, Span]) -> bool:
+    """Whether encoding ``response`` is cheap enough for the event loop: no shared-memory
+    writes, no BYTES, at most 1 MiB."""
+    arrays = response.outputs.values()
+    return (
+        not spans
+        and len(response.outputs) <= INLINE_MAX_TENSORS
+        and all(a.dtype.kind not in "OSU" for a in arrays)
+        and sum(a.nbytes for a in arrays) <= 1024 * 1024
     )
 
 
@@ -203,14 +258,14 @@ def request_from_proto(
         if not tensor.name:
             raise InvalidInputError(f"inputs[{i}] has no name")
         if tensor.name in inputs:
-            raise InvalidInputError(f"tensor '{tensor.name}' is given more than once")
+            raise InvalidInputError(f"tensor '{clip(tensor.name)}' is given more than once")
         own = next(next_raw) if raw and not _uses_shm(tensor.parameters) else None
         inputs[tensor.name] = _decode_input(tensor, own, regions)
     requested = []
     for out in message.outputs:
         if "classification" in out.parameters:
             raise UnsupportedError(
-                f"output '{out.name}': the classification extension is not supported"
+                f"output '{clip(out.name)}': the classification extension is not supported"
             )
         if out.name not in requested:
             requested.append(out.name)
@@ -226,28 +281,29 @@ def request_from_proto(
 
 def output_spans(
     message: pb.ModelInferRequest, regions: SharedMemoryRegistry | None
-) -> dict[str, memoryview]:
+) -> dict[str, Span]:
     """Where each output asked for in shared memory goes (checked before inference runs).
 
     Raises:
         InvalidInputError, UnsupportedError: as ``shm_span``.
     """
     return {
-        out.name: shm_span(out.parameters, regions, f"output '{out.name}'")
+        out.name: shm_span(out.parameters, regions, f"output '{clip(out.name)}'")
         for out in message.outputs
         if _uses_shm(out.parameters)
     }
 
 
 def response_to_proto(
-    response: InferResponse, spans: Mapping[str, memoryview] | None = None
+    response: InferResponse, spans: Mapping[str, Span] | None = None
 ) -> pb.ModelInferResponse:
     """A ModelInferResponse carrying every output in ``raw_output_contents``, except those
     written into shared memory (``spans``): their entry is empty (so that indices stay aligned,
     as tritonclient reads them) and their parameters say where and how many bytes.
 
     Raises:
-        InvalidInputError: an output does not fit its shared-memory span.
+        InvalidInputError: an output does not fit its shared-memory span, or the region was
+            shrunk, replaced or unregistered since the request was decoded.
     """
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
@@ -259,10 +315,10 @@ def response_to_proto(
             span = spans[name]
             if len(data) > len(span):
                 raise InvalidInputError(
-                    f"output '{name}' needs {len(data)} bytes but its shared memory span has "
+                    f"output '{clip(name)}' needs {len(data)} bytes but its shared memory span has "
                     f"{len(span)}"
                 )
-            span[: len(data)] = data
+            span.write(data)
             tensor = message.outputs.add(
                 name=name, datatype=DataType.from_numpy(array.dtype).value, shape=array.shape
             )
@@ -378,7 +434,9 @@ def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
     outputs: dict[str, Any] = {}
     for i, tensor in enumerate(message.outputs):
         if i >= len(raw):
-            raise InvalidInputError(f"output '{tensor.name}' has no raw_output_contents entry")
+            raise InvalidInputError(
+                f"output '{clip(tensor.name)}' has no raw_output_contents entry"
+            )
         datatype = _datatype(tensor.name, tensor.datatype)
         outputs[tensor.name] = decode_raw(tensor.name, datatype, tensor.shape, raw[i])
     return InferResponse(message.model_name, message.model_version, outputs, message.id)

@@ -8,6 +8,7 @@ decoded by the inference codec, so they are checked exactly as an inference requ
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -17,8 +18,9 @@ from edged._proto.edged.v1 import management_pb2 as pb
 from edged._proto.edged.v1 import management_pb2_grpc as pb_grpc
 from edged._proto.inference import grpc_service_pb2 as infer_pb
 from edged.core.errors import UnavailableError
+from edged.core.limits import RequestLimits
 from edged.frontends.grpc import handle_errors
-from edged.frontends.kserve_codec import request_from_proto
+from edged.frontends.kserve_codec import check_limits, decodes_inline, request_from_proto
 from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.learn.store import Counts, JobRecord
 from edged.ota.state import Transition, UpdateRecord
@@ -114,13 +116,15 @@ def job_to_proto(job: JobRecord, progress: float | None = None) -> pb.Job:
 
 
 def service(
-    updates: UpdateManager | None, learn: LearnManager | None = None
+    updates: UpdateManager | None,
+    learn: LearnManager | None = None,
+    limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
 ) -> tuple[str, Callable[[grpc.aio.Server], None]]:
     """The Management service for ``build_server(services=...)``."""
 
     def add_to_server(server: grpc.aio.Server) -> None:
         pb_grpc.add_ManagementServicer_to_server(  # type: ignore[no-untyped-call]
-            ManagementServicer(updates, learn), server
+            ManagementServicer(updates, learn, limits), server
         )
 
     return SERVICE_NAME, add_to_server
@@ -130,9 +134,15 @@ class ManagementServicer(pb_grpc.ManagementServicer):
     """edged.v1.Management over one UpdateManager (None: OTA is off) and one LearnManager
     (None: learning is off)."""
 
-    def __init__(self, updates: UpdateManager | None, learn: LearnManager | None = None) -> None:
+    def __init__(
+        self,
+        updates: UpdateManager | None,
+        learn: LearnManager | None = None,
+        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+    ) -> None:
         self._updates = updates
         self._learn = learn
+        self._limits = limits
 
     def _learning(self) -> LearnManager:
         if self._learn is None:
@@ -187,13 +197,16 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         self, request: pb.AddSamplesRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddSamplesResponse:
         learn = self._learning()
-        decoded = request_from_proto(
-            infer_pb.ModelInferRequest(
-                model_name=request.model,
-                inputs=request.inputs,
-                raw_input_contents=request.raw_input_contents,
-            )
+        message = infer_pb.ModelInferRequest(
+            model_name=request.model,
+            inputs=request.inputs,
+            raw_input_contents=request.raw_input_contents,
         )
+        check_limits(message, self._limits)
+        if decodes_inline(message):
+            decoded = request_from_proto(message)
+        else:
+            decoded = await asyncio.to_thread(request_from_proto, message)
         accepted, counts, job = await learn.add_samples(
             request.model, decoded.inputs, np.array(request.labels, dtype=np.int64)
         )

@@ -37,6 +37,7 @@ class Security:
     tls_listeners: str = "all"
     curve_files: tuple[Path, Path] | None = None
     _reloader: asyncio.Task[None] | None = field(default=None, repr=False)
+    _curve: CurveServer | None = field(default=None, repr=False)
     _plaintext: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -147,28 +148,39 @@ class Security:
 
     def start_reloading(self, curve: CurveServer | None) -> None:
         """Re-read the tokens file and the CURVE client keys when they change."""
+        self._curve = curve
         if self.access.tokens is None and curve is None:
             return
         self._reloader = asyncio.get_running_loop().create_task(
-            self._reload(curve), name="security-reload"
+            self._reload(), name="security-reload"
         )
 
-    async def _reload(self, curve: CurveServer | None) -> None:
-        tokens = self.access.tokens
+    async def _reload(self) -> None:
+        last_error = ""
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            if tokens is not None:
-                try:
-                    if await asyncio.to_thread(tokens.refresh):
-                        log.info("tokens_reloaded", tokens=len(tokens))
-                except ConfigError as e:
-                    log.warning("tokens_reload_failed", error=str(e))
-            if curve is not None:
-                try:
-                    if await asyncio.to_thread(curve.refresh):
-                        log.info("curve_clients_reloaded", clients=curve.allowed)
-                except OSError as e:
-                    log.warning("curve_clients_reload_failed", error=str(e))
+            try:
+                await self.reload()
+                last_error = ""
+            except (ConfigError, OSError) as e:
+                if str(e) != last_error:  # once per distinct problem, not every second
+                    log.warning("credentials_reload_failed", error=str(e))
+                last_error = str(e)
+
+    async def reload(self) -> None:
+        """Re-read the tokens file and the CURVE client keys if they changed (the SIGHUP hook
+        "auth"; the reloader also calls it every second). Certificates need no call: gRPC
+        checks their files before each handshake.
+
+        Raises:
+            ConfigError: the tokens file is unreadable or malformed (the old tokens stay).
+            OSError: the CURVE clients folder cannot be read (the old keys stay).
+        """
+        tokens = self.access.tokens
+        if tokens is not None and await asyncio.to_thread(tokens.refresh):
+            log.info("tokens_reloaded", tokens=len(tokens))
+        if self._curve is not None and await asyncio.to_thread(self._curve.refresh):
+            log.info("curve_clients_reloaded", clients=self._curve.allowed)
 
     async def stop_reloading(self) -> None:
         """Stop the reloader."""

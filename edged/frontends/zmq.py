@@ -23,7 +23,15 @@ import zmq
 import zmq.asyncio
 
 from edged import __version__
-from edged.core.errors import ConfigError, EdgedError, InvalidInputError, UnavailableError
+from edged.core.errors import (
+    ConfigError,
+    EdgedError,
+    InvalidInputError,
+    UnavailableError,
+    clip,
+    clip_message,
+)
+from edged.core.limits import RequestLimits
 from edged.core.status import code_of
 from edged.frontends import zmq_wire as wire
 from edged.learn.jobs import LEARNING_OFF, LearnManager
@@ -56,11 +64,13 @@ class ZmqFrontend:
         learn: LearnManager | None = None,
         access: AccessControl | None = None,
         curve: tuple[Path, Path] | None = None,
+        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
     ) -> None:
         self._access = access or AccessControl()
         self._curve_files = curve
         self.curve: CurveServer | None = None
         self._manager = manager
+        self._limits = limits
         self._learn = learn
         self._addresses = list(addresses)
         self._is_ready = is_ready
@@ -179,36 +189,47 @@ class ZmqFrontend:
             args = self._audit_args(header) if audited(call) else None
             if header.get("op") in wire.OPS:
                 decision = self._access.check(call, self._credentials(body[0], kind, header), args)
-            request = wire.decode_body(header, [f.buffer for f in body[1:]])
+            tensors = [f.buffer for f in body[1:]]
+            if wire.decodes_inline(header):
+                request = wire.decode_body(header, tensors, self._limits)
+            else:
+                request = await asyncio.to_thread(wire.decode_body, header, tensors, self._limits)
             reply = await self._answer(header, request)
         except EdgedError as e:
             outcome = code_of(e)
-            log.info("zmq_refused", request_id=request_id, error=str(e), status=outcome)
-            reply = wire.encode_error(request_id, outcome, str(e))
+            message = clip_message(str(e))
+            log.info("zmq_refused", request_id=clip(request_id), error=message, status=outcome)
+            reply = wire.encode_error(request_id, outcome, message)
         except Exception as e:
             outcome = "INTERNAL"
-            log.exception("zmq_failed", request_id=request_id)
-            reply = wire.encode_error(request_id, "INTERNAL", f"internal error: {e}")
+            log.exception("zmq_failed", request_id=clip(request_id))
+            reply = wire.encode_error(
+                request_id, "INTERNAL", clip_message(f"internal error: {type(e).__name__}: {e}")
+            )
         if decision is not None:
             self._access.record(decision, outcome, args)
         try:
             await sock.send_multipart([*envelope, *reply], copy=False)
         except zmq.ZMQError as e:  # the peer went away; nothing to answer
-            log.info("zmq_reply_dropped", request_id=request_id, error=str(e))
+            log.info("zmq_reply_dropped", request_id=clip(request_id), error=str(e))
 
     async def _tensor_op(
         self, op: str, rid: str, header: dict[str, Any], request: Any
     ) -> list[wire.Frame]:
         if op == "infer":
             with structlog.contextvars.bound_contextvars(
-                model=request.model_name, version=request.model_version, request_id=rid
+                model=clip(request.model_name),
+                version=clip(request.model_version),
+                request_id=clip(rid),
             ):
                 response = await self._manager.infer(request)
             return wire.encode_response(rid, response)
         if op == "add_samples":
             if self._learn is None:
                 raise UnavailableError(LEARNING_OFF)
-            with structlog.contextvars.bound_contextvars(model=request.model_name, request_id=rid):
+            with structlog.contextvars.bound_contextvars(
+                model=clip(request.model_name), request_id=clip(rid)
+            ):
                 accepted, counts, job = await self._learn.add_samples(
                     request.model_name,
                     request.inputs,

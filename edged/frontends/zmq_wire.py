@@ -11,7 +11,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from edged.core.errors import InvalidInputError
+from edged.core.errors import InvalidInputError, clip
+from edged.core.limits import RequestLimits
 from edged.core.tensors import check_shape, decode_raw, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 
@@ -23,8 +24,26 @@ OPS = frozenset(
 TENSOR_OPS = frozenset({"infer", "add_samples"})
 #: the largest header accepted, in bytes
 MAX_HEADER_BYTES = 64 * 1024
+#: a request listing more tensors than this, or any BYTES tensor, is decoded on a worker thread
+INLINE_MAX_TENSORS = 8
 
 Frame = bytes | memoryview
+
+
+#: the most digits a JSON integer in a header may have (int64 has 19)
+MAX_INT_DIGITS = 20
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidInputError(
+            f"header holds an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are allowed"
+        )
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise InvalidInputError(f"header holds {text}, which is not JSON")
 
 
 def read_header(frame: Frame) -> dict[str, Any]:
@@ -36,13 +55,17 @@ def read_header(frame: Frame) -> dict[str, Any]:
     if len(frame) > MAX_HEADER_BYTES:
         raise InvalidInputError(f"header frame is {len(frame)} bytes, over {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(frame))
+        header = json.loads(bytes(frame), parse_int=_bounded_int, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"header frame is not a JSON object: {e}") from e
+        raise InvalidInputError(f"header frame is not a JSON object: {clip(e, 200)}") from e
+    except RecursionError:
+        raise InvalidInputError("header frame nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise InvalidInputError("header frame is not a JSON object")
     if header.get("v") != VERSION:
-        raise InvalidInputError(f"header 'v' is {header.get('v')!r}; this server speaks {VERSION}")
+        raise InvalidInputError(
+            f"header 'v' is {clip(repr(header.get('v')))}; this server speaks {VERSION}"
+        )
     return header
 
 
@@ -70,19 +93,19 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
         if not isinstance(name, str) or not name:
             raise InvalidInputError(f"header '{where}.name' must be a non-empty string")
         if name in tensors:
-            raise InvalidInputError(f"tensor '{name}' is given more than once")
+            raise InvalidInputError(f"tensor '{clip(name)}' is given more than once")
         try:
             datatype = DataType(str(spec.get("datatype")))
         except ValueError:
             raise InvalidInputError(
-                f"tensor '{name}': datatype {spec.get('datatype')!r} is not one of "
+                f"tensor '{clip(name)}': datatype {clip(repr(spec.get('datatype')))} is not one of "
                 f"{', '.join(DataType)}"
             ) from None
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
-            raise InvalidInputError(f"tensor '{name}': shape must be a list of integers")
+            raise InvalidInputError(f"tensor '{clip(name)}': shape must be a list of integers")
         tensors[name] = decode_raw(name, datatype, check_shape(name, shape), frame)
     return tensors
 
@@ -146,16 +169,33 @@ def request_id(header: Mapping[str, Any]) -> str:
     return rid if isinstance(rid, str) else ""
 
 
-def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest | None:
+def decodes_inline(header: Mapping[str, Any]) -> bool:
+    """Whether decoding the tensors ``header`` lists is cheap enough for the event loop: a
+    few, none BYTES (split element by element)."""
+    specs = header.get("inputs", [])
+    if not isinstance(specs, list) or len(specs) > INLINE_MAX_TENSORS:
+        return False
+    return not any(isinstance(t, dict) and t.get("datatype") == "BYTES" for t in specs)
+
+
+def decode_body(
+    header: dict[str, Any],
+    frames: Sequence[Frame],
+    limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
+) -> InferRequest | None:
     """Check the header read by ``read_header`` and, for "infer" and "add_samples", decode
-    the tensor ``frames`` that follow it into the request.
+    the tensor ``frames`` that follow it into the request (counts checked against ``limits``
+    before any tensor is decoded).
 
     Raises:
         InvalidInputError: a malformed header or tensor, naming the field.
+        OverloadedError: more inputs, outputs or parameters than ``limits`` allow.
     """
     op = _string(header, "op")
     if op not in OPS:
-        raise InvalidInputError(f"header 'op' {op!r} is not one of {', '.join(sorted(OPS))}")
+        raise InvalidInputError(
+            f"header 'op' {clip(repr(op))} is not one of {', '.join(sorted(OPS))}"
+        )
     header["id"] = _string(header, "id", "")
     if op not in TENSOR_OPS:
         if frames:
@@ -164,8 +204,7 @@ def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest
     if op == "add_samples":
         labels = header.get("labels")
         if not isinstance(labels, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31
-            for v in labels
+            isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31 for v in labels
         ):
             raise InvalidInputError("header 'labels' must be a list of integers (class numbers)")
     outputs = header.get("outputs", [])
@@ -174,6 +213,12 @@ def decode_body(header: dict[str, Any], frames: Sequence[Frame]) -> InferRequest
     parameters = header.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidInputError("header 'parameters' must be an object")
+    specs = header.get("inputs", [])
+    limits.check(
+        inputs=len(specs) if isinstance(specs, list) else 0,
+        outputs=len(outputs),
+        parameters=len(parameters),
+    )
     request = InferRequest(
         model_name=_string(header, "model"),
         model_version=_string(header, "version", ""),

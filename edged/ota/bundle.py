@@ -8,7 +8,9 @@ installs.
     model.toml      the model's model.toml (edged.serving.repository rules)
     <artifacts>     e.g. model.onnx; for a pynq-bundle every file of the version folder
     selftest.npz    "in:<tensor>" inputs and "out:<tensor>" expected outputs (.npy members,
-                    no pickles; BYTES tensors as fixed-width 'S' arrays)
+                    no pickles; BYTES tensors as fixed-width 'S' arrays); optional: a bundle
+                    built without test vectors says ``[selftest] file = ""``, and the device
+                    tests the new version with its reference sample instead
 
 The archive is deterministic: members sorted, mtime 0, uid/gid 0, no owner names, mode 0644,
 gzip header without name or time. The same inputs give the same bytes, hence the same TUF hash.
@@ -44,6 +46,7 @@ from edged.serving.repository import (
     FORMATS,
     MODEL_TOML,
     ModelSpec,
+    detect_format,
     parse_model_toml,
     parse_version,
     resolve_signature,
@@ -95,7 +98,8 @@ class Manifest:
     @property
     def files(self) -> tuple[str, ...]:
         """Every file the archive holds, sorted."""
-        return tuple(sorted({BUNDLE_TOML, MODEL_TOML, self.selftest_file, *self.artifacts}))
+        selftest = {self.selftest_file} if self.selftest_file else set()
+        return tuple(sorted({BUNDLE_TOML, MODEL_TOML, *selftest, *self.artifacts}))
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ def _selftest_file(where: str, selftest: object) -> str:
     if unknown:
         raise _fail(where, f"unknown key 'selftest.{sorted(unknown)[0]}'")
     name = selftest.get("file", SELFTEST_FILE)
+    if name == "":
+        return ""  # no test vectors: the device tests with its reference sample
     if not _plain_name(name) or not str(name).endswith(".npz"):
         raise _fail(where, f"'selftest.file' {name!r} is not a plain .npz file name")
     return str(name)
@@ -356,6 +362,35 @@ def check_selftest(
         )
 
 
+def check_like_reference(reference: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
+    """The self-test of a bundle without test vectors: the new version's ``outputs`` to the
+    reference sample must have the outputs the serving version gave it (``reference``),
+    with the same dtypes and shapes, and finite numbers. Values may differ: new weights
+    answer differently.
+
+    Raises:
+        SelfTestError: naming the output and what differs.
+    """
+    if set(outputs) != set(reference):
+        raise SelfTestError(
+            f"self-test (reference sample): the model returned {sorted(outputs)}, the serving "
+            f"version {sorted(reference)}"
+        )
+    for name, want_raw in reference.items():
+        want, got = np.asarray(want_raw), np.asarray(outputs[name])
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise SelfTestError(
+                f"self-test (reference sample): output {name!r} is {got.dtype}{list(got.shape)}, "
+                f"the serving version's {want.dtype}{list(want.shape)}"
+            )
+        if got.dtype.kind in "fc" and not np.isfinite(got).all():
+            bad = int((~np.isfinite(got)).sum())
+            raise SelfTestError(
+                f"self-test (reference sample): output {name!r} has {bad} of {got.size} "
+                "values that are not finite"
+            )
+
+
 def _check_bytes(name: str, want: Array, got: Array) -> None:
     def as_bytes(x: object) -> object:
         return x.encode("utf-8") if isinstance(x, str) else bytes(x) if isinstance(x, bytes) else x
@@ -466,7 +501,7 @@ def _check_model_toml(text: str, manifest: Manifest, where: str) -> ModelSpec:
     except tomllib.TOMLDecodeError as e:
         raise _fail(where, f"model.toml is not valid TOML: {e}") from e
     try:
-        spec = parse_model_toml(Path(manifest.name), data)
+        spec = parse_model_toml(Path(manifest.name), data, manifest.format)
     except EdgedError as e:
         raise _fail(where, f"model.toml: {e}") from e
     if spec.format != manifest.format:
@@ -484,15 +519,17 @@ def write_bundle(
     fmt: str,
     artifacts: Mapping[str, bytes | Path],
     model_toml: str,
-    inputs: Mapping[str, Array],
-    outputs: Mapping[str, Array],
+    inputs: Mapping[str, Array] | None,
+    outputs: Mapping[str, Array] | None,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     signature: Signature | None = None,
 ) -> Path:
     """Write a bundle from its parts, running nothing: the expected ``outputs`` are taken as
-    given. ``signature`` (as served) is recorded in bundle.toml; without it, model.toml's full
-    declarations, else the self-test tensors. Returns ``out_path`` (written atomically).
+    given; ``inputs`` and ``outputs`` None: no test vectors (the device tests the version
+    with its reference sample). ``signature`` (as served) is recorded in bundle.toml;
+    without it, model.toml's full declarations, else the self-test tensors. Returns
+    ``out_path`` (written atomically).
 
     Raises:
         BundleError: a part is invalid (named).
@@ -504,20 +541,31 @@ def write_bundle(
             "version": version,
             "format": fmt,
             "artifacts": sorted(artifacts),
-            "selftest": {"rtol": rtol, "atol": atol},
+            "selftest": {
+                "rtol": rtol,
+                "atol": atol,
+                **({} if inputs is not None else {"file": ""}),
+            },
         },
         where=str(out_path),
     )
     spec = _check_model_toml(model_toml, provisional, str(out_path))
+    if (inputs is None) != (outputs is None):
+        raise _fail(str(out_path), "self-test inputs and expected outputs go together")
     if signature is not None:
         tensors = (signature.inputs, signature.outputs)
+    elif (declared := _declared(spec)) is not None:
+        tensors = declared
+    elif inputs is not None and outputs is not None:
+        tensors = _from_tensors(spec, inputs, outputs)
     else:
-        tensors = _declared(spec) or _from_tensors(spec, inputs, outputs)
+        raise _fail(str(out_path), "without test vectors, the signature must be given")
     manifest = Manifest(
         name=provisional.name,
         version=provisional.version,
         format=provisional.format,
         artifacts=provisional.artifacts,
+        selftest_file=provisional.selftest_file,
         rtol=provisional.rtol,
         atol=provisional.atol,
         inputs=tensors[0],
@@ -528,9 +576,10 @@ def write_bundle(
     files: dict[str, bytes | Path] = {
         BUNDLE_TOML: text.encode("utf-8"),
         MODEL_TOML: model_toml.encode("utf-8"),
-        SELFTEST_FILE: selftest_npz(inputs, outputs),
         **artifacts,
     }
+    if inputs is not None and outputs is not None:
+        files[SELFTEST_FILE] = selftest_npz(inputs, outputs)
     _atomic_write(out_path, lambda f: _write_tar(f, files))
     return out_path
 
@@ -559,9 +608,14 @@ def build_bundle(
     expected: Mapping[str, Array] | None = None,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
+    selftest: bool = True,
 ) -> Path:
-    """Bundle ``model_dir`` (its model.toml, and every file of its version folder ``source``,
-    by default ``model_dir``/``version``) as ``version``.
+    """Bundle ``model_dir`` (its model.toml, empty when it has none, and every file of its
+    version folder ``source``, by default ``model_dir``/``version``) as ``version``.
+    Without model.toml (or its ``format``) the artifact in the folder decides the format.
+    ``selftest`` False: no test vectors; the device tests the new version with the
+    reference sample of the version it serves (its first warm-up sample that ran, or its
+    first request that succeeded).
 
     For formats a CPU executor runs (onnx: cpu-onnx, tflite: cpu-litert) the artifact is
     loaded in-process through the HAL: its signature, narrowed by model.toml as the daemon
@@ -574,16 +628,19 @@ def build_bundle(
         BundleError: the folder, model.toml, the artifact or the self-test is unusable; a
             model that fails to load or run is named with the cause.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    # resolved first: the model's name defaults to its folder's, which "." does not have
+    model_dir, out_path = Path(model_dir).resolve(), Path(out_path)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise BundleError(f"version must be an integer >= 1, not {version!r}")
     toml_path = model_dir / MODEL_TOML
+    folder = Path(source) if source is not None else model_dir / str(version)
     try:
-        model_toml = toml_path.read_text(encoding="utf-8")
-        spec = parse_model_toml(model_dir, tomllib.loads(model_toml))
+        model_toml = toml_path.read_text(encoding="utf-8") if toml_path.exists() else ""
+        data = tomllib.loads(model_toml)
+        fmt = data.get("format") or (detect_format(folder) if folder.is_dir() else "onnx")
+        spec = parse_model_toml(model_dir, data, fmt)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, EdgedError) as e:
         raise BundleError(f"{toml_path}: {e}") from e
-    folder = Path(source) if source is not None else model_dir / str(version)
     if source is None and not folder.is_dir():
         present = sorted(
             p.name for p in model_dir.iterdir() if p.is_dir() and parse_version(p.name)
@@ -608,24 +665,28 @@ def build_bundle(
             except EdgedError as e:
                 raise BundleError(f"{toml_path} disagrees with the artifact: {e}") from e
             signature = Signature(served.inputs, served.outputs, served.max_batch_size)
-            if selftest_inputs is None:
+            if selftest and selftest_inputs is None:
                 selftest_inputs = default_inputs(loaded.signature)
-            if expected is None:
+            if selftest and expected is None:
+                assert selftest_inputs is not None
                 try:
                     expected = loaded.infer(dict(selftest_inputs))
                 except EdgedError as e:
                     raise BundleError(
-                        f"{artifact.path}: running it on the self-test inputs failed: {e}"
+                        f"{artifact.path}: running it on the self-test inputs failed: {e}; "
+                        "give inputs it takes (--selftest-input), or bundle it without test "
+                        "vectors (--no-selftest: the device tests it with its reference sample)"
                     ) from e
         finally:
             loaded.close()
-    elif selftest_inputs is None or expected is None:
+    elif selftest and (selftest_inputs is None or expected is None):
         raise BundleError(
             f"{spec.format} models do not run on this machine's CPU executors: give the "
-            "self-test inputs and their expected outputs (--selftest-input, --selftest-output)"
+            "self-test inputs and their expected outputs (--selftest-input, --selftest-output), "
+            "or --no-selftest"
         )
-    assert selftest_inputs is not None
-    assert expected is not None
+    if not selftest:
+        selftest_inputs = expected = None
     return write_bundle(
         out_path,
         name=spec.name,
@@ -745,13 +806,16 @@ def inspect_bundle(
     except UnicodeDecodeError as e:
         raise _fail(where, f"model.toml is not UTF-8: {e}") from e
     spec = _check_model_toml(model_toml, manifest, where)
-    npz = archive.read_files(bundle, [manifest.selftest_file], MAX_SELFTEST_BYTES, limits)
-    inputs, outputs = _load_npz(
-        io.BytesIO(npz[manifest.selftest_file]),
-        f"{where}/{manifest.selftest_file}",
-        MAX_SELFTEST_BYTES,
-    )
-    if manifest.inputs:
+    inputs: dict[str, Array] = {}
+    outputs: dict[str, Array] = {}
+    if manifest.selftest_file:
+        npz = archive.read_files(bundle, [manifest.selftest_file], MAX_SELFTEST_BYTES, limits)
+        inputs, outputs = _load_npz(
+            io.BytesIO(npz[manifest.selftest_file]),
+            f"{where}/{manifest.selftest_file}",
+            MAX_SELFTEST_BYTES,
+        )
+    if manifest.inputs and manifest.selftest_file:
         declared = sorted(s.name for s in manifest.inputs)
         if sorted(inputs) != declared:
             raise _fail(

@@ -35,7 +35,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -419,22 +419,27 @@ def publish(
     keys_dir: Path | None = None,
     expiry: Expiry = Expiry(),
     now: datetime | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Published:
     """Check a bundle whole (as a device will), store it as target
     ``models/<model>/<version>.tar.gz``, and sign new targets, snapshot and timestamp versions.
+    ``progress`` is told each step as it starts.
 
     Raises:
         UnsafeArchiveError, BundleError: the bundle is unsafe or malformed.
         PublishError: not a repository, a key is missing or wrong, or the version is not newer
             than those published (unless ``force``).
     """
+    say = progress or (lambda _: None)
     directory, bundle_path = Path(directory), Path(bundle_path)
     keys = _keys_dir(directory, keys_dir)
     when = _now(now)
+    say(f"checking {bundle_path} whole, as a device will (unpack, manifest, artifacts)")
     info = bundle.inspect_bundle(bundle_path)
     manifest = info.manifest
     target = target_path(manifest.name, manifest.version)
     with _locked(directory):
+        say(f"{manifest.name} version {manifest.version}: loading metadata and keys")
         root = load_metadata(directory, Root.type, Root).signed
         targets = load_metadata(directory, Targets.type, Targets)
         versions = published_versions(targets.signed).get(manifest.name, [])
@@ -445,14 +450,17 @@ def publish(
         served = directory / TARGETS_DIR / served_path(target, digest)
         served.parent.mkdir(parents=True, exist_ok=True)
         if not (served.exists() and _digest(served) == (length, digest)):
+            say(f"copying {length} bytes to {served.relative_to(directory)}")
             _copy_atomic(bundle_path, served)
         if _digest(served) != (length, digest):
             raise PublishError(f"{bundle_path} changed while it was being published")
         targets.signed.targets[target] = TargetFile(
             length, {_HASH: digest}, target, {"custom": custom}
         )
+        say(f"signing targets version {targets.signed.version + 1}")
         _sign(targets, signers[Targets.type], when + expiry.targets)
         targets_bytes = write_metadata(directory, targets)
+        say("signing snapshot and timestamp")
         new = _snapshot_and_timestamp(
             directory, targets_bytes, targets.signed.version, signers, expiry, when
         )

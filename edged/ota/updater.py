@@ -73,7 +73,7 @@ from edged.ota.state import (
 )
 from edged.ota.store import UpdateStore
 from edged.serving.manager import ModelManager
-from edged.serving.model import ModelVersion
+from edged.serving.model import ModelVersion, Sample
 from edged.serving.repository import (
     ACTIVE_FILE,
     available_versions,
@@ -794,7 +794,7 @@ class UpdateManager:
     async def _update(self, record: UpdateRecord) -> UpdateRecord:
         """DOWNLOADING -> ... -> COMMITTED, ROLLED_BACK or FAILED."""
 
-        async def fetch_and_stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
+        async def fetch_and_stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest | None]:
             record = await self._download(record)
             self._check_abort(record.model)
             return await self._stage(record)
@@ -804,7 +804,7 @@ class UpdateManager:
     async def _run(
         self,
         record: UpdateRecord,
-        stage: Callable[[UpdateRecord], Awaitable[tuple[UpdateRecord, SelfTest]]],
+        stage: Callable[[UpdateRecord], Awaitable[tuple[UpdateRecord, SelfTest | None]]],
     ) -> UpdateRecord:
         """From DOWNLOADING: ``stage`` puts the version folder in place (-> STAGED), then
         the one path every new version takes: load, self-test, switch, health window, commit
@@ -820,6 +820,9 @@ class UpdateManager:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            # the stage that failed may have advanced the record: carry on from what is
+            # persisted, not from this function's last copy
+            record = await self._stored(record)
             if isinstance(e, _Aborted):
                 reason = str(e)
             else:
@@ -827,9 +830,39 @@ class UpdateManager:
                 log.warning(
                     "ota_stage_failed", model=record.model, state=str(record.state), error=reason
                 )
-            record = await self._fail(record, reason)
+            record = await self._settle(record, reason)
         finally:
             await asyncio.to_thread(clear_staging, model_dir)
+        return record
+
+    async def _stored(self, record: UpdateRecord) -> UpdateRecord:
+        """``record`` as last persisted (the store is the truth; a stage advances its own
+        copy), or ``record`` itself if the store cannot say."""
+        try:
+            stored = await asyncio.to_thread(self.store.get, record.id)
+        except Exception as e:
+            log.warning("ota_state_unreadable", model=record.model, error=describe_error(e))
+            return record
+        return stored if stored is not None else record
+
+    async def _settle(self, record: UpdateRecord, reason: str) -> UpdateRecord:
+        """Bring an update that failed in any stage to a terminal state (FAILED or
+        ROLLED_BACK), so that the model is free for the next update. Undoing is tried twice,
+        from the persisted state each time; what fails is logged and added to the reason."""
+        for _ in range(2):
+            try:
+                return await self._fail(record, reason)
+            except Exception as e:
+                log.exception(
+                    "ota_undo_failed",
+                    model=record.model,
+                    state=str(record.state),
+                    error=describe_error(e),
+                )
+                reason = f"{reason}; undoing it failed: {describe_error(e)}"
+                record = await self._stored(record)
+                if record.state in AT_REST:
+                    return record
         return record
 
     async def _fail(self, record: UpdateRecord, reason: str) -> UpdateRecord:
@@ -867,12 +900,12 @@ class UpdateManager:
         )
         return await self._advance(record, Event.FETCHED, target_path=str(local))
 
-    async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
+    async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, SelfTest | None]:
         assert record.to_version is not None
         model_dir = self.repository / record.model
         version = record.to_version
 
-        def unpack() -> tuple[bool, SelfTest]:
+        def unpack() -> tuple[bool, SelfTest | None]:
             spec = read_model_spec(model_dir)
             clear_staging(model_dir)
             staging_parent = model_dir / STAGING_DIR
@@ -903,8 +936,10 @@ class UpdateManager:
                 raise OtaError(
                     f"the bundle lacks {spec.artifact_name}, the artifact of a {spec.format} model"
                 )
-            inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
-            test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
+            test = None  # no test vectors: the reference sample of the served version
+            if manifest.selftest_file:
+                inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
+                test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
             if read_active(model_dir) is None:
                 # pin what serves now, so the new folder serves nothing until activated
                 self._restore_active(model_dir, record.from_version)
@@ -917,25 +952,57 @@ class UpdateManager:
         await asyncio.to_thread(Path(record.target_path).unlink, missing_ok=True)
         return await self._advance(record, Event.UNPACKED, installed=installed), test
 
-    async def _activate(self, record: UpdateRecord, test: SelfTest) -> UpdateRecord:
+    def _reference(self, model: str) -> tuple[Sample, dict[str, Array]] | None:
+        """The reference sample of the version ``model`` serves, and its answers to it."""
+        try:
+            served = self.manager.get(model)
+        except EdgedError:
+            return None
+        if served.reference is None:
+            return None
+        return served.reference, dict(served.reference_outputs)
+
+    async def _activate(self, record: UpdateRecord, test: SelfTest | None) -> UpdateRecord:
         assert record.to_version is not None
         version = record.to_version
         model_dir = self.repository / record.model
         record = await self._advance(record, Event.ACTIVATE)
         await asyncio.to_thread(write_active, model_dir, [version])
         refusal: list[BaseException] = []
+        reference = self._reference(record.model) if test is None else None
+        labels = {"model": record.model, "version": version}
+        if test is None and reference is None:
+            log.warning(
+                "ota_selftest_skipped",
+                **labels,
+                reason="the bundle carries no test vectors and the served version has no "
+                "reference sample yet (no warm-up sample ran, no request succeeded)",
+            )
+        elif test is None and reference is not None:
+            log.info("ota_selftest_reference", **labels, sample=reference[0].source)
 
         async def selftest(mv: ModelVersion) -> None:
+            if test is None and reference is None:
+                return
+            if test is not None:
+                inputs = dict(test.inputs)
+            else:
+                assert reference is not None
+                inputs = dict(reference[0].inputs)
             try:
                 response = await mv.infer(
                     InferRequest(
                         model_name=record.model,
-                        inputs=dict(test.inputs),
+                        inputs=inputs,
                         model_version=str(version),
                         id=f"ota-selftest-{record.id}",
                     )
                 )
-                bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
+                if test is not None:
+                    bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
+                else:
+                    assert reference is not None
+                    bundle.check_like_reference(reference[1], response.outputs)
             except Exception as e:
                 refusal.append(e)
                 raise ModelLoadError(f"self-test failed: {describe_error(e)}") from e

@@ -30,7 +30,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edged.core.errors import PermissionDeniedError, UnauthenticatedError
+from edged.core.errors import PermissionDeniedError, UnauthenticatedError, clip
 from edged.security.roles import ACCESS, ALL_ROLES, AUDITED, Role
 from edged.security.tokens import TokenStore
 
@@ -75,10 +75,11 @@ class Decision:
 
 
 def truncate(value: object) -> object:
-    """An argument as the audit log keeps it: scalars as they are, strings cut short."""
-    if isinstance(value, str) and len(value) > MAX_ARG_CHARS:
-        return value[:MAX_ARG_CHARS] + f"...({len(value)} chars)"
-    return value
+    """An argument as the audit log keeps it: numbers and booleans as they are, text clipped
+    (``edged.core.errors.clip``)."""
+    if isinstance(value, bool | int | float):
+        return value
+    return clip(value, MAX_ARG_CHARS)
 
 
 def audited(call: str) -> bool:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edged.config import CLIENT_ENV
 
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--token",
         metavar="TOKEN",
-        help="bearer token from `edged token add` (prefer EDGED_CLIENT_TOKEN: a flag shows in ps)",
+        help="bearer token from edged token add (prefer EDGED_CLIENT_TOKEN: a flag shows in ps)",
     )
 
 
@@ -76,7 +76,8 @@ class ClientAuth:
         )
 
     def channel(self, address: str) -> grpc.Channel:
-        """A channel to ``address``: TLS when configured, else plaintext.
+        """A channel to ``address``: TLS when configured, else plaintext; with a token, every
+        call on it carries ``authorization: Bearer <token>``.
 
         Raises:
             ConfigError: a TLS file cannot be read, or --cert without --key.
@@ -86,11 +87,36 @@ class ClientAuth:
 
         from edged.security.tls import client_credentials  # noqa: PLC0415
 
-        if not self.tls:
-            return grpc.insecure_channel(address)
-        return grpc.secure_channel(address, client_credentials(self.ca, self.cert, self.key))
+        if self.tls:
+            channel = grpc.secure_channel(
+                address, client_credentials(self.ca, self.cert, self.key)
+            )
+        else:
+            channel = grpc.insecure_channel(address)
+        if not self.token:
+            return channel
+        return grpc.intercept_channel(channel, _bearer_interceptor(self.token))
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Call metadata carrying the token (none without one)."""
+        """Call metadata carrying the token (none without one), for clients that build their
+        own channels (tritonclient: ``headers=``)."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def _bearer_interceptor(token: str) -> Any:
+    """A client interceptor adding ``authorization: Bearer <token>`` to unary calls."""
+    import grpc  # noqa: PLC0415
+
+    class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+        def _details(self, details: Any) -> Any:
+            metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+            return details._replace(metadata=metadata)
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return continuation(self._details(details), request)
+
+        def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+            return continuation(self._details(details), request)
+
+    return Bearer()

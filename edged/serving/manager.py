@@ -36,9 +36,10 @@ from edged.core.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     UnavailableError,
+    clip,
 )
 from edged.core.types import InferRequest, InferResponse
-from edged.serving.model import ModelVersion, load_model_version
+from edged.serving.model import ModelVersion, Sample, load_model_version
 from edged.serving.repository import (
     ModelSpec,
     list_models,
@@ -155,6 +156,9 @@ class ModelManager:
         self._listeners: list[Callable[[str, bool], None]] = []
         self._devices: list[DeviceReport] | None = None if devices is None else list(devices)
         self._probing: asyncio.Future[list[DeviceReport]] | None = None
+        # (executor, reason) pairs already logged at info: the probe runs once per start, so
+        # its reason for an absent kind is logged once, not once per model (repeats: debug)
+        self._skips_logged: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.failovers: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         """(model, version, from, to) -> moves away from a failing executor."""
@@ -212,7 +216,7 @@ class ModelManager:
             ModelLoadError: model.toml is invalid or a version failed to load or warm up.
         """
         if "/" in name or name in {"", ".", ".."} or name.startswith("."):
-            raise ModelNotFoundError(f"model '{name}' is not a model name in the repository")
+            raise ModelNotFoundError(f"model '{clip(name)}' is not a model name in the repository")
         model = self._models.setdefault(name, _Model(name))
         async with model.lock:
             model.wanted = True
@@ -258,14 +262,17 @@ class ModelManager:
 
     async def _candidates(self, spec: ModelSpec) -> tuple[str, ...]:
         """Executors that may run ``spec`` here (hal.placement over the probe's reports),
-        best first; each one skipped is logged with the probe's reason.
+        best first; each one skipped is logged with the probe's reason (at info the first
+        time a reason is given for that executor, at debug after that).
 
         Raises:
             ModelLoadError: none may.
         """
         plan = place(spec.executor_preference, spec.format, await self.devices())
         for kind, reason in plan.skipped:
-            log.info("executor_skipped", model=spec.name, executor=kind, reason=reason)
+            emit = log.debug if (kind, reason) in self._skips_logged else log.info
+            self._skips_logged.add((kind, reason))
+            emit("executor_skipped", model=spec.name, executor=kind, reason=reason)
         if not plan.candidates:
             raise ModelLoadError(
                 f"model '{spec.name}': no executor here runs format '{spec.format}': "
@@ -290,7 +297,7 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"model '{name}' is not loaded")
+            raise ModelNotFoundError(f"model '{clip(name)}' is not loaded")
         async with model.lock:
             model.wanted = False
             retired = list(model.serving.values())
@@ -308,9 +315,11 @@ class ModelManager:
         *,
         trial_runs: int = 0,
         stats: ModelStats | None = None,
+        reference: Sample | None = None,
     ) -> ModelVersion:
         """Load and warm ``version`` on one of ``candidates`` (placement per model.toml) in
-        a worker thread, bounded by ``load_timeout_s``, and start its scheduler.
+        a worker thread, bounded by ``load_timeout_s``, and start its scheduler;
+        ``reference`` (the sample the version already ran) runs first and must succeed.
 
         Raises:
             ModelLoadError: no candidate loaded it in time.
@@ -329,6 +338,7 @@ class ModelManager:
                 max_run_s=self.inference_timeout_s if trial_runs else 0.0,
                 inference_timeout_s=self.inference_timeout_s,
                 stats=stats,
+                reference=reference,
             )
         )
         try:
@@ -368,8 +378,40 @@ class ModelManager:
             log.error("placement_task_failed", error=f"{type(error).__name__}: {error}")
 
     def _watch(self, model: _Model, mv: ModelVersion) -> None:
-        """Feed every batch's outcome on ``mv`` to its executor's breaker."""
+        """Feed every batch's outcome on ``mv`` to its executor's breaker; re-plan an
+        ``auto`` placement nothing could time once a request gives a reference sample."""
         mv.scheduler.on_outcome = functools.partial(self._on_outcome, model, mv)
+        if mv.spec.placement == "auto" and len(mv.placement.candidates) > 1:
+            mv.on_reference = functools.partial(self._on_reference, model)
+
+    def _on_reference(self, model: _Model, mv: ModelVersion) -> None:
+        if model.serving.get(mv.version) is mv and not mv.placement.timings_s:
+            self._spawn(self._replan(model, mv))
+
+    async def _replan(self, model: _Model, mv: ModelVersion) -> None:
+        """``placement = "auto"`` again, timed on ``mv``'s reference sample (its warm-up had
+        none that ran); move the version if another executor is faster."""
+        labels = {"model": mv.name, "version": mv.version}
+        try:
+            new = await self._load_version(
+                mv.spec, mv.version, mv.placement.candidates, stats=mv.stats, reference=mv.reference
+            )
+        except ModelLoadError as e:
+            log.warning("placement_replan_failed", **labels, executor=mv.kind, error=str(e))
+            return
+        timings = {k: round(v * 1000, 3) for k, v in new.placement.timings_s.items()}
+        if new.kind == mv.kind:
+            await new.close()
+            log.info("placement_replanned", **labels, executor=mv.kind, timings_ms=timings)
+            return
+        if await self._move(model, mv, new, new.kind) is not None:
+            log.info(
+                "placement_replanned",
+                **labels,
+                **{"from": mv.kind, "to": new.kind},
+                executor=new.kind,
+                timings_ms=timings,
+            )
 
     def _on_outcome(self, model: _Model, mv: ModelVersion, error: EdgedError | None) -> None:
         """One batch's outcome (on the event loop, before its callers are answered). Only
@@ -442,7 +484,11 @@ class ModelManager:
         for kind in targets:
             try:
                 new = await self._load_version(
-                    failing.spec, failing.version, [kind], stats=failing.stats
+                    failing.spec,
+                    failing.version,
+                    [kind],
+                    stats=failing.stats,
+                    reference=failing.reference,
                 )
             except ModelLoadError as e:
                 health.breaker(kind).trip(time.monotonic())
@@ -516,12 +562,17 @@ class ModelManager:
         labels = {"model": current.name, "version": current.version}
         try:
             new = await self._load_version(
-                current.spec, current.version, [kind], trial_runs=TRIAL_RUNS, stats=current.stats
+                current.spec,
+                current.version,
+                [kind],
+                trial_runs=TRIAL_RUNS,
+                stats=current.stats,
+                reference=current.reference,
             )
         except ModelLoadError as e:
             error = str(e)
         else:
-            problem = outputs_disagree(current.placement.warm_outputs, new.placement.warm_outputs)
+            problem = outputs_disagree(current.reference_outputs, new.reference_outputs)
             if problem is None:
                 moved = await self._move(model, current, new, kind)
                 if moved is None:
@@ -596,11 +647,11 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         if version:
             number = parse_version(version)
             if number is None:
-                raise InvalidInputError(f"model_version '{version}' is not a version number")
+                raise InvalidInputError(f"model_version '{clip(version)}' is not a version number")
             mv = model.serving.get(number)
             if mv is None:
                 if number in model.states:
@@ -650,7 +701,7 @@ class ModelManager:
         """
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         return [model.serving[v] for v in sorted(model.serving)]
 
     def index(self) -> list[IndexEntry]:

@@ -1,15 +1,23 @@
 """The model repository on disk: model.toml, version folders, ACTIVE, version policy.
 
-Rules only (parsing, validation, policy selection, signature resolution); the manager does the
-loading. Layout::
+Rules only (parsing, validation, format detection, policy selection, signature resolution);
+the manager does the loading. Layout::
 
-    <repo>/<model>/model.toml
     <repo>/<model>/<version>/model.onnx     numeric version folders; others are ignored
+    <repo>/<model>/model.toml               optional: narrows what the artifact declares
+    <repo>/<model>/warmup/*.npz             optional: warm-up samples, one request each
     <repo>/<model>/ACTIVE                   optional: the versions served, one per line
+
+Every folder of the repository whose name does not start with "." is a model (but
+``lost+found`` and ``__pycache__``): one that
+cannot be served (no artifact edged knows, two that conflict, an unreadable folder) fails
+to load with the reason, and RepositoryIndex lists it UNAVAILABLE with that reason.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,6 +30,9 @@ from hal.placement import PLACEMENT_MODES, default_executors
 
 MODEL_TOML = "model.toml"
 ACTIVE_FILE = "ACTIVE"
+WARMUP_DIR = "warmup"
+"""``<repo>/<model>/warmup/``: .npz warm-up samples (one request's inputs each), and the .npy
+files ``[[warmup]]`` entries name."""
 
 #: artifact file name and default executors (hal.placement's rules) for each format
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -118,6 +129,39 @@ class LearnSpec:
     """The continual-learning strategy of a fine-tune that names none."""
 
 
+#: how a [[warmup]] input's values are made (Triton's model_warmup input_data_type)
+WARMUP_DATA = ("zero_data", "random_data", "input_data_file")
+
+
+@dataclass(frozen=True)
+class WarmupInput:
+    """One input of a ``[[warmup]]`` sample: its dims (without the batch axis when the model
+    batches) and where its values come from."""
+
+    name: str
+    dims: tuple[int, ...] | None
+    """None: the shape of ``input_data_file``'s array."""
+    data: str
+    """"zero_data", "random_data" or "input_data_file"."""
+    file: str = ""
+    """With "input_data_file": a .npy file, relative to the model folder."""
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    """model.toml's ``[[warmup]]`` table (Triton's ``model_warmup``): a sample run ``count``
+    times on every instance before the version takes traffic; a failure fails the load."""
+
+    name: str
+    batch_size: int = 1
+    """Requests of the sample merged into one batch (1 for a model that does not batch)."""
+    count: int = 1
+    """Times the sample runs on each instance."""
+    inputs: tuple[WarmupInput, ...] = ()
+    where: str = ""
+    """``warmup[i]``, for error messages."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model's model.toml, validated."""
@@ -140,6 +184,10 @@ class ModelSpec:
     outputs: tuple[TensorDecl, ...] = ()
     learn: LearnSpec | None = None
     """None: the model is not trainable on the device."""
+    warmup: tuple[WarmupSpec, ...] = ()
+    """model.toml's ``[[warmup]]`` samples, in order."""
+    configured: bool = True
+    """False: the folder has no model.toml; everything was read from the artifact."""
 
     @property
     def artifact_name(self) -> str:
@@ -164,6 +212,7 @@ _MODEL_KEYS = {
     "inputs",
     "outputs",
     "learn",
+    "warmup",
 }
 
 
@@ -267,6 +316,74 @@ def _learn(path: Path, fmt: str, raw: Any) -> LearnSpec:
     return spec
 
 
+def _warmup_input(path: Path, where: str, name: str, raw: Any) -> WarmupInput:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"'{where}' must be a table")
+    unknown = set(raw) - {"dims", *WARMUP_DATA}
+    if unknown:
+        raise _fail(path, f"unknown key '{where}.{sorted(unknown)[0]}'")
+    given = [k for k in WARMUP_DATA if k in raw]
+    if len(given) != 1:
+        raise _fail(path, f"'{where}' needs exactly one of zero_data, random_data, input_data_file")
+    (data,) = given
+    value = raw[data]
+    file = ""
+    if data == "input_data_file":
+        if (
+            not isinstance(value, str)
+            or not value.endswith(".npy")
+            or value.startswith(("/", "\\"))
+            or ".." in Path(value).parts
+        ):
+            raise _fail(path, f"'{where}.input_data_file' must be a .npy file in the model folder")
+        file = value
+    elif value is not True:
+        raise _fail(path, f"'{where}.{data}' must be true")
+    dims = None
+    if "dims" in raw:
+        d = raw["dims"]
+        if not isinstance(d, list) or not all(_is_int(x) and x >= 0 for x in d):
+            raise _fail(path, f"'{where}.dims' must be a list of integers >= 0")
+        dims = tuple(d)
+    elif data != "input_data_file":
+        raise _fail(path, f"'{where}.dims' is missing (the shape of {data})")
+    return WarmupInput(name, dims, data, file)
+
+
+def _warmup(path: Path, raw: Any) -> tuple[WarmupSpec, ...]:
+    if not isinstance(raw, list):
+        raise _fail(path, "'warmup' must be an array of tables ([[warmup]])")
+    samples = []
+    for i, item in enumerate(raw):
+        where = f"warmup[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(path, f"'{where}' must be a table")
+        unknown = set(item) - {"name", "batch_size", "count", "inputs"}
+        if unknown:
+            raise _fail(path, f"unknown key '{where}.{sorted(unknown)[0]}'")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(path, f"'{where}.name' must be a non-empty string")
+        for key in ("batch_size", "count"):
+            if key in item and not (_is_int(item[key]) and 1 <= item[key] <= 1024):
+                raise _fail(path, f"'{where}.{key}' must be an integer from 1 to 1024")
+        inputs = item.get("inputs")
+        if not isinstance(inputs, dict) or not inputs:
+            raise _fail(path, f"'{where}.inputs' must be a table of one table per input")
+        samples.append(
+            WarmupSpec(
+                name=name,
+                batch_size=item.get("batch_size", 1),
+                count=item.get("count", 1),
+                inputs=tuple(
+                    _warmup_input(path, f"{where}.inputs.{k}", k, v) for k, v in inputs.items()
+                ),
+                where=where,
+            )
+        )
+    return tuple(samples)
+
+
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise _fail(
@@ -288,8 +405,15 @@ def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     raise _fail(path, f"'version_policy.{kind}' = {value!r} is not valid")
 
 
-def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
-    """Validate model.toml's ``data`` for the model in ``model_dir``.
+def parse_model_toml(
+    model_dir: Path,
+    data: Mapping[str, Any],
+    default_format: str = "onnx",
+    *,
+    configured: bool = True,
+) -> ModelSpec:
+    """Validate model.toml's ``data`` for the model in ``model_dir``; ``default_format`` is
+    the format when model.toml names none (the artifact's, see ``detect_format``).
 
     Raises:
         ModelLoadError: an unknown key or a bad value, named.
@@ -301,7 +425,7 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
     name = data.get("name", model_dir.name)
     if name != model_dir.name:
         raise _fail(path, f"'name' is {name!r} but the folder is {model_dir.name!r}")
-    fmt = data.get("format", "onnx")
+    fmt = data.get("format", default_format)
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise _fail(path, f"'format' {fmt!r} is not one of {', '.join(FORMATS)}")
     mbs = data.get("max_batch_size")
@@ -334,37 +458,120 @@ def parse_model_toml(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
         inputs=_tensor_decls(path, "inputs", data.get("inputs", [])),
         outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),
         learn=_learn(path, fmt, data["learn"]) if "learn" in data else None,
+        warmup=_warmup(path, data.get("warmup", [])),
+        configured=configured,
     )
 
 
-def read_model_spec(model_dir: Path) -> ModelSpec:
-    """Read and validate ``model_dir``/model.toml.
+def _artifact_list() -> str:
+    return ", ".join(f"{artifact} ({fmt})" for fmt, (artifact, _) in FORMATS.items())
+
+
+def detect_format(version_dir: Path) -> str:
+    """The format of the artifact in ``version_dir``, by its file name (``FORMATS``).
 
     Raises:
-        ModelNotFoundError: the folder or its model.toml does not exist.
-        ModelLoadError: model.toml is not valid TOML or not a valid model spec.
+        ModelLoadError: the folder holds no artifact edged serves, or artifacts of two
+            formats, or cannot be read.
+    """
+    try:
+        names = sorted(p.name for p in version_dir.iterdir())
+    except OSError as e:
+        raise ModelLoadError(f"{version_dir}: cannot read the folder: {e.strerror or e}") from e
+    found = [fmt for fmt, (artifact, _) in FORMATS.items() if artifact in names]
+    if len(found) > 1:
+        files = ", ".join(FORMATS[f][0] for f in found)
+        raise ModelLoadError(
+            f"{version_dir}: holds artifacts of {len(found)} formats ({files}); keep one, or "
+            f'name the one to serve with format = "..." in {MODEL_TOML}'
+        )
+    if not found:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") or "nothing"
+        raise ModelLoadError(
+            f"{version_dir}: holds {shown}, which is no artifact edged serves "
+            f"(it serves: {_artifact_list()})"
+        )
+    return found[0]
+
+
+def detect_model_format(model_dir: Path) -> str | None:
+    """The format every version folder of ``model_dir`` holds; None without version folders.
+
+    Raises:
+        ModelLoadError: a version folder holds no artifact edged serves, or two folders hold
+            different formats, or a folder cannot be read.
+    """
+    formats: dict[int, str] = {}
+    for version in available_versions(model_dir):
+        formats[version] = detect_format(model_dir / str(version))
+    if len(set(formats.values())) > 1:
+        listed = ", ".join(f"version {v}: {f}" for v, f in formats.items())
+        raise ModelLoadError(
+            f"model '{model_dir.name}': version folders hold different formats ({listed}); "
+            f'name the one to serve with format = "..." in {model_dir / MODEL_TOML}'
+        )
+    return next(iter(formats.values()), None)
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    """Read and validate ``model_dir``/model.toml; without one, the model is served as its
+    artifact declares it. The format, when model.toml names none, is the artifact's.
+
+    Raises:
+        ModelNotFoundError: the folder does not exist.
+        ModelLoadError: model.toml is unreadable, not valid TOML or not a valid model spec;
+            no model.toml and no version folder; an artifact no format fits, or two.
     """
     path = model_dir / MODEL_TOML
     try:
         data = tomllib.loads(path.read_text())
+        configured = True
     except FileNotFoundError:
-        raise ModelNotFoundError(
-            f"model '{model_dir.name}' has no {MODEL_TOML} in the repository"
-        ) from None
+        if not model_dir.is_dir():
+            raise ModelNotFoundError(
+                f"model '{model_dir.name}' is not a folder of the repository"
+            ) from None
+        data, configured = {}, False
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise _fail(path, f"not valid TOML: {e}") from e
-    return parse_model_toml(model_dir, data)
+    except OSError as e:
+        raise _fail(path, f"cannot read it: {e.strerror or e}") from e
+    detected = None
+    if "format" not in data:
+        detected = detect_model_format(model_dir)
+        if detected is None and not configured:
+            raise ModelLoadError(
+                f"model '{model_dir.name}': {model_dir} holds no {MODEL_TOML} and no version "
+                f"folder; put the artifact in {model_dir}/1/ (one of: {_artifact_list()})"
+            )
+    return parse_model_toml(model_dir, data, detected or "onnx", configured=configured)
+
+
+#: folders of a repository that are never models: a filesystem's (the repository as a
+#: mount point) and Python's byte-code cache
+NOT_MODELS = frozenset({"lost+found", "__pycache__"})
 
 
 def list_models(repo: Path) -> list[str]:
-    """Names of the model folders (those holding a model.toml), sorted."""
-    if not repo.is_dir():
+    """Names of the model folders: every folder of ``repo`` whose name does not start with
+    "." (nor ``NOT_MODELS``), sorted. Nothing inside them is read here: one unreadable
+    folder fails only its own load (``read_model_spec``)."""
+    try:
+        with os.scandir(repo) as entries:
+            return sorted(
+                e.name
+                for e in entries
+                if not e.name.startswith(".") and e.name not in NOT_MODELS and _is_dir(e)
+            )
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(
-        p.name
-        for p in repo.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / MODEL_TOML).is_file()
-    )
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return True  # listed, so that its load says what is wrong with it
 
 
 def parse_version(text: str) -> int | None:
@@ -376,8 +583,16 @@ def parse_version(text: str) -> int | None:
 
 def available_versions(model_dir: Path) -> list[int]:
     """Version folders (canonical numbers), ascending; temporary and other folders are
-    ignored."""
-    versions = (parse_version(p.name) for p in model_dir.iterdir() if p.is_dir())
+    ignored.
+
+    Raises:
+        ModelLoadError: the model folder cannot be read (named, with the system's reason).
+    """
+    try:
+        with os.scandir(model_dir) as entries:
+            versions = [parse_version(e.name) for e in entries if _is_dir(e)]
+    except OSError as e:
+        raise ModelLoadError(f"{model_dir}: cannot read the folder: {e.strerror or e}") from e
     return sorted(v for v in versions if v is not None)
 
 
@@ -394,6 +609,8 @@ def read_active(model_dir: Path) -> list[int] | None:
         return None
     except UnicodeDecodeError as e:
         raise _fail(path, "is not UTF-8 text") from e
+    except OSError as e:
+        raise _fail(path, f"cannot read it: {e.strerror or e}") from e
     versions = [parse_version(w) for w in text.split()]
     if not versions or None in versions:
         raise _fail(path, "must list one or more version numbers (1, 2, ...)")
@@ -493,3 +710,34 @@ def resolve_signature(
         outputs=_apply_decls(artifact.outputs, spec.outputs, batched, "output", spec.name),
         max_batch_size=mbs,
     )
+
+
+def _toml_str(value: str) -> str:
+    # JSON's escapes (\", \\, \n, \uXXXX) are all valid in a TOML basic string
+    return json.dumps(value, ensure_ascii=True)
+
+
+def model_toml_text(spec: ModelSpec, signature: Signature) -> str:
+    """The completed configuration of a served model as model.toml text: what edged read
+    from the artifact and model.toml together, ready to copy into a model.toml and narrow."""
+    lines = [
+        f"# completed by edged ({'model.toml + ' if spec.configured else ''}the artifact)",
+        f"name = {_toml_str(spec.name)}",
+        f"format = {_toml_str(spec.format)}",
+        f"max_batch_size = {signature.max_batch_size}",
+        f"executors = [{', '.join(_toml_str(k) for k in spec.executor_preference)}]",
+        f"placement = {_toml_str(spec.placement)}",
+    ]
+    if spec.instances is not None:
+        lines.append(f"instances = {spec.instances}")
+    for key, tensors in (("inputs", signature.inputs), ("outputs", signature.outputs)):
+        for tensor in tensors:
+            dims = ", ".join(str(d) for d in signature.config_dims(tensor))
+            lines += [
+                "",
+                f"[[{key}]]",
+                f"name = {_toml_str(tensor.name)}",
+                f"datatype = {_toml_str(tensor.datatype.value)}",
+                f"dims = [{dims}]",
+            ]
+    return "\n".join(lines) + "\n"

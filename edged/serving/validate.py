@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from edged.core.errors import InvalidInputError
+from edged.core.errors import InvalidInputError, clip
 from edged.core.types import DataType, InferRequest, Signature
 
 
@@ -19,7 +19,7 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
     for name in request.inputs:
         if signature.input(name) is None:
             raise InvalidInputError(
-                f"unknown input tensor '{name}' for model '{model}' (it takes: "
+                f"unknown input tensor '{clip(name)}' for model '{clip(model)}' (it takes: "
                 f"{', '.join(t.name for t in signature.inputs)})"
             )
     batch: int | None = None
@@ -27,7 +27,7 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
     for spec in signature.inputs:
         array = request.inputs.get(spec.name)
         if array is None:
-            raise InvalidInputError(f"missing input tensor '{spec.name}' for model '{model}'")
+            raise InvalidInputError(f"missing input tensor '{spec.name}' for model '{clip(model)}'")
         try:
             datatype = DataType.from_numpy(array.dtype)
         except ValueError as e:
@@ -61,7 +61,8 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
     for name in request.requested_outputs:
         if signature.output(name) is None:
             raise InvalidInputError(
-                f"unknown output tensor '{name}' requested from model '{model}' (it returns: "
+                f"unknown output tensor '{clip(name)}' requested from model '{clip(model)}' (it "
+                "returns: "
                 f"{', '.join(t.name for t in signature.outputs)})"
             )
     return batch or 1
@@ -80,7 +81,7 @@ def request_options(parameters: Mapping[str, object]) -> tuple[int, int]:
         value = parameters.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInputError(
-                f"parameter '{key}' must be a non-negative integer, got {value!r}"
+                f"parameter '{key}' must be a non-negative integer, got {clip(repr(value))}"
             )
         values.append(value)
     return values[0], values[1] * 1000

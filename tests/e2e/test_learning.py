@@ -414,6 +414,15 @@ def test_edged_learn_cli(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert started.returncode == 0, started.stderr
     job = json.loads(started.stdout)["job"]
     assert (job["state"], job["new_version"]) == ("JOB_STATE_PROMOTED", "2")
+    # progress on stderr while it waits: the job's states, then the update's, in order
+    progress = [line.removeprefix("edged learn start: ") for line in started.stderr.splitlines()]
+    said = [line.split(" (")[0] for line in progress]
+    assert said[0] == f"job {job['id']} RUNNING"
+    assert said[-1] == f"job {job['id']} PROMOTED"
+    update = [line for line in progress if line.startswith(f"update {job['update_id']} ")]
+    states = [line.split(": ")[1].split(" ")[0] for line in update]
+    assert states[-3:] == ["WARMING", "ACTIVE_TRIAL", "COMMITTED"], progress
+    assert any("health window open" in line for line in update)
     listed = run_cli("learn", "jobs", *address)
     assert listed.returncode == 0, listed.stderr
     report = json.loads(listed.stdout)

@@ -250,3 +250,103 @@ def test_health_follows_model_state(tmp_path: Path) -> None:
             assert check("digits") == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         daemon.stop()
+
+
+# -- signals and systemd (issue #11) ---------------------------------------------------------
+
+
+def test_sighup_reloads_the_log_level_and_never_kills(tmp_path: Path) -> None:
+    config = tmp_path / "edged.toml"
+    config.write_text('[log]\nlevel = "info"\n')
+    daemon = serve(copy_example_models(tmp_path / "models"), "--config", str(config))
+    try:
+        address = daemon.wait_live()
+        daemon.wait_for("server_ready")
+        daemon.proc.send_signal(signal.SIGHUP)
+        first = daemon.wait_for("reload_finished", timeout=10)
+        assert first["results"] == {"log.level": "ok"}
+        config.write_text('[log]\nlevel = "debug"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        changed = daemon.wait_for("log_level_changed", timeout=10)
+        assert (changed["before"], changed["after"]) == ("info", "debug")
+        config.write_text('[log]\nlevel = "loud"\n')  # a bad file: reported, nothing changes
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_for("reload_failed", timeout=10)
+        assert "log.level" in failed["error"]
+        with grpcclient.InferenceServerClient(address) as client:
+            assert client.is_server_ready()
+            tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+            assert client.infer("digits", [tensor]).as_numpy("label").shape == (1,)
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+def test_sigterm_answers_open_streams_then_ends_them(slow_repo: Path) -> None:
+    """A client streaming (ModelStreamInfer) with requests in flight at SIGTERM gets every
+    answer, then the stream ends cleanly: it is not cut off when the grace runs out."""
+    import queue
+
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    daemon = serve(slow_repo, env={"EDGED_SERVER_SHUTDOWN_GRACE_S": "20"})
+    outgoing: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+
+    def requests():
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    try:
+        address = daemon.wait_live()
+        daemon.wait_for("server_ready", timeout=60)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            replies = stub.ModelStreamInfer(requests(), timeout=60)
+            for i in range(3):
+                message = pb.ModelInferRequest(model_name="slow", id=str(i))
+                message.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+                message.raw_input_contents.append(np.full((1, 4), i, np.float32).tobytes())
+                outgoing.put(message)
+            first = next(replies)  # the stream is up and answering
+            daemon.proc.send_signal(signal.SIGTERM)
+            rest = list(replies)  # the client never closes its side: the server ends it
+            outgoing.put(None)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.stderr
+    answers = [first, *rest]
+    assert [r.error_message for r in answers] == ["", "", ""]
+    assert sorted(r.infer_response.id for r in answers) == ["0", "1", "2"]
+    assert "stream_closed_for_shutdown" in [e["event"] for e in daemon.events]
+
+
+def test_systemd_notify_protocol(tmp_path: Path) -> None:
+    """What systemd sees of a Type=notify unit with WatchdogSec: READY=1 once the listeners
+    are bound, STATUS as models load, WATCHDOG=1 pings, STOPPING=1 on SIGTERM."""
+    import socket
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        daemon = serve(
+            copy_example_models(tmp_path / "models"),
+            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"},
+        )
+        try:
+            daemon.wait_live()
+            seen: list[bytes] = []
+            while sum(m == b"WATCHDOG=1" for m in seen) < 3 or not any(
+                m.startswith(b"STATUS=serving ") for m in seen
+            ):
+                seen.append(sock.recv(4096))
+            assert seen[0] == b"READY=1\nSTATUS=serving; loading models"
+            assert daemon.wait_for("watchdog_started")["interval_s"] == 0.1
+            daemon.proc.send_signal(signal.SIGTERM)
+            while (message := sock.recv(4096)) == b"WATCHDOG=1":
+                pass
+            assert message == b"STOPPING=1\nSTATUS=draining"
+        finally:
+            assert daemon.stop() == 0, daemon.stderr

@@ -523,3 +523,64 @@ def test_health_window_rolls_back_a_failing_version(
         assert not (models / "digits" / "2").exists()
     finally:
         assert daemon.stop() == 0, daemon.stderr
+
+
+# -- a failure in any stage ends the update (issue #11) --------------------------------------
+
+
+def _with_member(good: Path, out: Path, name: str) -> Path:
+    """``good``'s members plus one more called ``name`` (a rule the archive check refuses)."""
+    import io
+    import tarfile
+
+    with tarfile.open(good, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        extra = tarfile.TarInfo(name)
+        extra.size = 2
+        dst.addfile(extra, io.BytesIO(b"x\n"))
+    return out
+
+
+def test_bundle_breaking_an_archive_rule_fails_and_frees_the_model(
+    tmp_path: Path, models: Path, ota_repo: OtaRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signed bundle with a member ``../../x`` (published by a fleet tool that did not check
+    it: the device must not trust that it did) ends FAILED, not stuck in VERIFIED, and the
+    next update of the model runs."""
+    good = bundle.write_bundle(
+        tmp_path / "good-2.tar.gz",
+        name="digits",
+        version=2,
+        fmt="onnx",
+        artifacts={"model.onnx": DIGITS_V1},
+        model_toml=MODEL_TOML,
+        inputs={"input": SAMPLE},
+        outputs=_run(DIGITS_V1, SAMPLE),
+    )
+    evil = _with_member(good, tmp_path / "digits-2.tar.gz", "../../x")
+    info = bundle.inspect_bundle(good)
+    with monkeypatch.context() as patch:
+        patch.setattr(bundle, "inspect_bundle", lambda _path, *a, **k: info)
+        ota_repo._repo.publish(evil)
+    daemon = serve(models, ota_repo, tmp_path / "state")
+    try:
+        reply = management(daemon.address).StartUpdate(
+            mpb.StartUpdateRequest(model="digits", version="2", wait=True), timeout=60
+        )
+        assert state_name(reply.status.state) == "FAILED", reply.status.last_error
+        assert "../../x" in reply.status.last_error
+        assert reply.status.committed_version == "1"
+        assert served_version(daemon.address) == "1"
+        assert not (models / "digits" / "2").exists()
+        assert not (tmp_path / "x").exists()
+        # the model is free: the next update runs to the end
+        ota_repo.publish_digits(3)
+        reply = management(daemon.address).StartUpdate(
+            mpb.StartUpdateRequest(model="digits", version="latest", wait=True), timeout=60
+        )
+        assert reply.started
+        assert state_name(reply.status.state) == "COMMITTED", reply.status.last_error
+        assert served_version(daemon.address) == "3"
+    finally:
+        assert daemon.stop() == 0, daemon.stderr

@@ -260,6 +260,14 @@ def test_the_rollout_stops_at_the_failure_threshold(fleet: Fleet) -> None:
     assert rows[2].split()[:4] == [fleet.address("good-1"), "3", "ALREADY_AT_VERSION", "2"]
     assert "committed" in rows[2]
     assert verdict == "rollout completed: 2 of 3 devices succeeded, 1 failed (at most 1 allowed)"
+    # each device's update states are reported as they change, not only when its wave ends
+    good_2 = [
+        line.split()[-1]
+        for line in done.stderr.splitlines()
+        if line.startswith(f"edged-fleet:   {fleet.address('good-2')}: update ")
+    ]
+    assert good_2[-1] == "COMMITTED"
+    assert len(good_2) > 1  # at least the first state seen and the last
     assert served_version(fleet.address("good-2")) == "2"
     assert update_status(fleet.address("good-2")).requested == "latest"
     assert served_version(fleet.address("good-1")) == "2"

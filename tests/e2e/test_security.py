@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import threading
@@ -277,6 +278,14 @@ def test_token_add_and_revoke_reach_a_running_daemon(token_daemon: dict[str, Any
         assert done.returncode == 0, done.stderr
         assert _eventually(lambda: call_code(channel, method, bearer(token)) == "UNAUTHENTICATED")
     assert run_cli("token", "revoke", "short-lived", "--file", str(tokens_file)).returncode == 1
+
+
+def test_sighup_rereads_credentials(token_daemon: dict[str, Any]) -> None:
+    daemon: DaemonProcess = token_daemon["daemon"]
+    daemon.proc.send_signal(signal.SIGHUP)
+    finished = daemon.wait_for("reload_finished")
+    assert finished["results"]["auth"] == "ok"
+    assert daemon.proc.poll() is None
 
 
 def _eventually(check: Any, timeout: float = 30.0) -> bool:

@@ -231,6 +231,48 @@ CASES = [
 ]
 
 
+# issue #11: malformed shapes and over-long names are INVALID_ARGUMENT (never INTERNAL, never
+# RESOURCE_EXHAUSTED from an error that echoes kilobytes of client text)
+CASES += [
+    (
+        "huge-dim-beside-zero",
+        digits_request(_=_set_input(shape=[0, 2**63 - 1]), __=_set_raw(b"")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "too large"],
+    ),
+    (
+        "65-dims",
+        digits_request(_=_set_input(shape=[1] * 65)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "65 dimensions", "64"],
+    ),
+    (
+        "10kb-datatype",
+        digits_request(_=_set_input(datatype="X" * 10_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input", "datatype", "10000 chars"],
+    ),
+    (
+        "100kb-model-name",
+        digits_request(model_name="m" * 100_000),
+        grpc.StatusCode.NOT_FOUND,
+        ["100000 chars"],
+    ),
+    (
+        "100kb-tensor-name",
+        digits_request(_=_set_input(name="t" * 100_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["100000 chars"],
+    ),
+    (
+        "nul-in-names",
+        digits_request(_=_set_input(name="in\0put")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["in\\x00put"],
+    ),
+]
+
+
 @pytest.fixture
 def stub(address: str):
     with grpc.insecure_channel(address) as channel:
@@ -307,3 +349,62 @@ def test_tritonclient_raises_with_message(address: str) -> None:
             client.infer("digits", [tensor])
         assert "input" in err.value.message()
         assert client.is_server_ready()
+
+
+def test_too_many_inputs_are_refused_before_decoding(stub) -> None:
+    """200,000 tiny inputs: RESOURCE_EXHAUSTED naming the limit (limits.max_inputs, 256 by
+    default), answered without decoding them; the daemon goes on serving."""
+    request = pb.ModelInferRequest(model_name="digits")
+    for i in range(200_000):  # names only: the shared daemon takes at most 4 MiB
+        request.inputs.add(name=str(i))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "200000 input tensors" in err.value.details()
+    assert "limits.max_inputs" in err.value.details()
+    assert stub.ModelInfer(digits_request(), timeout=10).model_name == "digits"
+
+
+def test_too_many_parameters_are_refused(stub) -> None:
+    request = digits_request()
+    for i in range(65):
+        request.parameters[f"p{i}"].int64_param = i
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limits.max_parameters" in err.value.details()
+
+
+LOAD_NAMES = [
+    # (id, name, status)
+    ("a-file", "digits/model.toml", grpc.StatusCode.INVALID_ARGUMENT),
+    ("a-file-at-the-top", "README.md", grpc.StatusCode.NOT_FOUND),
+    ("nul-byte", "dig\0its", grpc.StatusCode.INVALID_ARGUMENT),
+    ("300-chars", "m" * 300, grpc.StatusCode.INVALID_ARGUMENT),
+    ("dot-dot", "..", grpc.StatusCode.INVALID_ARGUMENT),
+    ("no-such-folder", "nope", grpc.StatusCode.NOT_FOUND),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "code"), [c[1:] for c in LOAD_NAMES], ids=[c[0] for c in LOAD_NAMES]
+)
+def test_load_of_a_name_that_is_not_a_model_folder(
+    stub, address: str, served_repo, name: str, code
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    (served_repo / "README.md").write_text("not a model\n")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=30)
+    assert err.value.code() == code, err.value.details()
+    assert len(err.value.details()) < 1024
+    assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready

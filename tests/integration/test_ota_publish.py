@@ -20,6 +20,7 @@ the server's files, each refused with its exact error class:
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -432,7 +433,12 @@ def test_edged_fleet_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     args += ["--source", str(DIGITS / "1"), "--selftest-input", f"input={sample}"]
     assert fleet.main(args) == 0
     assert fleet.main(["publish", str(d), str(out)]) == 0
-    assert "published models/digits/2.tar.gz" in capsys.readouterr().out
+    published = capsys.readouterr()
+    assert "published models/digits/2.tar.gz" in published.out
+    steps = [line.removeprefix("edged-fleet: ") for line in published.err.splitlines()]
+    assert steps[0].startswith(f"checking {out} whole")
+    assert [s.split(" ")[0] for s in steps[1:]] == ["digits", "copying", "signing", "signing"]
+    assert steps[-1] == "signing snapshot and timestamp"
     assert fleet.main(["publish", str(d), str(out)]) == 1
     assert "pass --force" in capsys.readouterr().err
     assert fleet.main(["refresh", str(d)]) == 0
@@ -443,3 +449,17 @@ def test_edged_fleet_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert report["roles"]["timestamp"]["version"] == 3
     assert fleet.main(["status", str(d)]) == 0
     assert "digits 2: models/digits/2.tar.gz (onnx" in capsys.readouterr().out
+
+
+def test_edged_fleet_bundle_of_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edged-fleet bundle . --version N` inside a model folder names the model after it."""
+    model = tmp_path / "digits"
+    shutil.copytree(DIGITS, model)
+    monkeypatch.chdir(model)
+    out = tmp_path / "digits-1.tar.gz"
+    assert fleet.main(["bundle", ".", "--version", "1", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    assert bundle.read_manifest(out).name == "digits"

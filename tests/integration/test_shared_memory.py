@@ -4,8 +4,10 @@ NOT_FOUND / ALREADY_EXISTS), never a crash."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +137,99 @@ def test_bad_regions_are_refused(client, regions) -> None:
     assert code == "StatusCode.INVALID_ARGUMENT"
     assert "'probabilities' needs 80 bytes" in message
     assert client.is_server_ready()
+
+
+# -- confinement (issue #11) ---------------------------------------------------------------
+
+
+def _shm_path(key: str) -> Path:
+    return Path("/dev/shm") / key.lstrip("/")
+
+
+def _digits_input(region: str, nbytes: int = 64 * 4) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+    tensor.set_shared_memory(region, nbytes)
+    return tensor
+
+
+def test_server_metadata_lists_the_extension(client) -> None:
+    assert "system_shared_memory" in client.get_server_metadata(as_json=True)["extensions"]
+
+
+def test_truncated_region_is_refused_not_a_crash(client, regions) -> None:
+    x = np.ones((1, 64), np.float32)
+    key, handle = regions("t", x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    client.register_system_shared_memory("t", key, x.nbytes)
+    client.infer("digits", [_digits_input("t")])  # fine while it is whole
+    os.truncate(_shm_path(key), 0)
+    code, message = _status(lambda: client.infer("digits", [_digits_input("t")]))
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert "shrank" in message
+    assert "'t'" in message
+    # an output region shrunk after registration: refused the same way
+    out_key, _ = regions("o", 4 * 10)
+    client.register_system_shared_memory("o", out_key, 4 * 10)
+    os.truncate(_shm_path(out_key), 0)
+    raw = grpcclient.InferInput("input", [1, 64], "FP32")
+    raw.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("probabilities")
+    out.set_shared_memory("o", 4 * 10)
+    code, message = _status(lambda: client.infer("digits", [raw], outputs=[out]))
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert "shrank" in message
+    assert client.is_server_live()
+    assert client.is_server_ready()
+
+
+def test_replaced_region_is_refused(client, regions) -> None:
+    key, _ = regions("r", 64 * 4)
+    client.register_system_shared_memory("r", key, 64 * 4)
+    path = _shm_path(key)
+    path.unlink()
+    path.write_bytes(bytes(64 * 4))  # another object under the same key
+    code, message = _status(lambda: client.infer("digits", [_digits_input("r")]))
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert "replaced" in message
+
+
+def test_symlink_key_is_refused(client, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"daemon-only " * 100)
+    secret.chmod(0o600)
+    link = Path("/dev/shm") / f"edged-test-{uuid.uuid4().hex[:8]}-link"
+    link.symlink_to(secret)
+    try:
+        code, message = _status(
+            lambda: client.register_system_shared_memory("s", f"/{link.name}", 256)
+        )
+        assert code == "StatusCode.INVALID_ARGUMENT"
+        assert "symlink" in message
+        assert client.get_system_shared_memory_status(as_json=True) == {}
+    finally:
+        link.unlink()
+
+
+def test_special_file_key_is_refused(client) -> None:
+    fifo = Path("/dev/shm") / f"edged-test-{uuid.uuid4().hex[:8]}-fifo"
+    os.mkfifo(fifo)
+    try:
+        code, message = _status(
+            lambda: client.register_system_shared_memory("f", f"/{fifo.name}", 8)
+        )
+        assert code == "StatusCode.INVALID_ARGUMENT"
+        assert "not a regular file" in message
+    finally:
+        fifo.unlink()
+
+
+def test_registrations_are_capped_per_connection(client, regions) -> None:
+    key, _ = regions("c", 64)
+    for i in range(64):  # limits.shm_max_regions_per_connection
+        client.register_system_shared_memory(f"c{i}", key, 64)
+    code, message = _status(lambda: client.register_system_shared_memory("c64", key, 64))
+    assert code == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "limits.shm_max_regions_per_connection" in message
+    client.unregister_system_shared_memory("c0")
+    client.register_system_shared_memory("c64", key, 64)  # a freed slot is usable again
+    assert len(client.get_system_shared_memory_status(as_json=True)["regions"]) == 64

@@ -199,3 +199,60 @@ def test_ipc_transport(tmp_path: Path) -> None:
 def test_grpc_channel_unaffected_by_zmq_load(address: str, zmq_address: str) -> None:
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=5)
+
+
+def _infer_header(**changes: object) -> dict:
+    header = {
+        "v": 1,
+        "op": "infer",
+        "id": "m",
+        "model": "digits",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64]}],
+    }
+    header.update(changes)
+    return header
+
+
+def _tensor(**changes: object) -> list[dict]:
+    return [{"name": "input", "datatype": "FP32", "shape": [1, 64], **changes}]
+
+
+MALFORMED = [
+    # (id, header frame, words the error must contain); issue #11: INVALID_ARGUMENT, not
+    # INTERNAL, and never an error that echoes kilobytes of client text
+    ("deep-nesting", b'{"v": 1, "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", ["deeply"]),
+    ("5000-digit-int", b'{"v": 1, "op": "live", "n": ' + b"7" * 5000 + b"}", ["digits"]),
+    ("10**30-dim", json.dumps(_infer_header(inputs=_tensor(shape=[0, 10**30]))), ["digits"]),
+    ("huge-dim", json.dumps(_infer_header(inputs=_tensor(shape=[0, 2**63 - 1]))), ["too large"]),
+    ("65-dims", json.dumps(_infer_header(inputs=_tensor(shape=[1] * 65))), ["65 dimensions"]),
+    ("float-dim", json.dumps(_infer_header(inputs=_tensor(shape=[1.5, 64]))), ["integers"]),
+    ("nan", b'{"v": 1, "op": "live", "x": NaN}', ["NaN"]),
+    ("10kb-datatype", json.dumps(_infer_header(inputs=_tensor(datatype="X" * 10_000))), ["chars"]),
+    ("60kb-model", json.dumps(_infer_header(model="m" * 60_000)), ["chars"]),
+    ("60kb-op", json.dumps(_infer_header(op="o" * 60_000)), ["chars"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
+def test_malformed_headers_are_invalid_argument(
+    zmq_address: str, client: ZmqClient, frame, words
+) -> None:
+    data = frame if isinstance(frame, bytes) else frame.encode()
+    reply = json.loads(_raw(zmq_address, [data, b"\x00" * 256])[0])
+    assert reply["ok"] is False
+    assert reply["code"] in ("INVALID_ARGUMENT", "NOT_FOUND"), reply
+    for word in words:
+        assert word in reply["error"], reply["error"][:300]
+    assert len(reply["error"]) <= 1024
+    assert client.is_ready()
+
+
+def test_too_many_inputs_are_resource_exhausted(zmq_address: str, client: ZmqClient) -> None:
+    inputs = [{"name": f"i{i}", "datatype": "UINT8", "shape": [1]} for i in range(300)]
+    frames = [json.dumps(_infer_header(inputs=inputs)).encode()] + [b"\x00"] * 300
+    reply = json.loads(_raw(zmq_address, frames)[0])
+    assert reply["code"] == "RESOURCE_EXHAUSTED"
+    assert "limits.max_inputs" in reply["error"]
+    assert client.is_ready()

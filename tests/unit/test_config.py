@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ ALL_KEYS = {
     "server.shared_memory",
     "server.stream_max_in_flight",
     "server.management_address",
+    "limits.max_inputs",
+    "limits.max_outputs",
+    "limits.max_parameters",
+    "limits.shm_max_regions",
+    "limits.shm_max_regions_per_connection",
+    "limits.shm_max_bytes",
+    "limits.shm_max_bytes_per_connection",
     "models.repository",
     "models.strict_readiness",
     "models.default_max_batch_size",
@@ -45,7 +53,9 @@ ALL_KEYS = {
     "metrics.address",
     "log.level",
     "log.format",
+    "log.capture_native_stderr",
     "ota.state_dir",
+    "ota.state_roots",
     "ota.repository_url",
     "ota.root",
     "ota.poll_interval_s",
@@ -510,3 +520,26 @@ def test_ota_refusals(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         build_config({"ota": data}, env={})
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "overrides", "suggestion"),
+    [
+        pytest.param({"server": {"grpc_adress": "x"}}, {}, {}, "grpc_address", id="toml-key"),
+        pytest.param({"modles": {}}, {}, {}, "models", id="toml-section"),
+        pytest.param({}, {"EDGED_LOG_LEVLE": "info"}, {}, "EDGED_LOG_LEVEL", id="env-var"),
+        pytest.param({}, {}, {"models.repositry": "x"}, "models.repository", id="override"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_one(
+    data: dict[str, Any], env: dict[str, str], overrides: dict[str, Any], suggestion: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"(did you mean '{suggestion}'?)")):
+        build_config(data, env, overrides)
+
+
+def test_unknown_key_far_from_every_known_one_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"server": {"zzzzzzzz": 1}})
+    assert "did you mean" not in str(caught.value)
+    assert "server.zzzzzzzz" in str(caught.value)

@@ -190,6 +190,9 @@ def test_cuda_without_a_driver_names_the_library_and_the_packages(bare_host: Hos
     if not CPU_ONLY_ORT:  # a GPU host with the cuda extra: only the driver is missing here
         return
     assert "lacks CUDAExecutionProvider" in report.reason  # the CPU onnxruntime wheel
+    # the CPU wheel must go before the GPU one comes: both install the onnxruntime module
+    hint = report.reason.split("lacks CUDAExecutionProvider", 1)[1]
+    assert hint.index("pip uninstall -y onnxruntime") < hint.index("pip install 'onnxruntime-gpu")
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +293,10 @@ def test_pynq_absent_without_the_package(
     )
     (bare_host.sysfs / "class" / "fpga_manager" / "fpga0").mkdir(parents=True)
     report = probe_pynq(bare_host)
-    assert report.reason == "pynq is not installed (pip install pynq)"
+    assert report.reason == f"pynq is not installed ({probe_mod.PYNQ_INSTALL_HINT})"
+    # the hint keeps edged's numpy 2 and grpcio: pynq itself goes in without its pins
+    assert "pip install --no-deps pynq==4.0.0 pynqutils==0.1.3" in report.reason
+    assert "'edged[pynq]'" in report.reason
 
 
 # -- LiteRT runtime choice ------------------------------------------------------------------

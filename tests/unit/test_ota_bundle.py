@@ -252,3 +252,98 @@ def test_selftest_npz_refuses_pickles_and_strays(tmp_path: Path) -> None:
     np.savez(path, **{"in:x": np.zeros(1000)})
     with pytest.raises(BundleError, match="above the limit of 100"):
         bundle.load_selftest(path, max_bytes=100)
+
+
+# -- bundles without test vectors (the device tests with its reference sample) --------------
+
+
+def _zero_config_digits(tmp_path: Path) -> Path:
+    """digits as a user drops it: <model>/1/model.onnx, no model.toml."""
+    model_dir = tmp_path / "digits"
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(DIGITS / "1" / "model.onnx", model_dir / "1" / "model.onnx")
+    return model_dir
+
+
+def test_bundle_without_test_vectors(tmp_path: Path) -> None:
+    path = bundle.build_bundle(
+        _zero_config_digits(tmp_path), 1, tmp_path / "digits-1.tar.gz", selftest=False
+    )
+    info = bundle.inspect_bundle(path)
+    assert info.manifest.selftest_file == ""
+    assert info.manifest.format == "onnx"  # read from the artifact: no model.toml
+    assert info.manifest.files == ("bundle.toml", "model.onnx", "model.toml")
+    assert (info.selftest_inputs, info.selftest_outputs) == ((), ())
+    assert [s.name for s in info.manifest.inputs] == ["input"]
+    with tarfile.open(path) as tar:
+        assert tar.extractfile("model.toml").read() == b""  # type: ignore[union-attr]
+        text = tar.extractfile("bundle.toml").read().decode()  # type: ignore[union-attr]
+    assert tomllib.loads(text)["selftest"]["file"] == ""
+
+
+def test_zero_config_bundle_computes_its_self_test(tmp_path: Path) -> None:
+    path = bundle.build_bundle(_zero_config_digits(tmp_path), 1, tmp_path / "d.tar.gz")
+    info = bundle.inspect_bundle(path)
+    assert info.manifest.selftest_file == "selftest.npz"
+    assert info.selftest_inputs == ("input",)
+
+
+def test_a_model_refusing_the_default_inputs_names_the_way_out(tmp_path: Path) -> None:
+    """A model whose inputs need more than seeded values of size 1 (here: a graph that
+    refuses them) is not bundled silently without a test: the error says what to give."""
+    from tests import modelgen
+
+    model_dir = tmp_path / "strict"
+    modelgen.needs_two_rows_model(model_dir / "1")
+    with pytest.raises(BundleError, match="--no-selftest"):
+        bundle.build_bundle(model_dir, 1, tmp_path / "s.tar.gz")
+    path = bundle.build_bundle(model_dir, 1, tmp_path / "s.tar.gz", selftest=False)
+    assert bundle.inspect_bundle(path).manifest.selftest_file == ""
+
+
+REFERENCE = {"y": np.zeros((1, 2), np.float32), "n": np.zeros((1,), np.int64)}
+
+
+@pytest.mark.parametrize(
+    ("outputs", "match"),
+    [
+        ({"y": np.ones((1, 2), np.float32)}, r"returned \['y'\], the serving version"),
+        (
+            {"y": np.ones((1, 3), np.float32), "n": np.zeros((1,), np.int64)},
+            r"output 'y' is float32\[1, 3\], the serving version's float32\[1, 2\]",
+        ),
+        (
+            {"y": np.ones((1, 2), np.float64), "n": np.zeros((1,), np.int64)},
+            "output 'y' is float64",
+        ),
+        (
+            {"y": np.array([[1, np.nan]], np.float32), "n": np.zeros((1,), np.int64)},
+            "output 'y' has 1 of 2 values that are not finite",
+        ),
+    ],
+    ids=["missing-output", "shape", "dtype", "nan"],
+)
+def test_check_like_reference_refuses(outputs: dict[str, np.ndarray], match: str) -> None:
+    with pytest.raises(SelfTestError, match=match):
+        bundle.check_like_reference(REFERENCE, outputs)
+
+
+def test_check_like_reference_accepts_new_values() -> None:
+    bundle.check_like_reference(
+        REFERENCE, {"y": np.full((1, 2), 7, np.float32), "n": np.ones((1,), np.int64)}
+    )
+
+
+def test_edged_fleet_bundle_no_selftest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edged import fleet
+    from tests import modelgen
+
+    model_dir = tmp_path / "strict"  # no model.toml: the artifact decides the format
+    modelgen.needs_two_rows_model(model_dir / "1")
+    out = tmp_path / "strict-1.tar.gz"
+    args = ["bundle", str(model_dir), "--version", "1", "--out", str(out)]
+    assert fleet.main(args) == 1
+    assert "--no-selftest" in capsys.readouterr().err
+    assert fleet.main([*args, "--no-selftest"]) == 0
+    assert "strict version 1 (onnx; model.onnx;" in capsys.readouterr().out
+    assert bundle.inspect_bundle(out).manifest.selftest_file == ""

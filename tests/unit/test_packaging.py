@@ -120,7 +120,9 @@ def unit() -> dict[str, list[str]]:
 def test_unit_runs_the_packaged_layout(unit: dict[str, list[str]]) -> None:
     config = packaged_config()
     assert unit["Service.ExecStart"] == [EXEC_START]
-    assert unit["Service.Type"] == ["exec"]
+    assert unit["Service.Type"] == ["notify"]
+    assert unit["Service.NotifyAccess"] == ["main"]
+    assert unit["Service.WatchdogSec"] == ["30"]
     assert unit["Service.User"] == ["edged"]
     assert unit["Service.Group"] == ["edged"]
     state = Path("/var/lib") / unit["Service.StateDirectory"][0]

@@ -13,7 +13,9 @@ from edged.serving.repository import (
     ModelSpec,
     TensorDecl,
     VersionPolicy,
+    WarmupInput,
     available_versions,
+    detect_format,
     list_models,
     parse_model_toml,
     parse_version,
@@ -211,7 +213,13 @@ def test_read_model_spec(tmp_path: Path) -> None:
 
 def test_read_model_spec_missing(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="'resnet'"):
-        read_model_spec(_model_dir(tmp_path))
+        read_model_spec(tmp_path / "resnet")
+
+
+def test_read_model_spec_no_toml_no_version(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"no model\.toml and no version folder"):
+        read_model_spec(model_dir)
 
 
 @pytest.mark.parametrize("content", [b"name = \n", b'name = "\xff"\n'], ids=["toml", "utf8"])
@@ -223,12 +231,14 @@ def test_read_model_spec_not_toml(tmp_path: Path, content: bytes) -> None:
 
 
 def test_list_models(tmp_path: Path) -> None:
-    for name in ["b", "a", ".hidden", "no_toml"]:
+    """Every folder not starting with "." is a model, model.toml or not: one that cannot be
+    served fails its own load, with the reason, instead of being skipped."""
+    for name in ["b", "a", ".hidden", "no_toml", "lost+found", "__pycache__"]:
         (tmp_path / name).mkdir()
     for name in ["b", "a", ".hidden"]:
         (tmp_path / name / "model.toml").write_text("")
     (tmp_path / "file.toml").write_text("")
-    assert list_models(tmp_path) == ["a", "b"]
+    assert list_models(tmp_path) == ["a", "b", "no_toml"]
     assert list_models(tmp_path / "absent") == []
 
 
@@ -502,3 +512,225 @@ def test_resolve_signature_refuses(
     with pytest.raises(ModelLoadError, match=match) as info:
         resolve_signature(artifact, _spec(tmp_path, **data), 8)
     assert "'m'" in str(info.value)
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def _artifacts(model_dir: Path, version: str, *names: str) -> None:
+    (model_dir / version).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (model_dir / version / name).write_bytes(b"x")
+
+
+@pytest.mark.parametrize(
+    ("files", "fmt"),
+    [
+        (("model.onnx",), "onnx"),
+        (("model.tflite", "labels.txt"), "tflite"),
+        (("model_edgetpu.tflite",), "edgetpu-tflite"),
+        (("manifest.json", "overlay.bit", "overlay.hwh"), "pynq-bundle"),
+    ],
+)
+def test_detect_format(tmp_path: Path, files: tuple[str, ...], fmt: str) -> None:
+    model_dir = _model_dir(tmp_path)
+    _artifacts(model_dir, "1", *files)
+    assert detect_format(model_dir / "1") == fmt
+    spec = read_model_spec(model_dir)  # no model.toml: the artifact decides
+    assert (spec.format, spec.configured, spec.name) == (fmt, False, "resnet")
+    assert spec.artifact_name == files[0]
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        (("model.pt",), "holds model.pt, which is no artifact edged serves"),
+        ((), "holds nothing, which is no artifact"),
+        (("model.onnx", "model.tflite"), r"artifacts of 2 formats \(model.onnx, model.tflite\)"),
+        (("model.tflite", "model_edgetpu.tflite"), "artifacts of 2 formats"),
+    ],
+    ids=["unknown", "empty", "onnx-and-tflite", "cpu-and-edgetpu"],
+)
+def test_detect_format_refuses(tmp_path: Path, files: tuple[str, ...], match: str) -> None:
+    model_dir = _model_dir(tmp_path)
+    _artifacts(model_dir, "1", *files)
+    with pytest.raises(ModelLoadError, match=match):
+        read_model_spec(model_dir)
+
+
+def test_format_from_model_toml_wins(tmp_path: Path) -> None:
+    """model.toml's format picks one of two artifacts; without format the artifact decides."""
+    model_dir = _model_dir(tmp_path)
+    _artifacts(model_dir, "1", "model.onnx", "model.tflite")
+    (model_dir / "model.toml").write_text('format = "tflite"\n')
+    assert read_model_spec(model_dir).format == "tflite"
+    (model_dir / "model.toml").write_text("max_batch_size = 0\n")
+    with pytest.raises(ModelLoadError, match="2 formats"):
+        read_model_spec(model_dir)
+    (model_dir / "1" / "model.onnx").unlink()
+    spec = read_model_spec(model_dir)
+    assert (spec.format, spec.max_batch_size, spec.configured) == ("tflite", 0, True)
+
+
+def test_versions_of_different_formats_conflict(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    _artifacts(model_dir, "1", "model.onnx")
+    _artifacts(model_dir, "2", "model.tflite")
+    with pytest.raises(ModelLoadError, match="version 1: onnx, version 2: tflite"):
+        read_model_spec(model_dir)
+
+
+def test_model_toml_without_versions_defaults_to_onnx(tmp_path: Path) -> None:
+    """A model.toml waiting for its first version (an OTA target) keeps the old default."""
+    model_dir = _model_dir(tmp_path)
+    (model_dir / "model.toml").write_text("")
+    assert read_model_spec(model_dir).format == "onnx"
+
+
+def test_unreadable_model_toml_names_the_file(tmp_path: Path) -> None:
+    """A model.toml the daemon cannot read (here a folder: root reads everything else) is
+    this model's load error, naming the file and the system's reason."""
+    model_dir = _model_dir(tmp_path)
+    (model_dir / "model.toml").mkdir()
+    with pytest.raises(ModelLoadError, match=r"model.toml: cannot read it: Is a directory"):
+        read_model_spec(model_dir)
+
+
+# --------------------------------------------------------------------------- [[warmup]]
+
+
+def test_parse_warmup(tmp_path: Path) -> None:
+    spec = parse_model_toml(
+        _model_dir(tmp_path),
+        {
+            "warmup": [
+                {
+                    "name": "speech",
+                    "batch_size": 2,
+                    "count": 3,
+                    "inputs": {
+                        "input": {"dims": [512], "random_data": True},
+                        "state": {"dims": [2, 1, 128], "zero_data": True},
+                        "sr": {"input_data_file": "warmup/sr.npy"},
+                    },
+                }
+            ]
+        },
+    )
+    (w,) = spec.warmup
+    assert (w.name, w.batch_size, w.count, w.where) == ("speech", 2, 3, "warmup[0]")
+    assert w.inputs == (
+        WarmupInput("input", (512,), "random_data"),
+        WarmupInput("state", (2, 1, 128), "zero_data"),
+        WarmupInput("sr", None, "input_data_file", "warmup/sr.npy"),
+    )
+
+
+def _w(**inputs: Any) -> dict[str, Any]:
+    return {"warmup": [{"name": "w", "inputs": inputs}]}
+
+
+INVALID_WARMUP = [
+    pytest.param({"warmup": {"name": "w"}}, "'warmup' must be an array", id="not-array"),
+    pytest.param({"warmup": ["w"]}, "'warmup[0]' must be a table", id="entry-not-table"),
+    pytest.param(
+        {"warmup": [{"name": "w", "inputs": {"x": {"dims": [], "zero_data": True}}, "n": 1}]},
+        "unknown key 'warmup[0].n'",
+        id="unknown-key",
+    ),
+    pytest.param({"warmup": [{"inputs": {}}]}, "'warmup[0].name'", id="no-name"),
+    pytest.param(
+        {"warmup": [{"name": "w", "batch_size": 0, "inputs": {"x": {}}}]},
+        "'warmup[0].batch_size'",
+        id="batch-size-zero",
+    ),
+    pytest.param(
+        {"warmup": [{"name": "w", "count": True, "inputs": {"x": {}}}]},
+        "'warmup[0].count'",
+        id="count-bool",
+    ),
+    pytest.param({"warmup": [{"name": "w"}]}, "'warmup[0].inputs'", id="no-inputs"),
+    pytest.param(_w(x=[1]), "'warmup[0].inputs.x' must be a table", id="input-not-table"),
+    pytest.param(_w(x={"dims": [1]}), "'warmup[0].inputs.x' needs exactly one", id="no-data"),
+    pytest.param(
+        _w(x={"dims": [1], "zero_data": True, "random_data": True}),
+        "'warmup[0].inputs.x' needs exactly one",
+        id="two-data",
+    ),
+    pytest.param(
+        _w(x={"dims": [1], "zero_data": False}), "'warmup[0].inputs.x.zero_data'", id="false"
+    ),
+    pytest.param(_w(x={"zero_data": True}), "'warmup[0].inputs.x.dims' is missing", id="dims"),
+    pytest.param(
+        _w(x={"dims": [-1], "random_data": True}), "'warmup[0].inputs.x.dims'", id="dims-dynamic"
+    ),
+    pytest.param(
+        _w(x={"dims": [1], "zero_data": True, "data_type": "TYPE_FP32"}),
+        "unknown key 'warmup[0].inputs.x.data_type'",
+        id="input-unknown-key",
+    ),
+    pytest.param(
+        _w(x={"input_data_file": "../x.npy"}),
+        "'warmup[0].inputs.x.input_data_file'",
+        id="file-escapes",
+    ),
+    pytest.param(
+        _w(x={"input_data_file": "x.bin"}), "'warmup[0].inputs.x.input_data_file'", id="not-npy"
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "key"), INVALID_WARMUP)
+def test_parse_warmup_refuses(tmp_path: Path, data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        parse_model_toml(_model_dir(tmp_path), data)
+    assert key in str(info.value)
+
+
+# --------------------------------------------------------------------------- completed config
+
+
+def test_model_toml_text_round_trips(tmp_path: Path) -> None:
+    """ModelConfig's model_toml: copied into model.toml, it describes the same model."""
+    import tomllib
+
+    from edged.serving.repository import model_toml_text
+
+    model_dir = _model_dir(tmp_path, "vad", ("1",))
+    (model_dir / "1" / "model.onnx").write_bytes(b"x")
+    spec = read_model_spec(model_dir)
+    artifact = Signature(
+        inputs=(
+            TensorSpec("input", FP32, (-1, -1)),
+            TensorSpec("state", FP32, (2, -1, 128)),
+            TensorSpec("sr", INT64, ()),
+        ),
+        outputs=(TensorSpec("output", FP32, (-1, 1)),),
+    )
+    served = resolve_signature(artifact, spec, default_max_batch_size=8)
+    text = model_toml_text(spec, served)
+    again = parse_model_toml(model_dir, tomllib.loads(text))
+    assert (again.format, again.max_batch_size, again.configured) == ("onnx", 0, True)
+    assert again.executor_preference == spec.executor_preference
+    assert resolve_signature(artifact, again, default_max_batch_size=8) == served
+    assert again.inputs[2] == TensorDecl("sr", INT64, ())
+
+
+def test_model_toml_text_of_a_batching_model(tmp_path: Path) -> None:
+    import tomllib
+
+    from edged.serving.repository import model_toml_text
+
+    model_dir = _model_dir(tmp_path, "cls", ("1",))
+    (model_dir / "1" / "model.onnx").write_bytes(b"x")
+    spec = read_model_spec(model_dir)
+    artifact = Signature(
+        inputs=(TensorSpec("x", FP32, (-1, 3, -1, -1)),),
+        outputs=(TensorSpec("y", FP32, (-1, 2)),),
+    )
+    served = resolve_signature(artifact, spec, default_max_batch_size=8)
+    text = model_toml_text(spec, served)
+    assert "max_batch_size = 8" in text
+    assert "dims = [3, -1, -1]" in text  # without the batch axis, as Triton's dims
+    again = parse_model_toml(model_dir, tomllib.loads(text))
+    assert resolve_signature(artifact, again, default_max_batch_size=8) == served
