@@ -179,7 +179,8 @@ class Daemon:
             raise ConfigError(f"config key 'models.repository': {repo} is not a folder")
         await self._open_ota()
         self._security = security = await asyncio.to_thread(Security.from_config, self.config)
-        self.reloads.add("auth", security.reload)
+        if security.reloadable:
+            self.reloads.add("auth", security.reload)
         separate = bool(self.config.server.management_address)
         management_service = management.service(self.updates, self.learn, self.limits)
         server, health = build_server(

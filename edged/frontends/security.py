@@ -79,6 +79,11 @@ class Security:
         )
         return cls(access, certificates, tls.listeners, curve_files)
 
+    @property
+    def reloadable(self) -> bool:
+        """There are credentials to re-read: a tokens file or CURVE client keys."""
+        return self.access.tokens is not None or self.curve_files is not None
+
     def uses_tls(self, management: bool) -> bool:
         """Whether a listener (the one serving Management, or not) uses TLS."""
         return self.certificates is not None and (management or self.tls_listeners == "all")
