@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tuf.ngclient import Updater, UpdaterConfig
 
-from edged.ota import bundle, publish
+from edged.fleet import build, publish
 
 EXAMPLE_MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = EXAMPLE_MODELS / "digits"
@@ -101,7 +101,7 @@ def build_digits_bundle(
     models/digits/sample.npy and the expected outputs what the model answers (or
     ``expected``)."""
     selftest = dict(inputs) if inputs is not None else {"input": np.load(DIGITS_SAMPLE)}
-    return bundle.build_bundle(
+    return build.build_bundle(
         DIGITS,
         version,
         Path(out_dir) / f"digits-{version}.tar.gz",

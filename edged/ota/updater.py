@@ -49,7 +49,7 @@ from edged.core.errors import (
     UnavailableError,
 )
 from edged.core.types import Array, InferRequest
-from edged.ota import archive, bundle, publish
+from edged.ota import archive, bundle
 from edged.ota.errors import OtaError
 from edged.ota.state import (
     AT_REST,
@@ -72,6 +72,7 @@ from edged.ota.state import (
     rollback_version,
 )
 from edged.ota.store import UpdateStore
+from edged.ota.targets import parse_target_path, target_path
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion, Sample
 from edged.serving.repository import (
@@ -221,7 +222,7 @@ class TufClient:
         targets = trusted.signed.targets
         found: dict[str, dict[int, Mapping[str, Any]]] = {}
         for path, info in targets.items():
-            parsed = publish.parse_target_path(path)
+            parsed = parse_target_path(path)
             if parsed is None:
                 continue
             custom = info.custom.get("edged", {}) if isinstance(info.custom, dict) else {}
@@ -239,7 +240,7 @@ class TufClient:
                 leave too little disk space.
         """
         updater = self._updater()
-        path = publish.target_path(model, version)
+        path = target_path(model, version)
         info = updater.get_targetinfo(path)
         if info is None:
             raise OtaError(f"target {path} is not in the repository")

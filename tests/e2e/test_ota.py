@@ -32,6 +32,7 @@ from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core.types import InferRequest
+from edged.fleet import build
 from edged.frontends.kserve_codec import request_to_proto
 from edged.ota import bundle
 from edged.serving.repository import read_active
@@ -105,7 +106,7 @@ def slow_digits_model(delay_ms: float) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-# -- the fleet side (edged.ota.bundle, tests/tuf_fixtures.py) --------------------------
+# -- the fleet side (edged.fleet.build, tests/tuf_fixtures.py) --------------------------
 
 
 class OtaRepo:
@@ -129,7 +130,7 @@ class OtaRepo:
         computes unless ``expected`` says otherwise. Returns the target path."""
         x = SAMPLE if selftest_input is None else selftest_input
         outputs = expected if expected is not None else _run(onnx_bytes, x)
-        path = bundle.write_bundle(
+        path = build.write_bundle(
             self.folder / "bundles" / f"digits-{version}.tar.gz",
             name="digits",
             version=version,
@@ -548,7 +549,7 @@ def test_bundle_breaking_an_archive_rule_fails_and_frees_the_model(
     """A signed bundle with a member ``../../x`` (published by a fleet tool that did not check
     it: the device must not trust that it did) ends FAILED, not stuck in VERIFIED, and the
     next update of the model runs."""
-    good = bundle.write_bundle(
+    good = build.write_bundle(
         tmp_path / "good-2.tar.gz",
         name="digits",
         version=2,

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
+from edged.fleet import build
 from edged.ota import bundle
 from tests import corpus, flaky_sim
 from tests.daemon_process import DaemonProcess
@@ -141,12 +142,12 @@ def fleet(tmp_path: Path, models: Path) -> Iterator[ServedFleetRepo]:
     # the real model again as version 2, and one answering inf as version 3; neither can
     # carry test vectors the fleet computes (the default inputs are too short for its STFT)
     with pytest.raises(bundle.BundleError, match="--no-selftest"):
-        bundle.build_bundle(models / "vad", 2, out / "vad-2.tar.gz", source=models / "vad" / "1")
+        build.build_bundle(models / "vad", 2, out / "vad-2.tar.gz", source=models / "vad" / "1")
     for version, source in [
         (2, models / "vad" / "1"),
         (3, infinite_vad(tmp_path / "infinite")),
     ]:
-        path = bundle.build_bundle(
+        path = build.build_bundle(
             models / "vad", version, out / f"vad-{version}.tar.gz", source=source, selftest=False
         )
         repo.publish(path)

@@ -1,6 +1,6 @@
 """The fleet's TUF repository against a real python-tuf client over loopback HTTP.
 
-A repository is made with ``edged.ota.publish`` (digits published as versions 1 and 2), served
+A repository is made with ``edged.fleet.publish`` (digits published as versions 1 and 2), served
 by ``http.server`` on 127.0.0.1, and read by a real ``tuf.ngclient.Updater`` bootstrapped from
 the repository's 1.root.json. Then every attack a TUF client must stop is staged for real on
 the server's files, each refused with its exact error class:
@@ -44,7 +44,8 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.ngclient import Updater, UpdaterConfig
 
 from edged import fleet
-from edged.ota import archive, bundle, publish
+from edged.fleet import publish
+from edged.ota import archive, bundle
 from edged.ota.errors import PublishError
 from tests.tuf_fixtures import (
     DIGITS,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import hal
+from edged.fleet import build
 from edged.ota import archive, bundle
 from edged.ota.errors import BundleError, SelfTestError
 from tests.tuf_fixtures import DIGITS, DIGITS_SAMPLE, EXAMPLE_MODELS, build_digits_bundle
@@ -131,7 +132,7 @@ def test_building_twice_gives_identical_bytes(tmp_path: Path) -> None:
 def test_bytes_tensors_round_trip_as_fixed_width(tmp_path: Path) -> None:
     # multi_io takes and returns every datatype, BYTES included; its default self-test inputs
     # are seeded, and its outputs computed on cpu-onnx
-    path = bundle.build_bundle(EXAMPLE_MODELS / "multi_io", 1, tmp_path / "m.tar.gz")
+    path = build.build_bundle(EXAMPLE_MODELS / "multi_io", 1, tmp_path / "m.tar.gz")
     folder = archive.extract(path, tmp_path)
     inputs, expected = bundle.load_selftest(folder / "selftest.npz")
     assert inputs["text"].dtype == object
@@ -144,7 +145,7 @@ def test_bytes_tensors_round_trip_as_fixed_width(tmp_path: Path) -> None:
 
 def test_a_tflite_model_runs_on_cpu_litert(tmp_path: Path) -> None:
     pytest.importorskip("ai_edge_litert")
-    path = bundle.build_bundle(
+    path = build.build_bundle(
         EXAMPLE_MODELS / "digits_tflite", 1, tmp_path / "t.tar.gz", {"input": SAMPLE}
     )
     info = bundle.inspect_bundle(path)
@@ -162,10 +163,10 @@ def test_formats_without_a_cpu_executor_need_their_outputs(tmp_path: Path) -> No
         '[[outputs]]\nname = "y"\ndatatype = "UINT8"\ndims = [2]\n'
     )
     with pytest.raises(BundleError, match="do not run on this machine's CPU executors"):
-        bundle.build_bundle(model, 1, tmp_path / "t.tar.gz")
+        build.build_bundle(model, 1, tmp_path / "t.tar.gz")
 
     x = np.arange(4, dtype=np.uint8)
-    path = bundle.build_bundle(
+    path = build.build_bundle(
         model, 1, tmp_path / "t.tar.gz", {"x": x}, expected={"y": np.array([1, 2], np.uint8)}
     )
     manifest = bundle.inspect_bundle(path).manifest
@@ -174,20 +175,20 @@ def test_formats_without_a_cpu_executor_need_their_outputs(tmp_path: Path) -> No
 
 def test_build_refusals(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"digits/7 does not exist .*--source"):
-        bundle.build_bundle(DIGITS, 7, tmp_path / "x.tar.gz")
+        build.build_bundle(DIGITS, 7, tmp_path / "x.tar.gz")
 
     model = tmp_path / "digits"
     shutil.copytree(DIGITS, model)
     (model / "1" / "extra").mkdir()
     with pytest.raises(BundleError, match="regular files only"):
-        bundle.build_bundle(model, 1, tmp_path / "x.tar.gz")
+        build.build_bundle(model, 1, tmp_path / "x.tar.gz")
     (model / "1" / "extra").rmdir()
 
     (model / "model.toml").write_text(
         'name = "digits"\nformat = "onnx"\n[[inputs]]\nname = "nope"\n'
     )
     with pytest.raises(BundleError, match="declares input 'nope'"):
-        bundle.build_bundle(model, 1, tmp_path / "x.tar.gz")
+        build.build_bundle(model, 1, tmp_path / "x.tar.gz")
     assert not (tmp_path / "x.tar.gz").exists()
 
 
@@ -237,7 +238,7 @@ def test_bad_bundle_toml_is_refused_naming_the_field(change: dict[str, Any], mes
 
 def test_manifest_toml_round_trips(tmp_path: Path) -> None:
     manifest = bundle.read_manifest(build_digits_bundle(tmp_path, 2))
-    assert bundle.parse_manifest(tomllib.loads(bundle.manifest_toml(manifest))) == manifest
+    assert bundle.parse_manifest(tomllib.loads(build.manifest_toml(manifest))) == manifest
     assert bundle.parse_manifest(GOOD).inputs == ()
 
 
@@ -266,7 +267,7 @@ def _zero_config_digits(tmp_path: Path) -> Path:
 
 
 def test_bundle_without_test_vectors(tmp_path: Path) -> None:
-    path = bundle.build_bundle(
+    path = build.build_bundle(
         _zero_config_digits(tmp_path), 1, tmp_path / "digits-1.tar.gz", selftest=False
     )
     info = bundle.inspect_bundle(path)
@@ -282,7 +283,7 @@ def test_bundle_without_test_vectors(tmp_path: Path) -> None:
 
 
 def test_zero_config_bundle_computes_its_self_test(tmp_path: Path) -> None:
-    path = bundle.build_bundle(_zero_config_digits(tmp_path), 1, tmp_path / "d.tar.gz")
+    path = build.build_bundle(_zero_config_digits(tmp_path), 1, tmp_path / "d.tar.gz")
     info = bundle.inspect_bundle(path)
     assert info.manifest.selftest_file == "selftest.npz"
     assert info.selftest_inputs == ("input",)
@@ -296,8 +297,8 @@ def test_a_model_refusing_the_default_inputs_names_the_way_out(tmp_path: Path) -
     model_dir = tmp_path / "strict"
     modelgen.needs_two_rows_model(model_dir / "1")
     with pytest.raises(BundleError, match="--no-selftest"):
-        bundle.build_bundle(model_dir, 1, tmp_path / "s.tar.gz")
-    path = bundle.build_bundle(model_dir, 1, tmp_path / "s.tar.gz", selftest=False)
+        build.build_bundle(model_dir, 1, tmp_path / "s.tar.gz")
+    path = build.build_bundle(model_dir, 1, tmp_path / "s.tar.gz", selftest=False)
     assert bundle.inspect_bundle(path).manifest.selftest_file == ""
 
 

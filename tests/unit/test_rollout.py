@@ -1,4 +1,4 @@
-"""The rules of ``edged-fleet rollout`` (edged/ota/rollout.py), with no I/O, table-driven; and
+"""The rules of ``edged-fleet rollout`` (edged/fleet/rollout.py), with no I/O, table-driven; and
 the command's usage errors (exit 2, naming the flag)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edged import fleet
-from edged.ota.rollout import (
+from edged.fleet.rollout import (
     DeviceResult,
     Outcome,
     Rollout,

@@ -8,7 +8,7 @@ repository, and roll them out to devices (docs/ota.md).
     edged-fleet status DIR [--json]
     edged-fleet rollout --devices H:P,... --model M --version V [--canary N] [--max-failures K]
 
-``rollout`` is the I/O around ``edged.ota.rollout`` (which devices next, halt or go on, the
+``rollout`` is the I/O around ``edged.fleet.rollout`` (which devices next, halt or go on, the
 verdict): StartUpdate and GetUpdateStatus on each device's edged.v1.Management service.
 """
 
@@ -33,8 +33,10 @@ from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged.cli import load_npy, stdout_closed
 from edged.core.errors import EdgedError
 from edged.core.types import Array
-from edged.ota import bundle, publish
-from edged.ota import rollout as plan
+from edged.fleet import publish
+from edged.fleet import rollout as plan
+from edged.fleet.build import build_bundle
+from edged.ota import bundle
 from edged.ota.errors import BundleError
 from edged.security.client import ClientAuth, add_arguments
 from edged.serving.repository import parse_version
@@ -384,7 +386,7 @@ def _print_status(report: dict[str, Any]) -> None:
         _out(f"  {problem}")
 
 
-# -- rollout: the I/O around edged.ota.rollout ----------------------------------------------
+# -- rollout: the I/O around edged.fleet.rollout---------------------------------------------
 
 
 def _view(status: mpb.UpdateStatus) -> plan.UpdateView:
@@ -592,7 +594,7 @@ def _run(args: argparse.Namespace) -> int:
         _out(f"  online keys:    {keys / 'online'} (snapshot, timestamp: for refresh)")
         _out(f"  serve only:     {args.dir / publish.METADATA_DIR}, {args.dir / 'targets'}")
     elif args.command == "bundle":
-        path = bundle.build_bundle(
+        path = build_bundle(
             args.model_dir,
             args.model_version,
             args.out,

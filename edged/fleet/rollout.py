@@ -1,7 +1,7 @@
 """The rules of a fleet rollout, with no I/O: which devices go next, what one device's update
 came to, when to halt, and the verdict (``edged-fleet rollout``, docs/ota.md).
 
-``edged.fleet`` does the I/O (StartUpdate and GetUpdateStatus over each device's management
+``edged.fleet.cli`` does the I/O (StartUpdate and GetUpdateStatus over each device's management
 API, the clock, the threads) and asks this module what to do, as ``edged.ota.updater`` asks
 ``edged.ota.state``::
 

@@ -20,7 +20,8 @@ Targets are ``models/<model>/<version>.tar.gz`` with custom metadata ``{"edged":
 timestamp versions; ``refresh`` signs new snapshot and timestamp versions only (they expire
 first), with the online keys.
 
-Rules without I/O: ``target_path``, ``served_path``, ``custom_metadata``,
+Rules without I/O (the target naming, ``target_path``, is ``edged.ota.targets``, which a
+device reads too): ``served_path``, ``custom_metadata``,
 ``published_versions``, ``check_new_version``, ``Expiry``. I/O around them: ``init``,
 ``publish``, ``refresh``, ``status``, ``target_file``. Every file is written to a temp file in its
 folder, fsynced and renamed; the timestamp is written last, so a client either sees the whole
@@ -58,7 +59,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edged.ota import bundle
 from edged.ota.errors import PublishError
-from edged.serving.repository import parse_version
+from edged.ota.targets import parse_target_path, target_path
 from edged.storage import fsync_dir, write_atomic
 
 METADATA_DIR = "metadata"
@@ -121,20 +122,6 @@ class Published:
 
 
 # -- rules (no I/O) --------------------------------------------------------------------------
-
-
-def target_path(model: str, version: int) -> str:
-    """The target path of a bundle: ``models/<model>/<version>.tar.gz``."""
-    return f"models/{model}/{version}.tar.gz"
-
-
-def parse_target_path(path: str) -> tuple[str, int] | None:
-    """(model, version) of a bundle target path, or None for any other target."""
-    parts = path.split("/")
-    if len(parts) != 3 or parts[0] != "models" or not parts[2].endswith(".tar.gz"):
-        return None
-    version = parse_version(parts[2].removesuffix(".tar.gz"))
-    return None if version is None else (parts[1], version)
 
 
 def served_path(target: str, digest: str) -> str:

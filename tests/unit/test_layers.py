@@ -1,0 +1,63 @@
+"""The import layers, read from the source with ``ast`` (nothing is imported): which package
+may import which, and that the device-side OTA package needs no HAL."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (a deferred import inside a function
+    counts): ``from a.b import c`` is ``a.b.c`` where that is a module, else ``a.b``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (the tree imports absolutely)"
+            assert node.module is not None
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+    return found
+
+
+def source_files(package: str) -> list[Path]:
+    return sorted(ROOT.joinpath(*package.split(".")).rglob("*.py"))
+
+
+def test_device_side_ota_imports_no_hal() -> None:
+    # bundle building (which runs a model through the HAL) is the fleet's: edged.fleet.build
+    offenders = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in source_files("edged.ota")
+        for name in imported_modules(path)
+        if name == "hal" or name.startswith("hal.")
+    }
+    assert not offenders, sorted(offenders)
+
+
+def test_the_device_side_never_imports_the_fleet_side() -> None:
+    device = [p for p in source_files("edged") if "fleet" not in p.relative_to(ROOT).parts]
+    offenders = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in device
+        for name in imported_modules(path)
+        if name == "edged.fleet" or name.startswith("edged.fleet.")
+    }
+    assert not offenders, sorted(offenders)
