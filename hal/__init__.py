@@ -7,8 +7,9 @@ this host can run; ``place()`` (hal.placement) picks a model's candidates from t
 
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
 from hal.placement import Plan, place
-from hal.probe import DeviceReport, probe
+from hal.probe import probe
 from hal.registry import available_kinds, get_executor
+from hal.report import DeviceReport
 
 __all__ = [
     "DeviceReport",

@@ -36,7 +36,8 @@ from hal.cpu_onnx import (
     signature_of,
 )
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
-from hal.probe import DeviceReport, HostPaths, probe_cuda
+from hal.probe import HostPaths, probe_cuda
+from hal.report import DeviceReport
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from edged.core.errors import ExecutorError, InvalidInputError, ModelLoadError
 from edged.core.types import Array, Signature
-from hal.probe import DeviceReport
+from hal.report import DeviceReport
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.core.types import Array
-from hal.probe import DeviceReport
+from hal.report import DeviceReport
 
 #: Executors to try for each artifact format when model.toml lists none, best first.
 DEFAULT_EXECUTORS: Mapping[str, tuple[str, ...]] = {

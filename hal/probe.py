@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ import numpy as np
 
 from edged.core.errors import ModelLoadError
 from edged.core.types import DataType
+from hal.cpu_litert import choose_runtime, installed_runtimes, load_runtime
+from hal.registry import available_kinds, executor_class
+from hal.report import DeviceReport
 
 KINDS = ("cpu-onnx", "cpu-litert", "cuda", "edgetpu", "pynq")
 DEFAULT_TIMEOUT_S = 5.0
@@ -85,30 +88,6 @@ _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
 @dataclass(frozen=True)
-class DeviceReport:
-    """One executor kind on this host."""
-
-    kind: str
-    present: bool
-    details: dict[str, str] = field(default_factory=dict)
-    """What was found: device name, memory, compute capability, USB or PCIe path, FPGA part,
-    runtime versions."""
-    reason: str = ""
-    """Why the kind is absent ("" when present): every check that failed, in order."""
-    formats: tuple[str, ...] = ()
-    """Artifact formats the kind runs."""
-    dtypes: tuple[DataType, ...] = ()
-    """Tensor datatypes the kind takes."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        data = asdict(self)
-        data["dtypes"] = [str(d) for d in self.dtypes]
-        data["formats"] = list(self.formats)
-        return data
-
-
-@dataclass(frozen=True)
 class HostPaths:
     """Where the probes look. Defaults are the real host; tests substitute fake trees."""
 
@@ -121,7 +100,7 @@ class HostPaths:
     edgetpu_library: str = EDGETPU_LIBRARY
 
 
-ProbeFn = Callable[[HostPaths], "DeviceReport"]
+ProbeFn = Callable[[HostPaths], DeviceReport]
 
 
 def _report(kind: str, reasons: list[str], details: dict[str, str] | None = None) -> DeviceReport:
@@ -199,8 +178,6 @@ def probe_cpu_onnx(host: HostPaths) -> DeviceReport:
 
 def probe_cpu_litert(host: HostPaths) -> DeviceReport:
     """LiteRT (ai-edge-litert, or a tflite-runtime that works with this NumPy)."""
-    from hal.cpu_litert import choose_runtime, installed_runtimes, load_runtime  # noqa: PLC0415
-
     details = cpu_details(host)
     package, reason = choose_runtime(installed_runtimes(), np.__version__)
     if package is None:
@@ -360,8 +337,6 @@ def list_edge_tpus(sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> list
 
 def probe_edgetpu(host: HostPaths) -> DeviceReport:
     """An Edge TPU (USB or PCIe), libedgetpu, and a LiteRT runtime to load it into."""
-    from hal.cpu_litert import choose_runtime, installed_runtimes  # noqa: PLC0415
-
     reasons: list[str] = []
     details: dict[str, str] = {}
     devices = list_edge_tpus(host.sysfs, host.dev)
@@ -481,8 +456,6 @@ def probe_entry_point(kind: str, host: HostPaths) -> DeviceReport:
     """The report of an executor kind another package registers: its class's ``probe()``
     (see ``hal.executor.Executor.probe``). Importing the class happens here, on the probe's
     thread, so a vendor module that hangs on import is cut off by the deadline too."""
-    from hal.registry import executor_class  # noqa: PLC0415 - registry imports the executors
-
     try:
         cls = executor_class(kind)
     except ModelLoadError as e:
@@ -500,8 +473,6 @@ def probe_entry_point(kind: str, host: HostPaths) -> DeviceReport:
 def installed_probes() -> dict[str, ProbeFn]:
     """The built-in checks (:data:`PROBES`), then one for every other kind registered in the
     ``edged.executors`` entry-point group, by name."""
-    from hal.registry import available_kinds  # noqa: PLC0415 - registry imports the executors
-
     probes = dict(PROBES)
     for kind in available_kinds():
         if kind not in probes:

@@ -28,7 +28,7 @@ from typing import ClassVar
 from edged.core.types import Array
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
-from hal.probe import DeviceReport
+from hal.report import DeviceReport
 
 KIND = "flaky-sim"
 

@@ -58,7 +58,8 @@ from hal.placement import (
     place,
     recovery_targets,
 )
-from hal.probe import DeviceReport, probe
+from hal.probe import probe
+from hal.report import DeviceReport
 
 #: timed runs of a recovery trial after its warm-up, each bounded by inference_timeout_s
 TRIAL_RUNS = 3

@@ -20,7 +20,8 @@ from hal.cuda import (
     parse_device,
     require_gpu_provider,
 )
-from hal.probe import DeviceReport, HostPaths, probe_cuda
+from hal.probe import HostPaths, probe_cuda
+from hal.report import DeviceReport
 from tests.daemon_process import EXAMPLE_MODELS
 
 DIGITS = ModelArtifact(EXAMPLE_MODELS / "digits" / "1" / "model.onnx", "onnx")

@@ -26,7 +26,6 @@ from hal.cuda import CudaExecutor
 from hal.edgetpu import EdgeTpuExecutor
 from hal.probe import (
     KINDS,
-    DeviceReport,
     HostPaths,
     format_table,
     list_edge_tpus,
@@ -36,6 +35,7 @@ from hal.probe import (
     probe_pynq,
     pynq_devices,
 )
+from hal.report import DeviceReport
 from tests.native import build_shared
 
 CPU_ONLY_ORT = "CUDAExecutionProvider" not in ort.get_available_providers()

@@ -14,7 +14,8 @@ import pytest
 from edged.core.types import Array
 from hal import registry
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
-from hal.probe import KINDS, DeviceReport, installed_probes, probe, probe_entry_point
+from hal.probe import KINDS, installed_probes, probe, probe_entry_point
+from hal.report import DeviceReport
 
 
 class _Unused(Executor):

@@ -41,6 +41,35 @@ def source_files(package: str) -> list[Path]:
     return sorted(ROOT.joinpath(*package.split(".")).rglob("*.py"))
 
 
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` (a path that comes back to its start), or [] when it has none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return []
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if cycle := visit(nxt):
+                return cycle
+        path.pop()
+        done.add(node)
+        return []
+
+    for start in sorted(graph):
+        if cycle := visit(start):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
 def test_device_side_ota_imports_no_hal() -> None:
     # bundle building (which runs a model through the HAL) is the fleet's: edged.fleet.build
     offenders = {
@@ -61,3 +90,18 @@ def test_the_device_side_never_imports_the_fleet_side() -> None:
         if name == "edged.fleet" or name.startswith("edged.fleet.")
     }
     assert not offenders, sorted(offenders)
+
+
+def test_the_hal_modules_import_one_another_without_a_circle() -> None:
+    # DeviceReport lives in hal/report.py so that the contract (executor.py) and placement need
+    # not import hal/probe.py, which imports the executors' modules to run their checks
+    graph = {
+        _module_name(path): {
+            name for name in imported_modules(path) if name.startswith("hal.") or name == "hal"
+        }
+        for path in source_files("hal")
+        if path.name not in {"__init__.py", "__main__.py"}  # the package's face, not a layer
+    }
+    for imports in graph.values():
+        imports.discard("hal")  # hal/__init__.py only re-exports
+    assert find_cycle(graph) == []

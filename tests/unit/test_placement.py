@@ -24,7 +24,7 @@ from hal.placement import (
     rank_by_speed,
     recovery_targets,
 )
-from hal.probe import DeviceReport
+from hal.report import DeviceReport
 
 CPU_ONNX = DeviceReport("cpu-onnx", True, formats=("onnx",))
 CPU_LITERT = DeviceReport("cpu-litert", True, formats=("tflite",))
