@@ -20,6 +20,7 @@ import numpy as np
 from edged import __version__
 from edged.config import describe, load_config
 from edged.core.errors import ConfigError, EdgedError
+from edged.core.types import LEARN_STRATEGIES
 from edged.security import client as client_auth
 
 
@@ -123,8 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--strategy",
         default="",
-        help="naive, ewc, lwf, replay, streaming-lda, replay+lwf or replay+ewc "
-        "(default: the model's)",
+        help=f"{', '.join(LEARN_STRATEGIES)} (default: the model's)",
     )
     start.add_argument(
         "--wait",

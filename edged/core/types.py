@@ -16,6 +16,19 @@ import numpy.typing as npt
 
 Array = npt.NDArray[Any]
 
+LEARN_STRATEGIES: tuple[str, ...] = (
+    "naive",
+    "ewc",
+    "lwf",
+    "replay",
+    "streaming-lda",
+    "replay+lwf",
+    "replay+ewc",
+)
+"""The continual-learning strategies, by the names that model.toml's ``[learn] strategy``,
+the management API's StartFineTune and ``edged learn start --strategy`` take; the one list
+(``edged.learn.strategies`` implements each, docs/learning.md describes them)."""
+
 
 class DataType(enum.StrEnum):
     """The KServe v2 tensor datatypes."""

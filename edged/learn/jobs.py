@@ -42,7 +42,7 @@ from edged.core.errors import (
     ModelNotFoundError,
     UnavailableError,
 )
-from edged.core.types import Array, InferRequest
+from edged.core.types import LEARN_STRATEGIES, Array, InferRequest
 from edged.learn import worker
 from edged.learn.head import read_npz, write_npz
 from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
@@ -51,7 +51,6 @@ from edged.ota.updater import SelfTest, UpdateManager, describe_error
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion
 from edged.serving.repository import (
-    LEARN_STRATEGIES,
     LearnSpec,
     available_versions,
     read_model_spec,

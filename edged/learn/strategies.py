@@ -60,6 +60,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from edged.core.types import LEARN_STRATEGIES
 from edged.learn.head import (
     DEFAULT_VARIANCE_FLOOR,
     Head,
@@ -69,15 +70,8 @@ from edged.learn.head import (
     write_npz,
 )
 
-STRATEGIES: tuple[str, ...] = (
-    "naive",
-    "ewc",
-    "lwf",
-    "replay",
-    "streaming-lda",
-    "replay+lwf",
-    "replay+ewc",
-)
+STRATEGIES: tuple[str, ...] = LEARN_STRATEGIES
+"""The strategies this module implements: ``edged.core.types.LEARN_STRATEGIES``, the one list."""
 
 _PARTS: dict[str, frozenset[str]] = {
     "naive": frozenset(),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
-from edged.core.types import DataType, Signature, TensorSpec
+from edged.core.types import LEARN_STRATEGIES, DataType, Signature, TensorSpec
 from hal.placement import PLACEMENT_MODES, default_executors
 
 MODEL_TOML = "model.toml"
@@ -104,10 +104,6 @@ class TensorDecl:
     name: str
     datatype: DataType | None = None
     dims: tuple[int, ...] | None = None
-
-
-#: the continual-learning strategies a [learn] table may name (edged.learn.strategies)
-LEARN_STRATEGIES = ("naive", "ewc", "lwf", "replay", "streaming-lda", "replay+lwf", "replay+ewc")
 
 
 @dataclass(frozen=True)

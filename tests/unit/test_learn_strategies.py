@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edged.core.types import LEARN_STRATEGIES
 from edged.learn.head import Head, accuracy, init_head, softmax, standardiser
 from edged.learn.strategies import (
     STRATEGIES,
+    TUNED,
     Hyper,
     LearnState,
     ReservoirBuffer,
@@ -29,6 +32,7 @@ from edged.learn.strategies import (
     restandardise,
     save_state,
     split_validation,
+    strategy_parts,
     train_head,
     tuned_hyper,
 )
@@ -645,3 +649,20 @@ def test_tuned_hyper() -> None:
         tuned_hyper("naive", lr=-1.0)
     with pytest.raises(ValueError, match="standardisation"):
         Hyper(standardisation="sometimes")
+
+
+def test_one_list_of_strategy_names() -> None:
+    # edged.core.types.LEARN_STRATEGIES is the one list: model.toml's [learn] strategy, the
+    # management API, the CLI and the worker all take these names, and each is implemented
+    assert STRATEGIES is LEARN_STRATEGIES
+    assert set(TUNED) == {*LEARN_STRATEGIES, "training"}
+    for strategy in LEARN_STRATEGIES:
+        assert isinstance(strategy_parts(strategy), frozenset)
+    root = Path(__file__).resolve().parents[2]
+    proto = (root / "protos" / "edged" / "v1" / "management.proto").read_text(encoding="utf-8")
+    said = re.search(r"// One of (.*?); empty: the model's", proto)
+    assert said is not None
+    assert tuple(said.group(1).split(", ")) == LEARN_STRATEGIES
+    docs = (root / "docs" / "learning.md").read_text(encoding="utf-8")
+    rows = tuple(re.findall(r"^\| `([a-z+-]+)` \| ", docs, flags=re.MULTILINE))
+    assert rows == LEARN_STRATEGIES
