@@ -19,18 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from edged.core.errors import ConfigError
+from edged.security.client import CLIENT_ENV
 from edged.security.roles import parse_identities, parse_roles
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 ENV_PREFIX = "EDGED_"
 # Environment variables with the prefix that are not config keys: the config file, and the
 # client commands' credentials (`edged infer|learn`, `edged-fleet rollout`; docs/security.md).
-CLIENT_ENV = {
-    "ca": "EDGED_CLIENT_CA",
-    "cert": "EDGED_CLIENT_CERT",
-    "key": "EDGED_CLIENT_KEY",
-    "token": "EDGED_CLIENT_TOKEN",
-}
 _ENV_NOT_KEYS = frozenset({"EDGED_CONFIG", *CLIENT_ENV.values()})
 
 

@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edged.config import CLIENT_ENV
-
 if TYPE_CHECKING:
     import grpc
+
+CLIENT_ENV = {
+    "ca": "EDGED_CLIENT_CA",
+    "cert": "EDGED_CLIENT_CERT",
+    "key": "EDGED_CLIENT_KEY",
+    "token": "EDGED_CLIENT_TOKEN",
+}
+"""The environment variables the client flags default to; not config keys (edged.config lets
+them pass instead of refusing them as unknown ``EDGED_`` variables)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,10 @@
 """The import layers, read from the source with ``ast`` (nothing is imported): which package
-may import which, and that the device-side OTA package needs no HAL."""
+may import which (ALLOWED), that the packages form no circle, that the hal modules form none,
+and that the device-side OTA package needs no HAL.
+
+A package is ``hal``, ``edged`` (the root module: ``__version__``), or ``edged.<name>`` (a
+subpackage, or a top-level module such as ``edged.config``). Generated stubs
+(``edged._proto``) are not checked; importing them is a permission like any other."""
 
 from __future__ import annotations
 
@@ -68,6 +73,81 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_find_cycle_finds_one() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+# Who may import whom, bottom up; a package not listed imports nothing of edged or hal.
+_BASE = {"edged", "edged.core"}  # the version and the shared vocabulary: everyone's
+ALLOWED: dict[str, set[str]] = {
+    "hal": {"edged.core"},
+    "edged.security": _BASE | {"edged.storage"},
+    "edged.config": _BASE | {"edged.security"},
+    "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
+    "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
+    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage"},
+    # frontends -> serving and hal: what the data plane (issue #13, item 1) narrows
+    "edged.frontends": _BASE
+    | {"edged._proto", "edged.config", "edged.learn", "edged.ota", "edged.security"}
+    | {"edged.serving", "hal"},
+    "edged.client": _BASE | {"edged._proto", "edged.frontends", "edged.security"},
+    "edged.daemon": _BASE
+    | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
+    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
+    "edged.cli": _BASE
+    | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
+    | {"edged.security", "hal"},
+    "edged.fleet": _BASE
+    | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
+    | {"edged.storage", "hal"},
+}
+
+
+def package_of(module: str) -> str | None:
+    """The package ``module`` belongs to (see the module docstring); None outside the tree."""
+    parts = module.split(".")
+    if parts[0] == "hal":
+        return "hal"
+    if parts[0] != "edged":
+        return None
+    return "edged" if len(parts) == 1 else f"edged.{parts[1]}"
+
+
+def package_graph() -> dict[str, dict[str, set[str]]]:
+    """{package: {imported package: the files that import it}}, without generated stubs."""
+    graph: dict[str, dict[str, set[str]]] = {}
+    for path in source_files("edged") + source_files("hal"):
+        if "_proto" in path.parts:
+            continue
+        source = package_of(_module_name(path))
+        assert source is not None
+        edges = graph.setdefault(source, {})
+        for name in imported_modules(path):
+            target = package_of(name)
+            if target is not None and target != source:
+                edges.setdefault(target, set()).add(str(path.relative_to(ROOT)))
+    return graph
+
+
+def test_packages_import_only_what_the_table_allows() -> None:
+    offenders = [
+        f"{source} -> {target} ({', '.join(sorted(files))})"
+        for source, edges in sorted(package_graph().items())
+        for target, files in sorted(edges.items())
+        if target not in ALLOWED.get(source, set())
+    ]
+    assert not offenders, offenders
+
+
+def test_the_packages_form_no_circle() -> None:
+    assert find_cycle(ALLOWED) == []  # the table is layered ...
+    actual = {source: set(edges) for source, edges in package_graph().items()}
+    assert find_cycle(actual) == []  # ... and so is the code, whatever the table says
+
+
+def test_the_base_imports_nothing_above_it() -> None:
+    graph = package_graph()
+    for base in ("edged", "edged.core", "edged.storage", "edged.logs", "edged.lifecycle"):
+        assert not graph.get(base), f"{base} imports {sorted(graph.get(base, {}))}"
+    assert set(graph["hal"]) <= {"edged.core"}  # hal imports no serving, ota, frontends ...
 
 
 def test_device_side_ota_imports_no_hal() -> None:
