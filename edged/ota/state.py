@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from edged.core.errors import EdgedError, InvalidInputError
+
 
 class State(enum.StrEnum):
     """Where one update of one model stands."""
@@ -254,8 +256,9 @@ class HealthPolicy:
     """Highest share of failed requests (0..1)."""
     max_p99_s: float
     """Highest 99th-percentile request latency; 0: not judged."""
-    ignored_codes: frozenset[str] = frozenset({"INVALID_ARGUMENT"})
-    """Failure codes that are the client's fault, not the model's."""
+    ignored_errors: tuple[type[EdgedError], ...] = (InvalidInputError,)
+    """Failures that are the client's fault, not the model's: these domain error types and
+    their subclasses (a request the model could not take says nothing of the model)."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ class HealthSample:
     """What a version did during (part of) its window: counts and a latency histogram."""
 
     successes: int = 0
-    failures_by_code: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    failures_by_error: Mapping[type[EdgedError], int] = dataclasses.field(default_factory=dict)
+    """Failed requests by the domain error they failed with."""
     latency_bounds: tuple[float, ...] = ()
     """Upper bounds (seconds) of the latency buckets; a last bucket (+Inf) follows them."""
     latency_counts: tuple[int, ...] = ()
@@ -271,9 +275,9 @@ class HealthSample:
 
     def minus(self, earlier: HealthSample) -> HealthSample:
         """What happened between ``earlier`` and this sample (both cumulative)."""
-        codes = {
-            code: count - earlier.failures_by_code.get(code, 0)
-            for code, count in self.failures_by_code.items()
+        failed = {
+            error: count - earlier.failures_by_error.get(error, 0)
+            for error, count in self.failures_by_error.items()
         }
         counts = self.latency_counts
         if earlier.latency_counts:
@@ -282,7 +286,7 @@ class HealthSample:
             )
         return HealthSample(
             successes=self.successes - earlier.successes,
-            failures_by_code={c: n for c, n in codes.items() if n},
+            failures_by_error={e: n for e, n in failed.items() if n},
             latency_bounds=self.latency_bounds,
             latency_counts=counts,
         )
@@ -338,7 +342,9 @@ def judge_health(policy: HealthPolicy, sample: HealthSample, elapsed_s: float) -
     otherwise.
     """
     counted = {
-        code: n for code, n in sample.failures_by_code.items() if code not in policy.ignored_codes
+        error: n
+        for error, n in sample.failures_by_error.items()
+        if not issubclass(error, policy.ignored_errors)
     }
     failures = sum(counted.values())
     requests = sample.successes + failures
@@ -350,11 +356,11 @@ def judge_health(policy: HealthPolicy, sample: HealthSample, elapsed_s: float) -
 
     enough = requests >= max(policy.min_requests, 1)
     if enough and error_rate > policy.max_error_rate:
-        codes = ", ".join(f"{code} x{n}" for code, n in sorted(counted.items()))
+        errors = ", ".join(sorted(f"{error.__name__} x{n}" for error, n in counted.items()))
         return judged(
             Verdict.UNHEALTHY,
             f"error rate {error_rate:.1%} over {requests} requests is above "
-            f"{policy.max_error_rate:.1%} ({codes})",
+            f"{policy.max_error_rate:.1%} ({errors})",
         )
     if enough and policy.max_p99_s > 0 and p99 > policy.max_p99_s:
         shown = "beyond the last bucket" if math.isinf(p99) else f"{p99 * 1000:.0f} ms"

@@ -282,7 +282,7 @@ def health_sample(stats: ModelStats) -> HealthSample:
     with stats._lock:
         return HealthSample(
             successes=stats.success.count,
-            failures_by_code=dict(stats.failures_by_code),
+            failures_by_error=dict(stats.failures_by_error),
             latency_bounds=stats.request_seconds.bounds,
             latency_counts=tuple(stats.request_seconds.counts),
         )

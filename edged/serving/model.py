@@ -15,7 +15,6 @@ import numpy as np
 import structlog
 
 from edged.core.errors import EdgedError, ModelLoadError
-from edged.core.status import code_of
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
 from edged.serving.batching import BatchPolicy
 from edged.serving.repository import (
@@ -129,7 +128,7 @@ class ModelVersion:
                 execution.output_ns,
             )
         except EdgedError as e:
-            self.stats.record_failure(time.monotonic_ns() - start, code_of(e))
+            self.stats.record_failure(time.monotonic_ns() - start, type(e))
             raise
         finally:
             self.in_flight -= 1

@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from edged.core.errors import EdgedError
+from edged.core.status import count_by_code
+
 if TYPE_CHECKING:
     from edged.serving.scheduler import Execution
 
@@ -96,7 +99,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
-    failures_by_code: dict[str, int] = field(default_factory=dict)
+    failures_by_error: dict[type[EdgedError], int] = field(default_factory=dict)
+    """Failed requests by the domain error they failed with (wire codes: ``failures_by_code``)."""
     queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
@@ -131,8 +135,14 @@ class ModelStats:
                 (execution.input_ns + execution.infer_ns + execution.output_ns) / 1e9
             )
 
-    def record_failure(self, total_ns: int, code: str) -> None:
-        """One request that failed after it reached the model, with its status code."""
+    def record_failure(self, total_ns: int, error: type[EdgedError]) -> None:
+        """One request that failed after it reached the model, with the type of its error."""
         with self._lock:
             self.fail.add(total_ns)
-            self.failures_by_code[code] = self.failures_by_code.get(code, 0) + 1
+            self.failures_by_error[error] = self.failures_by_error.get(error, 0) + 1
+
+    @property
+    def failures_by_code(self) -> dict[str, int]:
+        """``failures_by_error`` by status code (``edged.core.status``): the frontends' view.
+        Read it under ``_lock``, as every counter here."""
+        return count_by_code(self.failures_by_error)

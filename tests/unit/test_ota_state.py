@@ -9,6 +9,13 @@ import math
 
 import pytest
 
+from edged.core.errors import (
+    EdgedError,
+    ExecutorError,
+    ExecutorTimeoutError,
+    InvalidInputError,
+    UnavailableError,
+)
 from edged.ota.state import (
     AT_REST,
     RECOVERY,
@@ -242,7 +249,9 @@ def test_recovered_trial_keeps_the_committed_version() -> None:
 BOUNDS = (0.001, 0.01, 0.1, 1.0)
 
 
-def _sample(ok: int, failed: dict[str, int] | None = None, counts=(0, 0, 0, 0, 0)) -> HealthSample:
+def _sample(
+    ok: int, failed: dict[type[EdgedError], int] | None = None, counts=(0, 0, 0, 0, 0)
+) -> HealthSample:
     return HealthSample(ok, failed or {}, BOUNDS, tuple(counts))
 
 
@@ -268,24 +277,24 @@ def test_quantile() -> None:
             _sample(3, counts=(3, 0, 0, 0, 0)), 10.0, Verdict.HEALTHY, "only 3", id="too-few"
         ),
         pytest.param(
-            _sample(0, {"INTERNAL": 4}), 10.0, Verdict.HEALTHY, "only 4", id="few-all-failed"
+            _sample(0, {ExecutorError: 4}), 10.0, Verdict.HEALTHY, "only 4", id="few-all-failed"
         ),
         pytest.param(
-            _sample(90, {"INTERNAL": 10}, (90, 0, 0, 0, 0)),
+            _sample(90, {ExecutorError: 10}, (90, 0, 0, 0, 0)),
             1.0,
             Verdict.UNHEALTHY,
             "error rate 10.0%",
             id="errors-fail-early",
         ),
         pytest.param(
-            _sample(96, {"INTERNAL": 4}, (96, 0, 0, 0, 0)),
+            _sample(96, {ExecutorError: 4}, (96, 0, 0, 0, 0)),
             10.0,
             Verdict.HEALTHY,
             "healthy",
             id="errors-under-limit",
         ),
         pytest.param(
-            _sample(50, {"INVALID_ARGUMENT": 50}, (50, 0, 0, 0, 0)),
+            _sample(50, {InvalidInputError: 50}, (50, 0, 0, 0, 0)),
             10.0,
             Verdict.HEALTHY,
             "healthy",
@@ -313,6 +322,21 @@ def test_judge_health(sample: HealthSample, elapsed: float, verdict: Verdict, wo
     assert words in judgement.reason
 
 
+class _BadTensorError(InvalidInputError):
+    """A finer kind of invalid request: still the client's fault."""
+
+
+def test_failures_are_judged_by_domain_error_type() -> None:
+    # the client's errors (and their subclasses) are ignored; a timeout on the executor is the
+    # model's, whatever status code the wire gives it (DEADLINE_EXCEEDED)
+    clients = _sample(50, {InvalidInputError: 30, _BadTensorError: 20}, (50, 0, 0, 0, 0))
+    assert judge_health(POLICY, clients, 10.0).verdict is Verdict.HEALTHY
+    hung = _sample(90, {ExecutorTimeoutError: 6, ExecutorError: 4}, (90, 0, 0, 0, 0))
+    judgement = judge_health(POLICY, hung, 1.0)
+    assert judgement.verdict is Verdict.UNHEALTHY
+    assert "(ExecutorError x4, ExecutorTimeoutError x6)" in judgement.reason
+
+
 def test_latency_not_judged_when_off() -> None:
     policy = dataclasses.replace(POLICY, max_p99_s=0.0)
     slow = _sample(20, counts=(0, 0, 0, 0, 20))
@@ -320,10 +344,10 @@ def test_latency_not_judged_when_off() -> None:
 
 
 def test_sample_minus() -> None:
-    before = _sample(10, {"INTERNAL": 1}, (5, 5, 0, 0, 0))
-    after = _sample(30, {"INTERNAL": 4, "UNAVAILABLE": 1}, (15, 5, 10, 0, 0))
+    before = _sample(10, {ExecutorError: 1}, (5, 5, 0, 0, 0))
+    after = _sample(30, {ExecutorError: 4, UnavailableError: 1}, (15, 5, 10, 0, 0))
     delta = after.minus(before)
     assert delta.successes == 20
-    assert dict(delta.failures_by_code) == {"INTERNAL": 3, "UNAVAILABLE": 1}
+    assert dict(delta.failures_by_error) == {ExecutorError: 3, UnavailableError: 1}
     assert delta.latency_counts == (10, 0, 10, 0, 0)
     assert after.minus(HealthSample()) == after

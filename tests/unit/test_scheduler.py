@@ -15,13 +15,15 @@ from edged.core.errors import (
     ExecutorError,
     ExecutorTimeoutError,
     InvalidInputError,
+    ModelNotReadyError,
     OverloadedError,
     UnavailableError,
 )
-from edged.core.status import code_of
+from edged.core.status import code_of, count_by_code
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from edged.serving.batching import BatchPolicy
 from edged.serving.scheduler import QueuePolicy, Scheduler
+from edged.serving.stats import ModelStats
 from hal import LoadedModel
 
 SIG = Signature(
@@ -252,6 +254,20 @@ def test_the_timeout_error_is_deadline_exceeded_and_an_executor_error() -> None:
     assert isinstance(error, ExecutorError)
     assert code_of(error) == "DEADLINE_EXCEEDED"
     assert code_of(ExecutorError("x")) == "INTERNAL"
+
+
+def test_statistics_count_failures_by_error_type_and_report_them_by_code() -> None:
+    stats = ModelStats()
+    for error in (ExecutorTimeoutError, ExecutorError, ExecutorError, InvalidInputError):
+        stats.record_failure(1_000, error)
+    assert stats.failures_by_error == {
+        ExecutorTimeoutError: 1,
+        ExecutorError: 2,
+        InvalidInputError: 1,
+    }
+    assert stats.failures_by_code == {"DEADLINE_EXCEEDED": 1, "INTERNAL": 2, "INVALID_ARGUMENT": 1}
+    assert count_by_code({UnavailableError: 2, ModelNotReadyError: 3}) == {"UNAVAILABLE": 5}
+    assert stats.fail.count == 4
 
 
 async def test_a_stopped_scheduler_releases_a_stuck_instance_when_it_returns() -> None:
