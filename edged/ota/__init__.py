@@ -1,7 +1,8 @@
-"""Over-the-air model updates.
+"""Over-the-air model updates, the device side.
 
-Fleet side: ``bundle`` (the model bundle format), ``publish`` (the TUF repository a fleet
-publishes bundles to; the ``edged-fleet`` command drives it). Device side: ``archive`` (safe
-unpacking of a downloaded bundle), ``state``/``store``/``updater`` (fetch, stage, verify,
-activate, health window, commit or roll back). See docs/ota.md.
+``bundle`` (the model bundle format and its checks), ``targets`` (where a bundle lives in the
+fleet's TUF repository), ``archive`` (safe unpacking of a downloaded bundle),
+``state``/``store``/``updater`` (fetch, stage, verify, activate, health window, commit or roll
+back). The fleet side (building, publishing and rolling out bundles, ``edged-fleet``) is
+``edged.fleet``; this package never imports it, nor the HAL. See docs/ota.md.
 """
