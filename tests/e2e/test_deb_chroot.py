@@ -1,8 +1,10 @@
 """The .deb installed with dpkg into real Debian root filesystems and serving from there:
 Debian 12 (bookworm) on arm64 under qemu-user emulation, Debian 12 and Debian 13 (trixie) on
 amd64. For each: packaging/build-deb.sh builds edged and edged-learn for the release and the
-architecture; tests/e2e/debian_rootfs.sh gives a minimal root filesystem (debootstrap, cached
-under /var/cache/edged-test: the first run builds it, minutes, and under emulation many);
+architecture (tests/e2e/debs.py keeps them in /var/cache/edged-test/debs by the digest of their
+inputs: an unchanged tree is not rebuilt); tests/e2e/debian_rootfs.sh gives a minimal root
+filesystem (debootstrap, cached under /var/cache/edged-test: the first run builds it, minutes,
+and under emulation many);
 `dpkg -i` installs both packages in a chroot, where systemd does not run, and must leave
 edged.service enabled; then the packaged `edged serve` (the packaged /etc/edged/edged.toml, as
 the user edged, ports moved by EDGED_* variables) serves the example models, and the host asks
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import time
@@ -33,14 +34,20 @@ import tritonclient.grpc as triton
 
 from edged.client import ZmqClient
 from tests.daemon_process import DaemonProcess, copy_example_models
-from tests.e2e.debs import REPO, SUITES, VERSION, Served, build, healthcheck_command
+from tests.e2e.debs import (
+    HOST_ARCH,
+    REPO,
+    SUITES,
+    VERSION,
+    Served,
+    build,
+    emulation,
+    healthcheck_command,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
-BINFMT = Path("/proc/sys/fs/binfmt_misc")
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-QEMU = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
 #: the models both daemons are asked, and their input (the digits sample, [2, 64] FP32)
 MODELS = ("digits", "digits_tflite")
 SAMPLE = np.load(REPO / "models" / "digits" / "sample.npy")
@@ -50,32 +57,6 @@ CHROOT_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
     "HOME": "/root",
 }
-
-
-def _emulation(arch: str) -> None:
-    """Make binaries of ``arch`` run here (binfmt_misc and qemu), or skip saying why not."""
-    if arch == HOST_ARCH:
-        return
-    if not (BINFMT / "status").exists():
-        mount = subprocess.run(
-            ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if mount.returncode != 0:
-            pytest.skip(
-                f"{arch} needs emulation, and binfmt_misc is not mounted at {BINFMT} and cannot "
-                f"be (mount -t binfmt_misc: {mount.stderr.strip() or mount.returncode})"
-            )
-    entry = BINFMT / QEMU[arch]
-    if not entry.exists() and shutil.which("update-binfmts"):
-        subprocess.run(["update-binfmts", "--enable", QEMU[arch]], capture_output=True, check=False)
-    assert entry.exists(), (
-        f"binfmt_misc has no {QEMU[arch]} entry: apt-get install qemu-user-static binfmt-support "
-        "(make test-tools does)"
-    )
-    assert "enabled" in entry.read_text(), entry.read_text()
 
 
 def _run(argv: list[str], timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -99,7 +80,7 @@ def rootfs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         pytest.skip("installing into a chroot needs root (chroot, mount)")
     for tool in ("debootstrap", "dpkg-buildpackage", "chroot"):
         assert shutil.which(tool), f"{tool} is missing: make test-tools installs it"
-    _emulation(arch)
+    emulation(arch)
     started = time.monotonic()
     tarball = _run(
         [str(REPO / "tests" / "e2e" / "debian_rootfs.sh"), suite, arch, str(CACHE)], timeout=3000
