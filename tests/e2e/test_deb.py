@@ -117,7 +117,7 @@ def test_lintian_reports_no_error(debs: tuple[Path, Path]) -> None:
     if shutil.which("lintian") is None:
         pytest.fail("lintian is missing: make test-tools installs it")
     result = subprocess.run(
-        ["lintian", "--fail-on", "error,warning", *map(str, debs)],
+        ["lintian", "--fail-on", "error", *map(str, debs)],
         capture_output=True,
         text=True,
         check=False,
@@ -125,7 +125,9 @@ def test_lintian_reports_no_error(debs: tuple[Path, Path]) -> None:
     )
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not [ln for ln in result.stdout.splitlines() if ln.startswith(("E:", "W:"))]
+    # 0 errors; warnings are printed (none with lintian 2.116, Debian 12's), not fatal: a newer
+    # lintian may add tags this package cannot know of yet
+    assert not [ln for ln in result.stdout.splitlines() if ln.startswith("E:")]
 
 
 def _paths(deb: Path) -> set[str]:
