@@ -8,8 +8,8 @@ debootstrapped Debian 12 arm64 root filesystem the chroot tests cache
 (tests/e2e/debian_rootfs.sh); `apt-get update` inside the build reaches Debian's mirror. Then
 the image's root filesystem (buildah mount) runs its ENTRYPOINT as its USER with its ENV, under
 qemu, serving the example models, and the HEALTHCHECK command stored in the image passes; the
-host asks it with tritonclient. Needs root; skipped, with the reason, where buildah is missing or
-binfmt_misc cannot be mounted."""
+host asks it with tritonclient. Needs root and buildah (make test-tools installs it); skipped,
+with the reason, only where binfmt_misc cannot be mounted (or without root)."""
 
 from __future__ import annotations
 
@@ -71,8 +71,7 @@ def _free_port() -> int:
 def image(tmp_path: Path) -> Iterator[dict[str, object]]:
     if os.geteuid() != 0:
         pytest.skip("buildah --isolation chroot and chroot need root")
-    if shutil.which("buildah") is None:
-        pytest.skip("buildah is not installed (apt-get install buildah; make test-tools does)")
+    assert shutil.which("buildah"), "buildah is missing: make test-tools installs it"
     emulation("arm64")
     _base_image()
     context = tmp_path / "context"
