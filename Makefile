@@ -11,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-$(CHECKSUM)
 STAMP         := $(VENV)/.installed-$(CHECKSUM)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,12 +37,19 @@ serve: $(RUNTIME_STAMP)
 	@echo "edged: ZeroMQ on tcp://127.0.0.1:5555 (from Python: edged.client.ZmqClient)."
 	$(BIN)/edged serve --models models --grpc-address $(GRPC_ADDRESS)
 
-# perf_analyzer (inside the tritonclient wheel) links libb64 from Debian; tests skip it,
-# with the reason, only where it cannot be installed.
+# perf_analyzer (inside the tritonclient wheel) links libb64 from Debian; the .deb tests need
+# debhelper, lintian and pip (building), debootstrap (the Debian 12/13 root filesystems, cached
+# in /var/cache/edged-test) and qemu-user-static + binfmt-support (arm64 under emulation);
+# buildah builds Dockerfile.arm64. Tests say why they skip or fail where one is missing.
+TEST_DEBS := libb64-0d debhelper lintian python3-pip debootstrap qemu-user-static \
+	binfmt-support buildah
 test-tools:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
-	  (apt-get update -qq && apt-get install -y -qq libb64-0d) >/dev/null 2>&1 \
-	  || echo "make: could not install libb64-0d; the perf_analyzer test will be skipped"; }
+	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make: installing$$missing (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+	    >/dev/null 2>&1 || echo "make: could not install$$missing; tests needing them say so"; \
+	fi
 
 test: $(STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
@@ -73,10 +80,21 @@ models: $(STAMP)
 	$(BIN)/python models/build_tflite.py
 	$(BIN)/python models/build_trainable.py
 
-# edged_<version>_<arch>.deb in dist/ (packaging/build-deb.sh; DEB_ARCH=arm64 for gateways).
+# edged_<version>-1~deb12_<arch>.deb and edged-learn_... in dist/ (packaging/build-deb.sh, with
+# debhelper; DEB_ARCH=arm64 for gateways, DEB_SUITE=trixie for Debian 13), then lintian.
 DEB_ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
-deb: $(STAMP)
-	PYTHON=$(BIN)/python packaging/build-deb.sh --arch $(DEB_ARCH) --out dist
+DEB_SUITE ?= bookworm
+deb: $(STAMP) test-tools
+	PYTHON=$(BIN)/python packaging/build-deb.sh --arch $(DEB_ARCH) --suite $(DEB_SUITE) --out dist --lintian
+
+# The .deb's lock files (packaging/requirements/SUITE.txt: every wheel's sha256), after a change
+# to [project] dependencies or to pick up new releases. onnx (edged[learn]) goes to edged-learn.
+lock: $(STAMP)
+	cd packaging/requirements && for target in bookworm:3.11 trixie:3.13; do \
+	  ../../$(BIN)/uv pip compile ../../pyproject.toml --extra learn -c constraints.txt \
+	    --generate-hashes --python-version $${target#*:} --python-platform linux \
+	    --only-binary :all: --custom-compile-command "make lock" --quiet -o $${target%:*}.txt || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

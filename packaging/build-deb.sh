@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# Build edged_<version>_<arch>.deb with dpkg-deb: the edged wheel, a wheelhouse of every runtime
-# dependency ([project] dependencies of pyproject.toml, no extras) for CPython 3.11 on the target
-# architecture, the default /etc/edged/edged.toml, the systemd unit and the maintainer scripts.
+# Build edged's .deb packages with debhelper (dpkg-buildpackage; packaging/debian is the debian/
+# folder): edged (the daemon: a self-contained venv under /opt/edged/venv, the default
+# /etc/edged/edged.toml, the systemd unit, enabled on install) and edged-learn (the onnx package
+# the fine-tune worker needs), for one Debian release and architecture:
 #
-#   packaging/build-deb.sh [--arch amd64|arm64] [--out DIR] [--glibc 2.36]
+#   packaging/build-deb.sh [--arch amd64|arm64] [--suite bookworm|trixie] [--out DIR] [--lintian]
 #
-# The wheels come from the package index (pip download --only-binary=:all: for the target's
-# platform tags), so an arm64 package builds on an amd64 machine. Nothing is compiled. $PYTHON
-# (default python3, 3.11 or later) runs pip; pip's cache makes a rebuild quick.
+# bookworm (Debian 12) gets CPython 3.11 wheels, trixie (Debian 13) CPython 3.13. The wheels are
+# the ones packaging/requirements/SUITE.txt pins, with their sha256 (regenerate it with
+# `make lock`); pip downloads them for the target's platform tags, so an arm64 package builds on
+# an amd64 machine, and nothing is compiled. $PYTHON (default python3) runs pip; pip's cache
+# makes a rebuild quick. Prints the two .deb paths (edged, then edged-learn) on stdout, its steps
+# on stderr. --lintian: run lintian on them, and fail on any error.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 python=${PYTHON:-python3}
 arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+suite=bookworm
 out=$repo/dist
-# The newest glibc the wheels may need: Debian 12 (bookworm) has 2.36. The control file's
-# libc6 dependency is the newest manylinux tag actually picked, which is usually older.
-glibc=2.36
+lintian=no
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --arch) arch=$2; shift 2 ;;
+        --suite) suite=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        --glibc) glibc=$2; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        --lintian) lintian=yes; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "build-deb.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -34,88 +38,114 @@ case "$arch" in
     arm64) machine=aarch64 ;;
     *) echo "build-deb.sh: --arch must be amd64 or arm64, not $arch" >&2; exit 2 ;;
 esac
-
+# The release's CPython, the newest glibc its wheels may need, the version's release tag.
+case "$suite" in
+    bookworm) py=3.11 glibc=36 tag=deb12 ;;
+    trixie) py=3.13 glibc=41 tag=deb13 ;;
+    *) echo "build-deb.sh: --suite must be bookworm or trixie, not $suite" >&2; exit 2 ;;
+esac
+lock=$here/requirements/$suite.txt
+steps=5
+[ "$lintian" = yes ] && steps=6
+step=0
 started=$(date +%s)
+say() {
+    step=$((step + 1))
+    echo "build-deb.sh: [$step/$steps] $* ($(( $(date +%s) - started )) s)" >&2
+}
+
+# Absolute: debian/rules runs pip from the source tree's copy.
+case "$python" in
+    */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
+    *) python=$(command -v "$python") ;;
+esac
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-root=$work/root
-wheels=$root/opt/edged/wheels
-mkdir -p "$wheels" "$out"
-
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$repo"
 version=$("$python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-"$python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-    > "$work/requirements.txt"
-
-# 1. The edged wheel, built from a copy of the sources (the working tree stays clean).
-mkdir "$work/src"
-tar -cf - --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md edged hal \
-    | tar -xf - -C "$work/src"
-echo "build-deb.sh: building the edged $version wheel" >&2
-if ! "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$wheels" \
-        "$work/src"; then
-    echo "build-deb.sh: could not build the edged wheel (its build backend, setuptools, comes" \
-         "from the package index: is it reachable? pip's error is above)" >&2
+changelog=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+if [ "${changelog%-*}" != "$version" ]; then
+    echo "build-deb.sh: packaging/debian/changelog is at $changelog, pyproject.toml at" \
+         "$version: add a changelog entry (dch -v $version-1)" >&2
     exit 1
 fi
 
-# 2. The runtime dependencies for the target: binary wheels only, for CPython 3.11 and every
-#    manylinux tag from glibc $glibc down to manylinux2014 (glibc 2.17), newest preferred, as
-#    pip on the target itself would choose.
+# 1. The source tree dpkg-buildpackage sees: the sources, packaging/debian as debian/, the unit.
+say "preparing the source tree for edged $changelog ($suite, $arch)"
+src=$work/edged-$version
+mkdir -p "$src/models" "$src/docs"
+tar -cf - --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md edged hal packaging \
+    | tar -xf - -C "$src"
+cp -r packaging/debian "$src/debian"
+cp packaging/systemd/edged.service "$src/debian/edged.service"
+cp docs/operations.md "$src/docs/"
+# The example models, for reference only (/var/lib/edged/models starts empty).
+cp models/README.md "$src/models/"
+for model in models/*/; do
+    if [ -f "$model/model.toml" ]; then
+        cp -r "$model" "$src/models/"
+    fi
+done
+find "$src/models" -name __pycache__ -prune -exec rm -rf {} +
+
+# 2. The edged wheel, built from that copy (the working tree stays clean).
+say "building the edged $version wheel"
+if ! "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps \
+        --wheel-dir "$work/edged-wheel" "$src" >"$work/pip.log" 2>&1; then
+    cat "$work/pip.log" >&2
+    echo "build-deb.sh: could not build the edged wheel (its build backend, setuptools, comes" \
+         "from the package index: is it reachable?)" >&2
+    exit 1
+fi
+
+# 3. The locked wheels for the target: binary wheels only, for its CPython and every manylinux
+#    tag from its glibc down to manylinux2014 (glibc 2.17), newest preferred, as pip on the
+#    target would choose; --require-hashes: each must match the lock's sha256.
+say "downloading the locked wheels for CPython $py on $arch ($lock)"
 platforms=()
-for minor in $(seq "${glibc#2.}" -1 17); do
+for minor in $(seq "$glibc" -1 17); do
     platforms+=(--platform "manylinux_2_${minor}_$machine")
 done
 platforms+=(--platform "manylinux2014_$machine")
-echo "build-deb.sh: downloading the runtime wheels for $arch (CPython 3.11)" >&2
-if ! "$python" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-        --python-version 3.11 --implementation cp "${platforms[@]}" \
-        --dest "$wheels" --requirement "$work/requirements.txt"; then
-    echo "build-deb.sh: could not download the runtime wheels for $arch from the package" \
-         "index (is it reachable? pip's error is above)" >&2
+wheels=$work/wheels
+mkdir -p "$wheels"
+if ! "$python" -m pip --isolated download --quiet --disable-pip-version-check \
+        --only-binary=:all: --no-deps --require-hashes --python-version "$py" \
+        --implementation cp "${platforms[@]}" --dest "$wheels" --requirement "$lock" \
+        >"$work/pip.log" 2>&1; then
+    cat "$work/pip.log" >&2
+    echo "build-deb.sh: could not download the locked wheels for $arch (is the package index" \
+         "reachable? does $lock have a wheel with a matching hash for this target?)" >&2
     exit 1
 fi
-if ls "$wheels" | grep -v '\.whl$' >/dev/null; then
-    echo "build-deb.sh: the wheelhouse holds something that is not a wheel:" >&2
-    ls "$wheels" | grep -v '\.whl$' >&2
-    exit 1
-fi
-# The libc6 the wheels need: the newest manylinux_2_N tag among them (manylinux2014 is 2.17).
-needed_glibc=$(ls "$wheels" | grep -o 'manylinux_2_[0-9]*' | sed 's/manylinux_2_//' \
-    | sort -n | tail -1)
-needed_glibc=2.${needed_glibc:-17}
+cp "$lock" "$wheels/requirements.txt"
 
-# 3. The files.
-install -D -m 0644 packaging/edged.toml "$root/etc/edged/edged.toml"
-install -D -m 0644 packaging/systemd/edged.service "$root/lib/systemd/system/edged.service"
-install -D -m 0755 packaging/install-venv.sh "$root/usr/lib/edged/install-venv.sh"
-install -D -m 0644 packaging/debian/copyright "$root/usr/share/doc/edged/copyright"
-install -D -m 0644 README.md "$root/usr/share/doc/edged/README.md"
-install -D -m 0644 docs/operations.md "$root/usr/share/doc/edged/operations.md"
-# The example models, for reference only: /var/lib/edged/models starts empty.
-mkdir -p "$root/usr/share/edged/models"
-install -m 0644 models/README.md "$root/usr/share/edged/models/README.md"
-for model in models/*/; do
-    if [ -f "$model/model.toml" ]; then
-        cp -r "$model" "$root/usr/share/edged/models/"
-    fi
+# 4. dpkg-buildpackage: dh, with packaging/build-venv.sh as the install step.
+say "dpkg-buildpackage --host-arch $arch (dh; the venv step; xz)"
+if ! (cd "$src" && EDGED_PYTHON=$py EDGED_SUITE=$tag EDGED_WHEELS=$wheels \
+        EDGED_WHEEL=$(ls "$work"/edged-wheel/edged-*.whl) PIP="$python -m pip" \
+        dpkg-buildpackage -b -us -uc --host-arch "$arch" >"$work/build.log" 2>&1); then
+    tail -40 "$work/build.log" >&2
+    echo "build-deb.sh: dpkg-buildpackage failed (the log's end is above)" >&2
+    exit 1
+fi
+grep '^build-venv.sh:' "$work/build.log" | sed 's/^/    /' >&2
+
+say "collecting the packages"
+debs=()
+for package in edged edged-learn; do
+    deb=${package}_${changelog}~${tag}_${arch}.deb
+    mv "$work/$deb" "$out/$deb"
+    debs+=("$out/$deb")
+    echo "    $out/$deb ($(du -h "$out/$deb" | cut -f1), installed $(dpkg-deb -f "$out/$deb" \
+        Installed-Size) KiB)" >&2
 done
-find "$root/usr/share/edged/models" -name __pycache__ -prune -exec rm -rf {} +
 
-# 4. The control area.
-mkdir -p "$root/DEBIAN"
-installed_size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
-sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@GLIBC@/$needed_glibc/" \
-    -e "s/@INSTALLED_SIZE@/$installed_size/" packaging/debian/control.in > "$root/DEBIAN/control"
-install -m 0644 packaging/debian/conffiles "$root/DEBIAN/conffiles"
-install -m 0755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
-    "$root/DEBIAN/"
-(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z \
-    | xargs -0 md5sum > DEBIAN/md5sums)
-chmod 0644 "$root/DEBIAN/md5sums"
-chmod -R u+rwX,go+rX,go-w "$root"
-
-deb=$out/edged_${version}_${arch}.deb
-dpkg-deb --root-owner-group -Zxz -z6 --build "$root" "$deb" >/dev/null
-echo "build-deb.sh: $deb ($(du -h "$deb" | cut -f1), $(( $(date +%s) - started )) s)" >&2
-echo "$deb"
+if [ "$lintian" = yes ]; then
+    say "lintian"
+    lintian --fail-on error --info "${debs[@]}" >&2
+fi
+echo "build-deb.sh: done in $(( $(date +%s) - started )) s" >&2
+printf '%s\n' "${debs[@]}"

@@ -41,6 +41,7 @@ from edged.core.errors import (
     InvalidInputError,
     ModelNotFoundError,
     UnavailableError,
+    UnsupportedError,
 )
 from edged.core.types import LEARN_STRATEGIES, Array, InferRequest
 from edged.learn import worker
@@ -309,6 +310,7 @@ class LearnManager:
             ModelNotFoundError, ModelNotReadyError: no such model served.
             InvalidInputError: not trainable, unknown strategy, too few samples.
             AlreadyExistsError: a job of ``model`` is running.
+            UnsupportedError: the onnx package (edged[learn], edged-learn) is not installed.
         """
         self._check_ready()
         mv, spec = self._trainable(model)
@@ -317,6 +319,9 @@ class LearnManager:
             raise InvalidInputError(
                 f"strategy {strategy!r} is not one of {', '.join(LEARN_STRATEGIES)}"
             )
+        missing = worker.learn_support_missing()
+        if missing is not None:
+            raise UnsupportedError(missing)
         if model in self._running:
             raise AlreadyExistsError(
                 f"fine-tune job {self._running[model].record.id} of '{model}' is running"

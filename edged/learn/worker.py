@@ -17,6 +17,7 @@ before this process starts; the gate is the parent's decision, not this process'
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import shutil
@@ -36,6 +37,24 @@ LINEAGE_FILE = "lineage.json"
 
 #: numpy dtype of the KServe datatypes a trainable model's inputs may have
 _FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+
+
+#: what a fine-tune needs beyond the base install: the worker writes the served graph with the
+#: onnx package, an extra (pip: edged[learn]; the .deb: the edged-learn package)
+LEARN_EXTRA_HINT = (
+    "fine-tuning needs the onnx package, which is not installed: pip install 'edged[learn]' "
+    "(from the .deb: apt install edged-learn)"
+)
+
+
+def learn_support_missing() -> str | None:
+    """Why a fine-tune cannot run in this installation (``LEARN_EXTRA_HINT``), or None.
+    Looks the onnx package up without importing it (the daemon never needs it loaded)."""
+    try:
+        found = importlib.util.find_spec("onnx") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else LEARN_EXTRA_HINT
 
 
 def _random_inputs(specs: list[dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
@@ -65,7 +84,10 @@ def run(job_dir: Path) -> dict[str, Any]:
     """Do the job in ``job_dir``; returns what result.json holds."""
     # imported here: the daemon imports this module for its file names and backbone_session,
     # and never needs the onnx package or the trainer in its own process
-    import onnx  # noqa: PLC0415
+    try:
+        import onnx  # noqa: PLC0415
+    except ImportError as e:
+        raise RuntimeError(LEARN_EXTRA_HINT) from e
 
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,40 @@ def test_the_example_trainable_model_is_backbone_plus_head() -> None:
     assert (
         accuracy(head, _session(backbone).run(["features"], {"input": new["x"]})[0], new["y"]) == 0
     )
+
+
+# -- without the learn extra ------------------------------------------------------------------
+
+# Runs the worker as the daemon does (python -m edged.learn.worker JOB_DIR) in an interpreter
+# where importing onnx fails, as in a base install without edged[learn] / edged-learn.
+_WITHOUT_ONNX = """
+import runpy, sys
+sys.modules["onnx"] = None  # import onnx -> ImportError; importlib.util.find_spec -> None
+sys.argv = ["edged.learn.worker", sys.argv[1]]
+runpy.run_module("edged.learn.worker", run_name="__main__")
+"""
+
+
+def test_without_onnx_learning_is_refused_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edged.learn import worker
+
+    assert worker.learn_support_missing() is None  # the test extras include edged[learn]
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    missing = worker.learn_support_missing()
+    assert missing is not None
+    assert "edged[learn]" in missing
+    assert "edged-learn" in missing
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ONNX, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "edged[learn]" in result.stderr
+    assert "apt install edged-learn" in result.stderr
+    assert not (tmp_path / worker.RESULT_FILE).exists()

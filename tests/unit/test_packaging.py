@@ -247,11 +247,14 @@ def _instruction(name: str) -> list[str]:
     return [rest for word, rest in dockerfile_instructions() if word == name]
 
 
-def test_dockerfile_bases_are_arm64_bookworm_python311() -> None:
-    froms = _instruction("FROM")
-    assert len(froms) == 2  # build stage, runtime stage
-    for line in froms:
-        assert line.startswith("--platform=linux/arm64 python:3.11-slim-bookworm"), line
+def test_dockerfile_installs_the_debian12_arm64_package_in_debian12() -> None:
+    (base,) = _instruction("FROM")
+    assert base == "--platform=linux/arm64 ${BASE}"
+    assert _instruction("ARG") == ["BASE=debian:bookworm-slim"]
+    (run,) = _instruction("RUN")
+    # the .deb (its venv is built for Debian 12's CPython 3.11), not a pip install
+    assert "apt-get install -y --no-install-recommends /tmp/debs/edged_*~deb12_arm64.deb" in run
+    assert "pip" not in run
 
 
 def test_dockerfile_copies_files_that_exist_and_are_in_the_context() -> None:
@@ -268,6 +271,9 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_context() -> None:
             continue
         *sources, _ = (p for p in parts if not p.startswith("--"))
         for source in sources:
+            if source == "dist/":  # `make deb DEB_ARCH=arm64` output, let through by name
+                assert "!dist/edged_*~deb12_arm64.deb" in ignored
+                continue
             assert (REPO / source).exists(), f"Dockerfile.arm64 copies {source}, which is missing"
             top = source.split("/")[0]
             assert top not in ignored, f"{source} is excluded by .dockerignore"
@@ -291,7 +297,6 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 def test_dockerfile_serves_the_packaged_config_on_its_ports() -> None:
     assert json.loads(_instruction("ENTRYPOINT")[0]) == EXEC_START.split()
-    assert "packaging/edged.toml /etc/edged/edged.toml" in _instruction("COPY")
     env: dict[str, str] = {}
     for line in _instruction("ENV"):
         for pair in line.split():
@@ -334,3 +339,71 @@ def test_makefile_deb_target() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "packaging/build-deb.sh --arch" in result.stdout
+    assert "--suite bookworm" in result.stdout
+    assert "--lintian" in result.stdout
+
+
+# -- debian/ and the lock files ----------------------------------------------------------------
+
+DEBIAN = PACKAGING / "debian"
+
+
+def _pins(lock: Path) -> dict[str, list[str]]:
+    """name -> its sha256 hashes, from a `uv pip compile --generate-hashes` file."""
+    pins: dict[str, list[str]] = {}
+    name = ""
+    for line in lock.read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9][\w.-]*)==\S+", line):
+            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+            pins[name] = []
+        elif match := re.search(r"--hash=sha256:([0-9a-f]{64})", line):
+            pins[name].append(match.group(1))
+    return pins
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_lock_pins_every_runtime_dependency_with_hashes(suite: str) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = _pins(PACKAGING / "requirements" / f"{suite}.txt")
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["learn"]]
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!\[;~]", requirement)[0]).lower()
+        assert name in pins, f"{requirement} is not in packaging/requirements/{suite}.txt"
+    assert all(pins.values()), [n for n, h in pins.items() if not h]  # each pin has hashes
+    assert "onnx" in pins  # edged-learn's
+    assert not {"pip", "setuptools", "pytest", "tritonclient"} & set(pins)
+
+
+def test_debian_changelog_is_at_the_project_version() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    first = (DEBIAN / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"edged ({project['version']}-1) ")
+
+
+def test_debian_rules_use_dh_and_the_unit_is_installed_by_dh_installsystemd() -> None:
+    rules = (DEBIAN / "rules").read_text()
+    assert "\tdh $@" in rules
+    assert "packaging/build-venv.sh" in rules
+    assert "dh_installsystemd" in rules
+    for script in ("edged.postinst", "edged.prerm", "edged.postrm"):
+        text = (DEBIAN / script).read_text()
+        assert "#DEBHELPER#" in text, script
+        assert "systemctl" not in text, script  # dh's deb-systemd-helper/-invoke do it
+    copyright_ = (DEBIAN / "copyright").read_text()
+    assert copyright_.startswith(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
+    )
+
+
+def test_prune_list_lines_are_relative_globs() -> None:
+    lines = [
+        ln
+        for ln in (PACKAGING / "venv-prune.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert lines
+    for line in lines:
+        assert not line.startswith(("/", ".")), line
+        assert ".." not in line, line
+        assert " " not in line, line
+        assert not line.startswith(("edged", "grpc/", "onnxruntime/capi/onnxruntime_pybind")), line
