@@ -45,6 +45,7 @@ from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
 from edged.security.access import AccessCollector
+from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 from edged.serving.shared_memory import SharedMemoryRegistry, ShmLimits
 from hal.placement import BreakerPolicy
@@ -140,6 +141,9 @@ class Daemon:
             if config.server.shared_memory
             else None
         )
+        self.plane = DataPlane(
+            self.manager, is_ready=self.is_ready, regions=self.regions, limits=self.limits
+        )
         self.grpc_port: int | None = None
         self.management_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -184,12 +188,9 @@ class Daemon:
         separate = bool(self.config.server.management_address)
         management_service = management.service(self.updates, self.learn, self.limits)
         server, health = build_server(
-            self.manager,
-            is_ready=self.is_ready,
+            self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=self.regions,
-            limits=self.limits,
             closing=self._closing,
             services=[] if separate else [management_service],
             interceptors=[security.interceptor(management=not separate)],
@@ -203,13 +204,11 @@ class Daemon:
         health.server_changed(False)
         if self.config.zmq.enabled:
             self._zmq = ZmqFrontend(
-                self.manager,
+                self.plane,
                 self.config.zmq.addresses,
-                is_ready=self.is_ready,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
-                limits=self.limits,
                 access=security.access,
                 curve=security.curve_files,
             )
@@ -220,7 +219,7 @@ class Daemon:
                 await self._stop_frontends(0.0)
                 raise
         if self.config.metrics.enabled:
-            self._metrics = MetricsEndpoint(self.manager)
+            self._metrics = MetricsEndpoint(self.plane)
             if self.updates is not None:
                 self._metrics.registry.register(OtaCollector(self.updates))
             if self.learn is not None:
@@ -275,12 +274,9 @@ class Daemon:
     ) -> None:
         """The second listener, serving Management (server.management_address)."""
         mserver, _ = build_server(
-            self.manager,
-            is_ready=self.is_ready,
+            self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=self.regions,
-            limits=self.limits,
             closing=self._closing,
             services=[service],
             interceptors=[security.interceptor(management=True)],
