@@ -33,6 +33,7 @@ from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
+from edged.frontends.http import HttpFrontend
 from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.security import Security
 from edged.frontends.zmq import ZmqFrontend
@@ -151,6 +152,8 @@ class Daemon:
         self._security: Security | None = None
         self._health: HealthPublisher | None = None
         self._zmq: ZmqFrontend | None = None
+        self._http: HttpFrontend | None = None
+        self.http_address = ""
         self._metrics: MetricsEndpoint | None = None
         self.metrics_address = ""
         self.zmq_endpoints: list[str] = []
@@ -218,6 +221,8 @@ class Daemon:
                 self._zmq = None
                 await self._stop_frontends(0.0)
                 raise
+        if self.config.server.http_address:
+            await self._start_http(security)
         if self.config.metrics.enabled:
             self._metrics = MetricsEndpoint(self.plane)
             if self.updates is not None:
@@ -244,10 +249,35 @@ class Daemon:
             grpc_address=f"{host}:{port}",
             management_address=self._management_address(),
             zmq_endpoints=self.zmq_endpoints,
+            http_address=self.http_address,
             metrics_address=self.metrics_address,
             repository=str(repo),
         )
         self._startup = asyncio.create_task(self._load_repository())
+
+    async def _start_http(self, security: Security) -> None:
+        """The KServe v2 HTTP/REST listener (server.http_address), TLS as [tls] says.
+
+        Raises:
+            ConfigError: the address cannot be bound or the certificates loaded.
+        """
+        address = self.config.server.http_address
+        try:
+            context = await asyncio.to_thread(security.http_ssl_context)
+            self._http = HttpFrontend(
+                self.plane,
+                address,
+                access=security.access,
+                max_request_bytes=self.config.server.max_request_bytes,
+                ssl_context=context,
+            )
+            port = await self._http.start()
+        except ConfigError:
+            self._http = None
+            await self._stop_frontends(0.0)
+            raise
+        security.note_listener(address, tls=context is not None)
+        self.http_address = f"{address.rpartition(':')[0]}:{port}"
 
     async def _bind(
         self, server: grpc.aio.Server, address: str, key: str, management: bool
@@ -443,6 +473,8 @@ class Daemon:
         stops: list[Awaitable[None]] = []
         if self._zmq is not None:
             stops.append(self._zmq.stop(grace_s))
+        if self._http is not None:
+            stops.append(self._http.stop(grace_s))
         if self._management_server is not None:
             stops.append(self._management_server.stop(grace_s))
         if self._server is not None:
