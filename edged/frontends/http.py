@@ -50,6 +50,27 @@ HTTP_STATUS: dict[str, int] = {
 
 #: what GET /v2 lists as implemented
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
+#: the call name (edged.security.roles.ACCESS) of each /v2/models/{name}[/versions/{v}]/...
+#: endpoint, by its last path segment ("" for metadata), with its HTTP method
+MODEL_ROUTES: dict[str, tuple[str, str]] = {
+    "": ("http/model_metadata", "GET"),
+    "ready": ("http/model_ready", "GET"),
+    "config": ("http/model_config", "GET"),
+    "stats": ("http/model_statistics", "GET"),
+    "infer": ("http/infer", "POST"),
+}
+#: every call this frontend serves
+CALLS = frozenset(
+    {
+        *(call for call, _ in MODEL_ROUTES.values()),
+        "http/server_metadata",
+        "http/live",
+        "http/ready",
+        "http/repository_index",
+        "http/load",
+        "http/unload",
+    }
+)
 #: the longest request line plus headers accepted
 MAX_HEADER_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
@@ -332,16 +353,16 @@ class HttpFrontend:
             if len(rest) >= 2 and rest[0] == "versions":
                 version, rest = rest[1], rest[2:]
             tail = rest[0] if len(rest) == 1 else "" if not rest else None
-            routes: dict[str, tuple[str, str, Handler]] = {
-                "": ("http/model_metadata", "GET", self._model_metadata),
-                "ready": ("http/model_ready", "GET", self._model_ready),
-                "config": ("http/model_config", "GET", self._model_config),
-                "stats": ("http/model_statistics", "GET", self._statistics),
-                "infer": ("http/infer", "POST", self._infer),
+            handlers: dict[str, Handler] = {
+                "": self._model_metadata,
+                "ready": self._model_ready,
+                "config": self._model_config,
+                "stats": self._statistics,
+                "infer": self._infer,
             }
-            if tail in routes:
-                call, method, handler = routes[tail]
-                return call, method, handler, [name, version]
+            if tail in MODEL_ROUTES:
+                call, method = MODEL_ROUTES[tail]
+                return call, method, handlers[tail], [name, version]
         raise RouteNotFoundError(f"no such endpoint: /{errors.clip('/'.join(p), 200)}")
 
     async def _dispatch(self, request: _Request) -> Reply:
