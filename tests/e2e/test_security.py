@@ -531,6 +531,63 @@ def test_inference_listener_is_plain_and_serves_no_management(
         assert call_code(channel, LOAD, ()) == "UNAUTHENTICATED"
 
 
+@pytest.fixture(scope="module")
+def https_daemon(
+    tmp_path_factory: pytest.TempPathFactory, ca_dir: dict[str, Any]
+) -> Iterator[DaemonProcess]:
+    """Every listener with mutual TLS, the HTTP one included."""
+    daemon = serve(digits_repo(tmp_path_factory.mktemp("https")), tls_env(ca_dir))
+    try:
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+def https_status(
+    ca_dir: dict[str, Any], address: str, who: str | None, method: str, path: str
+) -> int:
+    context = ssl.create_default_context(cafile=str(ca_dir["folder"] / "ca.pem"))
+    context.check_hostname = False  # the certificate names localhost; the chain is verified
+    if who is not None:
+        context.load_cert_chain(*ca_dir[who])
+    request = urllib.request.Request(
+        f"https://{address}{path}", data=b"{}" if method == "POST" else None, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=20, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "status"),
+    [
+        ("fleet", "POST", "/v2/repository/models/digits/load", 200),
+        ("fleet", "GET", "/v2/models/digits/stats", 200),
+        ("reader", "GET", "/v2/models/digits", 200),
+        ("reader", "POST", "/v2/repository/models/digits/load", 403),
+    ],
+)
+def test_https_listener_maps_client_certificates_to_roles(
+    https_daemon: DaemonProcess,
+    ca_dir: dict[str, Any],
+    who: str,
+    method: str,
+    path: str,
+    status: int,
+) -> None:
+    assert https_status(ca_dir, https_daemon.http_address, who, method, path) == status
+
+
+@pytest.mark.parametrize("who", ["expired", "foreign", None])
+def test_https_listener_refuses_bad_client_certificates(
+    https_daemon: DaemonProcess, ca_dir: dict[str, Any], who: str | None
+) -> None:
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        https_status(ca_dir, https_daemon.http_address, who, "GET", "/v2")
+
+
 def _digits_input() -> grpcclient.InferInput:
     tensor = grpcclient.InferInput("input", [1, 64], "FP32")
     tensor.set_data_from_numpy(DIGIT)
