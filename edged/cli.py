@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--models", type=Path, help="model repository folder (models.repository)")
     serve.add_argument("--grpc-address", help="HOST:PORT to listen on (server.grpc_address)")
+    serve.add_argument(
+        "--http-address",
+        help="HOST:PORT of the KServe v2 HTTP/REST listener, '' for none (server.http_address)",
+    )
 
     devices = commands.add_parser(
         "devices",
@@ -195,6 +199,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["models.repository"] = str(args.models)
     if args.grpc_address is not None:
         overrides["server.grpc_address"] = args.grpc_address
+    if args.http_address is not None:
+        overrides["server.http_address"] = args.http_address
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:

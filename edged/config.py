@@ -100,10 +100,20 @@ class ServerConfig:
             "HOST:PORT the KServe v2 gRPC service listens on; port 0 picks one.", _address
         ),
     )
+    http_address: str = field(
+        default="127.0.0.1:8000",
+        metadata=_key(
+            "HOST:PORT the KServe v2 HTTP/REST service listens on (Triton's default port); "
+            "port 0 picks one. Empty: no HTTP listener.",
+            _optional_address,
+        ),
+    )
     max_request_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata=_key(
-            "Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.", _positive
+            "Largest gRPC message or HTTP request body accepted; larger ones get "
+            "RESOURCE_EXHAUSTED (HTTP 429).",
+            _positive,
         ),
     )
     shutdown_grace_s: float = field(

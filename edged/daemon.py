@@ -33,6 +33,7 @@ from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
+from edged.frontends.http import HttpFrontend
 from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.security import Security
 from edged.frontends.zmq import ZmqFrontend
@@ -45,6 +46,7 @@ from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
 from edged.ota.updater import UpdateManager
 from edged.security.access import AccessCollector
+from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 from edged.serving.shared_memory import SharedMemoryRegistry, ShmLimits
 from hal.placement import BreakerPolicy
@@ -140,6 +142,9 @@ class Daemon:
             if config.server.shared_memory
             else None
         )
+        self.plane = DataPlane(
+            self.manager, is_ready=self.is_ready, regions=self.regions, limits=self.limits
+        )
         self.grpc_port: int | None = None
         self.management_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -147,6 +152,8 @@ class Daemon:
         self._security: Security | None = None
         self._health: HealthPublisher | None = None
         self._zmq: ZmqFrontend | None = None
+        self._http: HttpFrontend | None = None
+        self.http_address = ""
         self._metrics: MetricsEndpoint | None = None
         self.metrics_address = ""
         self.zmq_endpoints: list[str] = []
@@ -184,12 +191,9 @@ class Daemon:
         separate = bool(self.config.server.management_address)
         management_service = management.service(self.updates, self.learn, self.limits)
         server, health = build_server(
-            self.manager,
-            is_ready=self.is_ready,
+            self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=self.regions,
-            limits=self.limits,
             closing=self._closing,
             services=[] if separate else [management_service],
             interceptors=[security.interceptor(management=not separate)],
@@ -203,13 +207,11 @@ class Daemon:
         health.server_changed(False)
         if self.config.zmq.enabled:
             self._zmq = ZmqFrontend(
-                self.manager,
+                self.plane,
                 self.config.zmq.addresses,
-                is_ready=self.is_ready,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
                 learn=self.learn,
-                limits=self.limits,
                 access=security.access,
                 curve=security.curve_files,
             )
@@ -219,8 +221,10 @@ class Daemon:
                 self._zmq = None
                 await self._stop_frontends(0.0)
                 raise
+        if self.config.server.http_address:
+            await self._start_http(security)
         if self.config.metrics.enabled:
-            self._metrics = MetricsEndpoint(self.manager)
+            self._metrics = MetricsEndpoint(self.plane)
             if self.updates is not None:
                 self._metrics.registry.register(OtaCollector(self.updates))
             if self.learn is not None:
@@ -245,10 +249,35 @@ class Daemon:
             grpc_address=f"{host}:{port}",
             management_address=self._management_address(),
             zmq_endpoints=self.zmq_endpoints,
+            http_address=self.http_address,
             metrics_address=self.metrics_address,
             repository=str(repo),
         )
         self._startup = asyncio.create_task(self._load_repository())
+
+    async def _start_http(self, security: Security) -> None:
+        """The KServe v2 HTTP/REST listener (server.http_address), TLS as [tls] says.
+
+        Raises:
+            ConfigError: the address cannot be bound or the certificates loaded.
+        """
+        address = self.config.server.http_address
+        try:
+            context = await asyncio.to_thread(security.http_ssl_context)
+            self._http = HttpFrontend(
+                self.plane,
+                address,
+                access=security.access,
+                max_request_bytes=self.config.server.max_request_bytes,
+                ssl_context=context,
+            )
+            port = await self._http.start()
+        except ConfigError:
+            self._http = None
+            await self._stop_frontends(0.0)
+            raise
+        security.note_listener(address, tls=context is not None)
+        self.http_address = f"{address.rpartition(':')[0]}:{port}"
 
     async def _bind(
         self, server: grpc.aio.Server, address: str, key: str, management: bool
@@ -275,12 +304,9 @@ class Daemon:
     ) -> None:
         """The second listener, serving Management (server.management_address)."""
         mserver, _ = build_server(
-            self.manager,
-            is_ready=self.is_ready,
+            self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            regions=self.regions,
-            limits=self.limits,
             closing=self._closing,
             services=[service],
             interceptors=[security.interceptor(management=True)],
@@ -447,6 +473,8 @@ class Daemon:
         stops: list[Awaitable[None]] = []
         if self._zmq is not None:
             stops.append(self._zmq.stop(grace_s))
+        if self._http is not None:
+            stops.append(self._http.stop(grace_s))
         if self._management_server is not None:
             stops.append(self._management_server.stop(grace_s))
         if self._server is not None:

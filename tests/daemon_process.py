@@ -32,6 +32,7 @@ def _test_env(env: dict[str, str] | None) -> dict[str, str]:
     }
     full_env["EDGED_ZMQ_ADDRESSES"] = "tcp://127.0.0.1:0"  # never the fixed default ports
     full_env["EDGED_METRICS_ADDRESS"] = "127.0.0.1:0"
+    full_env["EDGED_SERVER_HTTP_ADDRESS"] = "127.0.0.1:0"
     full_env["EDGED_OTA_STATE_ROOTS"] = TEST_STATE_ROOTS
     full_env.update(env or {})
     return full_env
@@ -135,6 +136,7 @@ class DaemonProcess:
         self.address = event["grpc_address"]
         self.zmq_endpoints = event.get("zmq_endpoints", [])
         self.metrics_address = event.get("metrics_address", "")
+        self.http_address = event.get("http_address", "")
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

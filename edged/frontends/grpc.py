@@ -1,6 +1,6 @@
 """The KServe v2 gRPC frontend (GRPCInferenceService), grpc.health.v1 and reflection.
 
-A thin servicer: protobuf in -> edged.core types -> the ModelManager -> protobuf out. Domain
+A thin servicer: protobuf in -> edged.core types -> the data plane -> protobuf out. Domain
 errors become gRPC status codes in one place, ``edged.core.status.CODE_BY_ERROR``.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,20 +17,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from edged import __version__
 from edged._proto import POOL
 from edged._proto._pool import add_serialized_file
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core import errors
-from edged.core.limits import RequestLimits
+from edged.core.stats import Duration, StatisticsSnapshot
 from edged.core.status import code_of
 from edged.core.types import InferRequest
 from edged.frontends import kserve_codec as codec
-from edged.serving.manager import ModelManager
-from edged.serving.repository import PLATFORMS, model_toml_text
-from edged.serving.shared_memory import SharedMemoryRegistry, Span
-from edged.serving.stats import Duration, ModelStats
+from edged.serving.dataplane import DataPlane, SharedMemoryRegistry, Span
 
 log = structlog.get_logger("edged.grpc")
 
@@ -39,11 +34,6 @@ log = structlog.get_logger("edged.grpc")
 #: what ServerMetadata lists as implemented (plus "system_shared_memory" when it is on)
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
-#: the longest model name (a folder name: NAME_MAX)
-MAX_MODEL_NAME_BYTES = 255
-
-SERVER_NAME = "edged"
-
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -81,53 +71,48 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
-    with stats._lock:
-        message = pb.ModelStatistics(
-            name=name,
-            version=str(version),
-            last_inference=stats.last_inference_ms,
-            inference_count=stats.inference_count,
-            execution_count=stats.execution_count,
+def _statistics(stats: StatisticsSnapshot) -> pb.ModelStatistics:
+    message = pb.ModelStatistics(
+        name=stats.name,
+        version=str(stats.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    s = message.inference_stats
+    s.success.CopyFrom(_duration(stats.success))
+    s.fail.CopyFrom(_duration(stats.fail))
+    s.queue.CopyFrom(_duration(stats.queue))
+    s.compute_input.CopyFrom(_duration(stats.compute_input))
+    s.compute_infer.CopyFrom(_duration(stats.compute_infer))
+    s.compute_output.CopyFrom(_duration(stats.compute_output))
+    for size in sorted(stats.batches):
+        b = stats.batches[size]
+        message.batch_stats.add(
+            batch_size=size,
+            compute_input=_duration(b.compute_input),
+            compute_infer=_duration(b.compute_infer),
+            compute_output=_duration(b.compute_output),
         )
-        s = message.inference_stats
-        s.success.CopyFrom(_duration(stats.success))
-        s.fail.CopyFrom(_duration(stats.fail))
-        s.queue.CopyFrom(_duration(stats.queue))
-        s.compute_input.CopyFrom(_duration(stats.compute_input))
-        s.compute_infer.CopyFrom(_duration(stats.compute_infer))
-        s.compute_output.CopyFrom(_duration(stats.compute_output))
-        for size in sorted(stats.batches):
-            b = stats.batches[size]
-            message.batch_stats.add(
-                batch_size=size,
-                compute_input=_duration(b.compute_input),
-                compute_infer=_duration(b.compute_infer),
-                compute_output=_duration(b.compute_output),
-            )
     return message
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over one ModelManager."""
+    """GRPCInferenceService over the data plane."""
 
     def __init__(
         self,
-        manager: ModelManager,
+        plane: DataPlane,
         *,
-        is_ready: Callable[[], bool],
         stream_max_in_flight: int = 64,
-        regions: SharedMemoryRegistry | None = None,
-        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
         closing: asyncio.Event | None = None,
     ) -> None:
-        self._manager = manager
-        self._regions = regions
-        self._limits = limits
+        self._plane = plane
+        self._regions = plane.shared_memory
+        self._limits = plane.limits
         self._closing = closing
         self._readers: set[asyncio.Task[None]] = set()
         self._stream_watch: asyncio.Task[None] | None = None
-        self._is_ready = is_ready
         self._stream_max_in_flight = stream_max_in_flight
 
     # -- health ----------------------------------------------------------------------------
@@ -142,15 +127,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._plane.ready())
 
     @handle_errors
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(
-            ready=self._manager.accepting and self._manager.is_ready(request.name, request.version)
-        )
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -158,68 +141,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        extensions = list(EXTENSIONS)
+        extensions: tuple[str, ...] = EXTENSIONS
         if self._regions is not None:
-            extensions.append(SHARED_MEMORY_EXTENSION)
+            extensions = (*extensions, SHARED_MEMORY_EXTENSION)
+        meta = self._plane.server_metadata(extensions)
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=extensions
+            name=meta.name, version=meta.version, extensions=list(meta.extensions)
         )
 
     @handle_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        mv = self._manager.get(request.name, request.version)
-        sig = mv.signature
-        return pb.ModelMetadataResponse(
-            name=mv.name,
-            versions=[str(v.version) for v in self._manager.versions(mv.name)],
-            platform=PLATFORMS[mv.spec.format][0],
-            inputs=codec.tensor_metadata(sig, sig.inputs),
-            outputs=codec.tensor_metadata(sig, sig.outputs),
-        )
+        return codec.metadata_to_proto(self._plane.model_metadata(request.name, request.version))
 
     @handle_errors
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        mv = self._manager.get(request.name, request.version)
-        platform, backend = PLATFORMS[mv.spec.format]
-        config = codec.model_config(
-            mv.name,
-            mv.signature,
-            platform,
-            backend,
-            mv.instances,
-            [v.version for v in self._manager.versions(mv.name)],
-            executor=mv.kind,
-        )
-        config.parameters["model_toml"].string_value = model_toml_text(mv.spec, mv.signature)
-        if mv.batching.max_batch_size > 0:
-            db = config.dynamic_batching
-            db.max_queue_delay_microseconds = mv.batching.max_queue_delay_ns // 1000
-            db.preferred_batch_size.extend(mv.batching.preferred_batch_sizes)
-            db.priority_levels = mv.queueing.priority_levels
-            db.default_priority_level = mv.queueing.default_priority
-            db.default_queue_policy.max_queue_size = mv.queueing.max_queue_size
-            db.default_queue_policy.default_timeout_microseconds = (
-                mv.queueing.default_timeout_ns // 1000
-            )
-        return pb.ModelConfigResponse(config=config)
+        config = self._plane.model_config(request.name, request.version)
+        return pb.ModelConfigResponse(config=codec.config_to_proto(config))
 
     @handle_errors
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            if request.version:
-                versions = [self._manager.get(request.name, request.version)]
-            else:
-                versions = self._manager.versions(request.name)
-        else:
-            versions = self._manager.ready_models()
         return pb.ModelStatisticsResponse(
-            model_stats=[_statistics(mv.name, mv.version, mv.stats) for mv in versions]
+            model_stats=[
+                _statistics(s) for s in self._plane.statistics(request.name, request.version)
+            ]
         )
 
     # -- inference -------------------------------------------------------------------------
@@ -244,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     request, spans = self._decode(message)
                 else:
                     request, spans = await asyncio.to_thread(self._decode, message)
-                response = await self._manager.infer(request)
+                response = await self._plane.infer(request)
                 if codec.encodes_inline(response, spans):
                     return codec.response_to_proto(response, spans)
                 return await asyncio.to_thread(codec.response_to_proto, response, spans)
@@ -352,9 +302,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        entries = self._manager.index()
-        if request.ready:
-            entries = [e for e in entries if e.state == "READY"]
+        entries = await self._plane.repository_index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -370,18 +318,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelLoadRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelLoadResponse:
-        self._check_repository(request.repository_name)
-        await self._check_model_folder(request.model_name)
-        if request.parameters:
-            names = errors.clip(", ".join(sorted(request.parameters)), 200)
-            raise errors.UnsupportedError(
-                f"load parameters are not supported ({names}); "
-                "edit model.toml in the repository instead"
-            )
-        started = time.monotonic()
-        await self._manager.load(request.model_name)
-        log.info(
-            "model_loaded", model=request.model_name, seconds=round(time.monotonic() - started, 3)
+        await self._plane.load(
+            request.model_name, request.repository_name, dict(request.parameters)
         )
         return pb.RepositoryModelLoadResponse()
 
@@ -391,9 +329,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.RepositoryModelUnloadRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.RepositoryModelUnloadResponse:
-        self._check_repository(request.repository_name)
-        self._check_model_name(request.model_name)
-        await self._manager.unload(request.model_name)
+        await self._plane.unload(request.model_name, request.repository_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory --------------------------------------------------------------
@@ -444,48 +380,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         log.info("shm_unregistered", region=errors.clip(request.name) or "*")
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @staticmethod
-    def _check_model_name(name: str) -> None:
-        """A name that could be a model folder's: a plain file name.
-
-        Raises:
-            InvalidInputError: empty, too long, a path, a NUL byte or a hidden name.
-        """
-        if (
-            not name
-            or len(name.encode(errors="surrogatepass")) > MAX_MODEL_NAME_BYTES
-            or not name.isprintable()
-            or "/" in name
-            or name.startswith(".")
-        ):
-            raise errors.InvalidInputError(
-                f"model name '{errors.clip(name)}' is not a model folder name (a plain name of "
-                f"at most {MAX_MODEL_NAME_BYTES} bytes, no '/', no control characters, not "
-                "starting with '.')"
-            )
-
-    async def _check_model_folder(self, name: str) -> None:
-        """``name`` is a model folder in the repository, checked before anything is marked
-        as wanted (so a bad name leaves readiness alone).
-
-        Raises:
-            InvalidInputError: not a plain folder name.
-            ModelNotFoundError: no such model folder.
-        """
-        self._check_model_name(name)
-        if name not in await asyncio.to_thread(self._manager.models_on_disk):
-            raise errors.ModelNotFoundError(
-                f"'{errors.clip(name)}' is not a model folder in the repository"
-            )
-
-    @staticmethod
-    def _check_repository(name: str) -> None:
-        if name not in ("", "models"):
-            raise errors.ModelNotFoundError(
-                f"unknown repository '{errors.clip(name)}' (edged serves one, "
-                "'models'; leave repository_name empty)"
-            )
-
 
 class HealthPublisher:
     """Keeps grpc.health.v1 in step: "" for the server, one service name per model."""
@@ -519,13 +413,10 @@ class HealthPublisher:
 
 
 def build_server(
-    manager: ModelManager,
+    plane: DataPlane,
     *,
-    is_ready: Callable[[], bool],
     max_request_bytes: int,
     stream_max_in_flight: int,
-    regions: SharedMemoryRegistry | None = None,
-    limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
     closing: asyncio.Event | None = None,
     services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
@@ -544,21 +435,14 @@ def build_server(
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(
-            manager,
-            is_ready=is_ready,
-            stream_max_in_flight=stream_max_in_flight,
-            regions=regions,
-            limits=limits,
-            closing=closing,
-        ),
+        InferenceServicer(plane, stream_max_in_flight=stream_max_in_flight, closing=closing),
         server,
     )
     for _, add_to_server in services:
         add_to_server(server)
     if health is None:
         health = HealthPublisher(HealthServicer())
-        manager.on_change(health.model_changed)
+        plane.on_model_change(health.model_changed)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (

@@ -17,7 +17,8 @@ from edged.core.errors import InvalidInputError, UnsupportedError, clip
 from edged.core.limits import RequestLimits
 from edged.core.tensors import check_shape, decode_raw, element_count, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse, Signature, TensorSpec
-from edged.serving.shared_memory import SharedMemoryRegistry, Span
+from edged.core.views import ModelConfiguration, ModelMetadata, TensorMetadata
+from edged.serving.dataplane import SharedMemoryRegistry, Span
 
 #: which typed ``contents`` field carries each datatype (FP16 has none: raw only)
 CONTENTS_FIELD: dict[DataType, str] = {
@@ -341,6 +342,52 @@ def tensor_metadata(
         )
         for s in specs
     ]
+
+
+def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    """A ModelMetadataResponse."""
+
+    def tensors(
+        specs: tuple[TensorMetadata, ...],
+    ) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=list(t.shape)
+            )
+            for t in specs
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=list(meta.versions),
+        platform=meta.platform,
+        inputs=tensors(meta.inputs),
+        outputs=tensors(meta.outputs),
+    )
+
+
+def config_to_proto(c: ModelConfiguration) -> mc.ModelConfig:
+    """Triton's ModelConfig of a served model version, with its model.toml as the parameter
+    ``model_toml`` and, when it batches, its dynamic batching and queue policy."""
+    config = model_config(
+        c.name,
+        c.signature,
+        c.platform,
+        c.backend,
+        c.instances,
+        list(c.versions),
+        executor=c.executor,
+    )
+    config.parameters["model_toml"].string_value = c.model_toml
+    if c.dynamic_batching:
+        db = config.dynamic_batching
+        db.max_queue_delay_microseconds = c.max_queue_delay_us
+        db.preferred_batch_size.extend(c.preferred_batch_sizes)
+        db.priority_levels = c.priority_levels
+        db.default_priority_level = c.default_priority
+        db.default_queue_policy.max_queue_size = c.max_queue_size
+        db.default_queue_policy.default_timeout_microseconds = c.default_timeout_us
+    return config
 
 
 def _set_dims(tensor: mc.ModelInput | mc.ModelOutput, dims: tuple[int, ...], batched: bool) -> None:

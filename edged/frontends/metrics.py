@@ -1,7 +1,8 @@
 """Prometheus metrics on their own port, from a registry the daemon owns.
 
-Everything is read at scrape time from the serving layer's own counters and histograms
-(``edged.serving.stats``), so a request pays nothing for metrics it would not pay anyway.
+Everything is read at scrape time from the data plane's statistics snapshots and executor
+views (``edged.serving.dataplane``), so a request pays nothing for metrics it would not pay
+anyway.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from edged.serving.manager import ModelManager
-from edged.serving.stats import Histogram
-from hal.placement import BreakerState
+from edged.core.stats import Histogram
+from edged.core.views import BREAKER_STATES
+from edged.serving.dataplane import DataPlane
 
 LABELS = ["model", "version"]
 
@@ -38,8 +39,8 @@ class ServingCollector(Collector):
     """Per model version: requests, failures, items, batches, queue depth, in-flight, and
     histograms of queue time, request time, compute time and batch size."""
 
-    def __init__(self, manager: ModelManager) -> None:
-        self._manager = manager
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     def collect(self) -> Iterator[Metric]:
         success = CounterMetricFamily(
@@ -73,24 +74,20 @@ class ServingCollector(Collector):
             "compute": [],
             "batch": [],
         }
-        for mv in self._manager.ready_models():
+        for mv, stats in self._plane.served():
             labels = [mv.name, str(mv.version)]
-            stats = mv.stats
-            with stats._lock:
-                success.add_metric(labels, stats.success.count)
-                for code, count in sorted(stats.failures_by_code.items()):
-                    failure.add_metric([*labels, code], count)
-                items.add_metric(labels, stats.inference_count)
-                executions.add_metric(labels, stats.execution_count)
-                hists["queue"].append((labels, _copy(stats.queue_seconds)))
-                hists["request"].append((labels, _copy(stats.request_seconds)))
-                hists["compute"].append((labels, _copy(stats.compute_seconds)))
-                hists["batch"].append((labels, _copy(stats.batch_size)))
-            depth.add_metric(labels, mv.scheduler.queue_depth)
+            success.add_metric(labels, stats.success.count)
+            for code, count in sorted(stats.failures_by_code.items()):
+                failure.add_metric([*labels, code], count)
+            items.add_metric(labels, stats.inference_count)
+            executions.add_metric(labels, stats.execution_count)
+            hists["queue"].append((labels, stats.queue_seconds))
+            hists["request"].append((labels, stats.request_seconds))
+            hists["compute"].append((labels, stats.compute_seconds))
+            hists["batch"].append((labels, stats.batch_size))
+            depth.add_metric(labels, mv.queue_depth)
             in_flight.add_metric(labels, mv.in_flight)
-            info.add_metric(
-                [*labels, mv.kind, str(mv.instances), str(mv.signature.max_batch_size)], 1
-            )
+            info.add_metric([*labels, mv.executor, str(mv.instances), str(mv.max_batch_size)], 1)
         yield from (success, failure, items, executions, depth, in_flight, info)
         yield from self._placement()
         yield _histogram(
@@ -121,23 +118,22 @@ class ServingCollector(Collector):
             "Moves of a model version away from an executor whose breaker opened.",
             labels=moves,
         )
-        for key, count in sorted(self._manager.failovers.copy().items()):
+        counters = self._plane.placement_counters()
+        for key, count in sorted(counters.failovers.items()):
             failovers.add_metric(list(key), count)
         recoveries = CounterMetricFamily(
             "edged_executor_recoveries",
             "Moves of a model version back to a better executor that recovered.",
             labels=moves,
         )
-        for key, count in sorted(self._manager.recoveries.copy().items()):
+        for key, count in sorted(counters.recoveries.items()):
             recoveries.add_metric(list(key), count)
         failures = CounterMetricFamily(
             "edged_executor_failures",
             "Batches that failed with an executor error (timeouts included).",
             labels=[*LABELS, "executor"],
         )
-        for (model, version, executor), count in sorted(
-            self._manager.executor_failures.copy().items()
-        ):
+        for (model, version, executor), count in sorted(counters.executor_failures.items()):
             failures.add_metric([model, version, executor], count)
         breaker = GaugeMetricFamily(
             "edged_executor_breaker_state",
@@ -145,28 +141,21 @@ class ServingCollector(Collector):
             "state (closed, open, half_open), 0 for the others.",
             labels=[*LABELS, "executor", "state"],
         )
-        for status in self._manager.breakers():
-            for state in BreakerState:
+        for status in self._plane.breakers():
+            for state in BREAKER_STATES:
                 breaker.add_metric(
-                    [status.model, str(status.version), status.executor, str(state)],
-                    int(status.state is state),
+                    [status.model, str(status.version), status.executor, state],
+                    int(status.state == state),
                 )
         yield from (failovers, recoveries, failures, breaker)
-
-
-def _copy(hist: Histogram) -> Histogram:
-    copy = Histogram(hist.bounds)
-    copy.counts = list(hist.counts)
-    copy.total = hist.total
-    return copy
 
 
 class MetricsEndpoint:
     """The daemon's own registry served over HTTP (text exposition format)."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServingCollector(manager))
+        self.registry.register(ServingCollector(plane))
         self._server: Any = None
         self._thread: Any = None
         self.port: int | None = None

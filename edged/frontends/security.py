@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,34 @@ class Security:
             raise ConfigError(f"config key '{key}': cannot bind {address}")
         return port
 
+    def http_ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTP listener's TLS context from the same [tls] files as gRPC's (None: plain
+        HTTP); with a client CA, a client without a certificate it signed is refused at the
+        handshake, as on gRPC. Reads files: call on a worker thread. Certificates are read
+        once, at start (gRPC re-reads them; the HTTP listener needs a restart).
+
+        Raises:
+            ConfigError: the files cannot be loaded, naming tls.cert_file.
+        """
+        if not self.uses_tls(False):
+            return None
+        assert self.certificates is not None
+        c = self.certificates
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(c.cert_file, c.key_file)
+            if c.client_ca_file is not None:
+                context.load_verify_locations(c.client_ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"config key 'tls.cert_file': cannot load for HTTP: {e}") from e
+        return context
+
+    def note_listener(self, address: str, *, tls: bool) -> None:
+        """A non-gRPC TCP listener (HTTP), for the warning about tokens sent in the clear."""
+        if not tls and not address.startswith(_LOOPBACK_HOSTS):
+            self._plaintext.append(address)
+
     def log_policy(self, zmq_endpoints: list[str]) -> None:
         """Say at start who may do what; warn where secrets would cross a network in the
         clear or where management is reachable only locally."""
@@ -148,7 +177,7 @@ class Security:
                 "access_tokens_in_clear",
                 listeners=self._plaintext + zmq_plain,
                 detail="bearer tokens sent to these non-loopback plaintext listeners can be "
-                "read on the network: use TLS (gRPC) or CURVE (ZeroMQ)",
+                "read on the network: use TLS (gRPC, HTTP) or CURVE (ZeroMQ)",
             )
 
     def start_reloading(self, curve: CurveServer | None) -> None:

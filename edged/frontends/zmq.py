@@ -1,7 +1,7 @@
 """The ZeroMQ frontend: a ROUTER socket (tcp:// and ipc://) carrying the wire format of
 ``edged.frontends.zmq_wire``, many requests in flight per connection.
 
-Thin like the gRPC frontend: frames in -> edged.core types -> the ModelManager (or, for
+Thin like the gRPC frontend: frames in -> edged.core types -> the data plane (or, for
 "add_samples", the LearnManager) -> frames out, with the same status codes
 (``edged.core.status``). Every message passes the access check (``edged.security.access``)
 as ``zmq/<op>`` once its header is read, before its tensors are decoded; the bearer token
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from edged import __version__
 from edged.core.errors import (
     ConfigError,
     EdgedError,
@@ -31,14 +30,12 @@ from edged.core.errors import (
     clip,
     clip_message,
 )
-from edged.core.limits import RequestLimits
 from edged.core.status import code_of
 from edged.frontends import zmq_wire as wire
 from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.security.access import AccessControl, Credentials, Decision, audited
 from edged.security.curve import IDENTITY_PREFIX, CurveServer
-from edged.serving.manager import ModelManager
-from edged.serving.repository import PLATFORMS
+from edged.serving.dataplane import DataPlane
 
 log = structlog.get_logger("edged.zmq")
 
@@ -55,25 +52,22 @@ class ZmqFrontend:
 
     def __init__(
         self,
-        manager: ModelManager,
+        plane: DataPlane,
         addresses: Sequence[str],
         *,
-        is_ready: Callable[[], bool],
         max_message_bytes: int,
         max_in_flight: int,
         learn: LearnManager | None = None,
         access: AccessControl | None = None,
         curve: tuple[Path, Path] | None = None,
-        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
     ) -> None:
         self._access = access or AccessControl()
         self._curve_files = curve
         self.curve: CurveServer | None = None
-        self._manager = manager
-        self._limits = limits
+        self._plane = plane
+        self._limits = plane.limits
         self._learn = learn
         self._addresses = list(addresses)
-        self._is_ready = is_ready
         self._max_message_bytes = max_message_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
         self._context: zmq.asyncio.Context | None = None
@@ -222,7 +216,7 @@ class ZmqFrontend:
                 version=clip(request.model_version),
                 request_id=clip(rid),
             ):
-                response = await self._manager.infer(request)
+                response = await self._plane.infer(request)
             return wire.encode_response(rid, response)
         if op == "add_samples":
             if self._learn is None:
@@ -255,43 +249,35 @@ class ZmqFrontend:
         if op == "live":
             return wire.encode_value(rid, {"live": True})
         if op == "ready":
-            return wire.encode_value(rid, {"ready": self._is_ready()})
+            return wire.encode_value(rid, {"ready": self._plane.ready()})
         if op == "server_metadata":
+            meta = self._plane.server_metadata(("zmq",))
             return wire.encode_value(
-                rid, {"name": "edged", "version": __version__, "extensions": ["zmq"]}
+                rid,
+                {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)},
             )
         model = header.get("model")
         version = header.get("version", "")
         if not isinstance(model, str) or not isinstance(version, str):
             raise InvalidInputError("header 'model' and 'version' must be strings")
         if op == "model_ready":
-            ready = self._manager.accepting and self._manager.is_ready(model, version)
-            return wire.encode_value(rid, {"ready": ready})
-        mv = self._manager.get(model, version)  # model_metadata
-        sig = mv.signature
+            return wire.encode_value(rid, {"ready": self._plane.model_ready(model, version)})
+        info = self._plane.model_metadata(model, version)  # model_metadata
         return wire.encode_value(
             rid,
             {
-                "name": mv.name,
-                "versions": [str(v.version) for v in self._manager.versions(mv.name)],
-                "platform": PLATFORMS[mv.spec.format][0],
-                "executor": mv.kind,
-                "max_batch_size": sig.max_batch_size,
+                "name": info.name,
+                "versions": list(info.versions),
+                "platform": info.platform,
+                "executor": info.executor,
+                "max_batch_size": info.max_batch_size,
                 "inputs": [
-                    {
-                        "name": t.name,
-                        "datatype": t.datatype.value,
-                        "shape": list(sig.client_shape(t)),
-                    }
-                    for t in sig.inputs
+                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                    for t in info.inputs
                 ],
                 "outputs": [
-                    {
-                        "name": t.name,
-                        "datatype": t.datatype.value,
-                        "shape": list(sig.client_shape(t)),
-                    }
-                    for t in sig.outputs
+                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                    for t in info.outputs
                 ],
             },
         )

@@ -279,13 +279,13 @@ class TufClient:
 
 def health_sample(stats: ModelStats) -> HealthSample:
     """A consistent copy of what ``stats`` counted so far."""
-    with stats._lock:
-        return HealthSample(
-            successes=stats.success.count,
-            failures_by_error=dict(stats.failures_by_error),
-            latency_bounds=stats.request_seconds.bounds,
-            latency_counts=tuple(stats.request_seconds.counts),
-        )
+    snapshot = stats.snapshot("", 0)
+    return HealthSample(
+        successes=snapshot.success.count,
+        failures_by_error=snapshot.failures_by_error,
+        latency_bounds=snapshot.request_seconds.bounds,
+        latency_counts=tuple(snapshot.request_seconds.counts),
+    )
 
 
 # -- the manager -----------------------------------------------------------------------------

@@ -79,6 +79,18 @@ ACCESS: Mapping[str, Role | None] = {
     "zmq/model_metadata": Role.READ,
     "zmq/infer": Role.INFER,
     "zmq/add_samples": Role.LEARN,
+    # KServe v2 HTTP/REST (docs/http.md)
+    "http/live": None,
+    "http/ready": None,
+    "http/model_ready": Role.READ,
+    "http/server_metadata": Role.READ,
+    "http/model_metadata": Role.READ,
+    "http/model_config": Role.READ,
+    "http/model_statistics": Role.READ,
+    "http/repository_index": Role.READ,
+    "http/infer": Role.INFER,
+    "http/load": Role.MANAGE,
+    "http/unload": Role.MANAGE,
 }
 
 

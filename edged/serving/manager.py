@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import enum
 import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -39,6 +38,7 @@ from edged.core.errors import (
     clip,
 )
 from edged.core.types import InferRequest, InferResponse
+from edged.core.views import IndexEntry, VersionState
 from edged.serving.model import ModelVersion, Sample, load_model_version
 from edged.serving.repository import (
     ModelSpec,
@@ -68,25 +68,6 @@ log = structlog.get_logger("edged.serving")
 
 #: a check a freshly loaded, warmed version must pass before it takes traffic
 Gate = Callable[[ModelVersion], Awaitable[None]]
-
-
-class VersionState(enum.StrEnum):
-    """A model version's state, as RepositoryIndex reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One row of the repository index."""
-
-    name: str
-    version: str
-    state: VersionState
-    reason: str = ""
 
 
 @dataclass
@@ -705,10 +686,12 @@ class ModelManager:
             raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         return [model.serving[v] for v in sorted(model.serving)]
 
-    def index(self) -> list[IndexEntry]:
-        """Every model on disk or known, with each version's state."""
+    def index(self, on_disk: list[str] | None = None) -> list[IndexEntry]:
+        """Every model on disk (``on_disk``: the folders, listed by the caller off the event
+        loop; None lists them here) or known, with each version's state."""
         entries = []
-        for name in sorted(set(self.models_on_disk()) | set(self._models)):
+        folders = self.models_on_disk() if on_disk is None else on_disk
+        for name in sorted(set(folders) | set(self._models)):
             model = self._models.get(name)
             if model is None or not model.states:
                 reason = model.error if model else "not loaded"

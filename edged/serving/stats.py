@@ -4,76 +4,24 @@ the request path pays only a few additions."""
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edged.core.errors import EdgedError
+from edged.core.stats import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    BatchTimes,
+    Duration,
+    Histogram,
+    StatisticsSnapshot,
+)
 from edged.core.status import count_by_code
 
 if TYPE_CHECKING:
     from edged.serving.scheduler import Execution
-
-
-@dataclass
-class Duration:
-    """How many times something happened and how long it took in total."""
-
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-#: seconds
-LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-@dataclass
-class Histogram:
-    """Counts per upper bound (Prometheus ``le`` buckets, not cumulative here) and the sum."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(``le``, cumulative count) pairs, ending with +Inf."""
-        pairs = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            pairs.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return pairs
 
 
 @dataclass
@@ -146,3 +94,35 @@ class ModelStats:
         """``failures_by_error`` by status code (``edged.core.status``): the frontends' view.
         Read it under ``_lock``, as every counter here."""
         return count_by_code(self.failures_by_error)
+
+    def snapshot(self, name: str, version: int) -> StatisticsSnapshot:
+        """A consistent copy of every counter (the only reader of this object's lock outside
+        its writers)."""
+
+        def d(x: Duration) -> Duration:
+            return Duration(x.count, x.ns)
+
+        with self._lock:
+            return StatisticsSnapshot(
+                name=name,
+                version=version,
+                last_inference_ms=self.last_inference_ms,
+                inference_count=self.inference_count,
+                execution_count=self.execution_count,
+                success=d(self.success),
+                fail=d(self.fail),
+                queue=d(self.queue),
+                compute_input=d(self.compute_input),
+                compute_infer=d(self.compute_infer),
+                compute_output=d(self.compute_output),
+                batches={
+                    size: BatchTimes(d(b.compute_input), d(b.compute_infer), d(b.compute_output))
+                    for size, b in self.batches.items()
+                },
+                failures_by_error=dict(self.failures_by_error),
+                failures_by_code=self.failures_by_code,
+                queue_seconds=self.queue_seconds.copy(),
+                request_seconds=self.request_seconds.copy(),
+                compute_seconds=self.compute_seconds.copy(),
+                batch_size=self.batch_size.copy(),
+            )

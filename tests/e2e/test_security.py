@@ -27,6 +27,7 @@ from cryptography import x509
 
 from edged._proto.inference import grpc_service_pb2 as pb
 from edged.client import CurveKeys, ZmqClient, ZmqClientError
+from edged.frontends.http import HTTP_STATUS
 from edged.security.roles import ACCESS, AUDITED, Role
 from tests import pki
 from tests.daemon_process import REPO_ROOT, DaemonProcess, run_cli
@@ -190,6 +191,74 @@ def test_every_zmq_op_per_token_role(
         assert code == "PERMISSION_DENIED"
 
 
+#: one request per HTTP call of the access table: (method, path, body); load/unload name a
+#: model that is not there, so that an allowed call changes nothing
+HTTP_REQUESTS: dict[str, tuple[str, str, bytes | None]] = {
+    "http/live": ("GET", "/v2/health/live", None),
+    "http/ready": ("GET", "/v2/health/ready", None),
+    "http/model_ready": ("GET", "/v2/models/digits/ready", None),
+    "http/server_metadata": ("GET", "/v2", None),
+    "http/model_metadata": ("GET", "/v2/models/digits", None),
+    "http/model_config": ("GET", "/v2/models/digits/config", None),
+    "http/model_statistics": ("GET", "/v2/models/digits/stats", None),
+    "http/repository_index": ("POST", "/v2/repository/index", b"{}"),
+    "http/infer": (
+        "POST",
+        "/v2/models/digits/infer",
+        json.dumps(
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}
+        ).encode(),
+    ),
+    "http/load": ("POST", "/v2/repository/models/absent/load", b"{}"),
+    "http/unload": ("POST", "/v2/repository/models/absent/unload", b"{}"),
+}
+CODE_OF_HTTP = {status: code for code, status in HTTP_STATUS.items()}
+
+
+def http_call(address: str, call: str, token: str | None) -> str:
+    """Make the HTTP request of ``call``; the status code name its HTTP status stands for."""
+    method, path, body = HTTP_REQUESTS[call]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=body, headers=headers, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    return CODE_OF_HTTP.get(status, "OTHER")
+
+
+def test_every_http_call_of_the_table_is_exercised() -> None:
+    assert set(HTTP_REQUESTS) == {c for c in ACCESS if c.startswith("http/")}
+
+
+@pytest.mark.parametrize("role", [*ROLES, None, "bogus"])
+@pytest.mark.parametrize("call", sorted(HTTP_REQUESTS))
+def test_every_http_call_per_token_role(
+    token_daemon: dict[str, Any], call: str, role: str | None
+) -> None:
+    required = ACCESS[call]
+    token = (
+        token_daemon["tokens"][role]
+        if role in ROLES
+        else "edged_00000000_" + "x" * 43
+        if role == "bogus"
+        else None
+    )
+    code = http_call(token_daemon["daemon"].http_address, call, token)
+
+    if role == "bogus":
+        assert code == "UNAUTHENTICATED"
+    elif required is None or role == required:
+        assert code not in AUTH_CODES, code
+    elif role is None:
+        assert code == "UNAUTHENTICATED"
+    else:
+        assert code == "PERMISSION_DENIED"
+
+
 def test_audit_log_records_each_management_call(token_daemon: dict[str, Any]) -> None:
     daemon: DaemonProcess = token_daemon["daemon"]
     tokens = token_daemon["tokens"]
@@ -247,12 +316,15 @@ def test_audit_log_has_an_event_for_each_management_and_learning_call(
     if call.startswith("zmq/"):
         with ZmqClient(daemon.zmq_endpoints[0], timeout=20, token=token) as client:
             code = _zmq_call(client, call.removeprefix("zmq/"))
+    elif call.startswith("http/"):
+        code = http_call(daemon.http_address, call, token)
     else:
         with grpc.insecure_channel(daemon.address) as channel:
             code = call_code(channel, call, bearer(token))
     event = daemon.wait_for("audit", call=call, who=f"token:{role}-client", outcome=code)
     assert event["role"] == role
-    assert event["transport"] == ("zmq" if call.startswith("zmq/") else "grpc")
+    transport = "grpc" if call.startswith("/") else call.partition("/")[0]
+    assert event["transport"] == transport
 
 
 def test_unix_socket_is_not_trusted_once_tokens_exist(token_daemon: dict[str, Any]) -> None:
@@ -457,6 +529,63 @@ def test_inference_listener_is_plain_and_serves_no_management(
         # the inference listener has no client CA: a management call of the KServe API
         # cannot be authenticated there
         assert call_code(channel, LOAD, ()) == "UNAUTHENTICATED"
+
+
+@pytest.fixture(scope="module")
+def https_daemon(
+    tmp_path_factory: pytest.TempPathFactory, ca_dir: dict[str, Any]
+) -> Iterator[DaemonProcess]:
+    """Every listener with mutual TLS, the HTTP one included."""
+    daemon = serve(digits_repo(tmp_path_factory.mktemp("https")), tls_env(ca_dir))
+    try:
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+def https_status(
+    ca_dir: dict[str, Any], address: str, who: str | None, method: str, path: str
+) -> int:
+    context = ssl.create_default_context(cafile=str(ca_dir["folder"] / "ca.pem"))
+    context.check_hostname = False  # the certificate names localhost; the chain is verified
+    if who is not None:
+        context.load_cert_chain(*ca_dir[who])
+    request = urllib.request.Request(
+        f"https://{address}{path}", data=b"{}" if method == "POST" else None, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=20, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "status"),
+    [
+        ("fleet", "POST", "/v2/repository/models/digits/load", 200),
+        ("fleet", "GET", "/v2/models/digits/stats", 200),
+        ("reader", "GET", "/v2/models/digits", 200),
+        ("reader", "POST", "/v2/repository/models/digits/load", 403),
+    ],
+)
+def test_https_listener_maps_client_certificates_to_roles(
+    https_daemon: DaemonProcess,
+    ca_dir: dict[str, Any],
+    who: str,
+    method: str,
+    path: str,
+    status: int,
+) -> None:
+    assert https_status(ca_dir, https_daemon.http_address, who, method, path) == status
+
+
+@pytest.mark.parametrize("who", ["expired", "foreign", None])
+def test_https_listener_refuses_bad_client_certificates(
+    https_daemon: DaemonProcess, ca_dir: dict[str, Any], who: str | None
+) -> None:
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        https_status(ca_dir, https_daemon.http_address, who, "GET", "/v2")
 
 
 def _digits_input() -> grpcclient.InferInput:

@@ -14,6 +14,7 @@ from edged.core.errors import ConfigError
 
 ALL_KEYS = {
     "server.grpc_address",
+    "server.http_address",
     "server.max_request_bytes",
     "server.shutdown_grace_s",
     "server.shared_memory",
@@ -390,6 +391,9 @@ BUILD_ERRORS = [
     pytest.param(
         {}, {"EDGED_SERVER_GRPC_ADDRESS": "host:-1"}, "server.grpc_address", id="env-negative-port"
     ),
+    pytest.param(
+        {}, {"EDGED_SERVER_HTTP_ADDRESS": "host:port"}, "server.http_address", id="http-address"
+    ),
     pytest.param({"log": {"level": "verbose"}}, {}, "log.level", id="log-level-verbose"),
     pytest.param({"log": {"format": "xml"}}, {}, "log.format", id="log-format-xml"),
 ]
@@ -543,3 +547,8 @@ def test_unknown_key_far_from_every_known_one_gets_no_suggestion() -> None:
         build_config({"server": {"zzzzzzzz": 1}})
     assert "did you mean" not in str(caught.value)
     assert "server.zzzzzzzz" in str(caught.value)
+
+
+def test_http_address_empty_turns_the_listener_off() -> None:
+    assert build_config({}, env={"EDGED_SERVER_HTTP_ADDRESS": ""}).server.http_address == ""
+    assert Config().server.http_address == "127.0.0.1:8000"

@@ -15,14 +15,17 @@ from edged.core.errors import ModelNotFoundError, OverloadedError
 from edged.core.limits import RequestLimits
 from edged.frontends import grpc as grpc_frontend
 from edged.frontends import kserve_codec
+from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 
 
 def _servicer(repo: Path) -> grpc_frontend.InferenceServicer:
     return grpc_frontend.InferenceServicer(
-        ModelManager(repo, devices=[]),
-        is_ready=lambda: True,
-        limits=RequestLimits(max_inputs=300_000),
+        DataPlane(
+            ModelManager(repo, devices=[]),
+            is_ready=lambda: True,
+            limits=RequestLimits(max_inputs=300_000),
+        )
     )
 
 
@@ -90,7 +93,7 @@ def test_limits_are_checked_before_decoding(
 ) -> None:
     seen = _watch_decoding(monkeypatch, [0])
     servicer = grpc_frontend.InferenceServicer(
-        ModelManager(tmp_path, devices=[]), is_ready=lambda: True
+        DataPlane(ModelManager(tmp_path, devices=[]), is_ready=lambda: True)
     )
     with pytest.raises(OverloadedError, match=r"limits\.max_inputs"):
         asyncio.run(servicer._infer(_many_inputs(257)))

@@ -17,6 +17,7 @@ from edged._proto.inference import grpc_service_pb2
 from edged.config import build_config
 from edged.core.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
 from edged.core.status import code_of
+from edged.frontends import http as http_frontend
 from edged.frontends import zmq_wire
 from edged.frontends.grpc_access import bearer, is_local, request_args
 from edged.security.access import AccessControl, Credentials
@@ -36,6 +37,7 @@ SERVICES = [
 def test_access_table_names_every_grpc_method_and_zmq_op_and_nothing_else() -> None:
     served = {f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods}
     served |= {f"zmq/{op}" for op in zmq_wire.OPS}
+    served |= http_frontend.CALLS
     assert set(ACCESS) == served
 
 
