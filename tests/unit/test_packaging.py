@@ -309,13 +309,15 @@ def test_dockerfile_serves_the_packaged_config_on_its_ports() -> None:
 
     def ports(config: Config) -> set[int]:
         tcp = [a[len("tcp://") :] for a in config.zmq.addresses if a.startswith("tcp://")]
-        addresses = [config.server.grpc_address, config.metrics.address, *tcp]
-        return {int(a.rpartition(":")[2]) for a in addresses}
+        addresses = [config.server.grpc_address, config.server.http_address]
+        addresses += [config.metrics.address, *tcp]
+        return {int(a.rpartition(":")[2]) for a in addresses if a}
 
     # ...that change the interface, never the port: EXPOSE lists exactly the config's ports
     exposed = {int(p) for line in _instruction("EXPOSE") for p in line.split()}
     assert ports(in_image) == ports(packaged) == exposed
     assert in_image.server.grpc_address.startswith("0.0.0.0:")
+    assert in_image.server.http_address.startswith("0.0.0.0:")
     assert not in_image.server.shared_memory  # reachable from outside: no /dev/shm mapping
     # the volume holds everything the daemon writes
     assert _instruction("VOLUME") == ["/var/lib/edged"]
