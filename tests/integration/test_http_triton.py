@@ -38,9 +38,19 @@ def http_address(daemon: DaemonProcess) -> str:
     return daemon.http_address
 
 
+class Client(httpclient.InferenceServerClient):
+    """tritonclient.http's client, closed explicitly by each test. Its ``__del__`` closes it
+    again, from whichever thread the cyclic garbage collector happens to run in, and gevent
+    refuses to join its pool from a foreign thread (InvalidThreadUseError, an unraisable
+    exception that fails a later, unrelated test): closing once is enough."""
+
+    def __del__(self) -> None:
+        pass
+
+
 @pytest.fixture
 def client(http_address: str):
-    c = httpclient.InferenceServerClient(http_address)
+    c = Client(http_address)
     yield c
     c.close()
 
@@ -318,7 +328,7 @@ def own_daemon(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_repository_unload_and_load(own_daemon: DaemonProcess) -> None:
-    c = httpclient.InferenceServerClient(own_daemon.http_address)
+    c = Client(own_daemon.http_address)
     try:
         assert c.is_model_ready("digits")
         c.unload_model("digits")
