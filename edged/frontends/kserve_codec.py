@@ -6,7 +6,7 @@ always go out as ``raw_output_contents``, the only form the Triton client decode
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,9 @@ CONFIG_DATATYPE: dict[DataType, int] = {
     dt: mc.DataType.Value("TYPE_STRING" if dt is DataType.BYTES else f"TYPE_{dt.value}")
     for dt in DataType
 }
+
+#: one input tensor: of a ModelInferRequest, and of an AddSamplesRequest (the same message)
+InputTensor = pb.ModelInferRequest.InferInputTensor
 
 _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
 
@@ -102,7 +105,7 @@ def _typed_contents(
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def _has_typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
+def _has_typed_contents(tensor: InputTensor) -> bool:
     return tensor.HasField("contents") and any(
         len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS
     )
@@ -156,7 +159,7 @@ def shm_span(
 
 
 def _decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor,
+    tensor: InputTensor,
     raw: bytes | None,
     regions: SharedMemoryRegistry | None,
 ) -> Array:
@@ -202,21 +205,39 @@ def check_limits(message: pb.ModelInferRequest, limits: RequestLimits) -> None:
         outputs=len(message.outputs),
         parameters=len(message.parameters),
     )
-    for i, tensor in enumerate(message.inputs):
-        limits.check_tensor_parameters(f"inputs[{i}]", len(tensor.parameters))
+    check_input_limits(message.inputs, limits)
     for i, out in enumerate(message.outputs):
         limits.check_tensor_parameters(f"outputs[{i}]", len(out.parameters))
+
+
+def check_input_limits(tensors: Sequence[InputTensor], limits: RequestLimits) -> None:
+    """``check_limits`` of input tensors alone (AddSamples carries no outputs or parameters).
+
+    Raises:
+        OverloadedError: too many tensors, or too many parameters on one; names the limit.
+    """
+    limits.check(inputs=len(tensors), outputs=0, parameters=0)
+    for i, tensor in enumerate(tensors):
+        limits.check_tensor_parameters(f"inputs[{i}]", len(tensor.parameters))
 
 
 def decodes_inline(message: pb.ModelInferRequest) -> bool:
     """Whether decoding ``message`` is cheap enough for the event loop: a few tensors, all in
     ``raw_input_contents`` (viewed, not copied), none BYTES (split element by element)."""
-    if len(message.inputs) > INLINE_MAX_TENSORS or len(message.outputs) > INLINE_MAX_TENSORS:
+    if len(message.outputs) > INLINE_MAX_TENSORS:
+        return False
+    return inputs_decode_inline(message.inputs) and not any(
+        _uses_shm(o.parameters) for o in message.outputs
+    )
+
+
+def inputs_decode_inline(tensors: Sequence[InputTensor]) -> bool:
+    """``decodes_inline`` of input tensors alone."""
+    if len(tensors) > INLINE_MAX_TENSORS:
         return False
     return not any(
-        t.datatype == "BYTES" or t.HasField("contents") or _uses_shm(t.parameters)
-        for t in message.inputs
-    ) and not any(_uses_shm(o.parameters) for o in message.outputs)
+        t.datatype == "BYTES" or t.HasField("contents") or _uses_shm(t.parameters) for t in tensors
+    )
 
 
 def encodes_inline(response: InferResponse, spans: Mapping[str, Span]) -> bool:
@@ -234,10 +255,8 @@ def encodes_inline(response: InferResponse, spans: Mapping[str, Span]) -> bool:
 def request_from_proto(
     message: pb.ModelInferRequest, regions: SharedMemoryRegistry | None = None
 ) -> InferRequest:
-    """Decode and check a ModelInferRequest's wire-level form.
-
-    ``raw_input_contents`` holds one entry per input that is not in shared memory, in order
-    (as tritonclient sends them). Shared-memory inputs are views onto their region.
+    """Decode and check a ModelInferRequest's wire-level form (its inputs by
+    ``inputs_from_proto``).
 
     Raises:
         InvalidInputError: bad datatype, shape, byte length, contents, shared-memory span, or a
@@ -246,22 +265,7 @@ def request_from_proto(
     """
     if not message.model_name:
         raise InvalidInputError("model_name is empty")
-    raw = message.raw_input_contents
-    carried = [t for t in message.inputs if not _uses_shm(t.parameters)]
-    if raw and len(raw) != len(carried):
-        raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries for {len(carried)} inputs not in "
-            "shared memory; it needs one per input"
-        )
-    next_raw = iter(raw)
-    inputs: dict[str, Array] = {}
-    for i, tensor in enumerate(message.inputs):
-        if not tensor.name:
-            raise InvalidInputError(f"inputs[{i}] has no name")
-        if tensor.name in inputs:
-            raise InvalidInputError(f"tensor '{clip(tensor.name)}' is given more than once")
-        own = next(next_raw) if raw and not _uses_shm(tensor.parameters) else None
-        inputs[tensor.name] = _decode_input(tensor, own, regions)
+    inputs = inputs_from_proto(message.inputs, message.raw_input_contents, regions)
     requested = []
     for out in message.outputs:
         if "classification" in out.parameters:
@@ -278,6 +282,40 @@ def request_from_proto(
         requested_outputs=tuple(requested),
         parameters=parameters_of(message.parameters),
     )
+
+
+def inputs_from_proto(
+    tensors: Sequence[InputTensor],
+    raw: Sequence[bytes],
+    regions: SharedMemoryRegistry | None = None,
+) -> dict[str, Array]:
+    """Decode and check input tensors and their ``raw_input_contents``, as an inference
+    request's and AddSamples' are.
+
+    ``raw`` holds one entry per input that is not in shared memory, in order (as tritonclient
+    sends them). Shared-memory inputs are views onto their region.
+
+    Raises:
+        InvalidInputError: bad datatype, shape, byte length, contents, shared-memory span, or a
+            tensor given twice or both raw and typed; names the tensor.
+        UnsupportedError: shared memory without a registry.
+    """
+    carried = [t for t in tensors if not _uses_shm(t.parameters)]
+    if raw and len(raw) != len(carried):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(carried)} inputs not in "
+            "shared memory; it needs one per input"
+        )
+    next_raw = iter(raw)
+    inputs: dict[str, Array] = {}
+    for i, tensor in enumerate(tensors):
+        if not tensor.name:
+            raise InvalidInputError(f"inputs[{i}] has no name")
+        if tensor.name in inputs:
+            raise InvalidInputError(f"tensor '{clip(tensor.name)}' is given more than once")
+        own = next(next_raw) if raw and not _uses_shm(tensor.parameters) else None
+        inputs[tensor.name] = _decode_input(tensor, own, regions)
+    return inputs
 
 
 def output_spans(

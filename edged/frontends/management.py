@@ -3,7 +3,8 @@
 
 A thin servicer: protobuf in -> the UpdateManager or LearnManager -> protobuf out; domain
 errors become status codes in ``edged.frontends.grpc.handle_errors``. AddSamples' inputs are
-decoded by the inference codec, so they are checked exactly as an inference request's are.
+decoded by the inference codec's ``inputs_from_proto`` (no inference message is built), so
+they are checked exactly as an inference request's are.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import numpy as np
 
 from edged._proto.edged.v1 import management_pb2 as pb
 from edged._proto.edged.v1 import management_pb2_grpc as pb_grpc
-from edged._proto.inference import grpc_service_pb2 as infer_pb
-from edged.core.errors import UnavailableError
+from edged.core.errors import InvalidInputError, UnavailableError
 from edged.core.limits import RequestLimits
 from edged.frontends.grpc import handle_errors
-from edged.frontends.kserve_codec import check_limits, decodes_inline, request_from_proto
+from edged.frontends.kserve_codec import (
+    check_input_limits,
+    inputs_decode_inline,
+    inputs_from_proto,
+)
 from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.learn.store import Counts, JobRecord
 from edged.ota.state import Transition, UpdateRecord
@@ -197,18 +201,17 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         self, request: pb.AddSamplesRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddSamplesResponse:
         learn = self._learning()
-        message = infer_pb.ModelInferRequest(
-            model_name=request.model,
-            inputs=request.inputs,
-            raw_input_contents=request.raw_input_contents,
-        )
-        check_limits(message, self._limits)
-        if decodes_inline(message):
-            decoded = request_from_proto(message)
+        check_input_limits(request.inputs, self._limits)
+        if not request.model:
+            raise InvalidInputError("model_name is empty")
+        if inputs_decode_inline(request.inputs):
+            inputs = inputs_from_proto(request.inputs, request.raw_input_contents)
         else:
-            decoded = await asyncio.to_thread(request_from_proto, message)
+            inputs = await asyncio.to_thread(
+                inputs_from_proto, request.inputs, request.raw_input_contents
+            )
         accepted, counts, job = await learn.add_samples(
-            request.model, decoded.inputs, np.array(request.labels, dtype=np.int64)
+            request.model, inputs, np.array(request.labels, dtype=np.int64)
         )
         response = pb.AddSamplesResponse(accepted=accepted, counts=counts_to_proto(counts))
         if job is not None:

@@ -7,27 +7,23 @@ and ZeroMQ):
   request is checked), runs them through the version's frozen backbone (ONNX Runtime, one
   thread, in a worker thread) and stores the *features* with their labels (``LearnStore``);
 * ``start_job`` takes the model's pending samples and runs the fine-tune in a worker process
-  (``edged.learn.worker``) with its own limits: address space, CPU time, niceness, one BLAS
-  thread. The candidate head is judged by ``judge`` (the gate, a pure function) on held-out
-  old data and on the held-out share of the new samples; one that passes becomes a new version
-  through ``UpdateManager.publish_local``: the update path (version folder, self-test,
-  switch, health window, automatic rollback). A job that fails or is rejected leaves the served
-  version as it was.
+  (``edged.learn.worker``, started by ``edged.learn.runner``) with its own limits: address
+  space, CPU time, niceness, one BLAS thread; the task and its metrics go between the two as
+  the typed values of ``edged.learn.task``. The candidate head is judged by ``judge``
+  (``edged.learn.gate``, a pure function) on held-out old data and on the held-out share of
+  the new samples; one that passes becomes a new version through
+  ``UpdateManager.publish_local``: the update path (version folder, self-test, switch, health
+  window, automatic rollback). A job that fails or is rejected leaves the served version as it
+  was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import json
-import math
-import os
-import resource
 import shutil
-import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +41,11 @@ from edged.core.errors import (
 )
 from edged.core.types import LEARN_STRATEGIES, Array, InferRequest
 from edged.learn import worker
+from edged.learn.gate import Verdict, judge
 from edged.learn.head import read_npz, write_npz
+from edged.learn.runner import Limits, run_process
 from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
+from edged.learn.task import InputSpec, JobMetrics, Task, VersionFiles
 from edged.ota.state import State
 from edged.ota.updater import SelfTest, UpdateManager, describe_error
 from edged.serving.manager import ModelManager
@@ -64,48 +63,7 @@ log = structlog.get_logger("edged.learn")
 LEARNING_OFF = "on-device learning is off: set learn.enabled (docs/learning.md)"
 
 JOBS_DIR = Path("learn") / "jobs"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LINEAGE_FILE = worker.LINEAGE_FILE
-
-
-# -- the gate (pure) -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    passed: bool
-    reason: str
-
-
-def _points(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def judge(metrics: Mapping[str, Any], max_old_drop: float, min_new_gain: float) -> Verdict:
-    """The gate: the candidate may lose at most ``max_old_drop`` accuracy points on held-out
-    old data and must gain at least ``min_new_gain`` points on the held-out new samples.
-    Without held-out old data the old side is not judged (said in the reason); without
-    held-out new samples nothing passes."""
-    new_before, new_after = metrics.get("new_accuracy_before"), metrics.get("new_accuracy_after")
-    old_before, old_after = metrics.get("old_accuracy_before"), metrics.get("old_accuracy_after")
-    if new_before is None or new_after is None:
-        return Verdict(False, "no held-out new samples to judge the candidate on")
-    gain = 100 * (new_after - new_before)
-    new_text = f"new data {_points(new_before)} -> {_points(new_after)} ({gain:+.1f} points)"
-    if old_before is None or old_after is None:
-        old_text, drop = "old data not judged (no held-out old data)", 0.0
-    else:
-        drop = 100 * (old_before - old_after)
-        old_text = f"old data {_points(old_before)} -> {_points(old_after)} ({-drop:+.1f} points)"
-    if drop > max_old_drop:
-        return Verdict(
-            False, f"rejected: {old_text}, more than the {max_old_drop:g} allowed; {new_text}"
-        )
-    if gain < min_new_gain:
-        return Verdict(
-            False, f"rejected: {new_text}, less than the {min_new_gain:g} required; {old_text}"
-        )
-    return Verdict(True, f"passed: {new_text}; {old_text}")
 
 
 # -- the backbone, for intake ----------------------------------------------------------------
@@ -419,7 +377,7 @@ class LearnManager:
                     record,
                     state=JobState.REJECTED,
                     progress=1.0,
-                    metrics=metrics,
+                    metrics=metrics.to_dict(),
                     verdict=verdict.reason,
                 )
             return await self._publish(record, mv, spec, samples, job_dir, metrics, verdict)
@@ -442,38 +400,34 @@ class LearnManager:
         spec: LearnSpec,
         samples: Samples,
         job_dir: Path,
-    ) -> dict[str, Any]:
+    ) -> JobMetrics:
         version_dir = mv.spec.path / str(mv.version)
-        task = {
-            "job_id": record.id,
-            "strategy": record.strategy,
-            "epochs": self.config.epochs,
-            "seed": self.config.seed + record.id,
-            "parent_version": mv.version,
-            "head": str(version_dir / spec.head),
-            "state": str(version_dir / spec.state),
-            "backbone": str(version_dir / spec.backbone),
-            "features": spec.features,
-            "inputs": [
-                {
-                    "name": t.name,
-                    "datatype": t.datatype.value,
-                    "shape": list(mv.signature.client_shape(t)),
-                }
+        task = Task(
+            job_id=record.id,
+            strategy=record.strategy,
+            epochs=self.config.epochs,
+            seed=self.config.seed + record.id,
+            parent_version=mv.version,
+            head=str(version_dir / spec.head),
+            state=str(version_dir / spec.state),
+            backbone=str(version_dir / spec.backbone),
+            features=spec.features,
+            inputs=tuple(
+                InputSpec(t.name, t.datatype.value, tuple(mv.signature.client_shape(t)))
                 for t in mv.signature.inputs
-            ],
-            "files": {
-                "model": mv.spec.artifact_name,
-                "backbone": spec.backbone,
-                "head": spec.head,
-                "state": spec.state,
-            },
-        }
+            ),
+            files=VersionFiles(
+                model=mv.spec.artifact_name,
+                backbone=spec.backbone,
+                head=spec.head,
+                state=spec.state,
+            ),
+        )
 
         def prepare() -> None:
             shutil.rmtree(job_dir, ignore_errors=True)
             job_dir.mkdir(parents=True)
-            (job_dir / worker.TASK_FILE).write_text(json.dumps(task))
+            task.write(job_dir)
             train = ~samples.holdout
             write_npz(
                 job_dir / worker.SAMPLES_FILE,
@@ -485,71 +439,23 @@ class LearnManager:
                 },
             )
 
-        await asyncio.to_thread(prepare)
-        await self._run_worker(record, job_dir)
-        result: dict[str, Any] = json.loads(
-            await asyncio.to_thread((job_dir / worker.RESULT_FILE).read_text)
-        )
-        return result
+        def progress(fraction: float) -> None:
+            running = self._running.get(record.model)
+            if running is not None and running.record.id == record.id:
+                running.progress = fraction
 
-    async def _run_worker(self, record: JobRecord, job_dir: Path) -> None:
-        """Run ``python -m edged.learn.worker`` under the job's limits; follow its progress.
-
-        Raises:
-            RuntimeError: the worker failed, or ran past learn.job_timeout_s (it is killed).
-        """
         config = self.config
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "edged.learn.worker",
-            str(job_dir),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            preexec_fn=_limits(config.job_memory_mb, config.job_timeout_s, config.job_nice),
+        limits = Limits(
+            memory_mb=config.job_memory_mb,
+            cpu_s=config.job_timeout_s,
+            wall_s=config.job_timeout_s,
+            nice=config.job_nice,
         )
-        assert process.stdout is not None
-        assert process.stderr is not None
-
-        async def follow() -> None:
-            assert process.stdout is not None
-            async for line in process.stdout:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    fraction = float(json.loads(line)["progress"])
-                    running = self._running.get(record.model)
-                    if running is not None and running.record.id == record.id:
-                        running.progress = fraction
-
-        stderr = asyncio.ensure_future(process.stderr.read())
-        try:
-            await asyncio.wait_for(follow(), config.job_timeout_s)
-            code = await asyncio.wait_for(process.wait(), 5.0)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise RuntimeError(
-                f"the fine-tune ran past learn.job_timeout_s ({config.job_timeout_s:g} s) and "
-                "was stopped"
-            ) from None
-        except asyncio.CancelledError:
-            process.kill()
-            await process.wait()
-            raise
-        finally:
-            errors = (await stderr).decode(errors="replace").strip()
-        if code != 0:
-            last = errors.splitlines()[-1] if errors else ""
-            if code < 0:
-                last = f"killed by signal {-code} (learn.job_memory_mb / job_timeout_s?) {last}"
-            raise RuntimeError(f"the fine-tune worker failed ({code}): {last}")
+        await asyncio.to_thread(prepare)
+        await run_process(
+            [sys.executable, "-m", "edged.learn.worker", str(job_dir)], limits, progress
+        )
+        return await asyncio.to_thread(JobMetrics.read, job_dir)
 
     async def _publish(
         self,
@@ -558,7 +464,7 @@ class LearnManager:
         spec: LearnSpec,
         samples: Samples,
         job_dir: Path,
-        metrics: dict[str, Any],
+        metrics: JobMetrics,
         verdict: Verdict,
     ) -> JobRecord:
         model = record.model
@@ -577,7 +483,7 @@ class LearnManager:
             record,
             state=JobState.PUBLISHING,
             progress=1.0,
-            metrics=metrics,
+            metrics=metrics.to_dict(),
             verdict=verdict.reason,
             new_version=version,
         )
@@ -618,22 +524,3 @@ def _classes(mv: ModelVersion) -> int:
         if dims and dims[-1] > 0 and spec.datatype.value.startswith("FP"):
             return int(dims[-1])
     raise InvalidInputError(f"model '{mv.name}' has no class-probability output")
-
-
-def _limits(memory_mb: int, cpu_s: float, nice: int) -> Callable[[], None]:
-    """The worker's limits, set in the child before it runs Python: address space, CPU time,
-    niceness, and (Linux) death with the daemon, so a killed daemon leaves no worker behind."""
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-    def apply() -> None:
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if memory_mb:
-            limit = memory_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        seconds = math.ceil(cpu_s)
-        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 5))
-        if nice:
-            os.nice(nice)
-
-    return apply

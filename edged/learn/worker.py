@@ -2,13 +2,14 @@
 
     python -m edged.learn.worker JOB_DIR
 
-Reads ``JOB_DIR``/task.json and samples.npz (the served head and strategy state are named by
-path), fine-tunes the head with the job's strategy, evaluates the served and the candidate head
-on held-out old data (the state's held-out buffer) and on the held-out new samples, and writes
-the candidate version into ``JOB_DIR``/out/ (model.onnx = backbone + candidate head,
-backbone.onnx, head.npz, learn_state.npz, lineage.json) with the self-test the update path runs
-(selftest.npz: random inputs, and the probabilities the candidate head gives on their backbone
-features), then ``JOB_DIR``/result.json. Progress goes to stdout as JSON lines
+Reads ``JOB_DIR``/task.json (``edged.learn.task.Task``) and samples.npz (the served head and
+strategy state are named by path), fine-tunes the head with the job's strategy, evaluates the
+served and the candidate head on held-out old data (the state's held-out buffer) and on the
+held-out new samples, and writes the candidate version into ``JOB_DIR``/out/ (model.onnx =
+backbone + candidate head, backbone.onnx, head.npz, learn_state.npz, lineage.json) with the
+self-test the update path runs (selftest.npz: random inputs, and the probabilities the
+candidate head gives on their backbone features), then ``JOB_DIR``/result.json
+(``edged.learn.task.JobMetrics``). Progress goes to stdout as JSON lines
 ``{"progress": 0.4}``; a failure exits non-zero with the reason on stderr.
 
 The parent sets the limits (address space, CPU time, niceness) and one BLAS/OpenMP thread
@@ -23,14 +24,15 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-TASK_FILE = "task.json"
+from edged.learn.task import InputSpec, JobMetrics, Task
+
 SAMPLES_FILE = "samples.npz"
-RESULT_FILE = "result.json"
 OUT_DIR = "out"
 SELFTEST_FILE = "selftest.npz"
 LINEAGE_FILE = "lineage.json"
@@ -57,20 +59,20 @@ def learn_support_missing() -> str | None:
     return None if found else LEARN_EXTRA_HINT
 
 
-def _random_inputs(specs: list[dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
+def _random_inputs(specs: tuple[InputSpec, ...], seed: int) -> dict[str, np.ndarray]:
     """Inputs for the self-test: the served graph must give what the head computes on the
     backbone's features, for any input; dynamic dims are 4."""
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in specs:
-        shape = [4 if d < 0 else d for d in spec["shape"]]
-        dtype = _FLOAT_TYPES.get(spec["datatype"])
+        shape = [4 if d < 0 else d for d in spec.shape]
+        dtype = _FLOAT_TYPES.get(spec.datatype)
         if dtype is None:
             raise ValueError(
-                f"input '{spec['name']}' is {spec['datatype']}: a trainable model's inputs must "
+                f"input '{spec.name}' is {spec.datatype}: a trainable model's inputs must "
                 "be floating point"
             )
-        inputs[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
     return inputs
 
 
@@ -80,7 +82,7 @@ def _accuracy(head: Any, features: np.ndarray, labels: np.ndarray) -> float | No
     return None if len(labels) == 0 else float(accuracy(head, features, labels))
 
 
-def run(job_dir: Path) -> dict[str, Any]:
+def run(job_dir: Path) -> JobMetrics:
     """Do the job in ``job_dir``; returns what result.json holds."""
     # imported here: the daemon imports this module for its file names and backbone_session,
     # and never needs the onnx package or the trainer in its own process
@@ -93,15 +95,15 @@ def run(job_dir: Path) -> dict[str, Any]:
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
     from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
 
-    task = json.loads((job_dir / TASK_FILE).read_text())
+    task = Task.read(job_dir)
     data = read_npz(job_dir / SAMPLES_FILE)
     x_train, y_train = data["x_train"], data["y_train"]
     x_new, y_new = data["x_holdout"], data["y_holdout"]
-    head = load_head(Path(task["head"]))
-    state = load_state(task["state"])
+    head = load_head(Path(task.head))
+    state = load_state(task.state)
     # the hyperparameters chosen for this strategy on the benchmark's validation split
-    hyper = tuned_hyper(task["strategy"], epochs=int(task["epochs"]))
-    seed = int(task["seed"])
+    hyper = tuned_hyper(task.strategy, epochs=task.epochs)
+    seed = task.seed
 
     def progress(fraction: float) -> None:
         print(json.dumps({"progress": round(float(fraction), 4)}), flush=True)  # noqa: T201
@@ -114,7 +116,7 @@ def run(job_dir: Path) -> dict[str, Any]:
         state,
         x_train,
         y_train,
-        task["strategy"],
+        task.strategy,
         hyper,
         seed,
         progress=progress,
@@ -123,32 +125,32 @@ def run(job_dir: Path) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     old_x, old_y = state.holdout.features, state.holdout.labels
-    metrics = {
-        "old_accuracy_before": _accuracy(head, old_x, old_y),
-        "old_accuracy_after": _accuracy(candidate, old_x, old_y),
-        "new_accuracy_before": _accuracy(head, x_new, y_new),
-        "new_accuracy_after": _accuracy(candidate, x_new, y_new),
-        "old_holdout": len(old_y),
-        "new_holdout": len(y_new),
-        "trained_samples": len(y_train),
-        "train_seconds": round(train_seconds, 4),
-    }
+    metrics = JobMetrics(
+        old_accuracy_before=_accuracy(head, old_x, old_y),
+        old_accuracy_after=_accuracy(candidate, old_x, old_y),
+        new_accuracy_before=_accuracy(head, x_new, y_new),
+        new_accuracy_after=_accuracy(candidate, x_new, y_new),
+        old_holdout=len(old_y),
+        new_holdout=len(y_new),
+        trained_samples=len(y_train),
+        train_seconds=round(train_seconds, 4),
+    )
 
     out = job_dir / OUT_DIR
     out.mkdir(exist_ok=True)
-    names = task["files"]
-    save_head(out / names["head"], candidate)
-    save_state(out / names["state"], new_state)
-    shutil.copyfile(task["backbone"], out / names["backbone"])
-    backbone = onnx.load(task["backbone"])
+    names = task.files
+    save_head(out / names.head, candidate)
+    save_state(out / names.state, new_state)
+    shutil.copyfile(task.backbone, out / names.backbone)
+    backbone = onnx.load(task.backbone)
     served = compose(
-        backbone, candidate, features=task["features"], doc=f"edged fine-tune job {task['job_id']}"
+        backbone, candidate, features=task.features, doc=f"edged fine-tune job {task.job_id}"
     )
-    onnx.save(served, out / names["model"])
+    onnx.save(served, out / names.model)
 
-    inputs = _random_inputs(task["inputs"], seed)
-    session = backbone_session(task["backbone"])
-    (features,) = session.run([task["features"]], inputs)
+    inputs = _random_inputs(task.inputs, seed)
+    session = backbone_session(task.backbone)
+    (features,) = session.run([task.features], inputs)
     write_npz(
         out / SELFTEST_FILE,
         {
@@ -157,19 +159,21 @@ def run(job_dir: Path) -> dict[str, Any]:
         },
     )
     lineage = {
-        "job_id": task["job_id"],
-        "parent_version": task["parent_version"],
-        "strategy": task["strategy"],
+        "job_id": task.job_id,
+        "parent_version": task.parent_version,
+        "strategy": task.strategy,
         "samples": len(y_train) + len(y_new),
         "seed": seed,
         "epochs": hyper.epochs,
-        "metrics": metrics,
+        "metrics": metrics.to_dict(),
         "created": time.time(),
     }
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
-    metrics["state_bytes"] = (out / names["state"]).stat().st_size
-    metrics["worker_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return metrics
+    return replace(
+        metrics,
+        state_bytes=(out / names.state).stat().st_size,
+        worker_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
 
 
 def backbone_session(path: str | Path) -> Any:
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)  # noqa: T201
         return 1
-    (job_dir / RESULT_FILE).write_text(json.dumps(result, sort_keys=True))
+    result.write(job_dir)
     return 0
 
 

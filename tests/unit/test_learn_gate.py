@@ -1,21 +1,24 @@
-"""edged.learn.jobs.judge: the gate a fine-tuned head must pass to be published."""
+"""edged.learn.gate.judge: the gate a fine-tuned head must pass to be published."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from edged.learn.jobs import judge
+from edged.learn.gate import judge
+from edged.learn.task import JobMetrics
 
 
-def _m(old: tuple[float, float] | None, new: tuple[float, float] | None) -> dict[str, Any]:
-    return {
-        "old_accuracy_before": old[0] if old else None,
-        "old_accuracy_after": old[1] if old else None,
-        "new_accuracy_before": new[0] if new else None,
-        "new_accuracy_after": new[1] if new else None,
-    }
+def _m(old: tuple[float, float] | None, new: tuple[float, float] | None) -> JobMetrics:
+    return JobMetrics(
+        old_accuracy_before=old[0] if old else None,
+        old_accuracy_after=old[1] if old else None,
+        new_accuracy_before=new[0] if new else None,
+        new_accuracy_after=new[1] if new else None,
+        old_holdout=0,
+        new_holdout=0,
+        trained_samples=0,
+        train_seconds=0.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -30,7 +33,7 @@ def _m(old: tuple[float, float] | None, new: tuple[float, float] | None) -> dict
         (_m((0.9, 0.9), None), False, "no held-out new samples"),
     ],
 )
-def test_gate(metrics: dict[str, Any], passed: bool, words: str) -> None:
+def test_gate(metrics: JobMetrics, passed: bool, words: str) -> None:
     verdict = judge(metrics, max_old_drop=2.0, min_new_gain=5.0)
     assert verdict.passed is passed
     assert words in verdict.reason

@@ -201,7 +201,7 @@ runpy.run_module("edged.learn.worker", run_name="__main__")
 def test_without_onnx_learning_is_refused_naming_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edged.learn import worker
+    from edged.learn import task, worker
 
     assert worker.learn_support_missing() is None  # the test extras include edged[learn]
     monkeypatch.setitem(sys.modules, "onnx", None)
@@ -220,4 +220,4 @@ def test_without_onnx_learning_is_refused_naming_the_extra(
     assert result.returncode == 1
     assert "edged[learn]" in result.stderr
     assert "apt install edged-learn" in result.stderr
-    assert not (tmp_path / worker.RESULT_FILE).exists()
+    assert not (tmp_path / task.RESULT_FILE).exists()
