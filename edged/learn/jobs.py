@@ -47,8 +47,10 @@ from edged.core.types import LEARN_STRATEGIES, Array, InferRequest
 from edged.learn import worker
 from edged.learn.head import read_npz, write_npz
 from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
+from edged.ota.errors import describe_error
 from edged.ota.state import State
-from edged.ota.updater import SelfTest, UpdateManager, describe_error
+from edged.ota.types import SelfTest
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion
 from edged.serving.repository import (
