@@ -1,14 +1,17 @@
 """Variants of models/digits for OTA tests, free of pytest: its sample, its version-1 ONNX
-bytes and model.toml, what ONNX Runtime answers, and a version that passes its self-test but
-fails requests in its health window."""
+bytes and model.toml, what ONNX Runtime answers, a bundle of any digits graph, and a version
+that passes its self-test but fails requests in its health window."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edged.fleet import build
 from tests.daemon_process import EXAMPLE_MODELS
 
 SAMPLE = np.load(EXAMPLE_MODELS / "digits" / "sample.npy")  # (2, 64), values 0..16
@@ -21,6 +24,29 @@ def run_onnx(onnx_bytes: bytes, x: np.ndarray) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {"input": x}), strict=True))
+
+
+def write_digits_bundle(
+    path: Path,
+    version: int,
+    onnx_bytes: bytes = DIGITS_V1,
+    *,
+    selftest_input: np.ndarray | None = None,
+    expected: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Bundle ``onnx_bytes`` as digits ``version`` at ``path`` with the fleet's builder; the
+    self-test expects what the model itself computes unless ``expected`` says otherwise."""
+    x = SAMPLE if selftest_input is None else selftest_input
+    return build.write_bundle(
+        path,
+        name="digits",
+        version=version,
+        fmt="onnx",
+        artifacts={"model.onnx": onnx_bytes},
+        model_toml=MODEL_TOML,
+        inputs={"input": x},
+        outputs=expected if expected is not None else run_onnx(onnx_bytes, x),
+    )
 
 
 def poisoned_digits_model() -> bytes:

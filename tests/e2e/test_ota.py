@@ -44,6 +44,7 @@ from tests.digits_variants import (
     poisoned,
     poisoned_digits_model,
     run_onnx,
+    write_digits_bundle,
 )
 from tests.tuf_fixtures import ServedFleetRepo
 
@@ -125,17 +126,12 @@ class OtaRepo:
     ) -> str:
         """Build and publish digits ``version``; the self-test expects what the model itself
         computes unless ``expected`` says otherwise. Returns the target path."""
-        x = SAMPLE if selftest_input is None else selftest_input
-        outputs = expected if expected is not None else run_onnx(onnx_bytes, x)
-        path = build.write_bundle(
+        path = write_digits_bundle(
             self.folder / "bundles" / f"digits-{version}.tar.gz",
-            name="digits",
-            version=version,
-            fmt="onnx",
-            artifacts={"model.onnx": onnx_bytes},
-            model_toml=MODEL_TOML,
-            inputs={"input": x},
-            outputs=outputs,
+            version,
+            onnx_bytes,
+            selftest_input=selftest_input,
+            expected=expected,
         )
         return self._repo.publish(path).target
 

@@ -25,7 +25,6 @@ from tuf.api.exceptions import LengthOrHashMismatchError
 from edged.config import OtaConfig
 from edged.core.errors import EdgedError
 from edged.core.types import InferRequest
-from edged.fleet import build
 from edged.ota.state import State, UpdateRecord
 from edged.ota.store import UpdateStore
 from edged.ota.targets import check_target, target_path
@@ -36,11 +35,11 @@ from edged.serving.repository import read_active
 from tests.daemon_process import EXAMPLE_MODELS
 from tests.digits_variants import (
     DIGITS_V1,
-    MODEL_TOML,
     SAMPLE,
     poisoned,
     poisoned_digits_model,
     run_onnx,
+    write_digits_bundle,
 )
 
 # -- the simulated repository and the fake clock ----------------------------------------------
@@ -94,16 +93,11 @@ class SimulatedTufRepository:
     ) -> None:
         """Build digits ``version`` with the fleet's builder and sign it (``as_version``: sign
         it under another version number, a bundle that is not what it claims)."""
-        outputs = expected if expected is not None else run_onnx(onnx_bytes, SAMPLE)
-        built = build.write_bundle(
+        built = write_digits_bundle(
             self.downloads.parent / "bundles" / f"digits-{version}.tar.gz",
-            name="digits",
-            version=version,
-            fmt="onnx",
-            artifacts={"model.onnx": onnx_bytes},
-            model_toml=MODEL_TOML,
-            inputs={"input": SAMPLE},
-            outputs=outputs,
+            version,
+            onnx_bytes,
+            expected=expected,
         )
         self.bundles[("digits", as_version or version)] = built
 
