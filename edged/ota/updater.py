@@ -17,6 +17,11 @@ Every state is persisted (``edged.ota.store``, fsynced) before the next stage st
 ``recover`` — run at start-up before the repository loads — finishes or undoes whatever a crash
 interrupted, so the daemon always starts on a committed version. Stages that do file or network
 I/O run on worker threads; the event loop only sequences them.
+
+Bundles come from an injected ``edged.ota.tuf_client.BundleSource`` (the daemon's ``TufClient``;
+a simulated repository in tests), the checks of a signed target and of an unpacked bundle are
+pure rules in ``edged.ota.targets`` and ``edged.ota.bundle``, and the values handed to callers
+are in ``edged.ota.types``.
 """
 
 from __future__ import annotations
