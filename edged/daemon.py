@@ -44,6 +44,7 @@ from edged.lifecycle import Notifier, ReloadHooks, Watchdog, watchdog_interval
 from edged.ota.metrics import OtaCollector
 from edged.ota.store import FILE_NAME as OTA_STATE_FILE
 from edged.ota.store import StoreError, UpdateStore
+from edged.ota.tuf_client import TufClient
 from edged.ota.updater import UpdateManager
 from edged.security.access import AccessCollector
 from edged.serving.dataplane import DataPlane
@@ -365,7 +366,9 @@ class Daemon:
                 )
         except (StoreError, OSError) as e:
             raise ConfigError(f"config key 'ota.state_dir': {e}") from e
-        self.updates = UpdateManager(self.manager, ota, self._store)
+        self.updates = UpdateManager(
+            self.manager, ota, self._store, tuf=TufClient(ota) if ota.enabled else None
+        )
         if self._learn_store is not None:
             self.learn = LearnManager(
                 self.manager, self.updates, learn, self._learn_store, state_dir

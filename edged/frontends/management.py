@@ -28,7 +28,8 @@ from edged.frontends.kserve_codec import (
 from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.learn.store import Counts, JobRecord
 from edged.ota.state import Transition, UpdateRecord
-from edged.ota.updater import ModelStatus, UpdateManager
+from edged.ota.types import ModelStatus
+from edged.ota.updater import UpdateManager
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Management"].full_name
 

@@ -46,8 +46,10 @@ from edged.learn.head import read_npz, write_npz
 from edged.learn.runner import Limits, run_process
 from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
 from edged.learn.task import InputSpec, JobMetrics, Task, VersionFiles
+from edged.ota.errors import describe_error
 from edged.ota.state import State
-from edged.ota.updater import SelfTest, UpdateManager, describe_error
+from edged.ota.types import SelfTest
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion
 from edged.serving.repository import (

@@ -16,10 +16,10 @@ The fleet builds bundles (``edged.fleet.build``, which runs the artifact through
 compute the expected outputs); this module is the format and its checks, as a device needs
 them, and imports nothing of the HAL.
 
-Rules without I/O: ``parse_manifest``, ``check_model_toml``, ``check_selftest``,
-``check_like_reference``. I/O around them: ``read_manifest``, ``inspect_bundle`` (a whole
-archive checked in memory, as a device will and as ``edged-fleet publish`` does first),
-``load_selftest``.
+Rules without I/O: ``parse_manifest``, ``check_model_toml``, ``check_for_model``,
+``check_selftest``, ``check_like_reference``. I/O around them: ``read_manifest``,
+``inspect_bundle`` (a whole archive checked in memory, as a device will and as ``edged-fleet
+publish`` does first), ``load_selftest``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 from edged.core.errors import EdgedError
 from edged.core.types import Array, DataType, TensorSpec
 from edged.ota import archive
-from edged.ota.errors import BundleError, SelfTestError
+from edged.ota.errors import BundleError, OtaError, SelfTestError
 from edged.serving.repository import FORMATS, MODEL_TOML, ModelSpec, parse_model_toml
 
 BUNDLE_TOML = "bundle.toml"
@@ -342,6 +342,27 @@ def check_model_toml(text: str, manifest: Manifest, where: str) -> ModelSpec:
             where, f"model.toml says format {spec.format!r}, bundle.toml {manifest.format!r}"
         )
     return spec
+
+
+def check_for_model(manifest: Manifest, model: str, version: int, spec: ModelSpec) -> None:
+    """Check that an unpacked bundle is the update asked for: ``model`` at ``version``, in the
+    format of the model's model.toml (``spec``), carrying its artifact.
+
+    Raises:
+        OtaError: it names another model, version or format, or lacks the artifact.
+    """
+    if manifest.name != model:
+        raise OtaError(f"bundle.toml names model {manifest.name!r}, not {model!r}")
+    if manifest.version != version:
+        raise OtaError(f"bundle.toml says version {manifest.version}, not {version}")
+    if manifest.format != spec.format:
+        raise OtaError(
+            f"bundle.toml says format {manifest.format!r}; model.toml says {spec.format!r}"
+        )
+    if spec.artifact_name not in manifest.artifacts:
+        raise OtaError(
+            f"the bundle lacks {spec.artifact_name}, the artifact of a {spec.format} model"
+        )
 
 
 def read_manifest(bundle: Path, limits: archive.Limits = archive.Limits()) -> Manifest:  # noqa: B008

@@ -34,3 +34,8 @@ class PublishError(OtaError):
     """The fleet's TUF repository refused an operation: not initialised (or already), a key
     missing, unreadable or not the one root trusts, or a version not newer than one already
     published."""
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as recorded in an update's status: its class name, then its message."""
+    return f"{type(error).__name__}: {error}"

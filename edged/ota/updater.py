@@ -17,12 +17,18 @@ Every state is persisted (``edged.ota.store``, fsynced) before the next stage st
 ``recover`` — run at start-up before the repository loads — finishes or undoes whatever a crash
 interrupted, so the daemon always starts on a committed version. Stages that do file or network
 I/O run on worker threads; the event loop only sequences them.
+
+Bundles come from an injected ``edged.ota.tuf_client.BundleSource`` (the daemon's ``TufClient``;
+a simulated repository in tests), the checks of a signed target and of an unpacked bundle are
+pure rules in ``edged.ota.targets`` and ``edged.ota.bundle``, and the values handed to callers
+are in ``edged.ota.types``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -33,12 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from tuf.api.metadata import Metadata, Targets
-from tuf.ngclient.config import UpdaterConfig
-from tuf.ngclient.updater import Updater
-from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
-from edged import __version__
 from edged.config import OtaConfig
 from edged.core.errors import (
     AlreadyExistsError,
@@ -50,7 +51,7 @@ from edged.core.errors import (
 )
 from edged.core.types import Array, InferRequest
 from edged.ota import archive, bundle
-from edged.ota.errors import OtaError
+from edged.ota.errors import OtaError, describe_error
 from edged.ota.state import (
     AT_REST,
     Event,
@@ -72,7 +73,8 @@ from edged.ota.state import (
     rollback_version,
 )
 from edged.ota.store import UpdateStore
-from edged.ota.targets import parse_target_path, target_path
+from edged.ota.tuf_client import BundleSource
+from edged.ota.types import ModelStatus, SelfTest, StartResult
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion, Sample
 from edged.serving.repository import (
@@ -90,11 +92,6 @@ log = structlog.get_logger("edged.ota")
 #: the folder, inside each model's folder, where bundles are unpacked (same filesystem as the
 #: version folders, so the final rename is atomic); removed whole at start-up
 STAGING_DIR = ".ota-staging"
-
-
-def describe_error(error: BaseException) -> str:
-    """An error as recorded in an update's status: its class name, then its message."""
-    return f"{type(error).__name__}: {error}"
 
 
 # -- files that must survive a crash ---------------------------------------------------------
@@ -169,111 +166,6 @@ def clear_staging(model_dir: Path) -> None:
     shutil.rmtree(model_dir / STAGING_DIR, ignore_errors=True)
 
 
-# -- the TUF client --------------------------------------------------------------------------
-
-
-class TufClient:
-    """python-tuf's ngclient over the configured repository: metadata and the targets cache in
-    ``<state_dir>/tuf/``, trust bootstrapped from the configured root.json. A fresh ngclient
-    Updater per operation (an Updater refreshes once in its life). Blocking."""
-
-    def __init__(self, config: OtaConfig) -> None:
-        self.config = config
-        base = config.repository_url.rstrip("/")
-        self.metadata_url = f"{base}/metadata/"
-        self.targets_url = f"{base}/targets/"
-        self.metadata_dir = Path(config.state_dir) / "tuf" / "metadata"
-        self.targets_dir = Path(config.state_dir) / "tuf" / "targets"
-
-    def _updater(self) -> Updater:
-        try:
-            root = self.config.root_path.read_bytes()
-        except OSError as e:
-            raise OtaError(
-                f"no trusted TUF root: cannot read {self.config.root_path} (ota.root): {e}"
-            ) from e
-        self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
-        return Updater(
-            metadata_dir=str(self.metadata_dir),
-            metadata_base_url=self.metadata_url,
-            target_dir=str(self.targets_dir),
-            target_base_url=self.targets_url,
-            fetcher=Urllib3Fetcher(
-                socket_timeout=max(1, round(self.config.fetch_timeout_s)),
-                app_user_agent=f"edged/{__version__}",
-            ),
-            config=UpdaterConfig(app_user_agent=f"edged/{__version__}"),
-            bootstrap=root,
-        )
-
-    def versions(self) -> dict[str, dict[int, Mapping[str, Any]]]:
-        """Refresh, then {model: {version: custom edged metadata}} of every bundle target.
-
-        Raises:
-            tuf.api.exceptions.RepositoryError, DownloadError: refresh failed.
-            OtaError: no trusted root.
-        """
-        self._updater().refresh()
-        # ngclient has no public listing of targets, but it persists each top-level role to
-        # metadata_dir only after verifying it (signatures, thresholds, expiry, version and
-        # snapshot consistency): what refresh() just trusted is that targets.json
-        trusted = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
-        targets = trusted.signed.targets
-        found: dict[str, dict[int, Mapping[str, Any]]] = {}
-        for path, info in targets.items():
-            parsed = parse_target_path(path)
-            if parsed is None:
-                continue
-            custom = info.custom.get("edged", {}) if isinstance(info.custom, dict) else {}
-            found.setdefault(parsed[0], {})[parsed[1]] = custom
-        return found
-
-    def fetch(self, model: str, version: int, fmt: str, free_space_floor: int) -> Path:
-        """Refresh, check the signed target, download it (or take it from the cache); TUF
-        verifies its length and hashes. Returns the local file.
-
-        Raises:
-            tuf.api.exceptions.RepositoryError: metadata or the target failed to verify.
-            tuf.api.exceptions.DownloadError: a download failed.
-            OtaError: no such target, or it is not the bundle asked for, too big, or would
-                leave too little disk space.
-        """
-        updater = self._updater()
-        path = target_path(model, version)
-        info = updater.get_targetinfo(path)
-        if info is None:
-            raise OtaError(f"target {path} is not in the repository")
-        custom = info.custom.get("edged", {}) if isinstance(info.custom, dict) else {}
-        if not isinstance(custom, dict):
-            raise OtaError(f"target {path}: custom metadata 'edged' is not a table")
-        if custom.get("model", model) != model or str(custom.get("version", version)) != str(
-            version
-        ):
-            raise OtaError(
-                f"target {path} is signed as model {custom.get('model')!r} version "
-                f"{custom.get('version')!r}"
-            )
-        if custom.get("format", fmt) != fmt:
-            raise OtaError(
-                f"target {path} is a {custom.get('format')!r} bundle; model.toml says {fmt!r}"
-            )
-        if info.length > self.config.max_bundle_bytes:
-            raise OtaError(
-                f"target {path} is {info.length} bytes, above ota.max_bundle_bytes "
-                f"({self.config.max_bundle_bytes})"
-            )
-        cached = updater.find_cached_target(info)
-        if cached is not None:
-            return Path(cached)
-        if not archive.free_space_ok(self.targets_dir, info.length, free_space_floor):
-            raise OtaError(
-                f"downloading {info.length} bytes would leave less than ota.min_free_bytes "
-                f"({free_space_floor}) free in {self.targets_dir}"
-            )
-        return Path(updater.download_target(info))
-
-
 # -- the statistics the health window reads --------------------------------------------------
 
 
@@ -291,43 +183,58 @@ def health_sample(stats: ModelStats) -> HealthSample:
 # -- the manager -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelStatus:
-    """One model's OTA status: its latest update (None: never had one) and committed
-    version."""
-
-    model: str
-    state: State
-    committed: int | None
-    record: UpdateRecord | None = None
-
-
-@dataclass(frozen=True)
-class StartResult:
-    """What StartUpdate did."""
-
-    status: ModelStatus
-    started: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class SelfTest:
-    """What a new version must answer before it takes traffic (a bundle's selftest.npz, or
-    a fine-tune's check of its composed graph)."""
-
-    inputs: dict[str, Array]
-    expected: dict[str, Array]
-    rtol: float
-    atol: float
-
-
 @dataclass
 class _Running:
     task: asyncio.Task[UpdateRecord]
     record: UpdateRecord
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     abort_reason: str = ""
+
+
+class _SelfTestGate:
+    """The gate a new version passes before it takes traffic: the bundle's self-test, or
+    else the served version's reference sample (neither: nothing to test, it passes).
+    ``refusal`` keeps the first error that refused it."""
+
+    def __init__(
+        self,
+        record: UpdateRecord,
+        version: int,
+        test: SelfTest | None,
+        reference: tuple[Sample, dict[str, Array]] | None,
+    ) -> None:
+        self.record = record
+        self.version = version
+        self.test = test
+        self.reference = reference
+        self.refusal: BaseException | None = None
+
+    async def __call__(self, mv: ModelVersion) -> None:
+        test, reference = self.test, self.reference
+        if test is not None:
+            inputs = dict(test.inputs)
+        elif reference is not None:
+            inputs = dict(reference[0].inputs)
+        else:
+            return
+        try:
+            response = await mv.infer(
+                InferRequest(
+                    model_name=self.record.model,
+                    inputs=inputs,
+                    model_version=str(self.version),
+                    id=f"ota-selftest-{self.record.id}",
+                )
+            )
+            if test is not None:
+                bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
+            else:
+                assert reference is not None
+                bundle.check_like_reference(reference[1], response.outputs)
+        except Exception as e:
+            if self.refusal is None:
+                self.refusal = e
+            raise ModelLoadError(f"self-test failed: {describe_error(e)}") from e
 
 
 class _Aborted(Exception):
@@ -343,13 +250,18 @@ class UpdateManager:
         config: OtaConfig,
         store: UpdateStore,
         *,
+        tuf: BundleSource | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``tuf``: where bundles come from (the daemon passes a ``TufClient`` when
+        ota.repository_url is set; None: StartUpdate is off, Rollback and fine-tune publication
+        still work). ``clock`` stamps the records; ``monotonic`` times the health window."""
         self.manager = manager
         self.config = config
         self.store = store
         self.repository = manager.repository
-        self.tuf = TufClient(config) if config.enabled else None
+        self.tuf = tuf
         self.policy = HealthPolicy(
             window_s=config.health_window_s,
             min_requests=config.health_min_requests,
@@ -357,6 +269,7 @@ class UpdateManager:
             max_p99_s=config.max_p99_ms / 1000.0,
         )
         self._clock = clock
+        self._monotonic = monotonic
         self._running: dict[str, _Running] = {}
         self._poller: asyncio.Task[None] | None = None
         self._ready = False
@@ -403,10 +316,7 @@ class UpdateManager:
     def _recover_one(self, record: UpdateRecord, action: Recovery, model_dir: Path) -> UpdateRecord:
         reason = recovery_reason(record)
         if action is Recovery.DISCARD:
-            if record.state in (State.STAGED, State.WARMING):
-                self._restore_active(model_dir, record.from_version)
-            if record.installed and record.to_version is not None:
-                remove_version(model_dir, record.to_version)
+            self._discard_files(record)
             return self._save_sync(record, Event.FAIL, reason)
         if action is Recovery.ROLL_BACK:
             record = self._save_sync(record, Event.ROLLBACK, reason)
@@ -711,27 +621,7 @@ class UpdateManager:
         record = await self._begin(model, Kind.FINE_TUNE, requested, committed, version)
         if on_start is not None:
             await on_start(record)
-        model_dir = self.repository / model
-
-        async def stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest]:
-            def copy_in() -> bool:
-                folder = model_dir / STAGING_DIR / f"fine-tune-{record.id}"
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                staged = {}
-                for name, src in files.items():
-                    shutil.copyfile(src, folder / name)
-                    staged[name] = folder / name
-                if read_active(model_dir) is None:
-                    # pin what serves now, so the new folder serves nothing until activated
-                    self._restore_active(model_dir, record.from_version)
-                return install_version(model_dir, version, staged)
-
-            record = await self._advance(record, Event.FETCHED, target_path="")
-            self._check_abort(record.model)
-            installed = await asyncio.to_thread(copy_in)
-            return await self._advance(record, Event.UNPACKED, installed=installed), test
-
+        stage = functools.partial(self._stage_local, files=files, test=test)
         task = await self._launch(record, self._run(record, stage), wait=True)
         return task.result()
 
@@ -794,13 +684,40 @@ class UpdateManager:
 
     async def _update(self, record: UpdateRecord) -> UpdateRecord:
         """DOWNLOADING -> ... -> COMMITTED, ROLLED_BACK or FAILED."""
+        return await self._run(record, self._fetch_and_stage)
 
-        async def fetch_and_stage(record: UpdateRecord) -> tuple[UpdateRecord, SelfTest | None]:
-            record = await self._download(record)
-            self._check_abort(record.model)
-            return await self._stage(record)
+    async def _fetch_and_stage(self, record: UpdateRecord) -> tuple[UpdateRecord, SelfTest | None]:
+        """The stage of a bundle from the repository: DOWNLOADING -> VERIFIED -> STAGED."""
+        record = await self._download(record)
+        self._check_abort(record.model)
+        return await self._stage(record)
 
-        return await self._run(record, fetch_and_stage)
+    async def _stage_local(
+        self, record: UpdateRecord, *, files: Mapping[str, Path], test: SelfTest
+    ) -> tuple[UpdateRecord, SelfTest]:
+        """The stage of a version made on the device: DOWNLOADING -> VERIFIED (nothing to
+        fetch) -> STAGED (``files`` copied into the version folder)."""
+        record = await self._advance(record, Event.FETCHED, target_path="")
+        self._check_abort(record.model)
+        installed = await asyncio.to_thread(self._copy_in, record, files)
+        return await self._advance(record, Event.UNPACKED, installed=installed), test
+
+    def _copy_in(self, record: UpdateRecord, files: Mapping[str, Path]) -> bool:
+        """Copy ``files`` into staging, then install them as the record's version folder;
+        whether a folder was created. Blocking."""
+        assert record.to_version is not None
+        model_dir = self.repository / record.model
+        folder = model_dir / STAGING_DIR / f"fine-tune-{record.id}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        staged = {}
+        for name, src in files.items():
+            shutil.copyfile(src, folder / name)
+            staged[name] = folder / name
+        if read_active(model_dir) is None:
+            # pin what serves now, so the new folder serves nothing until activated
+            self._restore_active(model_dir, record.from_version)
+        return install_version(model_dir, record.to_version, staged)
 
     async def _run(
         self,
@@ -874,16 +791,18 @@ class UpdateManager:
             return await self._advance(record, Event.FAIL, f"rollback failed: {reason}")
         if record.state in AT_REST:
             return record
-        model_dir = self.repository / record.model
-
-        def undo() -> None:
-            if record.state in (State.STAGED, State.WARMING):
-                self._restore_active(model_dir, record.from_version)
-            if record.installed and record.to_version is not None:
-                remove_version(model_dir, record.to_version)
-
-        await asyncio.to_thread(undo)
+        await asyncio.to_thread(self._discard_files, record)
         return await self._advance(record, Event.FAIL, reason)
+
+    def _discard_files(self, record: UpdateRecord) -> None:
+        """Undo the files of an update that never served: ACTIVE back to the committed
+        version (once it may have been rewritten), the version folder it installed removed.
+        Blocking."""
+        model_dir = self.repository / record.model
+        if record.state in (State.STAGED, State.WARMING):
+            self._restore_active(model_dir, record.from_version)
+        if record.installed and record.to_version is not None:
+            remove_version(model_dir, record.to_version)
 
     @staticmethod
     def _restore_active(model_dir: Path, version: int | None) -> None:
@@ -902,56 +821,45 @@ class UpdateManager:
         return await self._advance(record, Event.FETCHED, target_path=str(local))
 
     async def _stage(self, record: UpdateRecord) -> tuple[UpdateRecord, SelfTest | None]:
-        assert record.to_version is not None
-        model_dir = self.repository / record.model
-        version = record.to_version
-
-        def unpack() -> tuple[bool, SelfTest | None]:
-            spec = read_model_spec(model_dir)
-            clear_staging(model_dir)
-            staging_parent = model_dir / STAGING_DIR
-            staging_parent.mkdir()
-            limits = archive.Limits(
-                max_bytes=self.config.max_unpacked_bytes,
-                max_files=self.config.max_bundle_files,
-            )
-            listing = archive.scan(Path(record.target_path), limits)
-            if not archive.free_space_ok(
-                model_dir, listing.total_bytes, self.config.min_free_bytes
-            ):
-                raise OtaError(
-                    f"unpacking {listing.total_bytes} bytes would leave less than "
-                    f"ota.min_free_bytes ({self.config.min_free_bytes}) free in {model_dir}"
-                )
-            folder = archive.extract(Path(record.target_path), staging_parent, limits)
-            manifest = bundle.read_manifest(folder)
-            if manifest.name != record.model:
-                raise OtaError(f"bundle.toml names model {manifest.name!r}, not {record.model!r}")
-            if manifest.version != version:
-                raise OtaError(f"bundle.toml says version {manifest.version}, not {version}")
-            if manifest.format != spec.format:
-                raise OtaError(
-                    f"bundle.toml says format {manifest.format!r}; model.toml says {spec.format!r}"
-                )
-            if spec.artifact_name not in manifest.artifacts:
-                raise OtaError(
-                    f"the bundle lacks {spec.artifact_name}, the artifact of a {spec.format} model"
-                )
-            test = None  # no test vectors: the reference sample of the served version
-            if manifest.selftest_file:
-                inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
-                test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
-            if read_active(model_dir) is None:
-                # pin what serves now, so the new folder serves nothing until activated
-                self._restore_active(model_dir, record.from_version)
-            files = {name: folder / name for name in manifest.artifacts}
-            installed = install_version(model_dir, version, files)
-            return installed, test
-
-        installed, test = await asyncio.to_thread(unpack)
+        """VERIFIED -> STAGED: the downloaded bundle unpacked, checked and installed."""
+        installed, test = await asyncio.to_thread(self._unpack, record)
         # the archive is no longer needed; staging leftovers go when the update ends
         await asyncio.to_thread(Path(record.target_path).unlink, missing_ok=True)
         return await self._advance(record, Event.UNPACKED, installed=installed), test
+
+    def _unpack(self, record: UpdateRecord) -> tuple[bool, SelfTest | None]:
+        """Scan and unpack the bundle into staging, check it against the request and
+        model.toml, install its version folder; whether a folder was created, and the
+        bundle's self-test (None: it carries no test vectors). Blocking."""
+        assert record.to_version is not None
+        model_dir = self.repository / record.model
+        version = record.to_version
+        spec = read_model_spec(model_dir)
+        clear_staging(model_dir)
+        staging_parent = model_dir / STAGING_DIR
+        staging_parent.mkdir()
+        limits = archive.Limits(
+            max_bytes=self.config.max_unpacked_bytes,
+            max_files=self.config.max_bundle_files,
+        )
+        listing = archive.scan(Path(record.target_path), limits)
+        if not archive.free_space_ok(model_dir, listing.total_bytes, self.config.min_free_bytes):
+            raise OtaError(
+                f"unpacking {listing.total_bytes} bytes would leave less than "
+                f"ota.min_free_bytes ({self.config.min_free_bytes}) free in {model_dir}"
+            )
+        folder = archive.extract(Path(record.target_path), staging_parent, limits)
+        manifest = bundle.read_manifest(folder)
+        bundle.check_for_model(manifest, record.model, version, spec)
+        test = None  # no test vectors: the reference sample of the served version
+        if manifest.selftest_file:
+            inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
+            test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
+        if read_active(model_dir) is None:
+            # pin what serves now, so the new folder serves nothing until activated
+            self._restore_active(model_dir, record.from_version)
+        files = {name: folder / name for name in manifest.artifacts}
+        return install_version(model_dir, version, files), test
 
     def _reference(self, model: str) -> tuple[Sample, dict[str, Array]] | None:
         """The reference sample of the version ``model`` serves, and its answers to it."""
@@ -969,7 +877,6 @@ class UpdateManager:
         model_dir = self.repository / record.model
         record = await self._advance(record, Event.ACTIVATE)
         await asyncio.to_thread(write_active, model_dir, [version])
-        refusal: list[BaseException] = []
         reference = self._reference(record.model) if test is None else None
         labels = {"model": record.model, "version": version}
         if test is None and reference is None:
@@ -981,39 +888,15 @@ class UpdateManager:
             )
         elif test is None and reference is not None:
             log.info("ota_selftest_reference", **labels, sample=reference[0].source)
-
-        async def selftest(mv: ModelVersion) -> None:
-            if test is None and reference is None:
-                return
-            if test is not None:
-                inputs = dict(test.inputs)
-            else:
-                assert reference is not None
-                inputs = dict(reference[0].inputs)
-            try:
-                response = await mv.infer(
-                    InferRequest(
-                        model_name=record.model,
-                        inputs=inputs,
-                        model_version=str(version),
-                        id=f"ota-selftest-{record.id}",
-                    )
-                )
-                if test is not None:
-                    bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
-                else:
-                    assert reference is not None
-                    bundle.check_like_reference(reference[1], response.outputs)
-            except Exception as e:
-                refusal.append(e)
-                raise ModelLoadError(f"self-test failed: {describe_error(e)}") from e
-
+        selftest = _SelfTestGate(record, version, test, reference)
         started = time.monotonic()
         try:
             await self.manager.load(record.model, gate=selftest)
         except (ModelLoadError, ModelNotFoundError) as e:
             reason = (
-                f"self-test failed: {describe_error(refusal[0])}" if refusal else describe_error(e)
+                f"self-test failed: {describe_error(selftest.refusal)}"
+                if selftest.refusal is not None
+                else describe_error(e)
             )
             return await self._fail(record, reason)
         seconds = time.monotonic() - started
@@ -1029,7 +912,7 @@ class UpdateManager:
         running = self._running.get(record.model)
         mv = self.manager.get(record.model, version)
         baseline = health_sample(mv.stats)
-        started = time.monotonic()
+        started = self._monotonic()
         step = max(0.05, min(0.5, self.policy.window_s / 20))
         while True:
             if running is not None:
@@ -1046,7 +929,7 @@ class UpdateManager:
                 reason = f"version {version} stopped serving during its health window: {e}"
                 break
             judgement = judge_health(
-                self.policy, health_sample(mv.stats).minus(baseline), time.monotonic() - started
+                self.policy, health_sample(mv.stats).minus(baseline), self._monotonic() - started
             )
             if judgement.verdict is Verdict.WAIT:
                 continue

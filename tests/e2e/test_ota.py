@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -38,17 +37,16 @@ from edged.ota import bundle
 from edged.serving.repository import read_active
 from tests import modelgen
 from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
+from tests.digits_variants import (
+    DIGITS_V1,
+    MODEL_TOML,
+    SAMPLE,
+    poisoned,
+    poisoned_digits_model,
+    run_onnx,
+    write_digits_bundle,
+)
 from tests.tuf_fixtures import ServedFleetRepo
-
-SAMPLE = np.load(EXAMPLE_MODELS / "digits" / "sample.npy")  # (2, 64), values 0..16
-DIGITS_V1 = (EXAMPLE_MODELS / "digits" / "1" / "model.onnx").read_bytes()
-MODEL_TOML = (EXAMPLE_MODELS / "digits" / "model.toml").read_text()
-
-
-def _run(onnx_bytes: bytes, x: np.ndarray) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"input": x}), strict=True))
 
 
 def slow_digits_model(delay_ms: float) -> bytes:
@@ -128,17 +126,12 @@ class OtaRepo:
     ) -> str:
         """Build and publish digits ``version``; the self-test expects what the model itself
         computes unless ``expected`` says otherwise. Returns the target path."""
-        x = SAMPLE if selftest_input is None else selftest_input
-        outputs = expected if expected is not None else _run(onnx_bytes, x)
-        path = build.write_bundle(
+        path = write_digits_bundle(
             self.folder / "bundles" / f"digits-{version}.tar.gz",
-            name="digits",
-            version=version,
-            fmt="onnx",
-            artifacts={"model.onnx": onnx_bytes},
-            model_toml=MODEL_TOML,
-            inputs={"input": x},
-            outputs=outputs,
+            version,
+            onnx_bytes,
+            selftest_input=selftest_input,
+            expected=expected,
         )
         return self._repo.publish(path).target
 
@@ -327,7 +320,7 @@ def test_update_under_load_loses_no_request(
 def test_failed_self_test_keeps_the_old_version(
     tmp_path: Path, models: Path, ota_repo: OtaRepo
 ) -> None:
-    wrong = {k: v + 1 for k, v in _run(DIGITS_V1, SAMPLE).items()}
+    wrong = {k: v + 1 for k, v in run_onnx(DIGITS_V1, SAMPLE).items()}
     ota_repo.publish_digits(2, expected=wrong)
     daemon = serve(models, ota_repo, tmp_path / "state")
     try:
@@ -466,41 +459,6 @@ def test_kill_9_in_every_state(
         assert again.stop() == 0, again.stderr
 
 
-def poisoned_digits_model() -> bytes:
-    """digits v1 that fails inside ONNX Runtime on any row whose first pixel is 64 or more
-    (it indexes a 64-entry table with it); digits' pixels are 0..16, so it passes its
-    self-test and serves real digits correctly."""
-    model = onnx.load_from_string(DIGITS_V1)
-    graph = model.graph
-    (output,) = [o for o in graph.output if o.name == "probabilities"]
-    for node in graph.node:
-        node.output[:] = ["probs_raw" if n == "probabilities" else n for n in node.output]
-        node.input[:] = ["probs_raw" if n == "probabilities" else n for n in node.input]
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.zeros(64, np.float32), "table"),
-            numpy_helper.from_array(np.array([0], np.int64), "first"),
-            numpy_helper.from_array(np.array([1], np.int64), "second"),
-        ]
-    )
-    graph.node.extend(
-        [
-            helper.make_node("Slice", ["input", "first", "second", "second"], ["pixel0"]),
-            helper.make_node("Cast", ["pixel0"], ["index"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["table", "index"], ["zeros"]),  # [N, 1]
-            helper.make_node("Add", ["probs_raw", "zeros"], [output.name]),
-        ]
-    )
-    onnx.checker.check_model(model)
-    return model.SerializeToString(deterministic=True)
-
-
-def poisoned(i: int) -> np.ndarray:
-    x = SAMPLE[:1].copy()
-    x[0, 0] = 100.0
-    return x
-
-
 def test_health_window_rolls_back_a_failing_version(
     tmp_path: Path, models: Path, ota_repo: OtaRepo
 ) -> None:
@@ -557,7 +515,7 @@ def test_bundle_breaking_an_archive_rule_fails_and_frees_the_model(
         artifacts={"model.onnx": DIGITS_V1},
         model_toml=MODEL_TOML,
         inputs={"input": SAMPLE},
-        outputs=_run(DIGITS_V1, SAMPLE),
+        outputs=run_onnx(DIGITS_V1, SAMPLE),
     )
     evil = _with_member(good, tmp_path / "digits-2.tar.gz", "../../x")
     info = bundle.inspect_bundle(good)
