@@ -179,6 +179,7 @@ def test_deb_installs_and_serves_in_a_chroot(
         "PYTHONDONTWRITEBYTECODE": "1",  # as the unit sets
         "EDGED_SERVER_GRPC_ADDRESS": "127.0.0.1:0",
         "EDGED_METRICS_ADDRESS": "127.0.0.1:0",
+        "EDGED_SERVER_HTTP_ADDRESS": "127.0.0.1:0",
         "EDGED_ZMQ_ADDRESSES": "ipc:///run/edged/edged.sock,tcp://127.0.0.1:0",
     }
     daemon = Served(

@@ -123,6 +123,7 @@ def test_dockerfile_builds_and_its_image_passes_its_healthcheck(
         env.update(
             EDGED_SERVER_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
             EDGED_METRICS_ADDRESS="127.0.0.1:0",
+            EDGED_SERVER_HTTP_ADDRESS="127.0.0.1:0",
             EDGED_ZMQ_ADDRESSES="ipc:///run/edged/edged.sock,tcp://127.0.0.1:0",
         )
         daemon = Served(
