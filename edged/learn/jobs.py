@@ -52,12 +52,9 @@ from edged.ota.types import SelfTest
 from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion
-from edged.serving.repository import (
-    LearnSpec,
-    available_versions,
-    read_model_spec,
-)
+from edged.serving.repository import LearnSpec, read_model_spec
 from edged.serving.validate import validate_request
+from edged.serving.versions import available_versions
 
 log = structlog.get_logger("edged.learn")
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,93 +75,25 @@ from edged.ota.tuf_client import BundleSource
 from edged.ota.types import ModelStatus, SelfTest, StartResult
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion, Sample
-from edged.serving.repository import (
-    ACTIVE_FILE,
-    available_versions,
-    parse_version,
-    read_active,
-    read_model_spec,
-)
+from edged.serving.repository import read_model_spec
 from edged.serving.stats import ModelStats
-from edged.storage import fsync_dir, write_atomic
+from edged.serving.versions import (
+    available_versions,
+    clear_staging,
+    install_version,
+    parse_version,
+    pin_active,
+    remove_version,
+    staging_dir,
+    write_active,
+)
 
 log = structlog.get_logger("edged.ota")
 
-#: the folder, inside each model's folder, where bundles are unpacked (same filesystem as the
-#: version folders, so the final rename is atomic); removed whole at start-up
-STAGING_DIR = ".ota-staging"
 
-
-# -- files that must survive a crash ---------------------------------------------------------
-
-
-def write_active(model_dir: Path, versions: list[int]) -> None:
-    """Replace ``model_dir``/ACTIVE atomically: temp file in the same folder, fsync, rename,
-    fsync the folder."""
-    text = "".join(f"{v}\n" for v in versions).encode()
-    write_atomic(model_dir / ACTIVE_FILE, lambda f: f.write(text))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _same_files(folder: Path, files: Mapping[str, Path]) -> bool:
-    """``folder`` holds exactly ``files`` (name -> source), byte for byte."""
-    present = sorted(p.name for p in folder.iterdir())
-    if present != sorted(files):
-        return False
-    return all(_file_digest(folder / name) == _file_digest(src) for name, src in files.items())
-
-
-def install_version(model_dir: Path, version: int, files: Mapping[str, Path]) -> bool:
-    """Make ``model_dir``/``version``/ hold ``files`` (name -> unpacked file on the same
-    filesystem): move them into a temporary folder, fsync, rename it into place. An existing
-    identical folder is kept. Returns whether a folder was created.
-
-    Raises:
-        OtaError: the version folder exists with other contents (a version folder is never
-            overwritten).
-    """
-    final = model_dir / str(version)
-    if final.exists():
-        if final.is_dir() and _same_files(final, files):
-            return False
-        raise OtaError(f"{final} exists with other contents; a version folder is never overwritten")
-    temp = model_dir / STAGING_DIR / f"version-{version}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir(parents=True)
-    for name, src in files.items():
-        os.replace(src, temp / name)
-        with open(temp / name, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(temp)
-    os.rename(temp, final)  # fails rather than replace a folder that appeared meanwhile
-    fsync_dir(model_dir)
-    return True
-
-
-def remove_version(model_dir: Path, version: int) -> None:
-    """Remove a version folder: renamed out of the repository first, so a crash never leaves
-    half a version under a version name."""
-    folder = model_dir / str(version)
-    if not folder.is_dir():
-        return
-    trash = model_dir / STAGING_DIR / f"removed-{version}-{time.time_ns()}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(folder, trash)
-    fsync_dir(model_dir)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def clear_staging(model_dir: Path) -> None:
-    """Remove whatever unpacking left in ``model_dir``."""
-    shutil.rmtree(model_dir / STAGING_DIR, ignore_errors=True)
+def _versions(version: int | None) -> list[int] | None:
+    """What ACTIVE names to serve ``version`` (None: no ACTIVE, the version policy decides)."""
+    return None if version is None else [version]
 
 
 # -- the statistics the health window reads --------------------------------------------------
@@ -321,7 +251,7 @@ class UpdateManager:
         if action is Recovery.ROLL_BACK:
             record = self._save_sync(record, Event.ROLLBACK, reason)
         # ROLL_BACK and FINISH_ROLLBACK: ACTIVE to the target; load_all serves it next
-        self._restore_active(model_dir, rollback_target(record))
+        write_active(model_dir, _versions(rollback_target(record)))
         if record.kind is not Kind.ROLLBACK and record.installed and record.to_version is not None:
             remove_version(model_dir, record.to_version)
         return self._save_sync(record, Event.ROLLED_BACK)
@@ -707,16 +637,14 @@ class UpdateManager:
         whether a folder was created. Blocking."""
         assert record.to_version is not None
         model_dir = self.repository / record.model
-        folder = model_dir / STAGING_DIR / f"fine-tune-{record.id}"
+        folder = staging_dir(model_dir) / f"fine-tune-{record.id}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         staged = {}
         for name, src in files.items():
             shutil.copyfile(src, folder / name)
             staged[name] = folder / name
-        if read_active(model_dir) is None:
-            # pin what serves now, so the new folder serves nothing until activated
-            self._restore_active(model_dir, record.from_version)
+        pin_active(model_dir, _versions(record.from_version))
         return install_version(model_dir, record.to_version, staged)
 
     async def _run(
@@ -800,16 +728,9 @@ class UpdateManager:
         Blocking."""
         model_dir = self.repository / record.model
         if record.state in (State.STAGED, State.WARMING):
-            self._restore_active(model_dir, record.from_version)
+            write_active(model_dir, _versions(record.from_version))
         if record.installed and record.to_version is not None:
             remove_version(model_dir, record.to_version)
-
-    @staticmethod
-    def _restore_active(model_dir: Path, version: int | None) -> None:
-        if version is not None:
-            write_active(model_dir, [version])
-        else:
-            (model_dir / ACTIVE_FILE).unlink(missing_ok=True)
 
     async def _download(self, record: UpdateRecord) -> UpdateRecord:
         assert self.tuf is not None
@@ -836,7 +757,7 @@ class UpdateManager:
         version = record.to_version
         spec = read_model_spec(model_dir)
         clear_staging(model_dir)
-        staging_parent = model_dir / STAGING_DIR
+        staging_parent = staging_dir(model_dir)
         staging_parent.mkdir()
         limits = archive.Limits(
             max_bytes=self.config.max_unpacked_bytes,
@@ -855,9 +776,7 @@ class UpdateManager:
         if manifest.selftest_file:
             inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
             test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
-        if read_active(model_dir) is None:
-            # pin what serves now, so the new folder serves nothing until activated
-            self._restore_active(model_dir, record.from_version)
+        pin_active(model_dir, _versions(record.from_version))
         files = {name: folder / name for name in manifest.artifacts}
         return install_version(model_dir, version, files), test
 
@@ -957,7 +876,7 @@ class UpdateManager:
         target = rollback_target(record)
         model_dir = self.repository / record.model
         try:
-            await asyncio.to_thread(self._restore_active, model_dir, target)
+            await asyncio.to_thread(write_active, model_dir, _versions(target))
             await self.manager.load(record.model)
             if (
                 record.kind is not Kind.ROLLBACK

@@ -40,14 +40,9 @@ from edged.core.errors import (
 from edged.core.types import InferRequest, InferResponse
 from edged.core.views import IndexEntry, VersionState
 from edged.serving.model import ModelVersion, Sample, load_model_version
-from edged.serving.repository import (
-    ModelSpec,
-    list_models,
-    parse_version,
-    read_model_spec,
-    versions_to_serve,
-)
+from edged.serving.repository import ModelSpec, read_model_spec
 from edged.serving.stats import ModelStats
+from edged.serving.versions import list_models, parse_version, versions_to_serve
 from hal.placement import (
     BreakerPolicy,
     BreakerState,

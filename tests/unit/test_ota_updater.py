@@ -29,9 +29,9 @@ from edged.ota.state import State, UpdateRecord
 from edged.ota.store import UpdateStore
 from edged.ota.targets import check_target, target_path
 from edged.ota.tuf_client import BundleSource
-from edged.ota.updater import STAGING_DIR, UpdateManager
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
-from edged.serving.repository import read_active
+from edged.serving.versions import STAGING_DIR, read_active
 from tests.daemon_process import EXAMPLE_MODELS
 from tests.digits_variants import (
     DIGITS_V1,
