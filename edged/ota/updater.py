@@ -5,13 +5,14 @@
     DOWNLOADING  refresh TUF metadata, check the signed target, free space, download (TUF
                  checks length and hashes)                                        -> VERIFIED
     VERIFIED     scan and unpack the bundle into <repo>/<model>/.ota-staging/, check
-                 bundle.toml against the request and model.toml, rename the artifacts into
-                 <repo>/<model>/<version>/ (temp name, fsync, rename)              -> STAGED
-    STAGED       persist WARMING, then ACTIVE := new version, ModelManager.load with a gate
-                 that runs the bundle's self-test on the warmed version            -> ACTIVE_TRIAL
-                 (refused: ACTIVE := committed version; the old version never stopped serving)
+                 bundle.toml against the request and model.toml, install the artifacts as
+                 <repo>/<model>/<version>/ (edged.serving.versions.install_version) -> STAGED
+    STAGED       persist WARMING, then ask serving to serve the new version:
+                 ModelManager.serve(model, [new], gate=self-test) loads it beside the served
+                 one, runs the bundle's self-test on it, writes ACTIVE, switches -> ACTIVE_TRIAL
+                 (refused: nothing switched, ACTIVE untouched; the old version never stopped)
     ACTIVE_TRIAL watch the new version's statistics for ota.health_window_s      -> COMMITTED
-                 or ROLLING_BACK: ACTIVE := committed version, ModelManager.load  -> ROLLED_BACK
+                 or ROLLING_BACK: ModelManager.serve(model, [committed])         -> ROLLED_BACK
 
 Every state is persisted (``edged.ota.store``, fsynced) before the next stage starts, and
 ``recover`` — run at start-up before the repository loads — finishes or undoes whatever a crash
@@ -793,9 +794,7 @@ class UpdateManager:
     async def _activate(self, record: UpdateRecord, test: SelfTest | None) -> UpdateRecord:
         assert record.to_version is not None
         version = record.to_version
-        model_dir = self.repository / record.model
         record = await self._advance(record, Event.ACTIVATE)
-        await asyncio.to_thread(write_active, model_dir, [version])
         reference = self._reference(record.model) if test is None else None
         labels = {"model": record.model, "version": version}
         if test is None and reference is None:
@@ -810,7 +809,8 @@ class UpdateManager:
         selftest = _SelfTestGate(record, version, test, reference)
         started = time.monotonic()
         try:
-            await self.manager.load(record.model, gate=selftest)
+            # serving loads it beside, runs the gate, writes ACTIVE, switches, drains
+            await self.manager.serve(record.model, [version], gate=selftest)
         except (ModelLoadError, ModelNotFoundError) as e:
             reason = (
                 f"self-test failed: {describe_error(selftest.refusal)}"
@@ -871,13 +871,13 @@ class UpdateManager:
         return await self._roll_back(await self._advance(record, Event.ROLLBACK, reason))
 
     async def _roll_back(self, record: UpdateRecord) -> UpdateRecord:
-        """ROLLING_BACK -> ROLLED_BACK: ACTIVE to the target, then the one swap path (requests
-        in flight on the version left finish there)."""
+        """ROLLING_BACK -> ROLLED_BACK: serving serves the target through the one swap path,
+        which rewrites ACTIVE at its switch (requests in flight on the version left finish
+        there); then the version folder this update installed goes."""
         target = rollback_target(record)
         model_dir = self.repository / record.model
         try:
-            await asyncio.to_thread(write_active, model_dir, _versions(target))
-            await self.manager.load(record.model)
+            await self.manager.serve(record.model, _versions(target))
             if (
                 record.kind is not Kind.ROLLBACK
                 and record.installed
