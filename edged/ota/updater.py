@@ -123,7 +123,8 @@ class _Running:
 
 
 class _SelfTestGate:
-    """The gate a new version passes before it takes traffic: the bundle's self-test, or
+    """The gate (``edged.serving.swap.Gate``) serving runs on a new version, loaded beside
+    the served one, before it takes traffic: the bundle's self-test, or
     else the served version's reference sample (neither: nothing to test, it passes).
     ``refusal`` keeps the first error that refused it."""
 
@@ -720,13 +721,32 @@ class UpdateManager:
             return await self._advance(record, Event.FAIL, f"rollback failed: {reason}")
         if record.state in AT_REST:
             return record
-        await asyncio.to_thread(self._discard_files, record)
+        await self._discard(record)
         return await self._advance(record, Event.FAIL, reason)
 
+    async def _discard(self, record: UpdateRecord) -> None:
+        """Undo, while serving runs, an update that never recorded its switch: the version
+        folder it installed goes. Serving wrote ACTIVE only if it switched (and then the
+        SWITCHED record was lost): only then is it asked to serve the committed version
+        again, through its swap."""
+        model_dir = self.repository / record.model
+        to_version = record.to_version
+        switched = (
+            record.state is State.WARMING
+            and to_version is not None
+            and self._served_version(record.model) == to_version
+        )
+        if switched and record.from_version is not None:
+            await self.manager.serve(record.model, [record.from_version])
+        if record.installed and to_version is not None:
+            await asyncio.to_thread(remove_version, model_dir, to_version)
+        if switched and record.from_version is None:
+            await self.manager.serve(record.model, None)  # the version policy, folder gone
+
     def _discard_files(self, record: UpdateRecord) -> None:
-        """Undo the files of an update that never served: ACTIVE back to the committed
-        version (once it may have been rewritten), the version folder it installed removed.
-        Blocking."""
+        """At start-up, before anything serves: undo the files of an update that never
+        served: ACTIVE back to the committed version (once it may have been rewritten), the
+        version folder it installed removed. Blocking."""
         model_dir = self.repository / record.model
         if record.state in (State.STAGED, State.WARMING):
             write_active(model_dir, _versions(record.from_version))
