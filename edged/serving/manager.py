@@ -28,7 +28,7 @@ from edged.core.errors import (
 )
 from edged.core.types import InferRequest, InferResponse
 from edged.core.views import IndexEntry, VersionState
-from edged.serving.failover import TRIAL_RUNS, BreakerStatus, Failover
+from edged.serving.failover import BreakerStatus, Failover
 from edged.serving.model import ModelVersion
 from edged.serving.repository import ModelSpec, read_model_spec
 from edged.serving.swap import Gate, Plan, ServedModel, Swapper, VersionLoader
@@ -43,8 +43,6 @@ from edged.serving.versions import (
 from hal.placement import BreakerPolicy, place
 from hal.probe import probe
 from hal.report import DeviceReport
-
-__all__ = ["TRIAL_RUNS", "BreakerStatus", "Gate", "ModelManager"]
 
 log = structlog.get_logger("edged.serving")
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
 from edged.core.types import LEARN_STRATEGIES, DataType, Signature, TensorSpec
-from edged.serving.versions import available_versions
+from edged.serving.versions import VersionPolicy, available_versions
 from hal.placement import PLACEMENT_MODES, default_executors
 
 MODEL_TOML = "model.toml"
@@ -53,24 +53,6 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     "edgetpu-tflite": ("tflite", "tflite"),
     "pynq-bundle": ("pynq", "pynq"),
 }
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which versions to serve: the ``latest`` N, a ``specific`` list, or ``all``."""
-
-    latest: int | None = 1
-    specific: tuple[int, ...] = ()
-    all: bool = False
-
-    def select(self, available: Sequence[int]) -> list[int]:
-        """The versions to serve out of ``available``, ascending."""
-        versions = sorted(available)
-        if self.all:
-            return versions
-        if self.specific:
-            return [v for v in versions if v in self.specific]
-        return versions[-(self.latest or 1) :]
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,12 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edged.core.errors import AlreadyExistsError, ModelLoadError
 from edged.storage import fsync_dir, write_atomic
-
-if TYPE_CHECKING:
-    from edged.serving.repository import ModelSpec
 
 ACTIVE_FILE = "ACTIVE"
 
@@ -42,6 +40,35 @@ STAGING_DIR = ".ota-staging"
 #: folders of a repository that are never models: a filesystem's (the repository as a
 #: mount point) and Python's byte-code cache
 NOT_MODELS = frozenset({"lost+found", "__pycache__"})
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions to serve: the ``latest`` N, a ``specific`` list, or ``all``."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+    all: bool = False
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions to serve out of ``available``, ascending."""
+        versions = sorted(available)
+        if self.all:
+            return versions
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        return versions[-(self.latest or 1) :]
+
+
+class VersionedModel(Protocol):
+    """What choosing the versions to serve reads of a model (``repository.ModelSpec``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def version_policy(self) -> VersionPolicy: ...
 
 
 # -- reads -----------------------------------------------------------------------------------
@@ -112,7 +139,7 @@ def read_active(model_dir: Path) -> list[int] | None:
     return sorted({v for v in versions if v is not None})
 
 
-def versions_to_serve(spec: ModelSpec) -> list[int]:
+def versions_to_serve(spec: VersionedModel) -> list[int]:
     """ACTIVE when present, else the version policy over the folders present.
 
     Raises:
