@@ -83,7 +83,9 @@ ALLOWED: dict[str, set[str]] = {
     "edged.config": _BASE | {"edged.security"},
     "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
     "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
-    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage"},
+    # learn -> hal: a trainable model's backbone loads through the executor registry
+    # (edged/learn/features.py), never in a runtime session of its own
+    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage", "hal"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
     # learn and ota: the management calls, which the data plane does not cover yet (issue #13)
     "edged.frontends": _BASE
