@@ -216,7 +216,7 @@ class Daemon:
                 self.config.zmq.addresses,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
-                learn=self.learn,
+                control=self.control,
                 access=security.access,
                 curve=security.curve_files,
             )

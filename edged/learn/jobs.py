@@ -64,9 +64,6 @@ from edged.serving.validate import validate_inputs
 
 log = structlog.get_logger("edged.learn")
 
-#: what AddSamples and the other learning calls answer when learn.enabled is off
-LEARNING_OFF = "on-device learning is off: set learn.enabled (docs/learning.md)"
-
 JOBS_DIR = Path("learn") / "jobs"
 LINEAGE_FILE = worker.LINEAGE_FILE
 

@@ -89,11 +89,9 @@ ALLOWED: dict[str, set[str]] = {
     # updates and learning as the frontends see them (edged/controlplane.py)
     "edged.controlplane": _BASE | {"edged.learn", "edged.ota"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
-    # OTA and learning only through the control plane, edged.controlplane (learn: zmq's
-    # add_samples until its next commit)
+    # OTA and learning only through the control plane, edged.controlplane
     "edged.frontends": _BASE
-    | {"edged._proto", "edged.config", "edged.controlplane", "edged.learn", "edged.security"}
-    | {"edged.serving"},
+    | {"edged._proto", "edged.config", "edged.controlplane", "edged.security", "edged.serving"},
     "edged.client": _BASE | {"edged._proto", "edged.frontends", "edged.security"},
     "edged.daemon": _BASE
     | {"edged.config", "edged.controlplane", "edged.frontends", "edged.learn"}
