@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from edged.core.errors import InvalidInputError, ModelLoadError
+from edged.core.errors import InvalidInputError, ModelLoadError, UnavailableError
 from edged.core.types import Array
 from hal.executor import ExecutorOptions, LoadedModel, ModelArtifact
 from hal.registry import get_executor
@@ -127,6 +127,7 @@ class Backbones:
         self._options = options
         self._loaded: dict[str, Backbone] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def features(
         self, model: str, path: Path, output: str, kinds: Sequence[str], inputs: Mapping[str, Array]
@@ -135,6 +136,7 @@ class Backbones:
         unless loaded already) run on ``inputs``. Blocking: call from a worker thread.
 
         Raises:
+            UnavailableError: closed (edged is stopping).
             ModelLoadError: as ``open_backbone``.
             InvalidInputError, ExecutorError: as ``Backbone.features``.
         """
@@ -145,6 +147,8 @@ class Backbones:
 
     def _backbone(self, model: str, path: Path, output: str, kinds: Sequence[str]) -> Backbone:
         with self._lock:
+            if self._closed:
+                raise UnavailableError("edged is shutting down")
             backbone = self._loaded.get(model)
             if backbone is not None and backbone.path == path and backbone.output == output:
                 return backbone
@@ -156,8 +160,9 @@ class Backbones:
         return fresh
 
     def close(self) -> None:
-        """Close every backbone (the daemon stops)."""
+        """Close every backbone (the daemon stops); later calls are refused."""
         with self._lock:
+            self._closed = True
             loaded, self._loaded = self._loaded, {}
         for backbone in loaded.values():
             backbone.close()

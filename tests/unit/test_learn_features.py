@@ -15,7 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edged.core.errors import ExecutorError, InvalidInputError, ModelLoadError
+from edged.core.errors import (
+    ExecutorError,
+    InvalidInputError,
+    ModelLoadError,
+    UnavailableError,
+)
 from edged.core.types import Array
 from edged.learn.features import (
     BACKBONE_OPTIONS,
@@ -169,6 +174,9 @@ def test_a_new_version_replaces_and_closes_the_old_backbone(tmp_path: Path) -> N
         assert first.features(inputs) is None  # closed
     finally:
         backbones.close()
+    assert backbones._loaded == {}
+    with pytest.raises(UnavailableError, match="shutting down"):  # none is opened after stop
+        backbones.features("m", second, "features", WORKER_KINDS, inputs)
     assert backbones._loaded == {}
 
 
