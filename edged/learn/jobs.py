@@ -1,7 +1,7 @@
 """On-device learning: sample intake, fine-tune jobs, the gate, publishing.
 
-``LearnManager`` is the data plane behind AddSamples / StartFineTune / GetJob / ListJobs (gRPC
-and ZeroMQ):
+``LearnManager`` does the work behind AddSamples / StartFineTune / GetJob / ListJobs (gRPC
+and ZeroMQ reach it through ``edged.controlplane``):
 
 * ``add_samples`` checks the inputs against the served version's signature
   (``validate_inputs``: an inference request's checks and messages), runs them through the
@@ -182,6 +182,7 @@ class LearnManager:
             ModelNotFoundError, ModelNotReadyError: no such model served.
             InvalidInputError: not trainable; inputs or labels wrong (named).
             OverloadedError: the store is full.
+            ModelLoadError, ExecutorError: the backbone could not be loaded or run.
         """
         self._check_ready()
         mv, spec = self._trainable(model)
