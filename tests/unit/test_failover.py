@@ -136,6 +136,7 @@ async def test_a_failing_executor_fails_over_and_recovers_after_the_trial(rig: R
     rig.fault.unlink()
     rig.clock.advance(RETRY_AFTER_S + 1)
     await _until(lambda: rig.kind() == "flaky-sim")
+    await _until(lambda: bool(rig.manager.recoveries))  # counted once the swap has returned
     assert rig.manager.recoveries == {("flaky", "1", "cpu-onnx", "flaky-sim"): 1}
     assert rig.breaker("flaky-sim") is BreakerState.CLOSED
     back = await rig.manager.infer(_request())
