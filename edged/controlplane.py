@@ -175,8 +175,8 @@ class ControlPlane:
 
         Raises:
             UnavailableError: learning is off; as ``LearnManager.add_samples``.
-            ModelNotFoundError, ModelNotReadyError, InvalidInputError, OverloadedError: as
-                ``LearnManager.add_samples``.
+            ModelNotFoundError, ModelNotReadyError, InvalidInputError, OverloadedError,
+            ModelLoadError, ExecutorError: as ``LearnManager.add_samples``.
         """
         accepted, counts, job = await self._learning().add_samples(model, inputs, labels)
         triggered = None if job is None else fine_tune_job(job)
