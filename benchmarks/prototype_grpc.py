@@ -5,10 +5,11 @@
   event; a lone request on an idle batcher runs inline on the handler thread;
 - ``aio``: grpc.aio; the handler coroutine feeds the same batcher and awaits a future set from
   the worker thread; a lone request runs inline on the event loop;
-- ``echo``: grpc.aio that answers each ModelInfer with its own input tensor (no model): the cost
-  of a Python gRPC frontend alone, against benchmarks/native_grpc/echo_server.cc.
+- ``echo``, ``echo-sync``: grpc.aio / the sync server answering each ModelInfer with its own
+  input tensor (no model): the cost of a Python gRPC frontend alone, against
+  benchmarks/native_grpc/echo_server.cc.
 
-    .venv/bin/python benchmarks/prototype_grpc.py {sync,aio,echo} [MODEL.onnx]
+    .venv/bin/python benchmarks/prototype_grpc.py {sync,aio,echo,echo-sync} [MODEL.onnx]
 
 Prints {"grpc": ADDRESS} on stdout once bound; serves until SIGTERM. Benchmark baselines only
 (benchmarks/serving.py --servers proto-grpc-sync,proto-grpc-aio; native_grpc/compare.py).
@@ -55,11 +56,29 @@ def encode(request: Any, names: list[str], outs: Outputs) -> Any:
     )
 
 
+def echo(request: Any) -> Any:
+    """The request's first input, returned as the only output."""
+    tensor = request.inputs[0]
+    return pb.ModelInferResponse(
+        model_name=request.model_name,
+        model_version="1",
+        id=request.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(
+                name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
+            )
+        ],
+        raw_output_contents=[request.raw_input_contents[0]],
+    )
+
+
 class SyncServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, batcher: Batcher) -> None:
+    def __init__(self, batcher: Batcher | None) -> None:
         self.batcher = batcher
 
     def ModelInfer(self, request: Any, context: Any) -> Any:
+        if self.batcher is None:
+            return echo(request)
         box: list[Outputs] = []
         ready = threading.Event()
 
@@ -79,19 +98,8 @@ class AioServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.batcher = batcher
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        if self.batcher is None:  # echo
-            tensor = request.inputs[0]
-            return pb.ModelInferResponse(
-                model_name=request.model_name,
-                model_version="1",
-                id=request.id,
-                outputs=[
-                    pb.ModelInferResponse.InferOutputTensor(
-                        name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
-                    )
-                ],
-                raw_output_contents=[request.raw_input_contents[0]],
-            )
+        if self.batcher is None:
+            return echo(request)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
 
@@ -104,7 +112,7 @@ class AioServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode(request, self.batcher.output_names, outs)
 
 
-def serve_sync(batcher: Batcher, handlers: int) -> None:
+def serve_sync(batcher: Batcher | None, handlers: int) -> None:
     server = grpc.server(ThreadPoolExecutor(max_workers=handlers))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(SyncServicer(batcher), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -114,7 +122,8 @@ def serve_sync(batcher: Batcher, handlers: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     stopped.wait()
     server.stop(0)
-    batcher.close()
+    if batcher is not None:
+        batcher.close()
 
 
 async def serve_aio(batcher: Batcher | None) -> None:
@@ -133,7 +142,7 @@ async def serve_aio(batcher: Batcher | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["sync", "aio", "echo"])
+    parser.add_argument("mode", choices=["sync", "aio", "echo", "echo-sync"])
     parser.add_argument("model", type=Path, nargs="?", help="the .onnx file (not for echo)")
     parser.add_argument("--workers", type=int, default=2, help="1-thread sessions")
     parser.add_argument("--inline-threads", type=int, default=2, help="0: never run inline")
@@ -141,6 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "echo":
         asyncio.run(serve_aio(None))
+        return
+    if args.mode == "echo-sync":
+        serve_sync(None, args.handlers)
         return
     if args.model is None:
         parser.error(f"{args.mode} needs MODEL")

@@ -324,12 +324,10 @@ class Daemon(Server):
 
 
 class Prototype(Server):
-    """A server script that prints {"grpc": ADDRESS} or {"zmq": ENDPOINT} once bound."""
+    """A server command that prints {"grpc": ADDRESS} or {"zmq": ENDPOINT} once bound."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdout=subprocess.PIPE, text=True, cwd=HERE
-        )
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=HERE)
 
     def wait(self) -> None:
         assert self.proc.stdout is not None
@@ -346,9 +344,9 @@ def start(server: str, repo: Path, model: str, env: dict[str, str]) -> Server:
     if server == "edged":
         return Daemon(repo, env)
     if server == "proto-zmq":
-        return Prototype([str(HERE / "prototype_zmq.py"), path])
+        return Prototype([sys.executable, str(HERE / "prototype_zmq.py"), path])
     mode = server.removeprefix("proto-grpc-")
-    return Prototype([str(HERE / "prototype_grpc.py"), mode, path])
+    return Prototype([sys.executable, str(HERE / "prototype_grpc.py"), mode, path])
 
 
 # -- load generators -------------------------------------------------------------------------
