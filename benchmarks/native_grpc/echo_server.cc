@@ -6,6 +6,8 @@
 //   benchmarks/native_grpc/build.sh && benchmarks/native_grpc/build/echo_server [--threads N]
 //
 // Prints {"grpc": "127.0.0.1:PORT"} once bound; serves until SIGTERM.
+#include <pthread.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -48,6 +50,13 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0) threads = std::atoi(argv[i + 1]);
   }
+  // SIGTERM/SIGINT blocked before grpc++ starts its threads (they inherit the mask), then
+  // taken by sigwait below for an orderly Shutdown().
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
   EchoService service;
   grpc::ServerBuilder builder;
   int port = 0;
@@ -66,12 +75,6 @@ int main(int argc, char** argv) {
   }
   std::printf("{\"grpc\": \"127.0.0.1:%d\"}\n", port);
   std::fflush(stdout);
-  std::signal(SIGTERM, [](int) {});  // replaced below: Wait() returns after Shutdown()
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
   int sig = 0;
   sigwait(&set, &sig);
   g_server->Shutdown();
