@@ -9,6 +9,8 @@ under the same background load):
   (`1x2t-b8`, `1x2t-b16`); the best of them is the limit and the JSON says which won;
 - latency: batch-1 p50 of a 1-thread session (`1t-b1`) and of a default session
   (`default-b1`); the lower is the limit.
+Each layout's CPU time per item (`cpu_ms_per_item_LAYOUT`) is what inference alone costs; a
+server's CPU per inference above it is what serving costs.
 
 **Servers**, each started fresh for every repeat, in an order rotated per repeat:
 - `edged`: a real `edged serve` process with default settings;
@@ -166,8 +168,9 @@ def _session(path: Path, threads: int, slot: int = 0) -> ort.InferenceSession:
 
 def _throughput(
     sessions: list[ort.InferenceSession], name: str, x: np.ndarray, seconds: float
-) -> float:
-    """Items/s with one thread per session, each running ``x`` back to back."""
+) -> tuple[float, float]:
+    """Items/s with one thread per session, each running ``x`` back to back, and this
+    process's CPU ms per item meanwhile."""
     for s in sessions:
         for _ in range(3):
             s.run(None, {name: x})
@@ -179,28 +182,37 @@ def _throughput(
             sessions[i].run(None, {name: x})
             counts[i] += x.shape[0]
 
+    cpu = cpu_seconds(os.getpid())
     started = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    items = max(sum(counts), 1)
+    return items / elapsed, 1000 * (cpu_seconds(os.getpid()) - cpu) / items
 
 
-def _p50_batch1(session: ort.InferenceSession, name: str, x: np.ndarray, seconds: float) -> float:
+def _p50_batch1(
+    session: ort.InferenceSession, name: str, x: np.ndarray, seconds: float
+) -> tuple[float, float]:
+    """Batch-1 p50 in ms, and this process's CPU ms per item meanwhile."""
     for _ in range(5):
         session.run(None, {name: x})
     latencies = []
+    cpu = cpu_seconds(os.getpid())
     stop_at = time.perf_counter() + seconds
     while (now := time.perf_counter()) < stop_at:
         session.run(None, {name: x})
         latencies.append(time.perf_counter() - now)
-    return 1000 * statistics.median(latencies)
+    cpu_ms = 1000 * (cpu_seconds(os.getpid()) - cpu) / max(len(latencies), 1)
+    return 1000 * statistics.median(latencies), cpu_ms
 
 
 def limit(model_path: Path, model: str, seconds: float) -> dict[str, Any]:
-    """The limit in its best layout (module docstring), ~3 x ``seconds`` of wall time."""
+    """The limit in its best layout (module docstring), ~3 x ``seconds`` of wall time. Also the
+    CPU ms per item of each layout: what inference alone costs, to set against a server's."""
     name = MODELS[model]["input"]
     x8, x16, x1 = sample(model, 8), sample(model, 16), sample(model, 1)
     throughput = {
@@ -214,15 +226,16 @@ def limit(model_path: Path, model: str, seconds: float) -> dict[str, Any]:
         "1t-b1": _p50_batch1(_session(model_path, 1, 0), name, x1, seconds / 2),
         "default-b1": _p50_batch1(_session(model_path, 0), name, x1, seconds / 2),
     }
-    best = max(throughput, key=lambda k: throughput[k])
-    fastest = min(latency, key=lambda k: latency[k])
+    best = max(throughput, key=lambda k: throughput[k][0])
+    fastest = min(latency, key=lambda k: latency[k][0])
     return {
-        "items_per_s": round(throughput[best], 1),
-        "p50_ms": round(latency[fastest], 3),
+        "items_per_s": round(throughput[best][0], 1),
+        "p50_ms": round(latency[fastest][0], 3),
         "throughput_layout": best,
         "latency_layout": fastest,
-        **{f"items_per_s_{k}": round(v, 1) for k, v in throughput.items()},
-        **{f"p50_ms_{k}": round(v, 3) for k, v in latency.items()},
+        **{f"items_per_s_{k}": round(v[0], 1) for k, v in throughput.items()},
+        **{f"p50_ms_{k}": round(v[0], 3) for k, v in latency.items()},
+        **{f"cpu_ms_per_item_{k}": round(v[1], 4) for k, v in {**throughput, **latency}.items()},
     }
 
 
@@ -319,8 +332,12 @@ class Daemon(Server):
                 self._ready.set()
 
     def wait(self) -> None:
-        if not self._ready.wait(120):
-            raise RuntimeError("edged did not become ready")
+        deadline = time.monotonic() + 120
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edged exited with {self.proc.returncode} before ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError("edged did not become ready in 120 s")
 
 
 class Prototype(Server):
