@@ -23,6 +23,7 @@ callers for `--seconds` after a warm-up:
 - `zmq`: `edged.client.AsyncZmqClient`;
 - `zmq-sync`: a minimal synchronous client (one DEALER, pre-encoded header, `concurrency`
   requests kept in flight from one thread);
+- `zmq-client`: `edged.client.ZmqClient` (synchronous), one client and one thread per caller;
 - `grpc+shm`: tritonclient with the input in system shared memory (edged only);
 - `perf_analyzer`: Triton's C++ load generator over gRPC, if installed (no CPU figures).
 
@@ -34,7 +35,7 @@ the median with its range (`NAME_range`: [min, max]).
 
     .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--repeats 1]
         [--models cls,digits] [--servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio]
-        [--transports grpc,zmq,zmq-sync,grpc+shm,perf_analyzer] [--out FILE]
+        [--transports grpc,zmq,zmq-sync,zmq-client,grpc+shm,perf_analyzer] [--out FILE]
 
 Models: PP-OCR's mobile text-direction classifier (ch_ppocr_mobile_v2.0_cls_infer.onnx, from
 the rapidocr-onnxruntime==1.4.4 wheel, fetched with `pip download` into benchmarks/.cache) and
@@ -75,12 +76,12 @@ CLS_MEMBER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVERS: dict[str, frozenset[str]] = {  # server -> the transports it speaks
-    "edged": frozenset({"grpc", "zmq", "zmq-sync", "grpc+shm", "perf_analyzer"}),
-    "proto-zmq": frozenset({"zmq", "zmq-sync"}),
+    "edged": frozenset({"grpc", "zmq", "zmq-sync", "zmq-client", "grpc+shm", "perf_analyzer"}),
+    "proto-zmq": frozenset({"zmq", "zmq-sync", "zmq-client"}),
     "proto-grpc-sync": frozenset({"grpc", "perf_analyzer"}),
     "proto-grpc-aio": frozenset({"grpc", "perf_analyzer"}),
 }
-TRANSPORTS = ("grpc", "zmq", "zmq-sync", "grpc+shm", "perf_analyzer")
+TRANSPORTS = ("grpc", "zmq", "zmq-sync", "zmq-client", "grpc+shm", "perf_analyzer")
 
 
 def fetch_cls() -> Path:
@@ -478,6 +479,46 @@ def zmq_sync_load(
     return summarize(latencies, elapsed)
 
 
+def zmq_client_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
+    """edged's synchronous client as an application uses it: one per thread."""
+    from edged.client import ZmqClient
+
+    x = sample(model)
+    inputs = {MODELS[model]["input"]: x}
+    clients = [ZmqClient(address) for _ in range(concurrency)]
+    latencies: list[float] = []
+    stop_at = 0.0
+
+    def worker(client: ZmqClient) -> None:
+        mine = []
+        while (started := time.perf_counter()) < stop_at:
+            client.infer(model, inputs)
+            mine.append(time.perf_counter() - started)
+        latencies.extend(mine)
+
+    try:
+        for client in clients:  # warm-up
+            client.infer(model, inputs)
+        if meter:
+            meter.start()
+        started = time.perf_counter()
+        stop_at = started + seconds
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        if meter:
+            meter.stop(len(latencies))
+    finally:
+        for client in clients:
+            client.close()
+    return summarize(latencies, elapsed)
+
+
 async def shm_load(
     address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
 ) -> dict:
@@ -571,6 +612,8 @@ def window(server: Server, transport: str, model: str, level: int, seconds: floa
         result = asyncio.run(zmq_load(server.zmq, model, level, seconds, meter))
     elif transport == "zmq-sync":
         result = zmq_sync_load(server.zmq, model, level, seconds, meter)
+    elif transport == "zmq-client":
+        result = zmq_client_load(server.zmq, model, level, seconds, meter)
     elif transport == "grpc+shm":
         result = asyncio.run(shm_load(server.grpc, model, level, seconds, meter))
     else:
