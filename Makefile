@@ -75,7 +75,7 @@ bench: $(STAMP) test-tools
 # stderr (markdown), JSON in bench-paired.json.
 bench-paired: $(STAMP)
 	$(BIN)/python benchmarks/serving.py --models cls --repeats 3 --seconds 3 \
-	  --servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio --transports grpc,zmq,zmq-sync \
+	  --servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio --transports grpc,zmq,zmq-sync,zmq-client \
 	  --out bench-paired.json > /dev/null
 
 # What a native gRPC frontend would cost per call: grpc++ echo against Python echoes (needs
