@@ -301,7 +301,11 @@ class Daemon(Server):
     def __init__(self, repo: Path, env: dict[str, str]) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
         full.update(
-            {"EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:0", "EDGED_METRICS_ADDRESS": "127.0.0.1:0"}
+            {
+                "EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:0",
+                "EDGED_METRICS_ADDRESS": "127.0.0.1:0",
+                "EDGED_SERVER_HTTP_ADDRESS": "127.0.0.1:0",  # free ports: other servers may run
+            }
         )
         full.update(env)
         self.proc = subprocess.Popen(
