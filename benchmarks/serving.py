@@ -31,7 +31,9 @@ Per window: infer/s, p50, p99; `ratio_to_limit` (infer/s ÷ the adjacent limit's
 `p50_over_limit_ms` (p50 - the adjacent limit's batch-1 p50), `p99_over_p50`, and the CPU time
 per inference of the server process and of this (the client) process, from the utime+stime
 deltas in /proc/PID/stat over the timed part. With `--repeats N` every figure is reported as
-the median with its range (`NAME_range`: [min, max]).
+the median with its range (`NAME_range`: [min, max]). `cpu_ceiling_ratio` = the limit's CPU
+per item ÷ (server + client CPU per inference): the ratio this pair would reach with every core
+busy on it and none idle, an upper bound that a busy machine disturbs far less than infer/s.
 
     .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--repeats 1]
         [--models cls,digits] [--servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio]
@@ -629,12 +631,17 @@ def against(result: dict[str, Any], lim: dict[str, Any]) -> dict[str, Any]:
     """A window's ratios to the limit measured beside it."""
     if "infer_per_s" not in result:
         return result
-    return {
+    out = {
         **result,
         "ratio_to_limit": round(result["infer_per_s"] / lim["items_per_s"], 3),
         "p50_over_limit_ms": round(result["p50_ms"] - lim["p50_ms"], 3),
         "p99_over_p50": round(result["p99_ms"] / max(result["p50_ms"], 1e-9), 2),
     }
+    if "server_cpu_ms_per_infer" in result:
+        spent = result["server_cpu_ms_per_infer"] + result["client_cpu_ms_per_infer"]
+        inference = lim[f"cpu_ms_per_item_{lim['throughput_layout']}"]
+        out["cpu_ceiling_ratio"] = round(inference / max(spent, 1e-9), 3)
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -781,7 +788,9 @@ def _fmt(r: dict[str, Any], key: str) -> str:
     if key not in r:
         return "-"
     low, high = r[f"{key}_range"]
-    return f"{r[key]:g}" if r["repeats"] == 1 else f"{r[key]:g} ({low:g}-{high:g})"
+    if r["repeats"] == 1:  # three significant figures: the table is for reading, JSON is exact
+        return f"{r[key]:.3g}"
+    return f"{r[key]:.3g} ({low:.3g}-{high:.3g})"
 
 
 def _table(report: dict[str, Any]) -> None:
@@ -793,6 +802,7 @@ def _table(report: dict[str, Any]) -> None:
         ("p99 ms", "p99_ms"),
         ("p50-lim ms", "p50_over_limit_ms"),
         ("p99/p50", "p99_over_p50"),
+        ("CPU ceiling", "cpu_ceiling_ratio"),
         ("server CPU ms/inf", "server_cpu_ms_per_infer"),
         ("client CPU ms/inf", "client_cpu_ms_per_infer"),
     ]
