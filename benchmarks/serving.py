@@ -141,6 +141,9 @@ def summarize(latencies: list[float], seconds: float) -> dict[str, float]:
 def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each numeric figure over the repeats, with its [min, max] as NAME_range."""
     out: dict[str, Any] = {"repeats": len(runs)}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:  # perf_analyzer's own failures (it gives up on unstable windows)
+        out["errors"] = errors
     for key in runs[0]:
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if not values or isinstance(runs[0][key], bool):
@@ -788,9 +791,14 @@ def _fmt(r: dict[str, Any], key: str) -> str:
     if key not in r:
         return "-"
     low, high = r[f"{key}_range"]
-    if r["repeats"] == 1:  # three significant figures: the table is for reading, JSON is exact
-        return f"{r[key]:.3g}"
-    return f"{r[key]:.3g} ({low:.3g}-{high:.3g})"
+    if r["repeats"] == 1:
+        return _num(r[key])
+    return f"{_num(r[key])} ({_num(low)}-{_num(high)})"
+
+
+def _num(value: float) -> str:
+    """Three significant figures, whole numbers from 100 up: the table is for reading."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _table(report: dict[str, Any]) -> None:
