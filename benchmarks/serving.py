@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -450,7 +451,7 @@ def zmq_sync_load(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     sent: dict[str, float] = {}
-    ids = iter(range(1 << 62))
+    ids = itertools.count()
 
     def send() -> None:
         rid = str(next(ids))
@@ -458,6 +459,8 @@ def zmq_sync_load(
         sock.send_multipart([prefix + rid.encode() + suffix, x], copy=False)
 
     def receive() -> float:
+        if not sock.poll(30_000):
+            raise RuntimeError("zmq-sync: no reply within 30 s")
         reply = sock.recv_multipart(copy=False)
         header = json.loads(reply[0].bytes)
         if not header.get("ok"):
