@@ -31,7 +31,9 @@ Per window: infer/s, p50, p99; `ratio_to_limit` (infer/s ÷ the adjacent limit's
 `p50_over_limit_ms` (p50 - the adjacent limit's batch-1 p50), `p99_over_p50`, and the CPU time
 per inference of the server process and of this (the client) process, from the utime+stime
 deltas in /proc/PID/stat over the timed part. With `--repeats N` every figure is reported as
-the median with its range (`NAME_range`: [min, max]).
+the median with its range (`NAME_range`: [min, max]). `cpu_ceiling_ratio` = the limit's CPU
+per item ÷ (server + client CPU per inference): the ratio this pair would reach with every core
+busy on it and none idle, an upper bound that a busy machine disturbs far less than infer/s.
 
     .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--repeats 1]
         [--models cls,digits] [--servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio]
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -139,6 +142,9 @@ def summarize(latencies: list[float], seconds: float) -> dict[str, float]:
 def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each numeric figure over the repeats, with its [min, max] as NAME_range."""
     out: dict[str, Any] = {"repeats": len(runs)}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:  # perf_analyzer's own failures (it gives up on unstable windows)
+        out["errors"] = errors
     for key in runs[0]:
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if not values or isinstance(runs[0][key], bool):
@@ -445,7 +451,7 @@ def zmq_sync_load(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     sent: dict[str, float] = {}
-    ids = iter(range(1 << 62))
+    ids = itertools.count()
 
     def send() -> None:
         rid = str(next(ids))
@@ -453,6 +459,8 @@ def zmq_sync_load(
         sock.send_multipart([prefix + rid.encode() + suffix, x], copy=False)
 
     def receive() -> float:
+        if not sock.poll(30_000):
+            raise RuntimeError("zmq-sync: no reply within 30 s")
         reply = sock.recv_multipart(copy=False)
         header = json.loads(reply[0].bytes)
         if not header.get("ok"):
@@ -629,12 +637,17 @@ def against(result: dict[str, Any], lim: dict[str, Any]) -> dict[str, Any]:
     """A window's ratios to the limit measured beside it."""
     if "infer_per_s" not in result:
         return result
-    return {
+    out = {
         **result,
         "ratio_to_limit": round(result["infer_per_s"] / lim["items_per_s"], 3),
         "p50_over_limit_ms": round(result["p50_ms"] - lim["p50_ms"], 3),
         "p99_over_p50": round(result["p99_ms"] / max(result["p50_ms"], 1e-9), 2),
     }
+    if "server_cpu_ms_per_infer" in result:
+        spent = result["server_cpu_ms_per_infer"] + result["client_cpu_ms_per_infer"]
+        inference = lim[f"cpu_ms_per_item_{lim['throughput_layout']}"]
+        out["cpu_ceiling_ratio"] = round(inference / max(spent, 1e-9), 3)
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -781,7 +794,14 @@ def _fmt(r: dict[str, Any], key: str) -> str:
     if key not in r:
         return "-"
     low, high = r[f"{key}_range"]
-    return f"{r[key]:g}" if r["repeats"] == 1 else f"{r[key]:g} ({low:g}-{high:g})"
+    if r["repeats"] == 1:
+        return _num(r[key])
+    return f"{_num(r[key])} ({_num(low)}-{_num(high)})"
+
+
+def _num(value: float) -> str:
+    """Three significant figures, whole numbers from 100 up: the table is for reading."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _table(report: dict[str, Any]) -> None:
@@ -793,6 +813,7 @@ def _table(report: dict[str, Any]) -> None:
         ("p99 ms", "p99_ms"),
         ("p50-lim ms", "p50_over_limit_ms"),
         ("p99/p50", "p99_over_p50"),
+        ("CPU ceiling", "cpu_ceiling_ratio"),
         ("server CPU ms/inf", "server_cpu_ms_per_infer"),
         ("client CPU ms/inf", "client_cpu_ms_per_infer"),
     ]

@@ -65,7 +65,12 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
                 assert r["infer_per_s"] > 0
                 low, high = r["infer_per_s_range"]
                 assert low <= r["infer_per_s"] <= high
-                for key in ("ratio_to_limit", "p50_over_limit_ms", "p99_over_p50"):
+                for key in (
+                    "ratio_to_limit",
+                    "p50_over_limit_ms",
+                    "p99_over_p50",
+                    "cpu_ceiling_ratio",
+                ):
                     assert key in r
                 assert r["server_cpu_ms_per_infer"] >= 0
                 assert r["client_cpu_ms_per_infer"] >= 0
