@@ -73,14 +73,16 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     fault = tmp_path / "fault"
     monkeypatch.setenv("FLAKY_SIM_FAULT_FILE", str(fault))
     repo = tmp_path / "models"
-    (repo / "flaky" / "1").mkdir(parents=True)
-    shutil.copyfile(
-        EXAMPLE_MODELS / "digits" / "1" / "model.onnx", repo / "flaky" / "1" / "model.onnx"
-    )
-    (repo / "flaky" / "model.toml").write_text(
-        'name = "flaky"\nformat = "onnx"\nmax_batch_size = 8\ninstances = 1\n'
-        'executors = ["flaky-sim", "cpu-onnx"]\n'
-    )
+    # "flaky" may fail over to cpu-onnx; "alone" has nowhere else to go
+    for name, executors in (("flaky", '"flaky-sim", "cpu-onnx"'), ("alone", '"flaky-sim"')):
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copyfile(
+            EXAMPLE_MODELS / "digits" / "1" / "model.onnx", repo / name / "1" / "model.onnx"
+        )
+        (repo / name / "model.toml").write_text(
+            f'name = "{name}"\nformat = "onnx"\nmax_batch_size = 8\ninstances = 1\n'
+            f"executors = [{executors}]\n"
+        )
     clock = FakeClock()
     manager = ModelManager(
         repo,
@@ -89,14 +91,14 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         clock=clock,
         sleep=clock.sleep,
     )
-    await manager.load("flaky")
+    assert await manager.load_all() == {}
     yield Rig(manager, clock, fault)
     await manager.unload_all()
     registry._entry_points.cache_clear()
 
 
-def _request() -> InferRequest:
-    return InferRequest("flaky", {"input": SAMPLE[:2]})
+def _request(model: str = "flaky") -> InferRequest:
+    return InferRequest(model, {"input": SAMPLE[:2]})
 
 
 async def _until(check: Callable[[], bool]) -> None:
@@ -173,3 +175,17 @@ async def test_a_reload_keeps_the_moved_copy_and_an_unload_ends_recovery(rig: Ri
     await rig.manager.failover.idle()  # the recovery ended: nothing to recover any more
     assert not rig.manager.recoveries
     assert not rig.manager.is_ready("flaky")
+
+
+async def test_without_another_candidate_the_version_stays_and_resumes(rig: Rig) -> None:
+    rig.fault.write_text("raise")
+    for _ in range(2):
+        with pytest.raises(ExecutorError):
+            await rig.manager.infer(_request("alone"))
+    await rig.manager.failover.idle()  # the failover found nowhere to go and ended
+    served = rig.manager.get("alone")
+    assert served.kind == "flaky-sim"
+    assert not served.scheduler.paused
+    assert not rig.manager.failovers
+    rig.fault.unlink()  # requests keep going to the only executor there is
+    assert (await rig.manager.infer(_request("alone"))).model_version == "1"
