@@ -87,6 +87,16 @@ ALL_KEYS = {
     "learn.job_memory_mb",
     "learn.job_nice",
     "learn.history_limit",
+    "federated.enabled",
+    "federated.server",
+    "federated.models",
+    "federated.python",
+    "federated.root_certificates",
+    "federated.insecure",
+    "federated.device_id",
+    "federated.token_file",
+    "federated.retry_s",
+    "federated.session_timeout_s",
 }
 
 FILE = """\
