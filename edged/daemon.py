@@ -31,6 +31,7 @@ from edged import logs
 from edged.config import Config, OtaConfig
 from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
+from edged.federated.devices import FederatedClients
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.http import HttpFrontend
@@ -166,6 +167,7 @@ class Daemon:
         self.updates: UpdateManager | None = None
         self._learn_store: LearnStore | None = None
         self.learn: LearnManager | None = None
+        self.federated: FederatedClients | None = None
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -280,9 +282,7 @@ class Daemon:
         security.note_listener(address, tls=context is not None)
         self.http_address = f"{address.rpartition(':')[0]}:{port}"
 
-    async def _bind(
-        self, server: grpc.aio.Server, address: str, key: str, management: bool
-    ) -> int:
+    async def _bind(self, server: grpc.aio.Server, address: str, key: str, management: bool) -> int:
         """Add a listener (TLS or not, as ``[tls]`` says); return its port.
 
         Raises:
@@ -419,6 +419,9 @@ class Daemon:
             await self.updates.start()
             if self.learn is not None:
                 await self.learn.start()
+                if self.config.federated.enabled:
+                    self.federated = FederatedClients(self.learn, self.config.federated)
+                    await self.federated.start()
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""
@@ -436,6 +439,8 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.federated is not None:
+            await self.federated.stop()
         if self.learn is not None:
             await self.learn.stop()
         if self.updates is not None:
