@@ -25,7 +25,7 @@ from edged.learn.head import load_head
 SECAGG_UNAVAILABLE = (
     "--secagg: Flower's SecAgg+ runs only as a ServerApp workflow over a SuperLink; edged's "
     "devices join over Flower's gRPC stream transport (docs/adr/0012), which has no secure "
-    "aggregation. Use TLS and enrolment (always on) and --dp-noise for privacy"
+    "aggregation. TLS, --enrolled and --dp-noise are what this transport offers"
 )
 
 
@@ -51,6 +51,11 @@ def check(args: argparse.Namespace) -> None:
         load_head(args.head)
     except (OSError, ValueError) as e:
         raise EdgedError(f"--head {args.head}: {e}") from e
+    if args.enrolled is None and not args.insecure:
+        raise EdgedError(
+            "--enrolled is required: only the devices the operator enrolled take part "
+            "(--insecure, for loopback tests, admits any)"
+        )
     if args.enrolled is not None:
         try:
             enrol.read_enrolled(args.enrolled)
