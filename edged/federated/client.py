@@ -10,7 +10,10 @@ labels, never raw inputs), connects to the fleet's Flower server over TLS and an
 * ``get_properties``: the enrolment proof (``edged.federated.enrol``);
 * ``fit``: the round's global head trained on the device's training features with the
   model's continual-learning strategy (``edged.federated.local.local_fit``); it returns the
-  head's arrays and the sample count, nothing else;
+  head's arrays and the sample count, nothing else. A streaming-lda model returns its
+  samples' averaged LDA statistics instead (``lda_statistics``), which FedAvg sums exactly;
+  run such a federation with fedavg or fedprox (FedAdam's server step would mix them with a
+  head);
 * ``evaluate``: the merged head's loss and accuracy on the device's held-out samples; the
   merged head is kept in SESSION_DIR (merged.npz, merged.json) for the daemon, which offers
   it to its gate after the session.
@@ -30,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from edged.federated import enrol
-from edged.federated.local import RoundConfig, local_fit
+from edged.federated.local import (
+    RoundConfig,
+    is_lda_statistics,
+    lda_merge,
+    lda_statistics,
+    local_fit,
+)
 from edged.federated.params import head_from_arrays, head_to_arrays
 from edged.federated.session import (
     FLOWER_ENV,
@@ -40,7 +49,7 @@ from edged.federated.session import (
     Session,
 )
 from edged.learn.head import Head, load_head, read_npz, save_head, softmax
-from edged.learn.strategies import LearnState, load_state
+from edged.learn.strategies import LearnState, load_state, tuned_hyper
 
 
 def _say(**event: object) -> None:
@@ -64,6 +73,8 @@ class Device:
         self.x_holdout, self.y_holdout = data["x_holdout"], data["y_holdout"]
         self.head = load_head(session.head)
         self.state: LearnState = load_state(session.state)
+        lda = self.state.lda
+        self.lda = lda if session.strategy == "streaming-lda" and lda is not None else None
         self.token = enrol.read_token(Path(session.token_file)) if session.token_file else b""
 
     def properties(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +88,9 @@ class Device:
             epochs=int(config.get("epochs", 5)),
             proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
+        if self.lda is not None:  # streaming LDA: exact statistics, not a trained head
+            _say(event="federated_fit", round=server_round, samples=len(self.y_train))
+            return lda_statistics(self.lda, self.x_train, self.y_train), len(self.y_train)
         global_head = head_from_arrays(arrays)
         candidate = local_fit(
             global_head,
@@ -90,8 +104,19 @@ class Device:
         _say(event="federated_fit", round=server_round, samples=len(self.y_train))
         return head_to_arrays(candidate), len(self.y_train)
 
+    def merged_head(self, arrays: list[np.ndarray], config: dict[str, Any]) -> Head:
+        """The round's global head; for streaming LDA, this device's statistics merged with
+        the federation's (the round's average times its sample count), as an LDA head."""
+        if self.lda is None or not is_lda_statistics(arrays, self.lda):
+            return head_from_arrays(arrays)
+        total = int(config.get("samples", 0))
+        if total <= 0:
+            raise ValueError("the server sent LDA statistics without the round's sample count")
+        merged = lda_merge(self.lda, arrays, total)
+        return merged.to_head(tuned_hyper("streaming-lda").lda_shrinkage)
+
     def evaluate(self, arrays: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int]:
-        merged = head_from_arrays(arrays)
+        merged = self.merged_head(arrays, config)
         info = MergedInfo(
             round=int(config.get("round", 0)),
             rounds=int(config.get("rounds", 0)),

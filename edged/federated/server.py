@@ -130,7 +130,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     tokens = enrol.read_enrolled(args.enrolled) if args.enrolled else None
     head = load_head(args.head)
     initial = ndarrays_to_parameters(head_to_arrays(head))
-    report: dict[str, Any] = {"participants": 0}
+    report: dict[str, Any] = {"participants": 0, "samples": 0}
 
     class Enrolled(SimpleClientManager):  # type: ignore[misc]
         """Admits a client once it proves its enrolment for this model."""
@@ -177,6 +177,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             "rounds": args.rounds,
             "strategy": args.strategy + ("+dp" if args.dp_noise > 0 else ""),
             "participants": report["participants"],
+            "samples": report["samples"],  # streaming LDA: average x samples = sum
         }
 
     def weighted_accuracy(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -241,6 +242,7 @@ def _reporting(inner: Any, args: argparse.Namespace, report: dict[str, Any]) -> 
 
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
             report["participants"] = len(results)
+            report["samples"] = sum(r.num_examples for _, r in results)
             sizes = [payload_bytes(parameters_to_ndarrays(r.parameters)) for _, r in results]
             samples = sum(r.num_examples for _, r in results)
             self.rounds.append(
