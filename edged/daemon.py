@@ -282,7 +282,9 @@ class Daemon:
         security.note_listener(address, tls=context is not None)
         self.http_address = f"{address.rpartition(':')[0]}:{port}"
 
-    async def _bind(self, server: grpc.aio.Server, address: str, key: str, management: bool) -> int:
+    async def _bind(
+        self, server: grpc.aio.Server, address: str, key: str, management: bool
+    ) -> int:
         """Add a listener (TLS or not, as ``[tls]`` says); return its port.
 
         Raises:

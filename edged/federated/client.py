@@ -91,7 +91,7 @@ class Device:
         if self.lda is not None:  # streaming LDA: exact statistics, not a trained head
             _say(event="federated_fit", round=server_round, samples=len(self.y_train))
             return lda_statistics(self.lda, self.x_train, self.y_train), len(self.y_train)
-        global_head = head_from_arrays(arrays)
+        global_head = head_from_arrays(arrays, like=self.head)
         candidate = local_fit(
             global_head,
             self.state,
@@ -108,7 +108,7 @@ class Device:
         """The round's global head; for streaming LDA, this device's statistics merged with
         the federation's (the round's average times its sample count), as an LDA head."""
         if self.lda is None or not is_lda_statistics(arrays, self.lda):
-            return head_from_arrays(arrays)
+            return head_from_arrays(arrays, like=self.head)
         total = int(config.get("samples", 0))
         if total <= 0:
             raise ValueError("the server sent LDA statistics without the round's sample count")
