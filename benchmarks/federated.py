@@ -239,6 +239,7 @@ def _federate(
     rounds: int,
     local_epochs: int,
     test: tuple[np.ndarray, np.ndarray],
+    knobs: argparse.Namespace,
 ) -> dict[str, Any]:
     from flwr.common import parameters_to_ndarrays
     from flwr.server import Server
@@ -262,7 +263,8 @@ def _federate(
             str(len(devices)),
             "--local-epochs",
             str(local_epochs),
-            *(["--dp-noise", "0.1", "--dp-clip", "5"] if dp else []),
+            *(["--dp-noise", str(knobs.dp_noise), "--dp-clip", str(knobs.dp_clip)] if dp else []),
+            *(["--server-lr", str(knobs.server_lr)] if knobs.server_lr else []),
         ]
     )
     manager, wrapped, _ = fedserver.build(args)
@@ -329,8 +331,15 @@ def run_flower(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[st
     from edged.learn.strategies import fine_tune, tuned_hyper
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    out: dict[str, Any] = {"rounds": args.rounds, "local_epochs": args.local_epochs, "runs": []}
-    for space in ("backbone", "pixels"):
+    out: dict[str, Any] = {
+        "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "dp_noise": args.dp_noise,
+        "dp_clip": args.dp_clip,
+        "server_lr": args.server_lr or None,
+        "runs": [],
+    }
+    for space in args.spaces.split(","):
         test = (data[f"{space}_test"], data["y_test"])
         for clients in args.clients:
             with tempfile.TemporaryDirectory() as tmp:
@@ -351,7 +360,13 @@ def run_flower(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict[st
                 }
                 for strategy in args.strategies:
                     result = _federate(
-                        devices, folder / "head.npz", strategy, args.rounds, args.local_epochs, test
+                        devices,
+                        folder / "head.npz",
+                        strategy,
+                        args.rounds,
+                        args.local_epochs,
+                        test,
+                        args,
                     )
                     target = row["centralised"]["all"] - 2.0
                     within = [r["round"] for r in result["rounds"] if r["all"] >= target]
@@ -403,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=20)
     p.add_argument("--clients", default="3,5,10")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--server-lr", type=float, default=0.0, help="FedAdam's eta (0: the default)")
+    p.add_argument("--dp-noise", type=float, default=0.1)
+    p.add_argument("--dp-clip", type=float, default=5.0)
+    p.add_argument("--spaces", default="backbone,pixels")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--python", default=str(ROOT / ".venv-federated" / "bin" / "python"))
     args = p.parse_args(argv)

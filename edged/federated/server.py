@@ -237,8 +237,9 @@ def _reporting(inner: Any, args: argparse.Namespace, report: dict[str, Any]) -> 
         def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
             if server_round == 1 and args.start_clients > args.min_clients:
                 client_manager.wait_for(args.start_clients)
-            self.started = time.monotonic()
-            return inner.configure_fit(server_round, parameters, client_manager)
+            instructions = inner.configure_fit(server_round, parameters, client_manager)
+            self.started = time.monotonic()  # once the round's devices are sampled
+            return instructions
 
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
             report["participants"] = len(results)
