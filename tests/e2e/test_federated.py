@@ -210,6 +210,7 @@ def test_federation_teaches_each_device_the_classes_it_never_saw(
 
     server = fleet.federate("--rounds", "8", "--min-clients", "3", "--local-epochs", "20")
     out, _ = server.communicate(timeout=240)
+    (tmp_path / "federate.out").write_text(out)  # what the operator's terminal shows
     assert server.returncode == 0, out
     assert out.count("client joined: device dev") == 3, out
     history = json.loads((tmp_path / "history.json").read_text())
