@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.learn.head import Head
-from edged.learn.strategies import LearnState, StreamingLDA, absorb, fine_tune, tuned_hyper
+from edged.learn.strategies import LearnState, StreamingLDA, fine_tune, tuned_hyper
 
 #: the strategy a federated fit uses for a model whose own is streaming-lda (an LDA head is
 #: refit from statistics, not trained from the global weights)
@@ -51,26 +51,6 @@ def local_fit(
         global_head, state, features, labels, strategy, hyper, seed, proximal=proximal
     )
     return candidate
-
-
-def adopt(
-    merged: Head,
-    state: LearnState,
-    features: np.ndarray,
-    labels: np.ndarray,
-    validation: tuple[np.ndarray, np.ndarray],
-    seed: int,
-) -> LearnState:
-    """The learning state to publish with a merged head: the device's training samples and
-    held-out samples absorbed as a local fine-tune would (``strategies.absorb``), and every
-    class counted as known (the federation taught the classes other devices saw)."""
-    new_state = state.copy()
-    if new_state.lda is not None:
-        new_state.lda.fit(features, labels)
-    rng = np.random.default_rng([seed, 3])
-    new_state = absorb(state, new_state, merged, features, labels, validation, rng)
-    new_state.known = np.ones(merged.classes, np.bool_)
-    return new_state
 
 
 # -- streaming LDA: statistics, which add exactly ---------------------------------------------

@@ -919,6 +919,27 @@ def absorb(
     return new_state
 
 
+def adopt(
+    merged: Head,
+    state: LearnState,
+    features: np.ndarray,
+    labels: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    seed: int,
+) -> LearnState:
+    """The learning state to publish with a head learned elsewhere (a federation's merged
+    head, edged.federated): the device's training and held-out samples absorbed as a local
+    fine-tune would (:func:`absorb`), and every class counted as known (the federation taught
+    the classes other devices saw)."""
+    new_state = state.copy()
+    if new_state.lda is not None:
+        new_state.lda.fit(features, labels)
+    rng = np.random.default_rng([seed, 3])
+    new_state = absorb(state, new_state, merged, features, labels, validation, rng)
+    new_state.known = np.ones(merged.classes, np.bool_)
+    return new_state
+
+
 def pooled_standardiser(
     mean: np.ndarray, scale: np.ndarray, count: int, features: np.ndarray, floor: float
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -97,7 +97,13 @@ def run(job_dir: Path) -> JobMetrics:
 
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
-    from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
+    from edged.learn.strategies import (  # noqa: PLC0415
+        adopt,
+        fine_tune,
+        load_state,
+        save_state,
+        tuned_hyper,
+    )
 
     task = Task.read(job_dir)
     data = read_npz(job_dir / SAMPLES_FILE)
@@ -116,8 +122,6 @@ def run(job_dir: Path) -> JobMetrics:
     # the held-out new samples join the state's held-out buffer: what is new now is old data
     # to the next job
     if (job_dir / CANDIDATE_FILE).exists():
-        from edged.federated.local import adopt  # noqa: PLC0415
-
         candidate = load_head(job_dir / CANDIDATE_FILE)
         new_state = adopt(candidate, state, x_train, y_train, (x_new, y_new), seed)
     else:

@@ -18,7 +18,6 @@ from edged.federated import enrol
 from edged.federated.client import Device
 from edged.federated.local import (
     RoundConfig,
-    adopt,
     is_lda_statistics,
     lda_merge,
     lda_statistics,
@@ -30,6 +29,7 @@ from edged.fleet import federate
 from edged.learn.head import accuracy, init_head, load_head, save_head, write_npz
 from edged.learn.strategies import (
     StreamingLDA,
+    adopt,
     initial_state,
     load_state,
     save_state,

@@ -84,6 +84,8 @@ ALLOWED: dict[str, set[str]] = {
     "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
     "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
     "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage"},
+    # federated learning: device side over learn, fleet side under edged.fleet (issue #17)
+    "edged.federated": _BASE | {"edged.config", "edged.learn", "edged.ota"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
     # learn and ota: the management calls, which the data plane does not cover yet (issue #13)
     "edged.frontends": _BASE
@@ -92,13 +94,15 @@ ALLOWED: dict[str, set[str]] = {
     "edged.client": _BASE | {"edged._proto", "edged.frontends", "edged.security"},
     "edged.daemon": _BASE
     | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
-    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
+    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"}
+    | {"edged.federated"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
     | {"edged.security", "hal"},
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
-    | {"edged.storage", "hal"},
+    | {"edged.storage", "hal"}
+    | {"edged.federated", "edged.learn"},
 }
 
 
