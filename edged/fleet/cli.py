@@ -1,5 +1,6 @@
 """The ``edged-fleet`` command: build model bundles, publish them to the fleet's TUF
-repository, and roll them out to devices (docs/ota.md).
+repository, and roll them out to devices (docs/ota.md); federate a trainable model's head
+across devices with Flower (docs/federated.md).
 
     edged-fleet init DIR                      new repository and keys
     edged-fleet bundle MODEL_DIR --version V --out FILE
@@ -155,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged-fleet",
         description="Build model bundles, publish them to the fleet's TUF repository, and "
-        "roll them out to devices (docs/ota.md).",
+        "roll them out to devices (docs/ota.md); federate a trainable model's head across "
+        "devices (docs/federated.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edged-fleet {__version__}")
