@@ -800,6 +800,13 @@ class Config:
     learn: LearnConfig = field(default_factory=LearnConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
 
+    def __post_init__(self) -> None:
+        if self.federated.enabled and not self.learn.enabled:
+            raise ConfigError(
+                "config key 'federated.enabled': needs learn.enabled (a federation trains on "
+                "the learning store's samples and publishes through its gate)"
+            )
+
 
 def _sections() -> dict[str, type[Any]]:
     hints = typing.get_type_hints(Config)
