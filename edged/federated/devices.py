@@ -123,13 +123,23 @@ class FederatedClients:
         limits = Limits(
             memory_mb=config.job_memory_mb,
             cpu_s=self.config.session_timeout_s,
-            wall_s=self.config.session_timeout_s,
+            wall_s=self.config.session_timeout_s + 60,
             nice=config.job_nice,
         )
         log.info("federated_session_started", model=model, samples=count)
-        await run_process(
-            [self.python, "-m", "edged.federated.client", str(folder)], limits, lambda _: None
-        )
+        argv = [self.python, "-m", "edged.federated.client", str(folder)]
+        try:  # the runner's own wall limit (a minute later) only backs this one up
+            await asyncio.wait_for(
+                run_process(argv, limits, lambda _: None), self.config.session_timeout_s
+            )
+        except TimeoutError:  # an idle client is started afresh, its samples re-read
+            log.info(
+                "federated_session_ended",
+                model=model,
+                merged=False,
+                reason=f"federated.session_timeout_s ({self.config.session_timeout_s:g} s)",
+            )
+            return None
         return await self._promote(model, folder)
 
     async def _promote(self, model: str, folder: Path) -> JobRecord | None:
