@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folder = Path(args[0])
     os.environ.update(FLOWER_ENV)  # before Flower is imported
+    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # edged's lines say what happens
     try:
         from flwr.client import start_client  # noqa: PLC0415
 

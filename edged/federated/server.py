@@ -291,6 +291,7 @@ def _reporting(inner: Any, args: argparse.Namespace, report: dict[str, Any]) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.update(FLOWER_ENV)  # before Flower is imported
+    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # edged's lines say what happens
     from flwr.server import start_server  # noqa: PLC0415
 
     manager, strategy, config = build(args)

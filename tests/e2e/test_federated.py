@@ -279,6 +279,24 @@ def test_dp_and_a_device_killed_mid_round_do_not_stall_the_federation(
     assert accuracy(daemons[1].address, [7, 8, 9]) == 0.0  # its own head, as before
 
 
+def test_a_device_that_is_not_enrolled_is_refused(
+    tmp_path: Path, stopper: list[DaemonProcess]
+) -> None:
+    fleet = Fleet(tmp_path, 2)
+    intruder = fleet.serve(0, "intruder", secrets.token_hex(16))
+    honest = fleet.serve(1, "dev1", fleet.tokens["dev1"])
+    stopper.extend([intruder, honest])
+    add_samples(intruder.address, (5, 6))
+    add_samples(honest.address, (7, 8))
+    server = fleet.federate(
+        "--rounds", "1", "--min-clients", "2", "--wait-clients", "15", "--local-epochs", "2"
+    )
+    out, _ = server.communicate(timeout=120)
+    assert "client refused: device 'intruder' is not enrolled" in out, out
+    assert server.returncode == 1, out  # never two enrolled devices: no round ran
+    assert not any(e.get("event") == "federated_candidate_judged" for e in intruder.events)
+
+
 def test_dp_changes_the_result_but_still_trains(tmp_path: Path) -> None:
     """Flower's server loop and the strategies `edged-fleet federate` builds, with edged's
     own clients in process (benchmarks/federated.py), with and without server-side DP."""
