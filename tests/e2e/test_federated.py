@@ -301,8 +301,8 @@ def test_dp_changes_the_result_but_still_trains(tmp_path: Path) -> None:
     """Flower's server loop and the strategies `edged-fleet federate` builds, with edged's
     own clients in process (benchmarks/federated.py), with and without server-side DP."""
     argv = [sys.executable, str(REPO_ROOT / "benchmarks" / "federated.py"), "--rounds", "4"]
-    argv += ["--clients", "3", "--spaces", "pixels", "--strategies", "fedavg,fedavg+dp"]
-    argv += ["--dp-noise", "0.02", "--python", PYTHON]
+    argv += ["--clients", "3", "--spaces", "backbone", "--strategies", "fedavg,fedavg+dp"]
+    argv += ["--dp-noise", "0.01", "--python", PYTHON]
     done = subprocess.run(
         argv,
         capture_output=True,
@@ -317,4 +317,4 @@ def test_dp_changes_the_result_but_still_trains(tmp_path: Path) -> None:
     noisy = run["strategies"]["fedavg+dp"]["rounds"]
     assert [r["all"] for r in plain] != [r["all"] for r in noisy]  # the noise changes it
     assert run["served"]["new"] == 0.0
-    assert noisy[-1]["new"] > 30.0  # ... and it still learns the new classes
+    assert noisy[-1]["new"] > 50.0  # ... and it still learns the new classes (75% measured)
