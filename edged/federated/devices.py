@@ -84,6 +84,8 @@ class FederatedClients:
             raise EdgedError(f"model '{model}' is not trainable: its model.toml has no [learn]")
         samples = self.learn.store.pending(model)
         train = ~samples.holdout
+        if not train.any():
+            return 0
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         version_dir = mv.spec.path / str(mv.version)
