@@ -32,6 +32,7 @@ from edged.config import Config, OtaConfig
 from edged.controlplane import ControlPlane
 from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
+from edged.federated.devices import FederatedClients
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.http import HttpFrontend
@@ -169,6 +170,7 @@ class Daemon:
         self.learn: LearnManager | None = None
         #: updates and learning as the frontends see them (both off until _open_ota)
         self.control = ControlPlane()
+        self.federated: FederatedClients | None = None
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -423,6 +425,9 @@ class Daemon:
             await self.updates.start()
             if self.learn is not None:
                 await self.learn.start()
+                if self.config.federated.enabled:
+                    self.federated = FederatedClients(self.learn, self.config.federated)
+                    await self.federated.start()
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""
@@ -440,6 +445,8 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.federated is not None:
+            await self.federated.stop()
         if self.learn is not None:
             await self.learn.stop()
         if self.updates is not None:

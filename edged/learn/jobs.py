@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import sys
 from collections.abc import Mapping
@@ -66,6 +67,15 @@ LINEAGE_FILE = worker.LINEAGE_FILE
 
 
 # -- the manager -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A head a job judges and publishes instead of training one (a federation's merged
+    head, edged.federated.devices), and what its lineage records of where it came from."""
+
+    head: Path
+    lineage: Mapping[str, object]
 
 
 @dataclass
@@ -236,9 +246,16 @@ class LearnManager:
         return job.progress
 
     async def start_job(
-        self, model: str, strategy: str = "", *, wait: bool = False, trigger: str = "requested"
+        self,
+        model: str,
+        strategy: str = "",
+        *,
+        wait: bool = False,
+        trigger: str = "requested",
+        candidate: Candidate | None = None,
     ) -> JobRecord:
-        """Fine-tune ``model`` on its pending samples.
+        """Fine-tune ``model`` on its pending samples; with ``candidate`` (a head merged by a
+        federation), judge and publish that head instead of training one.
 
         Raises:
             UnavailableError: learning is off, or edged is starting or stopping.
@@ -280,7 +297,7 @@ class LearnManager:
             samples=len(samples),
             parent_version=mv.version,
         )
-        task = asyncio.ensure_future(self._run(record, mv, spec, samples))
+        task = asyncio.ensure_future(self._run(record, mv, spec, samples, candidate))
         running = _Running(task, record)
         self._running[model] = running
 
@@ -340,11 +357,16 @@ class LearnManager:
         return after
 
     async def _run(
-        self, record: JobRecord, mv: ModelVersion, spec: LearnSpec, samples: Samples
+        self,
+        record: JobRecord,
+        mv: ModelVersion,
+        spec: LearnSpec,
+        samples: Samples,
+        candidate: Candidate | None = None,
     ) -> JobRecord:
         job_dir = self.jobs_dir / str(record.id)
         try:
-            metrics = await self._train(record, mv, spec, samples, job_dir)
+            metrics = await self._train(record, mv, spec, samples, job_dir, candidate)
             verdict = judge(metrics, self.config.max_old_drop, self.config.min_new_gain)
             if not verdict.passed:
                 await asyncio.to_thread(
@@ -377,6 +399,7 @@ class LearnManager:
         spec: LearnSpec,
         samples: Samples,
         job_dir: Path,
+        candidate: Candidate | None = None,
     ) -> JobMetrics:
         version_dir = mv.spec.path / str(mv.version)
         task = Task(
@@ -415,6 +438,9 @@ class LearnManager:
                     "y_holdout": samples.labels[samples.holdout],
                 },
             )
+            if candidate is not None:
+                shutil.copyfile(candidate.head, job_dir / worker.CANDIDATE_FILE)
+                (job_dir / worker.LINEAGE_EXTRA_FILE).write_text(json.dumps(candidate.lineage))
 
         def progress(fraction: float) -> None:
             running = self._running.get(record.model)

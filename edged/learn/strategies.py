@@ -815,6 +815,7 @@ def fine_tune(
     progress: Callable[[float], None] | None = None,
     *,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    proximal: tuple[float, Head] | None = None,
 ) -> tuple[Head, LearnState]:
     """Learn new samples with ``strategy``; returns ``(candidate head, state to keep if the
     candidate is promoted)``. Neither ``head`` nor ``state`` is changed.
@@ -828,6 +829,8 @@ def fine_tune(
 
     ``progress(fraction)`` is called after every epoch (once for streaming-lda); an
     exception it raises aborts the fine-tune and propagates (a way to cancel a job).
+    ``proximal = (mu, anchor)`` adds FedProx's term ``mu/2 * ||theta - theta_anchor||^2``
+    (federated rounds: the anchor is the round's global head; edged.federated).
 
     Raises:
         ValueError: unknown strategy; a state without the part the strategy needs (a replay
@@ -861,12 +864,41 @@ def fine_tune(
         ewc = None
         if "ewc" in parts and new_state.fisher is not None and new_state.anchor is not None:
             ewc = (new_state.fisher, new_state.anchor.params())
+        prox = None if proximal is None else (proximal[0], proximal[1].params())
         candidate = _train(
-            start, x, y, hyper, train_rng, replay=replay, lwf=lwf, ewc=ewc, progress=progress
+            start,
+            x,
+            y,
+            hyper,
+            train_rng,
+            replay=replay,
+            lwf=lwf,
+            ewc=ewc,
+            prox=prox,
+            progress=progress,
         )
         if new_state.lda is not None:
             new_state.lda.fit(x, y)
+    return candidate, absorb(state, new_state, candidate, x, y, (val_x, val_y), buffer_rng)
 
+
+def absorb(
+    state: LearnState,
+    new_state: LearnState,
+    candidate: Head,
+    x: np.ndarray,
+    y: np.ndarray,
+    validation: tuple[np.ndarray | None, np.ndarray | None],
+    buffer_rng: np.random.Generator,
+) -> LearnState:
+    """Bring ``new_state`` (a copy of ``state``, changed in place and returned) up to date
+    with a candidate head learned from ``x``, ``y``: the samples offered to the replay
+    reservoir, the Fisher information at the candidate added and the candidate as EWC's
+    anchor, ``validation`` offered to the holdout reservoir, ``known`` gains the labels,
+    ``tasks`` + 1. :func:`fine_tune` ends with it; a head merged by a federation
+    (edged.federated) is absorbed the same way."""
+    val_x, val_y = validation
+    known = np.ones(candidate.classes, np.bool_) if state.known is None else state.known.copy()
     if new_state.replay is not None:
         new_state.replay.add(x, y, buffer_rng)
     if new_state.fisher is not None:
@@ -884,7 +916,28 @@ def fine_tune(
     new_state.known = known
     new_state.tasks = state.tasks + 1
     new_state.samples = (state.samples or x.shape[0]) + x.shape[0]
-    return candidate, new_state
+    return new_state
+
+
+def adopt(
+    merged: Head,
+    state: LearnState,
+    features: np.ndarray,
+    labels: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    seed: int,
+) -> LearnState:
+    """The learning state to publish with a head learned elsewhere (a federation's merged
+    head, edged.federated): the device's training and held-out samples absorbed as a local
+    fine-tune would (:func:`absorb`), and every class counted as known (the federation taught
+    the classes other devices saw)."""
+    new_state = state.copy()
+    if new_state.lda is not None:
+        new_state.lda.fit(features, labels)
+    rng = np.random.default_rng([seed, 3])
+    new_state = absorb(state, new_state, merged, features, labels, validation, rng)
+    new_state.known = np.ones(merged.classes, np.bool_)
+    return new_state
 
 
 def pooled_standardiser(
@@ -986,6 +1039,7 @@ def _train(
     replay: tuple[np.ndarray, np.ndarray] | None = None,
     lwf: tuple[Head, np.ndarray] | None = None,
     ewc: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
+    prox: tuple[float, Sequence[np.ndarray]] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> Head:
     """Mini-batch SGD with momentum on a copy of ``head``; see the module docstring for the
@@ -1024,10 +1078,7 @@ def _train(
                 _, g = lwf_loss(logits[distil], old, hyper.temperature, hyper.lwf_alpha, classes)
                 dlogits[distil] += g
             grads = _backward(out, acts, dlogits)
-            if ewc is not None:
-                _, extra = ewc_penalty(params, ewc[1], ewc[0], hyper.ewc_lambda)
-                for i, e in enumerate(extra):
-                    grads[i] += e
+            _add_penalties(grads, params, hyper, ewc, prox)
             for i in range(0, len(grads), 2):  # weights only, not biases
                 grads[i] += wd * params[i]
             norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
@@ -1039,6 +1090,23 @@ def _train(
         if progress is not None:
             progress((epoch + 1) / hyper.epochs)
     return out
+
+
+def _add_penalties(
+    grads: list[np.ndarray],
+    params: list[np.ndarray],
+    hyper: Hyper,
+    ewc: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None,
+    prox: tuple[float, Sequence[np.ndarray]] | None,
+) -> None:
+    """Add the EWC penalty's gradient and FedProx's ``mu * (theta - theta_global)``."""
+    if ewc is not None:
+        _, extra = ewc_penalty(params, ewc[1], ewc[0], hyper.ewc_lambda)
+        for i, e in enumerate(extra):
+            grads[i] += e
+    if prox is not None:
+        for i, anchor in enumerate(prox[1]):
+            grads[i] += _F32(prox[0]) * (params[i] - anchor)
 
 
 def _forward(head: Head, z: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

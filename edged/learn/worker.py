@@ -37,6 +37,10 @@ SAMPLES_FILE = "samples.npz"
 OUT_DIR = "out"
 SELFTEST_FILE = "selftest.npz"
 LINEAGE_FILE = "lineage.json"
+#: a head merged by a federation (edged.federated): when the job folder has it, the worker
+#: judges and packages it instead of training, and LINEAGE_EXTRA_FILE's object joins the lineage
+CANDIDATE_FILE = "candidate_head.npz"
+LINEAGE_EXTRA_FILE = "lineage_extra.json"
 
 #: numpy dtype of the KServe datatypes a trainable model's inputs may have
 _FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -95,7 +99,13 @@ def run(job_dir: Path) -> JobMetrics:
     from edged.learn.features import WORKER_KINDS, open_backbone  # noqa: PLC0415
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
-    from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
+    from edged.learn.strategies import (  # noqa: PLC0415
+        adopt,
+        fine_tune,
+        load_state,
+        save_state,
+        tuned_hyper,
+    )
 
     task = Task.read(job_dir)
     data = read_npz(job_dir / SAMPLES_FILE)
@@ -113,17 +123,21 @@ def run(job_dir: Path) -> JobMetrics:
     started = time.perf_counter()
     # the held-out new samples join the state's held-out buffer: what is new now is old data
     # to the next job
-    candidate, new_state = fine_tune(
-        head,
-        state,
-        x_train,
-        y_train,
-        task.strategy,
-        hyper,
-        seed,
-        progress=progress,
-        validation=(x_new, y_new),
-    )
+    if (job_dir / CANDIDATE_FILE).exists():
+        candidate = load_head(job_dir / CANDIDATE_FILE)
+        new_state = adopt(candidate, state, x_train, y_train, (x_new, y_new), seed)
+    else:
+        candidate, new_state = fine_tune(
+            head,
+            state,
+            x_train,
+            y_train,
+            task.strategy,
+            hyper,
+            seed,
+            progress=progress,
+            validation=(x_new, y_new),
+        )
     train_seconds = time.perf_counter() - started
 
     old_x, old_y = state.holdout.features, state.holdout.labels
@@ -174,6 +188,8 @@ def run(job_dir: Path) -> JobMetrics:
         "metrics": metrics.to_dict(),
         "created": time.time(),
     }
+    if (job_dir / LINEAGE_EXTRA_FILE).exists():
+        lineage.update(json.loads((job_dir / LINEAGE_EXTRA_FILE).read_text()))
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     return replace(
         metrics,

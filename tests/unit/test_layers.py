@@ -88,6 +88,8 @@ ALLOWED: dict[str, set[str]] = {
     "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage", "hal"},
     # updates and learning as the frontends see them (edged/controlplane.py)
     "edged.controlplane": _BASE | {"edged.learn", "edged.ota"},
+    # federated learning: device side over learn, fleet side under edged.fleet (issue #17)
+    "edged.federated": _BASE | {"edged.config", "edged.learn", "edged.ota"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
     # OTA and learning only through the control plane, edged.controlplane
     "edged.frontends": _BASE
@@ -96,13 +98,15 @@ ALLOWED: dict[str, set[str]] = {
     "edged.daemon": _BASE
     | {"edged.config", "edged.controlplane", "edged.frontends", "edged.learn"}
     | {"edged.lifecycle", "edged.logs"}
-    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
+    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"}
+    | {"edged.federated"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
     | {"edged.security", "hal"},
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
-    | {"edged.storage", "hal"},
+    | {"edged.storage", "hal"}
+    | {"edged.federated", "edged.learn"},
 }
 
 
