@@ -72,17 +72,19 @@ def prepare_data(path: Path) -> None:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from edged.learn.worker import backbone_session
+    from edged.learn.features import WORKER_KINDS, open_backbone
 
     data = load_digits()
     x, y = data.data.astype(np.float32), data.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.25, stratify=y, random_state=SEED % (2**32)
     )
-    session = backbone_session(MODEL_DIR / "backbone.onnx")
+    backbone = open_backbone(MODEL_DIR / "backbone.onnx", "features", WORKER_KINDS)
 
     def features(images: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(["features"], {"input": images})[0], np.float32)
+        out = backbone.features({"input": images})
+        assert out is not None, "the backbone gave no features"
+        return np.asarray(out, np.float32)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
