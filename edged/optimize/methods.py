@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
@@ -109,11 +109,55 @@ class _Reader:
         return self._samples.batches(1)
 
 
-def preprocess(source: Path, out: Path) -> Path:
-    """ONNX Runtime's quantisation pre-processing (shape inference and graph optimisation,
-    which folds BatchNormalization into Conv): ``out``, or ``source`` itself when the
-    model's shapes cannot be inferred (it is quantised as it is)."""
+QDQ_OPSET = 13
+"""The oldest default-domain opset whose DequantizeLinear takes ``axis`` (per-channel)."""
 
+
+def load_model(source: Path) -> onnx.ModelProto:
+    """``source`` with every tensor-valued Constant node of the main graph turned into an
+    initializer of the same name (exporters such as Paddle2ONNX put all weights in Constant
+    nodes, which ONNX Runtime's quantiser and the pruners leave alone)."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    return model
+
+
+def preprocess(source: Path, out: Path) -> Path:
+    """The model as ONNX Runtime's quantiser wants it: weights in initializers
+    (:func:`load_model`), a default-domain opset below 13 raised
+    to 13 (``onnx.version_converter``; per-channel weights need DequantizeLinear's ``axis``),
+    then ONNX Runtime's quantisation pre-processing (shape inference and graph optimisation,
+    which folds BatchNormalization into Conv). Returns ``out``, or the model before the
+    pre-processing step that failed (it is quantised as it is).
+
+    Raises:
+        Refused: the opset cannot be raised to 13.
+    """
+    model = load_model(source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < QDQ_OPSET:
+        try:
+            model = version_converter.convert_version(model, QDQ_OPSET)
+        except Exception as e:  # the converter raises plain exceptions of many kinds
+            raise Refused(
+                f"the model's opset {opset} cannot be raised to {QDQ_OPSET} for per-channel "
+                f"quantisation: {e}"
+            ) from e
+    source = out.with_name(f"loaded-{out.name}")
+    onnx.save(model, str(source))
     try:
         quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
     except Exception:  # any failure: quantise the model as given
@@ -130,7 +174,10 @@ def _static(calibrate: str, exclude_sweep: bool = False) -> Method:
             notes: dict[str, Any] = {"calibration": calibrate, "per_channel": True}
             excluded: list[str] = []
             if exclude_sweep:
-                excluded, sqnr = sensitive_nodes(model, Path(tmp), calibration, options)
+                try:
+                    excluded, sqnr = sensitive_nodes(model, Path(tmp), calibration, options)
+                except Exception as e:  # onnxruntime raises plain exceptions of many kinds
+                    raise Refused(f"the per-node error sweep failed: {e}") from e
                 notes["excluded_nodes"] = excluded
                 notes["sqnr_db"] = sqnr
             try:
@@ -239,7 +286,7 @@ def prune_magnitude(source: Path, out: Path, calibration: Samples, options: Opti
     """Unstructured magnitude pruning of every Conv/Gemm/MatMul weight initializer: the file
     keeps its size (dense tensors), what shrinks is the compressed bundle (``gzip_bytes``)."""
 
-    model = onnx.load(str(source))
+    model = load_model(source)
     weights = _weight_names(model)
     pruned = 0
     for init in model.graph.initializer:
@@ -281,7 +328,7 @@ def prune_structured(source: Path, out: Path, calibration: Samples, options: Opt
     (weights as initializers, ``transB`` 0, the Relu's output used by that Gemm alone) loses
     ``options.sparsity`` of its hidden units, so the matrices really shrink."""
 
-    model = onnx.load(str(source))
+    model = load_model(source)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, list[Any]] = {}
