@@ -86,6 +86,8 @@ class Produced:
 
     path: Path
     notes: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes | Path] = field(default_factory=dict)
+    """Other files of the variant's version folder, by name (a head method's head.npz)."""
 
 
 Method = Callable[[Path, Path, Samples, Options], Produced]

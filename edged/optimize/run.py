@@ -121,7 +121,7 @@ def optimize(
         with tempfile.TemporaryDirectory(prefix="edged-optimize-") as tmp:
             for method in settings.methods:
                 progress(f"{method} ...")
-                report = _variant(
+                report, files = _variant(
                     method,
                     source,
                     Path(tmp),
@@ -135,14 +135,15 @@ def optimize(
                     settings,
                 )
                 if report.accepted:
-                    report.path = str(
-                        _publish(
-                            out,
-                            source,
-                            method,
-                            Path(report.path or ""),
-                            {**lineage, "method": method, "figures": report.to_json()},
-                        )
+                    made = Path(report.path or "")
+                    report.path = str(out / method / "1" / "model.onnx")
+                    _publish(
+                        out,
+                        source,
+                        method,
+                        made,
+                        {**head_methods.learn_files(source), **files},
+                        {**lineage, "method": method, "figures": report.to_json()},
                     )
                 else:
                     report.path = None
@@ -219,7 +220,7 @@ def _variant(
     batch: int,
     timing: _Timing,
     settings: Settings,
-) -> VariantReport:
+) -> tuple[VariantReport, dict[str, bytes | Path]]:
     target = tmp / f"{method}.onnx"
     # onnxruntime.quantization print()s its progress: keep stdout for --json
     try:
@@ -229,11 +230,12 @@ def _variant(
             else:
                 produced = head_methods.METHODS[method](source, target, calib, settings.options)
     except Refused as e:
-        return VariantReport(method, None, False, str(e))
+        return VariantReport(method, None, False, str(e)), {}
     try:
         outputs = measure.run_outputs(produced.path, held, batch)
     except EdgedError as e:
-        return VariantReport(method, None, False, f"the variant does not run on cpu-onnx: {e}")
+        reason = f"the variant does not run on cpu-onnx: {e}"
+        return VariantReport(method, None, False, reason), {}
     quality = measure.compare(reference, outputs, primary, held.labels)
     accepted, reason = gate.judge(
         settings.budget, quality.agreement, quality.accuracy, original_acc
@@ -246,14 +248,19 @@ def _variant(
     report.max_abs_error = quality.max_abs_error
     report.rel_l2_error = quality.rel_l2_error
     timing.fill(report, produced.path)
-    return report
+    return report, produced.files
 
 
 def _publish(
-    out: Path, source: ModelSource, method: str, artifact: Path, lineage: dict[str, Any]
-) -> Path:
-    """Write ``OUT/<method>/`` (see the module docstring) beside any old one, then swap it in
-    by rename; returns the written model.onnx."""
+    out: Path,
+    source: ModelSource,
+    method: str,
+    artifact: Path,
+    files: dict[str, bytes | Path],
+    lineage: dict[str, Any],
+) -> None:
+    """Write ``OUT/<method>/`` (see the module docstring) with ``files`` beside the model,
+    next to any old one, then swap it in by rename."""
     final = out / method
     staging = out / f".{method}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -262,6 +269,8 @@ def _publish(
     write_atomic(staging / "model.toml", lambda f: f.write(toml.encode()))
     data = artifact.read_bytes()
     write_atomic(staging / "1" / "model.onnx", lambda f: f.write(data))
+    for name, content in files.items():
+        _write(staging / "1" / name, content.read_bytes() if isinstance(content, Path) else content)
     text = json.dumps(lineage, indent=2, sort_keys=True, default=_jsonable).encode()
     write_atomic(staging / "1" / LINEAGE_FILE, lambda f: f.write(text + b"\n"))
     if final.exists():
@@ -272,7 +281,10 @@ def _publish(
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(final)
-    return final / "1" / "model.onnx"
+
+
+def _write(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _jsonable(value: object) -> object:

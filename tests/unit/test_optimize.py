@@ -3,6 +3,7 @@ digits model (real ONNX Runtime quantisation, real files)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,13 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from sklearn.datasets import load_digits
 
+from edged.learn.head import init_head, load_head
+from edged.learn.strategies import Hyper, train_head
 from edged.optimize import gate
-from edged.optimize.data import Samples, load_samples, split
+from edged.optimize.data import Samples, load_samples, open_model, split
 from edged.optimize.errors import OptimizeError
+from edged.optimize.head import METHODS as HEAD_METHODS
+from edged.optimize.head import HeadModel, distillation_loss, fake_quant_int8, params
 from edged.optimize.methods import (
     LITERT_REASON,
     METHODS,
@@ -288,3 +294,92 @@ def test_the_command_names_a_bad_calibration_folder(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     for flag in ("--calibration", "--out", "--methods", "--max-accuracy-drop", "--min-agreement"):
         assert flag in help_text
+
+
+# -- head methods (a [learn] model: models/digits_learn) -------------------------------------
+
+DIGITS_LEARN = EXAMPLE_MODELS / "digits_learn"
+
+
+def test_the_soft_target_loss_is_hintons_and_its_gradient_checks_numerically() -> None:
+    rng = np.random.default_rng(4)
+    student = rng.standard_normal((6, 5))
+    teacher = rng.standard_normal((6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    t, alpha = 3.0, 0.7
+
+    def reference(s: np.ndarray) -> float:  # written out from the formula, in float64
+        def log_softmax(z: np.ndarray) -> np.ndarray:
+            z = z - z.max(axis=1, keepdims=True)
+            return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+        p_teacher = np.exp(log_softmax(teacher.astype(np.float64) / t))
+        kl = np.sum(p_teacher * (np.log(p_teacher) - log_softmax(s / t)), axis=1).mean()
+        ce = -log_softmax(s)[np.arange(6), labels].mean()
+        return float(t * t * kl + alpha * ce)
+
+    loss, grad = distillation_loss(student.astype(np.float32), teacher, labels, t, alpha)
+    assert loss == pytest.approx(reference(student), rel=1e-5)
+    eps = 1e-4
+    numeric = np.zeros_like(student)
+    for i in np.ndindex(student.shape):
+        up, down = student.copy(), student.copy()
+        up[i] += eps
+        down[i] -= eps
+        numeric[i] = (reference(up) - reference(down)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+
+
+def test_fake_quantised_weights_lie_on_the_int8_grid_within_half_a_step() -> None:
+    w = np.random.default_rng(5).standard_normal((32, 8)).astype(np.float32)
+    q = fake_quant_int8(w)
+    scale = 2 * np.abs(w).max(axis=0) / 255
+    assert np.all(np.abs(q - w) <= scale * 0.5001)  # float32 rounding at the clipped max
+    steps = q / scale
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert len(np.unique(np.round(steps))) <= 256
+
+
+def test_a_distilled_student_has_at_most_a_quarter_of_the_teacher_params(
+    tmp_path: Path, digits_samples: Samples
+) -> None:
+    assert digits_samples.labels is not None
+    known = digits_samples.labels < 5  # digits_learn was trained on 0-4
+    samples = digits_samples.rows(np.flatnonzero(known)[:400])
+    with open_model(DIGITS_LEARN) as source:
+        produced = HEAD_METHODS["distil"](source, tmp_path / "d.onnx", samples, Options())
+        teacher = HeadModel.of(source).head
+    student = load_head(io.BytesIO(produced.files["head.npz"]))
+    assert params(student) <= params(teacher) / 4
+    assert student.layers == 2
+    x = samples.inputs["input"]
+    with open_model(DIGITS_LEARN) as source:
+        features = HeadModel.of(source).features(samples)
+    assert np.mean(student.predict(features) == samples.labels) > 0.9  # it learnt the task
+    sess = ort.InferenceSession(str(produced.path))
+    served = sess.run(["probabilities"], {"input": x})[0]
+    np.testing.assert_allclose(served, student.proba(features), rtol=1e-4, atol=1e-5)
+
+
+def test_qat_trains_at_the_quantised_weights() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    head = init_head([8, 4, 2], rng, np.zeros(8, np.float32), np.ones(8, np.float32))
+    seen: list[np.ndarray] = []
+
+    def spy(w: np.ndarray) -> np.ndarray:
+        seen.append(w)
+        return fake_quant_int8(w)
+
+    tuned = train_head(head, x, y, Hyper(epochs=2), seed=0, fake_quant=spy)
+    assert seen  # every forward went through the fake quantiser
+    assert not np.array_equal(tuned.weights[0], head.weights[0])  # float weights moved
+    assert not np.array_equal(tuned.weights[0], fake_quant_int8(tuned.weights[0]))
+
+
+def test_head_methods_refuse_a_model_without_a_head(
+    tmp_path: Path, digits_samples: Samples
+) -> None:
+    with open_model(DIGITS) as source, pytest.raises(Refused, match=r"\[learn\] table"):
+        HEAD_METHODS["distil"](source, tmp_path / "x.onnx", digits_samples, Options())
