@@ -20,9 +20,10 @@ only what stays within the budget. Every method makes a variant, which is measur
 the original: size, gzip size, batch-1 latency and throughput on each present executor that
 runs ONNX (through the HAL), peak memory, and quality on held-out samples never used for
 calibration (task accuracy when the samples carry labels, else top-1 agreement and output
-error). A variant within the budget is written as OUT/<method>/ (model.toml, 1/model.onnx,
-1/optimize.json with its lineage), ready for `edged-fleet bundle OUT/<method> --version V`;
-one over budget is never written. OUT/report.json and OUT/pareto.png hold every variant.
+error). A variant within the budget is written as OUT/<method>/<model>/ (model.toml,
+1/model.onnx, 1/optimize.json with its lineage), ready for `edged-fleet bundle
+OUT/<method>/<model> --version V --source OUT/<method>/<model>/1`; one over budget is never
+written. OUT/report.json and OUT/pareto.png hold every variant.
 
 DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
 by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).

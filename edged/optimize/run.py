@@ -2,9 +2,10 @@
 
 For every method a variant is made in a temporary folder, measured against the original
 (edged.optimize.measure) and judged (edged.optimize.gate). An accepted variant becomes a
-model folder ``OUT/<method>/`` ready for ``edged-fleet bundle OUT/<method> --version V``:
-``model.toml`` (the original's, else one naming the original model, so the bundle is a new
-version of the same model) and ``1/model.onnx`` beside ``1/optimize.json``, the lineage
+model folder ``OUT/<method>/<model>/``, named as the original model so that ``edged-fleet
+bundle OUT/<method>/<model> --version V --source OUT/<method>/<model>/1`` makes a new
+version of the same model: the original's ``model.toml`` (if it had one) and
+``1/model.onnx`` beside ``1/optimize.json``, the lineage
 (parent model's SHA-256, method, calibration set's SHA-256, budget, figures) that travels in
 the bundle. A rejected or refused variant is never written. ``OUT/report.json`` holds every
 record, ``OUT/pareto.png`` the plot.
@@ -136,7 +137,7 @@ def optimize(
                 )
                 if report.accepted:
                     made = Path(report.path or "")
-                    report.path = str(out / method / "1" / "model.onnx")
+                    report.path = str(out / method / source.name / "1" / "model.onnx")
                     _publish(
                         out,
                         source,
@@ -264,15 +265,17 @@ def _publish(
     final = out / method
     staging = out / f".{method}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "1").mkdir(parents=True)
-    toml = source.model_toml or f"name = {json.dumps(source.name)}\n"
-    write_atomic(staging / "model.toml", lambda f: f.write(toml.encode()))
+    version = staging / source.name / "1"
+    version.mkdir(parents=True)
+    if source.model_toml:
+        text = source.model_toml.encode()
+        write_atomic(staging / source.name / "model.toml", lambda f: f.write(text))
     data = artifact.read_bytes()
-    write_atomic(staging / "1" / "model.onnx", lambda f: f.write(data))
+    write_atomic(version / "model.onnx", lambda f: f.write(data))
     for name, content in files.items():
-        _write(staging / "1" / name, content.read_bytes() if isinstance(content, Path) else content)
-    text = json.dumps(lineage, indent=2, sort_keys=True, default=_jsonable).encode()
-    write_atomic(staging / "1" / LINEAGE_FILE, lambda f: f.write(text + b"\n"))
+        _write(version / name, content.read_bytes() if isinstance(content, Path) else content)
+    record = json.dumps(lineage, indent=2, sort_keys=True, default=_jsonable).encode()
+    write_atomic(version / LINEAGE_FILE, lambda f: f.write(record + b"\n"))
     if final.exists():
         old = out / f".{method}.old"
         shutil.rmtree(old, ignore_errors=True)

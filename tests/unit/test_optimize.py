@@ -232,7 +232,8 @@ def test_only_variants_within_budget_are_written(tmp_path: Path, calibration: Pa
     assert by["int8-static-minmax"].accepted
     assert by["int8-static-minmax"].accuracy_drop is not None
     assert by["int8-static-minmax"].accuracy_drop <= 1.0
-    assert (out / "int8-static-minmax" / "1" / "model.onnx").is_file()
+    written = out / "int8-static-minmax" / "digits"
+    assert (written / "1" / "model.onnx").is_file()
     assert not by["prune-structured"].accepted
     assert by["prune-structured"].accuracy_drop is not None
     assert by["prune-structured"].accuracy_drop > 1.0
@@ -240,15 +241,13 @@ def test_only_variants_within_budget_are_written(tmp_path: Path, calibration: Pa
     assert by["prune-structured"].path is None
     assert not by["litert-int8"].accepted
     assert by["litert-int8"].reason == LITERT_REASON
-    lineage = json.loads((out / "int8-static-minmax" / "1" / LINEAGE_FILE).read_text())
+    lineage = json.loads((written / "1" / LINEAGE_FILE).read_text())
     assert lineage["method"] == "int8-static-minmax"
     assert lineage["parent"]["name"] == "digits"
     assert len(lineage["calibration"]["sha256"]) == 64
     assert lineage["calibration"]["sha256"] != lineage["holdout"]["sha256"]
     assert lineage["figures"]["accepted"] is True
-    assert (out / "int8-static-minmax" / "model.toml").read_text() == (
-        DIGITS / "model.toml"
-    ).read_text()
+    assert (written / "model.toml").read_text() == (DIGITS / "model.toml").read_text()
     assert by["int8-static-minmax"].size_bytes is not None
     assert by["original"].size_bytes is not None
     assert by["int8-static-minmax"].size_bytes < by["original"].size_bytes
@@ -273,7 +272,7 @@ def test_the_command_prints_one_json_object_per_variant(tmp_path: Path, calibrat
     for key in ("path", "size_bytes", "latency_ms", "agreement", "accuracy", "accepted", "reason"):
         assert all(key in r for r in lines), key
     assert lines[1]["accepted"]
-    assert lines[1]["path"] == str(out / "int8-dynamic" / "1" / "model.onnx")
+    assert lines[1]["path"] == str(out / "int8-dynamic" / "digits" / "1" / "model.onnx")
     assert not lines[2]["accepted"]
     assert "onnx2tf" in lines[2]["reason"]
     assert not (out / "pareto.png").exists()
