@@ -32,6 +32,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.calibrate import create_calibrator
 from onnxruntime.quantization.qdq_loss_debug import (
     collect_activations,
     compute_activation_error,
@@ -167,14 +168,49 @@ def preprocess(source: Path, out: Path) -> Path:
     return out
 
 
+ENTROPY_BINS = (2048, 128)
+"""Histogram bins and quantised bins of the Entropy calibration: TensorRT's choice. ONNX
+Runtime's defaults (128 and 128) leave the KL search a single candidate, the full range, so
+its Entropy calibration equals MinMax; ``quantize_static`` does not pass these settings on,
+so the ranges are computed with ``create_calibrator`` and handed over as overrides."""
+
+
+def entropy_ranges(model: Path, tmp: Path, reader: _Reader) -> dict[str, list[dict[str, Any]]]:
+    """Per-activation ``rmin``/``rmax`` from ONNX Runtime's Entropy calibrator with
+    :data:`ENTROPY_BINS`, as ``quantize_static``'s ``TensorQuantOverrides``. The model's own
+    outputs keep their full (MinMax) range: clipping a softmax's top probability would tie
+    the classes."""
+    outputs = {o.name for o in onnx.load(str(model)).graph.output}
+    bins, quantised = ENTROPY_BINS
+    calibrator = create_calibrator(
+        model,
+        [],
+        augmented_model_path=str(tmp / "entropy-augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": bins, "num_quantized_bins": quantised},
+    )
+    try:
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    finally:
+        calibrator.clear_collected_data()
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for name, data in ranges.items():
+        if name in outputs:
+            continue
+        low, high = data.range_value
+        overrides[name] = [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+    return overrides
+
+
 def _static(calibrate: str, exclude_sweep: bool = False) -> Method:
     def run(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
-
         method = getattr(CalibrationMethod, calibrate)
         with tempfile.TemporaryDirectory(prefix="edged-quant-") as tmp:
             model = preprocess(source, Path(tmp) / "pre.onnx")
             notes: dict[str, Any] = {"calibration": calibrate, "per_channel": True}
             excluded: list[str] = []
+            extra: dict[str, Any] = {}
             if exclude_sweep:
                 try:
                     excluded, sqnr = sensitive_nodes(model, Path(tmp), calibration, options)
@@ -182,17 +218,27 @@ def _static(calibrate: str, exclude_sweep: bool = False) -> Method:
                     raise Refused(f"the per-node error sweep failed: {e}") from e
                 notes["excluded_nodes"] = excluded
                 notes["sqnr_db"] = sqnr
+            reader = _Reader(calibration, options.calibration_samples)
+            if method == CalibrationMethod.Entropy:
+                try:
+                    extra["TensorQuantOverrides"] = entropy_ranges(model, Path(tmp), reader)
+                except Exception as e:  # onnxruntime raises plain exceptions of many kinds
+                    raise Refused(f"entropy calibration failed: {e}") from e
+                notes["bins"] = list(ENTROPY_BINS)
+                reader.rewind()
+                method = CalibrationMethod.MinMax  # the overrides decide every range
             try:
                 quantize_static(
                     str(model),
                     str(out),
-                    _Reader(calibration, options.calibration_samples),
+                    reader,
                     quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     per_channel=True,
                     calibrate_method=method,
                     nodes_to_exclude=excluded,
+                    extra_options=extra,
                 )
             except Exception as e:  # onnxruntime raises plain exceptions of many kinds
                 raise Refused(f"onnxruntime.quantization.quantize_static failed: {e}") from e

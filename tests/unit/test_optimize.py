@@ -382,3 +382,21 @@ def test_head_methods_refuse_a_model_without_a_head(
 ) -> None:
     with open_model(DIGITS) as source, pytest.raises(Refused, match=r"\[learn\] table"):
         HEAD_METHODS["distil"](source, tmp_path / "x.onnx", digits_samples, Options())
+
+
+def test_entropy_calibration_narrows_activation_ranges_but_not_the_outputs(
+    tmp_path: Path, digits_samples: Samples
+) -> None:
+    scales = {}
+    for method in ("int8-static-minmax", "int8-static-entropy"):
+        out = tmp_path / f"{method}.onnx"
+        METHODS[method](DIGITS_ONNX, out, digits_samples.rows(slice(0, 300)), Options())
+        scales[method] = {
+            i.name: float(numpy_helper.to_array(i).ravel()[0])
+            for i in onnx.load(out).graph.initializer
+            if i.name in {"standardized_scale", "hidden_scale", "probabilities_scale"}
+        }
+    minmax, entropy = scales["int8-static-minmax"], scales["int8-static-entropy"]
+    assert entropy["hidden_scale"] < minmax["hidden_scale"]  # the KL search clipped it
+    assert entropy["standardized_scale"] <= minmax["standardized_scale"]
+    assert entropy["probabilities_scale"] == minmax["probabilities_scale"]  # an output
