@@ -253,9 +253,10 @@ def sensitive_nodes(
     """The per-node error sweep: quantise ``model`` (static, MinMax), run the float and the
     QDQ model with every activation saved (ONNX Runtime's ``qdq_loss_debug``), and rank the
     activations by the signal-to-quantisation-noise ratio of their own quantise/dequantise
-    step. Returns the nodes producing the worst ones below ``options.sqnr_floor_db`` (at most
-    ``options.exclude_share`` of the nodes, at least one when any is below), and every
-    excluded node's SQNR in dB."""
+    step. Returns the nodes that produce or consume the worst ones below
+    ``options.sqnr_floor_db`` (so that those tensors stay float; worst first, until
+    ``options.exclude_share`` of the nodes are excluded, at least one tensor's when any is
+    below), and each such tensor's SQNR in dB."""
 
     few = min(4, options.calibration_samples)
     qdq = tmp / "sweep-qdq.onnx"
@@ -277,15 +278,29 @@ def sensitive_nodes(
         collect_activations(str(float_aug), _Reader(calibration, few)),
     )
     errors = compute_activation_error(matching)
-    producers = {o: n.name for n in onnx.load(str(model)).graph.node for o in n.output}
+    nodes = onnx.load(str(model)).graph.node
+    producers = {o: n.name for n in nodes for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.name)
     ranked = sorted(
-        (err["qdq_err"], producers[name])
+        (err["qdq_err"], name)
         for name, err in errors.items()
         if name in producers and math.isfinite(err["qdq_err"])
     )
-    limit = max(1, math.floor(len(producers) * options.exclude_share))
-    worst = [(db, node) for db, node in ranked if db < options.sqnr_floor_db][:limit]
-    return [node for _, node in worst], {node: round(db, 2) for db, node in worst}
+    limit = max(1, math.floor(len(nodes) * options.exclude_share))
+    excluded: list[str] = []
+    sqnr: dict[str, float] = {}
+    for db, tensor in ranked:
+        if db >= options.sqnr_floor_db or len(excluded) >= limit:
+            break
+        # the tensor stays float only when neither its producer nor a consumer quantises it
+        for node in [producers[tensor], *consumers.get(tensor, [])]:
+            if node and node not in excluded:
+                excluded.append(node)
+        sqnr[tensor] = round(db, 2)
+    return excluded, sqnr
 
 
 def int8_dynamic(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
