@@ -400,3 +400,26 @@ def test_entropy_calibration_narrows_activation_ranges_but_not_the_outputs(
     assert entropy["hidden_scale"] < minmax["hidden_scale"]  # the KL search clipped it
     assert entropy["standardized_scale"] <= minmax["standardized_scale"]
     assert entropy["probabilities_scale"] == minmax["probabilities_scale"]  # an output
+
+
+def test_the_exclusion_sweep_keeps_the_noisiest_tensor_float(
+    tmp_path: Path, digits_samples: Samples
+) -> None:
+    out = tmp_path / "x.onnx"
+    produced = METHODS["int8-static-excluded"](
+        DIGITS_ONNX, out, digits_samples.rows(slice(0, 300)), Options()
+    )
+    (tensor, db), *_ = produced.notes["sqnr_db"].items()
+    assert db < Options().sqnr_floor_db
+    graph = onnx.load(out).graph
+    producer = next(n for n in graph.node if tensor in n.output)
+    assert producer.name in produced.notes["excluded_nodes"]
+    quantised = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert tensor not in quantised  # neither its producer nor a consumer quantises it
+    minmax = tmp_path / "m.onnx"
+    METHODS["int8-static-minmax"](
+        DIGITS_ONNX, minmax, digits_samples.rows(slice(0, 300)), Options()
+    )
+    assert tensor in {
+        n.input[0] for n in onnx.load(minmax).graph.node if n.op_type == "QuantizeLinear"
+    }
