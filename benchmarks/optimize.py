@@ -27,8 +27,11 @@ ocr_cls), 1.5 points for the head methods (digits_learn), top-1 agreement >= 0.9
         [--runs 100]
         [--methods M,...] [--out /tmp/edged-bench-optimize] > optimize.json
 
-JSON on stdout (one object per model: the machine, then every variant's record); a
-markdown table per model on stderr, as docs/optimize.md shows them. ONNX Runtime runs with
+JSON on stdout (one object per model: the machine, every variant's record, and the
+interleaved batch-1 latency of each accepted static INT8 variant against the original: one
+inference of each in turn, so that load from other processes falls on both alike); a
+markdown table per model on stderr, as docs/optimize.md shows them. ``--keep-all`` accepts
+every variant (for timing only). ONNX Runtime runs with
 one intra-op thread, as the daemon does on a small gateway.
 """
 
@@ -38,7 +41,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +208,35 @@ def prepare(name: str, root: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
     raise SystemExit(f"unknown model {name!r} (digits, ocr_cls, ocr_det)")
 
 
+def interleaved(
+    original: Path, variant: Path, sample: dict[str, np.ndarray], runs: int
+) -> dict[str, float]:
+    """Batch-1 latency of ``original`` and ``variant`` on cpu-onnx, run alternately (one
+    inference of each in turn) so that load from other processes falls on both alike: the
+    medians and their ratio."""
+    from hal import ExecutorOptions, ModelArtifact, get_executor
+
+    loaded = [
+        get_executor("cpu-onnx").load(ModelArtifact(p, "onnx"), ExecutorOptions())
+        for p in (original, variant)
+    ]
+    times: list[list[float]] = [[], []]
+    try:
+        for _ in range(5):
+            for model in loaded:
+                model.infer(sample)
+        for _ in range(runs):
+            for model, spent in zip(loaded, times, strict=True):
+                start = time.perf_counter()
+                model.infer(sample)
+                spent.append((time.perf_counter() - start) * 1000)
+    finally:
+        for model in loaded:
+            model.close()
+    a, b = (statistics.median(t) for t in times)
+    return {"original_ms": round(a, 4), "variant_ms": round(b, 4), "speed-up": round(a / b, 3)}
+
+
 def markdown(name: str, reports: list[VariantReport]) -> str:
     base = reports[0]
     kind = "cpu-onnx"
@@ -233,11 +267,27 @@ def markdown(name: str, reports: list[VariantReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _first_input(folder: Path) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for file in sorted(folder.iterdir()):
+        if file.suffix == ".npy":
+            arrays[file.stem] = np.load(file)[:1]
+        elif file.suffix == ".npz":
+            with np.load(file) as archive:
+                arrays.update({k: archive[k][:1] for k in archive.files if k != "labels"})
+    return arrays
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits,digits_learn,ocr_cls,ocr_det")
     parser.add_argument("--methods", default=",".join([*DEFAULT_METHODS, "prune-magnitude"]))
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="budget min-agreement 0: every variant is written (for the interleaved timing)",
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/edged-bench-optimize"))
     args = parser.parse_args()
     results = []
@@ -245,7 +295,7 @@ def main() -> None:
         model, calib, held, chosen = prepare(name, args.out / "data")
         settings = Settings(
             methods=chosen.get("methods") or tuple(args.methods.split(",")),
-            budget=chosen["budget"],
+            budget=gate.Budget(min_agreement=0.0) if args.keep_all else chosen["budget"],
             holdout=held,
             options=Options(calibration_samples=64),
             runs=args.runs,
@@ -253,11 +303,19 @@ def main() -> None:
         result = optimize(model, calib, args.out / name, settings,
                           lambda line: print(f"optimize: {line}", file=sys.stderr))  # fmt: skip
         print(markdown(name, result.reports), file=sys.stderr)
+        ab = {}
+        sample = {k: v[:1] for k, v in _first_input(held).items()}
+        for r in result.reports[1:]:
+            if r.accepted and r.path and r.method.startswith("int8-static"):
+                ab[r.method] = interleaved(Path(result.reports[0].path or ""), Path(r.path),
+                                           sample, args.runs * 2)  # fmt: skip
+        print(f"{name}: interleaved batch-1 latency, original vs variant: {ab}", file=sys.stderr)
         results.append({
             "model": name,
             "machine": machine(),
             "plot": str(result.plot_path),
             "variants": [r.to_json() for r in result.reports],
+            "interleaved": ab,
         })  # fmt: skip
     print(json.dumps(results, indent=2, default=str))
 
