@@ -101,7 +101,8 @@ def _quality(r: VariantReport) -> float:
 
 def plot(reports: list[VariantReport], path: Path, title: str, executor: str = "cpu-onnx") -> Path:
     """A PNG: size (x) against batch-1 latency on ``executor`` (y), colour the quality
-    (accuracy where labels exist, else agreement), the Pareto front joined, rejected variants
+    (accuracy where labels exist, else agreement), the Pareto front of the accepted variants
+    (and the original) joined, rejected variants
     drawn as crosses.
 
     Raises:
@@ -134,13 +135,17 @@ def plot(reports: list[VariantReport], path: Path, title: str, executor: str = "
                 linewidths=0.6,
             )
             ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        front = set(pareto(shown, executor))
+        front = set(pareto([r for r in shown if r.accepted], executor))
         line = sorted(
             ((r.size_bytes / 1024, r.latency_ms[executor]) for r in shown if r.method in front),  # type: ignore[operator]
         )
         if len(line) > 1:
             ax.plot(
-                *zip(*line, strict=True), "--", color="grey", linewidth=0.8, label="Pareto front"
+                *zip(*line, strict=True),
+                "--",
+                color="grey",
+                linewidth=0.8,
+                label="Pareto front (accepted)",
             )
             ax.legend(loc="upper right", fontsize=7)
         if scatter is not None:

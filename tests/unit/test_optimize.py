@@ -31,6 +31,7 @@ from edged.optimize.methods import (
     magnitude_prune,
     prune_units,
 )
+from edged.optimize.report import VariantReport, pareto
 from edged.optimize.run import LINEAGE_FILE, Settings, optimize
 from tests.daemon_process import EXAMPLE_MODELS
 
@@ -423,3 +424,18 @@ def test_the_exclusion_sweep_keeps_the_noisiest_tensor_float(
     assert tensor in {
         n.input[0] for n in onnx.load(minmax).graph.node if n.op_type == "QuantizeLinear"
     }
+
+
+def test_the_pareto_front_keeps_only_what_nothing_beats() -> None:
+    def variant(method: str, size: int, ms: float, agreement: float) -> VariantReport:
+        r = VariantReport(method, None, True, "", size_bytes=size, agreement=agreement)
+        r.latency_ms["cpu-onnx"] = ms
+        return r
+
+    reports = [
+        variant("original", 100, 1.0, 1.0),
+        variant("small", 30, 1.2, 0.99),
+        variant("worse", 40, 1.3, 0.98),  # bigger, slower and worse than "small"
+        variant("fast", 60, 0.5, 0.995),
+    ]
+    assert pareto(reports) == ["original", "small", "fast"]
