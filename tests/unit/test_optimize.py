@@ -439,3 +439,18 @@ def test_the_pareto_front_keeps_only_what_nothing_beats() -> None:
         variant("fast", 60, 0.5, 0.995),
     ]
     assert pareto(reports) == ["original", "small", "fast"]
+
+
+def test_a_bundle_or_a_version_folder_is_a_model_too(tmp_path: Path) -> None:
+    from edged.fleet.build import build_bundle
+
+    bundle = build_bundle(DIGITS, 1, tmp_path / "digits-1.tar.gz")
+    with open_model(bundle) as source:
+        assert source.name == "digits"
+        assert source.path.read_bytes() == DIGITS_ONNX.read_bytes()
+        assert source.model_toml == (DIGITS / "model.toml").read_text()
+    with open_model(DIGITS / "1") as source:
+        assert (source.name, source.path) == ("digits", DIGITS / "1" / "model.onnx")
+    (tmp_path / "m.tflite").write_bytes(b"TFL3")
+    with pytest.raises(OptimizeError, match="not an ONNX model"), open_model(tmp_path / "m.tflite"):
+        pass
