@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edged.core.errors import EdgedError
 from edged.optimize.data import Samples
+from edged.optimize.errors import OptimizeError
 from hal import ExecutorOptions, ModelArtifact, get_executor, probe
 
 
@@ -184,9 +184,13 @@ def accuracy_of(output: np.ndarray, labels: np.ndarray) -> float:
 
 
 def primary_output(outputs: Sequence[str], chosen: str | None) -> str:
-    """``chosen`` when given (must be an output), else the first output."""
+    """``chosen`` when given, else the first output.
+
+    Raises:
+        OptimizeError: ``chosen`` is not one of ``outputs``.
+    """
     if chosen is not None and chosen not in outputs:
-        raise EdgedError(f"--output {chosen!r} is not an output (outputs: {', '.join(outputs)})")
+        raise OptimizeError(f"--output {chosen!r} is not an output (outputs: {', '.join(outputs)})")
     return chosen or outputs[0]
 
 

@@ -454,3 +454,9 @@ def test_a_bundle_or_a_version_folder_is_a_model_too(tmp_path: Path) -> None:
     (tmp_path / "m.tflite").write_bytes(b"TFL3")
     with pytest.raises(OptimizeError, match="not an ONNX model"), open_model(tmp_path / "m.tflite"):
         pass
+
+
+def test_an_unknown_output_is_named(tmp_path: Path, calibration: Path) -> None:
+    settings = Settings(methods=("int8-dynamic",), output="logits", runs=1, plot=False)
+    with pytest.raises(OptimizeError, match="--output 'logits' is not an output"):
+        optimize(DIGITS, calibration, tmp_path / "out", settings)
