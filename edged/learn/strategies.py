@@ -728,9 +728,15 @@ def train_head(
     hyper: Hyper,
     seed: int,
     progress: Callable[[float], None] | None = None,
+    *,
+    fake_quant: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Head:
     """Plain supervised training (softmax cross-entropy, SGD with momentum) starting from
     ``head``, which is not changed; returns the trained copy.
+
+    ``fake_quant``: quantisation-aware training. Every forward pass runs with
+    ``fake_quant(W)`` in place of each weight matrix ``W`` (quantise, then dequantise), and
+    the gradient taken there updates the float ``W`` (the straight-through estimator).
 
     Raises:
         ValueError: empty input, shapes that do not match the head, labels out of range,
@@ -738,7 +744,36 @@ def train_head(
     """
     x, y = _check_samples(head, features, labels)
     rng = np.random.default_rng([seed, 0])
-    return _train(head, x, y, hyper, rng, progress=progress)
+    return _train(head, x, y, hyper, rng, progress=progress, fake_quant=fake_quant)
+
+
+def distil_head(
+    student: Head,
+    teacher: Head,
+    features: np.ndarray,
+    labels: np.ndarray,
+    hyper: Hyper,
+    seed: int,
+) -> Head:
+    """Knowledge distillation (Hinton et al., 2015): train ``student`` (not changed; the
+    trained copy is returned) on ``CE(labels) + hyper.lwf_alpha * T^2 * KL(softmax(teacher/T)
+    || softmax(student/T))`` with ``T = hyper.temperature``, the teacher's soft targets
+    computed once on ``features``. The student may have other hidden widths than the
+    teacher; both take the same features and give the same classes.
+
+    Raises:
+        ValueError: the two heads do not take the same features or give the same classes,
+            or the samples do not fit (as :func:`train_head`).
+    """
+    if (student.in_dim, student.classes) != (teacher.in_dim, teacher.classes):
+        raise ValueError(
+            f"student takes {student.in_dim} features to {student.classes} classes, "
+            f"teacher {teacher.in_dim} to {teacher.classes}"
+        )
+    x, y = _check_samples(student, features, labels)
+    rng = np.random.default_rng([seed, 0])
+    every_class = np.ones(teacher.classes, dtype=bool)
+    return _train(student, x, y, hyper, rng, lwf=(teacher, every_class))
 
 
 def initial_state(
@@ -1041,9 +1076,10 @@ def _train(
     ewc: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
     prox: tuple[float, Sequence[np.ndarray]] | None = None,
     progress: Callable[[float], None] | None = None,
+    fake_quant: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Head:
     """Mini-batch SGD with momentum on a copy of ``head``; see the module docstring for the
-    losses. Returns the trained copy."""
+    losses (and :func:`train_head` for ``fake_quant``). Returns the trained copy."""
     out = head.copy()
     params = out.params()
     velocity = [np.zeros_like(p) for p in params]
@@ -1072,12 +1108,13 @@ def _train(
                 distil = slice(idx.shape[0], 2 * idx.shape[0])
                 old = None if old_replay is None else old_replay[ridx]
                 classes = None  # old samples: the old head's whole output is the target
-            acts, logits = _forward(out, out.standardise(bx))
+            model = _at_quantised_weights(out, fake_quant)
+            acts, logits = _forward(model, out.standardise(bx))
             _, dlogits = cross_entropy(logits, by)
             if lwf is not None and old is not None:
                 _, g = lwf_loss(logits[distil], old, hyper.temperature, hyper.lwf_alpha, classes)
                 dlogits[distil] += g
-            grads = _backward(out, acts, dlogits)
+            grads = _backward(model, acts, dlogits)
             _add_penalties(grads, params, hyper, ewc, prox)
             for i in range(0, len(grads), 2):  # weights only, not biases
                 grads[i] += wd * params[i]
@@ -1107,6 +1144,16 @@ def _add_penalties(
     if prox is not None:
         for i, anchor in enumerate(prox[1]):
             grads[i] += _F32(prox[0]) * (params[i] - anchor)
+
+
+def _at_quantised_weights(
+    head: Head, fake_quant: Callable[[np.ndarray], np.ndarray] | None
+) -> Head:
+    """``head`` with ``fake_quant(W)`` for each weight matrix (sharing the other arrays);
+    ``head`` itself without ``fake_quant``."""
+    if fake_quant is None:
+        return head
+    return Head([fake_quant(w) for w in head.weights], head.biases, head.mean, head.scale)
 
 
 def _forward(head: Head, z: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

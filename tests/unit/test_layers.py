@@ -102,7 +102,10 @@ ALLOWED: dict[str, set[str]] = {
     | {"edged.federated"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
-    | {"edged.security", "hal"},
+    | {"edged.optimize", "edged.security", "hal"},
+    # edged optimize: fleet-side tooling (also usable on a device); reads bundles with the OTA
+    # archive rules, trains heads with edged.learn, measures through the HAL
+    "edged.optimize": _BASE | {"edged.learn", "edged.ota", "edged.serving", "edged.storage", "hal"},
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
     | {"edged.storage", "hal"}
