@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 
 from edged._proto.edged.v1 import management_pb2 as mpb
 from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
-from edged.serving.repository import read_active
+from edged.serving.versions import read_active
 from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
 from tests.tuf_fixtures import ServedFleetRepo
 
