@@ -93,9 +93,11 @@ ALLOWED: dict[str, set[str]] = {
     "edged.daemon": _BASE
     | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
     | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
+    # split execution: cuts, profiles and plans; run by `edged partition`, not by the daemon
+    "edged.partition": _BASE | {"edged.storage", "hal"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
-    | {"edged.security", "hal"},
+    | {"edged.partition", "edged.security", "hal"},
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
     | {"edged.storage", "hal"},
