@@ -96,7 +96,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
     | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
     # split execution: cuts, profiles and plans; run by `edged partition`, not by the daemon
-    "edged.partition": _BASE | {"edged.storage", "hal"},
+    "edged.partition": _BASE | {"edged._proto", "edged.security", "edged.storage", "hal"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
     | {"edged.partition", "edged.security", "hal"},
