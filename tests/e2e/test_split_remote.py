@@ -45,8 +45,7 @@ class Server:
     def __init__(self, root: Path) -> None:
         self.repo = root / "server-models"
         (self.repo / "tail" / "1").mkdir(parents=True)
-        parts = graph.split(graph.load(WHOLE), CUT)
-        graph.save(parts.tail, self.repo / "tail" / "1" / "model.onnx")
+        shutil.copyfile(root / "parts" / graph.TAIL_FILE, self.repo / "tail" / "1" / "model.onnx")
         (self.repo / "tail" / "model.toml").write_text('name = "tail"\nmax_batch_size = 8\n')
         ca = pki.issue("split test CA", ca=True)
         self.ca_file = root / "ca.pem"
@@ -94,15 +93,16 @@ class Server:
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("split")
+    # the operator's tool writes the head and the tail
+    done = run_cli("partition", str(WHOLE), "--cut", CUT, "--out", str(root / "parts"))
+    assert done.returncode == 0, done.stderr
     server = Server(root)
     server.start()
     repo = root / "device-models"
     version = repo / "digits" / "1"
     version.mkdir(parents=True)
     shutil.copyfile(WHOLE, version / "model.onnx")  # what the fallback runs
-    parts = graph.split(graph.load(WHOLE), CUT)
-    assert parts.head is not None
-    graph.save(parts.head, version / graph.HEAD_FILE)
+    shutil.copyfile(root / "parts" / graph.HEAD_FILE, version / graph.HEAD_FILE)
     (root / "token").write_text(server.token + "\n")
     (repo / "digits" / "model.toml").write_text(
         f"""name = "digits"
@@ -114,7 +114,7 @@ address = "{server.address}"
 model = "tail"
 head = "{graph.HEAD_FILE}"
 ca_file = "{server.ca_file}"
-token_file = "{root / 'token'}"
+token_file = "{root / "token"}"
 timeout_ms = 5000
 retries = 1
 """
