@@ -69,7 +69,9 @@ def _typed(model: onnx.ModelProto) -> set[str]:
     return {
         v.name
         for v in (*g.value_info, *g.input, *g.output)
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
+        if v.type.HasField("tensor_type")
+        and v.type.tensor_type.elem_type
+        and v.type.tensor_type.HasField("shape")  # a server checks the rank it is sent
     }
 
 
@@ -87,7 +89,7 @@ def candidate_cuts(model: onnx.ModelProto) -> list[Cut]:
     """Every single-tensor cut of ``model`` (shapes inferred), in graph order, after the
     inputs cut (all remote). A tensor qualifies when, after the node that produces it, the
     remaining nodes read nothing computed earlier (nor a graph input) but it and constants,
-    it has a type, and it is not itself a graph output. Nodes with subgraphs (If, Loop,
+    it has a type and a rank, and it is not itself a graph output. Nodes with subgraphs (If, Loop,
     Scan) are never split across: their implicit inputs are not visible here."""
     g = model.graph
     nodes = list(g.node)
