@@ -37,7 +37,6 @@ from edged.core.types import Array, DataType, Signature, TensorSpec
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
 from hal.remote_target import RemoteTarget
-from hal.report import DeviceReport
 
 #: the largest answer accepted from the server (gRPC's default is 4 MiB)
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -181,16 +180,6 @@ class RemoteExecutor(Executor):
 
     kind: ClassVar[str] = "remote"
     formats: ClassVar[frozenset[str]] = frozenset({"onnx"})
-
-    @classmethod
-    def probe(cls) -> DeviceReport:
-        """Always present: whether the server answers is checked when a model loads."""
-        return DeviceReport(
-            kind=cls.kind,
-            present=True,
-            details={"probe": "a network executor: the server is asked when a model loads"},
-            formats=tuple(sorted(cls.formats)),
-        )
 
     def _load(self, artifact: ModelArtifact, options: ExecutorOptions) -> LoadedModel:
         target = options.remote
