@@ -238,20 +238,26 @@ def partition(prefix: list[str], whole: Path, threads: int, every: int, *flags: 
     return done.stdout
 
 
-def end_to_end_ms(address: str, model: str, x: np.ndarray, requests: int) -> float:
+def end_to_end_ms(
+    address: str, models: dict[str, str], x: np.ndarray, rounds: int
+) -> dict[str, float]:
+    """Median end-to-end latency per cut (``models``: cut -> device model), from sequential
+    requests taken in rounds (one request per cut a round), so that load from elsewhere on
+    the machine falls on every cut alike rather than on whichever was measured then."""
     import tritonclient.grpc as grpcclient
 
+    times: dict[str, list[float]] = {cut: [] for cut in models}
     with grpcclient.InferenceServerClient(address) as client:
         tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
-        for _ in range(2):
+        for model in models.values():  # warm-up: connections, first-run allocations
             client.infer(model, [tensor])
-        times = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            client.infer(model, [tensor])
-            times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        for _ in range(rounds):
+            for cut, model in models.items():
+                started = time.perf_counter()
+                client.infer(model, [tensor])
+                times[cut].append(time.perf_counter() - started)
+    return {cut: statistics.median(t) * 1000 for cut, t in times.items()}
 
 
 def main() -> int:
@@ -259,7 +265,9 @@ def main() -> int:
     parser.add_argument("--bandwidths", default="1,10,100", help="Mbit/s, comma-separated")
     parser.add_argument("--quotas", default="50,20", help="device CPU quota, % of one core")
     parser.add_argument("--every", type=int, default=6, help="every N-th cut")
-    parser.add_argument("--requests", type=int, default=15, help="timed requests per cut")
+    parser.add_argument(
+        "--requests", type=int, default=15, help="timed requests per cut (a third at 1 Mbit/s)"
+    )
     parser.add_argument("--delay-ms", type=float, default=2.0, help="RTT added with netem")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -341,9 +349,7 @@ def measure_setting(
     choice = explained["choice"]
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
     requests = max(5, args.requests // 3) if mbit < 5 else args.requests
-    measured: dict[str, float] = {}
-    for cut, model in names.items():
-        measured[cut] = end_to_end_ms(device.address, model, x, requests)
+    measured = end_to_end_ms(device.address, names, x, requests)
     best = min(measured, key=lambda c: measured[c])
     remote_only = measured[graph.INPUTS_CUT]
     local = measured[ALL_LOCAL]
