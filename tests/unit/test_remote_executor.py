@@ -7,15 +7,18 @@ daemons in tests/e2e/test_split_remote.py."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edged.core.errors import ExecutorError, ExecutorTimeoutError, ModelLoadError
 from edged.core.types import DataType, Signature, TensorSpec
+from edged.partition import graph
 from hal.executor import ExecutorOptions, ModelArtifact
 from hal.remote import RemoteExecutor, RemoteModel, channel_for
 from hal.remote_target import RemoteTarget
@@ -93,3 +96,23 @@ def test_tls_is_the_default_so_a_plaintext_server_is_refused(daemon: DaemonProce
         assert loaded.infer({"input": sample})["label"].shape == (2,)
     finally:
         loaded.close()
+
+
+@pytest.mark.slow
+def test_a_head_that_does_not_make_what_the_server_takes_is_refused(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    parts = graph.split(graph.load(EXAMPLE_MODELS / "digits" / "1" / "model.onnx"), "hidden")
+    assert parts.head is not None
+    graph.save(parts.head, tmp_path / "head.onnx")
+    shutil.copyfile(EXAMPLE_MODELS / "digits" / "1" / "model.onnx", tmp_path / "model.onnx")
+    # the server's digits takes "input", the head makes "hidden"
+    target = RemoteTarget(
+        address=daemon.address, model="digits", head="head.onnx", insecure=True, timeout_s=5
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"takes 'input', which the head head\.onnx does not make"
+    ):
+        RemoteExecutor().load(
+            ModelArtifact(tmp_path / "model.onnx", "onnx"), ExecutorOptions(remote=target)
+        )
