@@ -11,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-$(CHECKSUM)
 STAMP         := $(VENV)/.installed-$(CHECKSUM)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz lock
+.PHONY: install serve test test-tools protos protos-check models lint typecheck bench bench-paired bench-native clean deb fuzz lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,22 @@ bench: $(STAMP) test-tools
 	$(BIN)/python benchmarks/serving.py --out bench-serving.json > /dev/null
 	$(BIN)/python benchmarks/tls.py --out bench-tls.json > /dev/null
 	$(BIN)/python benchmarks/startup.py | tee bench-startup.json
+
+# The paired table of docs/performance.md: the limit (best in-process layout) measured beside
+# every server window; edged and the minimal prototypes over gRPC and ZeroMQ at concurrency
+# 1/4/16; 3 interleaved repeats, every server freshly started (~6 min on 2 cores). Table on
+# stderr (markdown), JSON in bench-paired.json.
+bench-paired: $(STAMP)
+	$(BIN)/python benchmarks/serving.py --models cls --repeats 3 --seconds 3 \
+	  --servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio --transports grpc,zmq,zmq-sync,zmq-client \
+	  --out bench-paired.json > /dev/null
+
+# What a native gRPC frontend would cost per call: grpc++ echo against Python echoes (needs
+# g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc).
+bench-native: $(STAMP)
+	benchmarks/native_grpc/build.sh
+	$(BIN)/python benchmarks/native_grpc/compare.py --out bench-native.json > /dev/null
+	$(BIN)/python benchmarks/native_grpc/compare.py --payload digits --out bench-native-digits.json > /dev/null
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

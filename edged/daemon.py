@@ -29,6 +29,7 @@ import structlog
 
 from edged import logs
 from edged.config import Config, OtaConfig
+from edged.controlplane import ControlPlane
 from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
 from edged.frontends import management
@@ -166,6 +167,8 @@ class Daemon:
         self.updates: UpdateManager | None = None
         self._learn_store: LearnStore | None = None
         self.learn: LearnManager | None = None
+        #: updates and learning as the frontends see them (both off until _open_ota)
+        self.control = ControlPlane()
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -190,7 +193,8 @@ class Daemon:
         if security.reloadable:
             self.reloads.add("auth", security.reload)
         separate = bool(self.config.server.management_address)
-        management_service = management.service(self.updates, self.learn, self.limits)
+        self.control = ControlPlane(self.updates, self.learn)
+        management_service = management.service(self.control, self.limits)
         server, health = build_server(
             self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
@@ -212,7 +216,7 @@ class Daemon:
                 self.config.zmq.addresses,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
-                learn=self.learn,
+                control=self.control,
                 access=security.access,
                 curve=security.curve_files,
             )

@@ -39,7 +39,7 @@ from edged.fleet.build import build_bundle
 from edged.ota import bundle
 from edged.ota.errors import BundleError
 from edged.security.client import ClientAuth, add_arguments
-from edged.serving.repository import parse_version
+from edged.serving.versions import parse_version
 
 #: The longest one StartUpdate or GetUpdateStatus call may take.
 RPC_TIMEOUT_S = 10.0

@@ -8,7 +8,8 @@ served and the candidate head on held-out old data (the state's held-out buffer)
 held-out new samples, and writes the candidate version into ``JOB_DIR``/out/ (model.onnx =
 backbone + candidate head, backbone.onnx, head.npz, learn_state.npz, lineage.json) with the
 self-test the update path runs (selftest.npz: random inputs, and the probabilities the
-candidate head gives on their backbone features), then ``JOB_DIR``/result.json
+candidate head gives on their backbone features, computed through the HAL on the CPU:
+``edged.learn.features``), then ``JOB_DIR``/result.json
 (``edged.learn.task.JobMetrics``). Progress goes to stdout as JSON lines
 ``{"progress": 0.4}``; a failure exits non-zero with the reason on stderr.
 
@@ -84,13 +85,14 @@ def _accuracy(head: Any, features: np.ndarray, labels: np.ndarray) -> float | No
 
 def run(job_dir: Path) -> JobMetrics:
     """Do the job in ``job_dir``; returns what result.json holds."""
-    # imported here: the daemon imports this module for its file names and backbone_session,
-    # and never needs the onnx package or the trainer in its own process
+    # imported here: the daemon imports this module for its file names, and never needs the
+    # onnx package, the trainer or a backbone in its own process
     try:
         import onnx  # noqa: PLC0415
     except ImportError as e:
         raise RuntimeError(LEARN_EXTRA_HINT) from e
 
+    from edged.learn.features import WORKER_KINDS, open_backbone  # noqa: PLC0415
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
     from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
@@ -149,13 +151,17 @@ def run(job_dir: Path) -> JobMetrics:
     onnx.save(served, out / names.model)
 
     inputs = _random_inputs(task.inputs, seed)
-    session = backbone_session(task.backbone)
-    (features,) = session.run([task.features], inputs)
+    extractor = open_backbone(Path(task.backbone), task.features, WORKER_KINDS)
+    try:
+        features = extractor.features(inputs)
+    finally:
+        extractor.close()
+    assert features is not None  # closed only above
     write_npz(
         out / SELFTEST_FILE,
         {
             **{f"input.{k}": v for k, v in inputs.items()},
-            "expected.probabilities": candidate.proba(np.asarray(features, np.float32)),
+            "expected.probabilities": candidate.proba(features),
         },
     )
     lineage = {
@@ -174,17 +180,6 @@ def run(job_dir: Path) -> JobMetrics:
         state_bytes=(out / names.state).stat().st_size,
         worker_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
-
-
-def backbone_session(path: str | Path) -> Any:
-    """An ONNX Runtime CPU session of a backbone on one thread: the daemon's intake and this
-    worker both compute features with it."""
-    import onnxruntime as ort  # noqa: PLC0415 -- see run()
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,15 +85,19 @@ ALLOWED: dict[str, set[str]] = {
     "edged.config": _BASE | {"edged.security"},
     "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
     "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
-    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage"},
+    # learn -> hal: a trainable model's backbone loads through the executor registry
+    # (edged/learn/features.py), never in a runtime session of its own
+    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage", "hal"},
+    # updates and learning as the frontends see them (edged/controlplane.py)
+    "edged.controlplane": _BASE | {"edged.learn", "edged.ota"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
-    # learn and ota: the management calls, which the data plane does not cover yet (issue #13)
+    # OTA and learning only through the control plane, edged.controlplane
     "edged.frontends": _BASE
-    | {"edged._proto", "edged.config", "edged.learn", "edged.ota", "edged.security"}
-    | {"edged.serving"},
+    | {"edged._proto", "edged.config", "edged.controlplane", "edged.security", "edged.serving"},
     "edged.client": _BASE | {"edged._proto", "edged.frontends", "edged.security"},
     "edged.daemon": _BASE
-    | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
+    | {"edged.config", "edged.controlplane", "edged.frontends", "edged.learn"}
+    | {"edged.lifecycle", "edged.logs"}
     | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
     # split execution: cuts, profiles and plans; run by `edged partition`, not by the daemon
     "edged.partition": _BASE | {"edged._proto", "edged.security", "edged.storage", "hal"},
