@@ -24,6 +24,7 @@ from edged.core.errors import ConfigError, EdgedError
 from edged.core.types import LEARN_STRATEGIES
 from edged.optimize.cli import add_command as add_optimize
 from edged.optimize.cli import run as run_optimize
+from edged.partition import command as partition_command
 from edged.security import client as client_auth
 
 
@@ -186,6 +187,13 @@ def _add_token_commands(commands: Any) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", help="remove a token by name")
     revoke.add_argument("name")
+    partition = commands.add_parser(
+        "partition",
+        help="split a model between this device and a server: cuts, profile, plan",
+        description=partition_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    partition_command.add_arguments(partition)
     for sub in (add, listing, revoke):
         sub.add_argument(
             "--file",
@@ -544,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": _token,
         "zmq-keys": _zmq_keys,
         "optimize": run_optimize,
+        "partition": partition_command.run,
     }
     try:
         code = run[args.command](args)

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from edged.core.errors import ExecutorError, InvalidInputError, ModelLoadError
 from edged.core.types import Array, Signature
+from hal.remote_target import RemoteTarget
 from hal.report import DeviceReport
 
 
@@ -45,6 +46,10 @@ class ExecutorOptions:
     delegate_library: str = ""
     """Shared library of an external LiteRT delegate for executors that load one; "" takes
     the executor's default (the Edge TPU's ``libedgetpu.so.1``)."""
+
+    remote: RemoteTarget | None = None
+    """model.toml's ``[remote]`` table: where the ``remote`` executor sends the model (other
+    executors ignore it); None when the model has none."""
 
 
 class LoadedModel(abc.ABC):

@@ -40,7 +40,7 @@ from hal.cpu_litert import choose_runtime, installed_runtimes, load_runtime
 from hal.registry import available_kinds, executor_class
 from hal.report import DeviceReport
 
-KINDS = ("cpu-onnx", "cpu-litert", "cuda", "edgetpu", "pynq")
+KINDS = ("cpu-onnx", "cpu-litert", "cuda", "edgetpu", "pynq", "remote")
 DEFAULT_TIMEOUT_S = 5.0
 
 _D = DataType
@@ -59,6 +59,8 @@ CAPABILITIES: dict[str, tuple[tuple[str, ...], tuple[DataType, ...]]] = {
     "cuda": (("onnx",), _ONNX_DTYPES),
     "edgetpu": (("edgetpu-tflite",), (_D.UINT8, _D.INT8, _D.FP32)),
     "pynq": (("pynq-bundle",), (_D.UINT8, _D.INT8, _D.INT16, _D.INT32, _D.FP32)),
+    # what KServe v2 carries; the server decides what its model takes
+    "remote": (("onnx",), tuple(DataType)),
 }
 
 #: Coral USB Accelerator: before its firmware is loaded (Global Unichip) and after (Google).
@@ -438,12 +440,21 @@ def probe_pynq(host: HostPaths) -> DeviceReport:
     return _report("pynq", reasons, details)
 
 
+def probe_remote(host: HostPaths) -> DeviceReport:
+    """Another KServe v2 server (hal/remote.py): present wherever gRPC is; whether the
+    server answers is asked when a model loads (docs/partition.md)."""
+    if importlib.util.find_spec("grpc") is None:
+        return _report("remote", ["grpcio is not installed"], {})
+    return _report("remote", [], {"probe": "a network executor: the server is asked at load"})
+
+
 PROBES: dict[str, ProbeFn] = {
     "cpu-onnx": probe_cpu_onnx,
     "cpu-litert": probe_cpu_litert,
     "cuda": probe_cuda,
     "edgetpu": probe_edgetpu,
     "pynq": probe_pynq,
+    "remote": probe_remote,
 }
 
 

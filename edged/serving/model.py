@@ -676,7 +676,9 @@ def load_model_version(
     artifact = ModelArtifact(spec.path / str(version) / spec.artifact_name, spec.format)
     cores = cores or available_cores()
     count = spec.instances or instances_default or default_instances(cores)
-    options = ExecutorOptions(intra_op_threads=threads_default or max(1, cores // count))
+    options = ExecutorOptions(
+        intra_op_threads=threads_default or max(1, cores // count), remote=spec.remote
+    )
     # (an executor with max_instances loads fewer copies; the threads stay as sized)
     kinds = tuple(dict.fromkeys(spec.executor_preference if candidates is None else candidates))
     attempts = _Attempts(spec, version)

@@ -26,8 +26,9 @@ from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
 from edged.core.types import LEARN_STRATEGIES, DataType, Signature, TensorSpec
-from edged.serving.versions import VersionPolicy, available_versions
+from edged.serving.versions import VersionPolicy, available_versions, parse_version
 from hal.placement import PLACEMENT_MODES, default_executors
+from hal.remote_target import RemoteTarget
 
 MODEL_TOML = "model.toml"
 WARMUP_DIR = "warmup"
@@ -164,6 +165,9 @@ class ModelSpec:
     """None: the model is not trainable on the device."""
     warmup: tuple[WarmupSpec, ...] = ()
     """model.toml's ``[[warmup]]`` samples, in order."""
+    remote: RemoteTarget | None = None
+    """model.toml's ``[remote]``: the server the ``remote`` executor sends it to (split
+    execution, docs/partition.md); None without one."""
     configured: bool = True
     """False: the folder has no model.toml; everything was read from the artifact."""
 
@@ -191,6 +195,7 @@ _MODEL_KEYS = {
     "outputs",
     "learn",
     "warmup",
+    "remote",
 }
 
 
@@ -362,6 +367,45 @@ def _warmup(path: Path, raw: Any) -> tuple[WarmupSpec, ...]:
     return tuple(samples)
 
 
+#: [remote]'s keys that name a file; a relative one is read from the model folder
+_REMOTE_FILES = ("ca_file", "cert_file", "key_file", "token_file")
+
+
+def _remote(path: Path, name: str, raw: Any) -> RemoteTarget:
+    """model.toml's ``[remote]`` (hal.remote_target.RemoteTarget, whose fields it names)."""
+    if not isinstance(raw, dict):
+        raise _fail(path, "'remote' must be a table")
+    keys = ({f.name for f in fields(RemoteTarget)} - {"timeout_s"}) | {"timeout_ms"}
+    unknown = set(raw) - keys
+    if unknown:
+        raise _fail(path, f"unknown key 'remote.{sorted(unknown)[0]}'")
+    values = dict(raw)
+    address = values.get("address")
+    if not isinstance(address, str) or ":" not in address.strip(":"):
+        raise _fail(path, "'remote.address' must be HOST:PORT of the server's gRPC listener")
+    values.setdefault("model", name)
+    for key in ("model", "version", "head", "server_name", *_REMOTE_FILES):
+        if key in values and not (isinstance(values[key], str) and (values[key] or key != "model")):
+            raise _fail(path, f"'remote.{key}' must be a {'non-empty ' * (key == 'model')}string")
+    if values.get("version") and parse_version(values["version"]) is None:
+        raise _fail(path, "'remote.version' must be a version number (or empty: the latest)")
+    head = values.get("head", "")
+    if head and ("/" in head or "\\" in head or head.startswith(".")):
+        raise _fail(path, "'remote.head' must be a file name inside the version folder")
+    for key, low, high, default in (("timeout_ms", 1, 600_000, 2000), ("retries", 0, 5, 1)):
+        value = values.get(key, default)
+        if not (_is_int(value) and low <= value <= high):
+            raise _fail(path, f"'remote.{key}' must be an integer from {low} to {high}")
+    timeout_ms = values.pop("timeout_ms", 2000)
+    if not isinstance(values.get("insecure", False), bool):
+        raise _fail(path, "'remote.insecure' must be true or false")
+    if bool(values.get("cert_file")) != bool(values.get("key_file")):
+        raise _fail(path, "'remote.cert_file' and 'remote.key_file' go together")
+    # relative to the model folder; an absolute path stays as it is
+    values.update({k: str(path.parent / values[k]) for k in _REMOTE_FILES if values.get(k)})
+    return RemoteTarget(**values, timeout_s=timeout_ms / 1000)
+
+
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise _fail(
@@ -437,6 +481,7 @@ def parse_model_toml(
         outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),
         learn=_learn(path, fmt, data["learn"]) if "learn" in data else None,
         warmup=_warmup(path, data.get("warmup", [])),
+        remote=_remote(path, name, data["remote"]) if "remote" in data else None,
         configured=configured,
     )
 

@@ -1,0 +1,241 @@
+"""``edged partition MODEL.onnx``: list a model's cuts, write the head and tail of one, profile
+this machine, and explain the planner's choice (docs/partition.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.core.errors import ConfigError
+from edged.core.types import Array
+from edged.partition import graph
+from edged.partition.planner import Link, Plan, plan
+from edged.partition.profile import DEFAULT_RUNS, Profile, cost_table, measure_link, profile
+from edged.security import client as client_auth
+from edged.storage import write_atomic
+
+DESCRIPTION = """\
+Split execution of one ONNX model between this device and a server (docs/partition.md).
+
+  --list                      the candidate cuts (tensors that separate the graph)
+  --cut TENSOR --out DIR      write DIR/head.onnx (runs here) and DIR/tail.onnx (serve it on
+                              the server, edged or Triton); --cut '<inputs>': no head
+  --profile-out FILE          time every cut's head and tail on this machine (run it on the
+                              server too: its tails are the plan's tail latencies)
+  --explain                   the per-cut estimate table and the chosen cut, from this
+                              machine's profile, --server-profile FILE (else this machine's
+                              own figures stand in for the server's: say so), and the link:
+                              --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``edged partition``."""
+    parser.add_argument("model", type=Path, help="the whole model (.onnx)")
+    parser.add_argument("--list", action="store_true", help="list the candidate cuts")
+    parser.add_argument("--cut", metavar="TENSOR", help="write the head and tail cut here")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where --cut writes them")
+    parser.add_argument("--explain", action="store_true", help="print the plan and its choice")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE", help="write this profile")
+    parser.add_argument(
+        "--server-profile", type=Path, metavar="FILE", help="the server's --profile-out file"
+    )
+    parser.add_argument("--rtt-ms", type=float, help="link round-trip time (else measured)")
+    parser.add_argument("--bandwidth-mbit", type=float, help="link Mbit/s (else measured)")
+    parser.add_argument("--server", metavar="HOST:PORT", help="measure the link to this server")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=D,D,..",
+        help="shape of an input to profile with (random values); default: its static dims, "
+        "1 for a dynamic one",
+    )
+    parser.add_argument(
+        "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input's values"
+    )
+    parser.add_argument("--executor", default="cpu-onnx", help="executor kind to profile on")
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs per part")
+    parser.add_argument("--every", type=int, default=1, help="profile every N-th cut only")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    client_auth.add_arguments(parser)
+
+
+def _feed(model: Any, args: argparse.Namespace) -> dict[str, Array]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in args.shape:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise ConfigError(f"--shape {item}: expected NAME=D,D,...") from None
+    given: dict[str, Array] = {}
+    for item in args.input:
+        name, _, file = item.partition("=")
+        try:
+            given[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--input {item}: {e}") from e
+    import onnx  # noqa: PLC0415 - graph.load has checked it is there
+
+    rng = np.random.default_rng(0)
+    feed: dict[str, Array] = {}
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if value.name in given:
+            feed[value.name] = given[value.name]
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        dims = shapes.get(value.name) or tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+            for d in tensor.shape.dim
+        )
+        feed[value.name] = rng.random(dims).astype(dtype)
+    return feed
+
+
+def _link(args: argparse.Namespace) -> tuple[Link, str]:
+    if args.rtt_ms is not None and args.bandwidth_mbit is not None:
+        return Link(args.rtt_ms / 1000, args.bandwidth_mbit * 1e6), "given"
+    if not args.server:
+        raise ConfigError("--explain needs the link: --rtt-ms and --bandwidth-mbit, or --server")
+    auth = client_auth.ClientAuth.from_args(args)
+    channel = auth.channel(args.server)
+    try:
+        measured = measure_link(channel)
+    finally:
+        channel.close()
+    link = Link(
+        measured.rtt_s if args.rtt_ms is None else args.rtt_ms / 1000,
+        measured.bandwidth_bps if args.bandwidth_mbit is None else args.bandwidth_mbit * 1e6,
+    )
+    return link, f"measured to {args.server}"
+
+
+def _read_profile(path: Path) -> Profile:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--server-profile {path}: {e}") from e
+    return Profile.from_json(data, str(path))
+
+
+def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dict[str, Any]:
+    """The plan as JSON: every row's parts in milliseconds, the link, the choice."""
+    return {
+        "link": {
+            "rtt_ms": link.rtt_s * 1000,
+            "bandwidth_mbit": link.bandwidth_bps / 1e6,
+            "source": link_source,
+        },
+        "server": server,
+        "estimates": [
+            {
+                "cut": e.cut,
+                "head_ms": e.head_s * 1000,
+                "link_ms": e.transfer_s * 1000,
+                "tail_ms": e.tail_s * 1000,
+                "sent_bytes": e.sent_bytes,
+                "total_ms": e.total_s * 1000,
+            }
+            for e in result.estimates
+        ],
+        "choice": result.choice.cut,
+        "choice_total_ms": result.choice.total_s * 1000,
+    }
+
+
+def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str:
+    """The plan as a table, the chosen row marked."""
+    width = max(len(e.cut) for e in result.estimates)
+    lines = [
+        f"{'cut':{width}}  {'head ms':>9}  {'link ms':>9}  {'tail ms':>9}  "
+        f"{'sent KiB':>9}  {'total ms':>9}"
+    ]
+    for e in result.estimates:
+        mark = "  <- chosen" if e is result.choice else ""
+        lines.append(
+            f"{e.cut:{width}}  {e.head_s * 1000:9.3f}  {e.transfer_s * 1000:9.3f}  "
+            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}{mark}"
+        )
+    lines += [
+        f"link: rtt {link.rtt_s * 1000:.3f} ms, {link.bandwidth_bps / 1e6:.3f} Mbit/s "
+        f"({link_source})",
+        f"server: {server}",
+        f"choice: {result.choice.cut} ({result.choice.total_s * 1000:.3f} ms estimated)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Mapping[str, Any] | str, as_json: bool) -> None:
+    sys.stdout.write(json.dumps(out, indent=2) + "\n" if as_json else str(out))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``edged partition``; 0 on success.
+
+    Raises:
+        ConfigError: a bad flag, a tensor that is no cut, a file that is no model.
+    """
+    if not (args.list or args.cut or args.explain or args.profile_out):
+        raise ConfigError("say what to do: --list, --cut, --profile-out or --explain")
+    model = graph.load(args.model)
+    if args.list:
+        cuts = graph.candidate_cuts(model)
+        if args.json:
+            _write({"cuts": [{"tensor": c.tensor, "op": c.op} for c in cuts]}, True)
+        else:
+            _write("".join(f"{c.tensor}\t{c.op or '(the inputs)'}\n" for c in cuts), False)
+    if args.cut:
+        _cut(model, args)
+    if args.explain or args.profile_out:
+        _profile_and_plan(model, args)
+    return 0
+
+
+def _cut(model: Any, args: argparse.Namespace) -> None:
+    if args.out is None:
+        raise ConfigError("--cut needs --out DIR")
+    parts = graph.split(model, args.cut)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if parts.head is not None:
+        graph.save(parts.head, args.out / graph.HEAD_FILE)
+    graph.save(parts.tail, args.out / graph.TAIL_FILE)
+
+
+def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
+    mine = profile(
+        args.model,
+        _feed(model, args),
+        executor=args.executor,
+        threads=args.threads,
+        runs=args.runs,
+        every=args.every,
+    )
+    if args.profile_out:
+        data = (json.dumps(mine.to_json(), indent=2) + "\n").encode()
+        write_atomic(args.profile_out, lambda f: f.write(data))
+    if not args.explain:
+        return
+    if args.server_profile:
+        theirs = _read_profile(args.server_profile)
+        server = f"profile {args.server_profile} ({theirs.executor}, {theirs.threads} threads)"
+    else:
+        theirs = mine
+        server = "this machine's own profile stands in for the server's (no --server-profile)"
+    link, source = _link(args)
+    result = plan(cost_table(mine, theirs), link)
+    if args.json:
+        _write(explain_json(result, link, source, server), True)
+    else:
+        _write(explain_text(result, link, source, server), False)

@@ -1,0 +1,275 @@
+"""The measurements the planner needs: per-cut head and tail latency on one executor, tensor
+bytes at each cut, and the link to a server.
+
+A profile is taken on one machine with one executor: run on the device it gives the heads'
+latencies, run on the server (``edged partition MODEL --profile-out FILE`` there) the tails'.
+:func:`cost_table` joins the two into the planner's table. The latencies are medians of timed
+runs after a warm-up, through the HAL executor that would serve the model (cpu-onnx unless
+told otherwise), so they include what the daemon's executor does per call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edged.core.errors import ConfigError, EdgedError
+from edged.core.types import Array
+from edged.partition import graph
+from edged.partition.planner import ALL_LOCAL, CutCost, Link
+
+if TYPE_CHECKING:
+    import grpc
+    import onnx
+
+    from hal import LoadedModel
+
+#: timed runs per part (after one untimed warm-up run)
+DEFAULT_RUNS = 5
+
+
+@dataclass(frozen=True)
+class CutProfile:
+    """One cut measured on one machine."""
+
+    cut: str
+    head_s: float
+    """Median latency of the head here (0 for the inputs cut)."""
+    tail_s: float
+    """Median latency of the tail here."""
+    sent_bytes: int
+    """Bytes of the cut tensor(s) for the profiled input."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model's cuts measured on one machine."""
+
+    model: str
+    executor: str
+    threads: int
+    whole_s: float
+    """Median latency of the whole model here."""
+    answer_bytes: int
+    """Bytes of the model's outputs."""
+    cuts: tuple[CutProfile, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> Profile:
+        """A profile written by :meth:`to_json`.
+
+        Raises:
+            ConfigError: a field is missing or of the wrong type (named, with ``where``).
+        """
+        try:
+            cuts = tuple(CutProfile(**c) for c in data["cuts"])
+            return cls(
+                model=str(data["model"]),
+                executor=str(data["executor"]),
+                threads=int(data["threads"]),
+                whole_s=float(data["whole_s"]),
+                answer_bytes=int(data["answer_bytes"]),
+                cuts=cuts,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: not a partition profile: {e!r}") from e
+
+
+def _median_s(run: Callable[[], object], runs: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(statistics.median(times))
+
+
+class _Runner:
+    """Loads ONNX models through one HAL executor kind, runs and times them, closes them."""
+
+    def __init__(self, kind: str, threads: int, folder: Path) -> None:
+        from hal import ExecutorOptions, get_executor  # noqa: PLC0415
+
+        self.kind = kind
+        self._executor = get_executor(kind)
+        self._options = ExecutorOptions(intra_op_threads=threads, inter_op_threads=1)
+        self._folder = folder
+
+    def run(self, model: onnx.ModelProto, feed: Mapping[str, Array]) -> dict[str, Array]:
+        loaded = self._load(model)
+        try:
+            return loaded.infer(feed)
+        finally:
+            loaded.close()
+
+    def time(self, model: onnx.ModelProto, feed: Mapping[str, Array], runs: int) -> float:
+        loaded = self._load(model)
+        try:
+            return _median_s(lambda: loaded.infer(feed), runs)
+        finally:
+            loaded.close()
+
+    def _load(self, model: onnx.ModelProto) -> LoadedModel:
+        from hal import ModelArtifact  # noqa: PLC0415
+
+        path = self._folder / "part.onnx"
+        graph.save(model, path)
+        return self._executor.load(ModelArtifact(path, "onnx"), self._options)
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` with ``names`` (typed intermediate tensors) added to its outputs."""
+    import onnx  # noqa: PLC0415
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    infos = {v.name: v for v in copy.graph.value_info}
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present and name in infos:
+            copy.graph.output.append(infos[name])
+    return copy
+
+
+def profile(
+    path: Path,
+    feed: Mapping[str, Array],
+    *,
+    executor: str = "cpu-onnx",
+    threads: int = 1,
+    runs: int = DEFAULT_RUNS,
+    every: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> Profile:
+    """Measure every candidate cut of the model at ``path`` (every ``every``-th, plus the
+    inputs cut and the last) on ``executor`` with ``threads`` threads, for the input ``feed``.
+
+    Raises:
+        ConfigError: onnx is missing, the file is no model, or ``feed`` does not fit it.
+        EdgedError: the executor refused a part or failed running it.
+    """
+    model = graph.load(path)
+    cuts = select(graph.candidate_cuts(model), every)
+    with tempfile.TemporaryDirectory(prefix="edged-partition-") as tmp:
+        runner = _Runner(executor, threads, Path(tmp))
+        names = [c.tensor for c in cuts if c.tensor != graph.INPUTS_CUT]
+        try:
+            values = runner.run(_with_outputs(model, names), feed)
+        except EdgedError as e:
+            raise ConfigError(f"{path}: the profiling input does not run: {e}") from e
+        outputs = [o.name for o in model.graph.output]
+        answer_bytes = sum(int(np.asarray(values[n]).nbytes) for n in outputs)
+        whole_s = runner.time(model, feed, runs)
+        rows = []
+        for cut in cuts:
+            if progress is not None:
+                progress(cut.tensor)
+            parts = graph.split(model, cut.tensor)
+            if parts.head is None:
+                middle: Mapping[str, Array] = feed
+                head_s = 0.0
+            else:
+                middle = {cut.tensor: values[cut.tensor]}
+                head_s = runner.time(parts.head, feed, runs)
+            tail_s = runner.time(parts.tail, middle, runs)
+            sent = sum(int(np.asarray(v).nbytes) for v in middle.values())
+            rows.append(CutProfile(cut.tensor, head_s, tail_s, sent))
+    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows))
+
+
+def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
+    """The inputs cut, every ``every``-th cut after it, and the last one."""
+    if every < 1:
+        raise ConfigError(f"--every {every}: must be at least 1")
+    chosen = [c for i, c in enumerate(cuts) if i % every == 0]
+    if cuts and chosen[-1] is not cuts[-1]:
+        chosen.append(cuts[-1])
+    return chosen
+
+
+def cost_table(device: Profile, server: Profile) -> list[CutCost]:
+    """The planner's table: heads and bytes measured on the device, tails on the server, for
+    the cuts both profiled, then all local.
+
+    Raises:
+        ConfigError: the two profiles share no cut (different models, or --every).
+    """
+    tails = {c.cut: c.tail_s for c in server.cuts}
+    rows = [
+        CutCost(c.cut, c.head_s, tails[c.cut], c.sent_bytes, device.answer_bytes)
+        for c in device.cuts
+        if c.cut in tails
+    ]
+    if not rows:
+        raise ConfigError(
+            f"the device profile ({device.model}) and the server profile ({server.model}) "
+            "share no cut"
+        )
+    return [*rows, CutCost(ALL_LOCAL, device.whole_s, 0.0, 0)]
+
+
+def measure_link(
+    channel: grpc.Channel,
+    metadata: Sequence[tuple[str, str]] = (),
+    *,
+    runs: int = DEFAULT_RUNS,
+    max_bytes: int = 4 * 1024 * 1024,
+    max_probe_s: float = 2.0,
+) -> Link:
+    """RTT and bandwidth of the link to a KServe v2 server, measured with ModelInfer calls on
+    a model name no server has: the server reads the whole request before answering
+    NOT_FOUND, so a call carrying N bytes takes the round trip plus N bytes' transfer. Works
+    against edged and Triton alike, and runs no model. The payload grows (64 KiB, x4) until a
+    call takes ``max_probe_s`` / 4 or ``max_bytes`` is reached.
+
+    Raises:
+        ConfigError: the server cannot be reached, or answered the probe unexpectedly.
+    """
+    import grpc  # noqa: PLC0415
+
+    from edged._proto.inference import grpc_service_pb2 as pb  # noqa: PLC0415
+    from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    def call(size: int) -> float:
+        message = pb.ModelInferRequest(model_name="edged-link-probe")
+        if size:
+            message.inputs.add(name="probe", datatype="UINT8", shape=[size])
+            message.raw_input_contents.append(bytes(size))
+        started = time.perf_counter()
+        try:
+            stub.ModelInfer(message, timeout=max(10.0, max_probe_s * 4), metadata=metadata)
+        except grpc.RpcError as e:
+            # edged: NOT_FOUND; Triton: NOT_FOUND or UNAVAILABLE "Request for unknown model"
+            unknown = e.code() is grpc.StatusCode.NOT_FOUND or "unknown model" in (
+                e.details() or ""
+            )
+            if not unknown:
+                raise ConfigError(f"link probe: {e.code().name}: {e.details()}") from e
+        return time.perf_counter() - started
+
+    def median(size: int) -> float:
+        call(size)
+        return float(statistics.median(call(size) for _ in range(runs)))
+
+    rtt = median(0)
+    size = 64 * 1024
+    while True:
+        took = median(size)
+        if took >= max_probe_s / 4 or size * 4 > max_bytes:
+            break
+        size *= 4
+    transfer = max(took - rtt, 1e-6)
+    return Link(rtt_s=rtt, bandwidth_bps=size * 8 / transfer)

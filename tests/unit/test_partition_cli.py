@@ -1,0 +1,94 @@
+"""``edged partition`` as an operator runs it (a real process): list the cuts, write a head
+and tail, profile and explain the plan, measure the link to a running daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edged.partition.planner import ALL_LOCAL
+from edged.partition.profile import measure_link
+from edged.security.client import ClientAuth
+from tests.daemon_process import DaemonProcess, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "models/digits/1/model.onnx"
+
+
+def test_list_then_cut_writes_a_head_and_tail_that_answer_like_the_whole(tmp_path: Path) -> None:
+    listed = run_cli("partition", str(DIGITS), "--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    cuts = [c["tensor"] for c in json.loads(listed.stdout)["cuts"]]
+    assert "hidden" in cuts
+    done = run_cli("partition", str(DIGITS), "--cut", "hidden", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    x = np.random.default_rng(2).random((4, 64), dtype=np.float32) * 16
+    head = ort.InferenceSession(str(tmp_path / "head.onnx"))
+    tail = ort.InferenceSession(str(tmp_path / "tail.onnx"))
+    (hidden,) = head.run(None, {"input": x})
+    whole = ort.InferenceSession(str(DIGITS)).run(None, {"input": x})
+    for want, got in zip(whole, tail.run(None, {"hidden": hidden}), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_prints_every_cut_and_chooses_the_least_total(tmp_path: Path) -> None:
+    profile = tmp_path / "server.json"
+    done = run_cli(
+        "partition", str(DIGITS), "--profile-out", str(profile), "--threads", "2", "--runs", "3"
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(profile.read_text())["threads"] == 2
+    args = ["partition", str(DIGITS), "--explain", "--server-profile", str(profile)]
+    slow_link = ["--rtt-ms", "500", "--bandwidth-mbit", "1", "--runs", "3"]
+    explained = run_cli(*args, *slow_link, "--json")
+    assert explained.returncode == 0, explained.stderr
+    result = json.loads(explained.stdout)
+    rows = {r["cut"]: r for r in result["estimates"]}
+    assert set(rows) == {
+        "<inputs>",
+        "centered",
+        "standardized",
+        "fc1",
+        "hidden",
+        "logits",
+        ALL_LOCAL,
+    }
+    assert result["choice"] == min(rows, key=lambda c: rows[c]["total_ms"])
+    assert result["choice"] == ALL_LOCAL  # half a second of round trip: nothing remote pays
+    assert result["link"] == {"rtt_ms": 500.0, "bandwidth_mbit": 1.0, "source": "given"}
+    table = run_cli(*args, *slow_link)
+    assert table.returncode == 0, table.stderr
+    chosen = [line for line in table.stdout.splitlines() if line.endswith("<- chosen")]
+    assert len(chosen) == 1
+    assert chosen[0].startswith("<local>")
+    assert f"server: profile {profile} (cpu-onnx, 2 threads)" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "say what to do"),
+        (["--cut", "hidden"], "--cut needs --out DIR"),
+        (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
+        (["--explain"], "--explain needs the link"),
+    ],
+)
+def test_bad_requests_are_named(flags: list[str], message: str) -> None:
+    done = run_cli("partition", str(DIGITS), *flags)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+@pytest.mark.slow
+def test_the_link_to_a_running_daemon_is_measured(daemon: DaemonProcess) -> None:
+    channel = ClientAuth().channel(daemon.address)
+    try:
+        link = measure_link(channel, runs=2, max_bytes=256 * 1024)
+    finally:
+        channel.close()
+    assert link.rtt_s > 0
+    assert link.bandwidth_bps > 0

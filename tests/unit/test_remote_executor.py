@@ -1,0 +1,118 @@
+"""The remote executor's failures, against real sockets: a server that accepts the
+connection and never answers (hung, or a middlebox swallowing the traffic) fails the call at
+its deadline as an executor timeout; a port nobody listens on fails it as an executor error
+naming the server, after the bounded retries; a plaintext server is refused unless the target
+says ``insecure``. Answers themselves are checked against real
+daemons in tests/e2e/test_split_remote.py."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.core.errors import ExecutorError, ExecutorTimeoutError, ModelLoadError
+from edged.core.types import DataType, Signature, TensorSpec
+from edged.partition import graph
+from hal.executor import ExecutorOptions, ModelArtifact
+from hal.remote import RemoteExecutor, RemoteModel, channel_for
+from hal.remote_target import RemoteTarget
+from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
+
+SPEC = TensorSpec("x", DataType.FP32, (-1, 4))
+SIGNATURE = Signature((SPEC,), (TensorSpec("y", DataType.FP32, (-1, 4)),))
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """HOST:PORT of a listener that accepts connections and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def _model(target: RemoteTarget) -> RemoteModel:
+    return RemoteModel(target, SIGNATURE, channel_for(target), None, (SPEC,), ())
+
+
+def test_a_server_that_never_answers_fails_at_the_deadline(black_hole: str) -> None:
+    target = RemoteTarget(address=black_hole, model="m", insecure=True, timeout_s=0.3)
+    model = _model(target)
+    try:
+        with pytest.raises(ExecutorTimeoutError, match=f"remote {black_hole} model 'm': no answer"):
+            model.infer({"x": np.zeros((1, 4), np.float32)})
+    finally:
+        model.close()
+
+
+def test_an_unreachable_server_is_an_executor_error_after_the_retries() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free once closed: nobody listens there
+    target = RemoteTarget(address=f"127.0.0.1:{port}", model="m", insecure=True, retries=2)
+    model = _model(target)
+    try:
+        with pytest.raises(ExecutorError, match=f"remote 127.0.0.1:{port} model 'm': UNAVAILABLE"):
+            model.infer({"x": np.zeros((1, 4), np.float32)})
+    finally:
+        model.close()
+    assert model.bytes_sent == 0  # nothing got through
+
+
+@pytest.mark.slow
+def test_tls_is_the_default_so_a_plaintext_server_is_refused(daemon: DaemonProcess) -> None:
+    artifact = ModelArtifact(EXAMPLE_MODELS / "digits" / "1" / "model.onnx", "onnx")
+    secure = RemoteTarget(address=daemon.address, model="digits", timeout_s=5)
+    with pytest.raises(ModelLoadError, match="UNAVAILABLE"):  # the TLS handshake fails
+        RemoteExecutor().load(artifact, ExecutorOptions(remote=secure))
+    plain = RemoteTarget(address=daemon.address, model="digits", timeout_s=5, insecure=True)
+    loaded = RemoteExecutor().load(artifact, ExecutorOptions(remote=plain))
+    try:
+        assert [t.name for t in loaded.signature.outputs] == ["probabilities", "label"]
+        sample = np.load(EXAMPLE_MODELS / "digits" / "sample.npy").astype(np.float32)
+        assert loaded.infer({"input": sample})["label"].shape == (2,)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.slow
+def test_a_head_that_does_not_make_what_the_server_takes_is_refused(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    parts = graph.split(graph.load(EXAMPLE_MODELS / "digits" / "1" / "model.onnx"), "hidden")
+    assert parts.head is not None
+    graph.save(parts.head, tmp_path / "head.onnx")
+    shutil.copyfile(EXAMPLE_MODELS / "digits" / "1" / "model.onnx", tmp_path / "model.onnx")
+    # the server's digits takes "input", the head makes "hidden"
+    target = RemoteTarget(
+        address=daemon.address, model="digits", head="head.onnx", insecure=True, timeout_s=5
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"takes 'input', which the head head\.onnx does not make"
+    ):
+        RemoteExecutor().load(
+            ModelArtifact(tmp_path / "model.onnx", "onnx"), ExecutorOptions(remote=target)
+        )
