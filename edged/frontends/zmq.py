@@ -223,9 +223,11 @@ class ZmqFrontend:
                 return
 
     def _clear_wake(self) -> None:
-        self._woken = False  # before the outbox is read: a later reply writes again
+        # drain the pipe, then let the next reply write again, then read the outbox: a
+        # reply that found the flag still set is in the outbox by then
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
+        self._woken = False
 
     def _wake(self) -> None:
         if not self._woken:
