@@ -50,6 +50,9 @@ from hal import LoadedModel
 
 log = structlog.get_logger("edged.serving")
 
+#: how often successes of thread-side batches are told to ``on_outcome`` at most
+SUCCESS_TELL_NS = 20_000_000
+
 
 @dataclass(frozen=True)
 class QueuePolicy:
@@ -185,7 +188,12 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
         self._watchdog: threading.Thread | None = None
         self._watch_at: int | None = None  # when the watchdog wakes next (None: asleep)
-        self._success_told = False  # a coalesced on_outcome(None) is on its way to the loop
+        # successes not told yet; a tell is on its way to the loop; when the last went;
+        # whether the last outcome told was a failure (see ``_owe_success``)
+        self._owed = 0
+        self._telling = False
+        self._told_ns = 0
+        self._last_failed = False
 
     @property
     def queue_depth(self) -> int:
@@ -441,9 +449,8 @@ class Scheduler:
             self._on_loop(self._fail, answer, outcome, instance)
             return
         parts, execution = outcome
-        if self.on_outcome is not None and not self._success_told:
-            self._success_told = True
-            self._on_loop(self._tell_success)
+        if self.on_outcome is not None:
+            self._owe_success(batch)
         for p, part, ok in zip(batch, parts, live, strict=True):
             if ok:
                 self._answer(p, (part, execution))
@@ -518,13 +525,45 @@ class Scheduler:
         except Exception:  # the listener's bug must not lose this batch's answers
             log.exception("outcome_listener_failed", model=self._label)
 
-    def _tell_success(self) -> None:
-        self._success_told = False
-        self._tell(None)
+    def _owe_success(self, batch: list[Pending]) -> None:
+        """A batch ran: tell the breaker on the event loop. A hop per batch costs the
+        thread-side callers (ZeroMQ) more than it tells a breaker that heard a success
+        last, so their successes are counted and told at most once per
+        ``SUCCESS_TELL_NS``; after a failure, and for batches with asyncio callers (whose
+        answers hop to the loop anyway), at once."""
+        with self._lock:
+            self._owed += 1
+            if self._telling:
+                return
+            self._telling = True
+        wait_ns = SUCCESS_TELL_NS - (time.monotonic_ns() - self._told_ns)
+        if self._last_failed or wait_ns <= 0 or any(p.future is not None for p in batch):
+            self._on_loop(self._tell_successes)
+        else:
+            self._on_loop(self._tell_successes_in, wait_ns)
+
+    def _tell_successes_in(self, wait_ns: int) -> None:
+        assert self._loop is not None
+        self._loop.call_later(wait_ns / 1e9, self._tell_successes)
+
+    def _tell_successes(self) -> None:
+        with self._lock:
+            self._telling = False
+            self._told_ns = time.monotonic_ns()
+            owed, self._owed = self._owed, 0
+        if owed:
+            self._last_failed = False
+        for _ in range(owed):
+            self._tell(None)
 
     def _fail(self, batch: list[Pending], error: EdgedError, instance: LoadedModel | None) -> None:
         """A failed batch: tell the breaker (which may pause this scheduler), answer the
         callers, then hand the instance out again (None: it is stuck)."""
+        with self._lock:  # the successes before it first, in order
+            owed, self._owed = self._owed, 0
+        for _ in range(owed):
+            self._tell(None)
+        self._last_failed = True
         self._tell(error)
         for p in batch:
             self._answer(p, error)

@@ -444,3 +444,28 @@ async def test_a_request_timing_out_while_its_batch_runs_is_answered_at_its_dead
     outputs, _ = await scheduler.submit(x(2), 1)
     assert np.all(outputs["y"] == 4)
     await scheduler.stop()
+
+
+async def test_every_thread_side_success_and_failure_reaches_the_breaker_in_order() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0))
+    outcomes: list[object] = []
+    scheduler.on_outcome = outcomes.append
+    answers = Answers()
+    answers.expected = 40
+
+    def produce() -> None:
+        for i in range(40):
+            model.fail = i == 30  # one failed batch among successes
+            done = threading.Event()
+            reply = answers.reply(i)
+            scheduler.post(x(i), 1, 0, 0, lambda o, r=reply, d=done: (r(o), d.set()), inline=True)
+            assert done.wait(10)
+
+    await asyncio.to_thread(produce)
+    # successes of thread-side batches are counted and told together; none is lost, and
+    # the ones before the failure are told before it
+    await until(lambda: len(outcomes) == 40)
+    assert [type(o) for o in outcomes[:31]] == [type(None)] * 30 + [ExecutorError]
+    assert outcomes[31:] == [None] * 9
+    await scheduler.stop()
