@@ -50,8 +50,10 @@ from hal import LoadedModel
 
 log = structlog.get_logger("edged.serving")
 
-#: how often successes of thread-side batches are told to ``on_outcome`` at most
-SUCCESS_TELL_NS = 20_000_000
+#: how often successes of thread-side batches are told to ``on_outcome`` at most while the
+#: last outcome told was a success (a breaker's cool-down is tens of seconds: a success told
+#: up to this much later changes nothing); after a failure the next success is told at once
+SUCCESS_TELL_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
