@@ -123,7 +123,7 @@ class ZmqFrontend:
         # replies made on other threads, for the I/O thread to send
         self._outbox: collections.deque[tuple[_Message, list[wire.Frame]]] = collections.deque()
         self._wake_r, self._wake_w = -1, -1
-        self._woken = False  # a wake-up byte is in the pipe, unread
+        self._awake = True  # the I/O thread is awake, or a wake-up byte is on its way
         self._in_flight = 0  # requests read and not answered yet (I/O thread only)
         self._reading = True
         self._stopping = False
@@ -197,12 +197,23 @@ class ZmqFrontend:
         replying = zmq.Poller()  # at the in-flight bound, or stopping: replies only
         replying.register(self._wake_r, zmq.POLLIN)
         while not self._stopping:
+            # replies queued while this thread was awake need no wake-up byte: it looks at
+            # the outbox after saying it may sleep, and before sleeping
+            self._awake = False
+            if self._outbox:
+                self._awake = True
+                self._flush()
+                continue
+            if not self._reading and not self._in_flight:
+                self._quiet.set()
             accepting = self._reading and self._in_flight < self._max_in_flight
             events = (reading if accepting else replying).poll()
+            self._awake = True
             received: list[tuple[Socket, list[zmq.Frame]]] = []
             for sock, _ in events:
                 if sock == self._wake_r:
-                    self._clear_wake()
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
                 elif accepting:
                     self._read(sock, received)
             # a message alone in this round may run inline; with company, they batch
@@ -210,8 +221,6 @@ class ZmqFrontend:
             for sock, frames in received:
                 self._handle(sock, frames, inline=lone)
             self._flush()
-            if not self._reading and not self._in_flight:
-                self._quiet.set()
         self._flush()
 
     def _read(self, sock: Socket, received: list[tuple[Socket, list[zmq.Frame]]]) -> None:
@@ -222,16 +231,12 @@ class ZmqFrontend:
             except zmq.Again:
                 return
 
-    def _clear_wake(self) -> None:
-        # drain the pipe, then let the next reply write again, then read the outbox: a
-        # reply that found the flag still set is in the outbox by then
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
-        self._woken = False
-
-    def _wake(self) -> None:
-        if not self._woken:
-            self._woken = True
+    def _wake(self, *, force: bool = False) -> None:
+        """From another thread, after queueing a reply: wake the I/O thread unless it is
+        awake (it reads the outbox before it sleeps) or a byte is on its way. ``force``:
+        always (stopping: the I/O thread checks its flags only once per round)."""
+        if force or not self._awake:
+            self._awake = True
             # a full pipe: the I/O thread is awake anyway
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
@@ -435,10 +440,10 @@ class ZmqFrontend:
         """Stop receiving, let running requests answer (bounded), close the sockets."""
         if self._thread is not None:
             self._reading = False
-            self._wake()
+            self._wake(force=True)
             await asyncio.to_thread(self._quiet.wait, grace_s)
             self._stopping = True
-            self._wake()
+            self._wake(force=True)
             await asyncio.to_thread(self._thread.join)
         for task in list(self._tasks):
             task.cancel()
