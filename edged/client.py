@@ -109,9 +109,9 @@ class ZmqClient:
         limit = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         self._socket.send_multipart(frames, copy=False)
+        wait_ms = max(0, int(limit * 1000))
         while True:
-            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if wait_ms != self._receive_ms:
+            if wait_ms != self._receive_ms:  # the same timeout call after call: set once
                 self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._receive_ms = wait_ms
             try:
@@ -121,6 +121,8 @@ class ZmqClient:
             header, outputs = _outcome([f.buffer for f in reply])
             if header.get("id") == request_id:  # replies to requests that timed out are dropped
                 return header, outputs
+            # a stale reply: wait for what is left of this request's time
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
 
     def _next_id(self) -> str:
         return f"c{next(self._ids)}"
