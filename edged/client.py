@@ -334,14 +334,20 @@ def _expire(future: asyncio.Future[list[zmq.Frame]]) -> None:
 
 
 def _reply_id(reply: Sequence[zmq.Frame]) -> bytes:
-    """A reply's request id, read from its header without parsing all of it (edged writes
-    ``"id"`` right after ``"v"``); b"" when it is not there."""
+    """A reply's request id: read from the header's head when it is written as edged
+    writes it (``"id":"..."`` right after ``"v"``, compact), else from the parsed header;
+    b"" when it has none."""
     if not reply:
         return b""
     head = reply[0].bytes[:256]
     start = head.find(b'"id":"')
-    if start < 0:
+    if start >= 0:
+        start += 6
+        end = head.find(b'"', start)
+        if end > 0 and b"\\" not in head[start:end]:
+            return head[start:end]
+    try:
+        rid = wire.read_header(reply[0].buffer).get("id")
+    except InvalidInputError:
         return b""
-    start += 6
-    end = head.find(b'"', start)
-    return head[start:end] if end > 0 else b""
+    return rid.encode() if isinstance(rid, str) else b""

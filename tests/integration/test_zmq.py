@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import grpc
@@ -285,3 +286,40 @@ def test_too_many_inputs_are_resource_exhausted(zmq_address: str, client: ZmqCli
     assert reply["code"] == "RESOURCE_EXHAUSTED"
     assert "limits.max_inputs" in reply["error"]
     assert client.is_ready()
+
+
+def test_clients_time_out_and_drop_a_late_reply() -> None:
+    """A peer that answers late (a raw ROUTER standing in for a slow daemon): the request
+    fails with DEADLINE_EXCEEDED, and its late reply is not taken for the next request's."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+        def answer(live: bool) -> None:
+            frames = router.recv_multipart()
+            rid = json.loads(frames[1])["id"]
+            reply = {"v": 1, "id": rid, "ok": True, "result": {"live": live}}
+            router.send_multipart([frames[0], json.dumps(reply).encode()])
+
+        with ZmqClient(address, timeout=0.2) as client:
+            with pytest.raises(ZmqClientError) as late:
+                client.is_live()
+            assert late.value.code == "DEADLINE_EXCEEDED"
+            answer(False)  # the first request's reply, late: it waits in the client's queue
+            answering = threading.Thread(target=answer, args=(True,))
+            answering.start()
+            assert client.is_live() is True  # the late False was dropped
+            answering.join()
+
+        async def main() -> None:
+            async with AsyncZmqClient(address, timeout=0.2) as client:
+                with pytest.raises(ZmqClientError) as late:
+                    await client.is_live()
+                assert late.value.code == "DEADLINE_EXCEEDED"
+                answer(False)  # late again
+                answering = threading.Thread(target=answer, args=(True,))
+                answering.start()
+                assert await client.is_live() is True
+                answering.join()
+
+        asyncio.run(main())
