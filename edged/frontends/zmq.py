@@ -216,7 +216,8 @@ class ZmqFrontend:
                         os.read(self._wake_r, 4096)
                 elif accepting:
                     self._read(sock, received)
-            # a message alone in this round may run inline; with company, they batch
+            # a message alone in this round (and on the endpoint) may run inline; with
+            # company, they batch
             lone = len(received) == 1
             for sock, frames in received:
                 self._handle(sock, frames, inline=lone)
@@ -303,7 +304,9 @@ class ZmqFrontend:
                             return
                     self._reply(message, *error_reply(rid, outcome))
 
-                self._plane.submit(request, answered, inline=inline)
+                # inline only when nothing else is in flight on this endpoint: under load a
+                # request that runs here would keep the I/O thread from reading the others
+                self._plane.submit(request, answered, inline=inline and self._in_flight == 1)
                 return
         except Exception as e:  # every failure is answered (error_reply)
             self._reply(message, *error_reply(message.request_id, e))
