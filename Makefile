@@ -11,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-$(CHECKSUM)
 STAMP         := $(VENV)/.installed-$(CHECKSUM)
 GRPC_ADDRESS ?= 127.0.0.1:8001
 
-.PHONY: install serve test test-tools protos protos-check models lint typecheck bench clean deb fuzz lock
+.PHONY: install federated-env serve test test-tools protos protos-check models lint typecheck bench bench-paired bench-native clean deb fuzz lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,21 @@ $(RUNTIME_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	rm -f $(VENV)/.runtime-* && touch $@
 
-install: $(STAMP)
+# The federated environment (docs/adr/0012): Flower (protobuf<7) and NumPy beside edged's own
+# code (--no-deps), apart from .venv (protobuf 7). The daemon's Flower clients and
+# `edged-fleet federate` run in it; the federated tests skip, saying why, without it.
+FED_VENV  := $(VENV)-federated
+FED_STAMP := $(FED_VENV)/.installed-$(shell cat pyproject.toml packaging/federated/requirements.txt | cksum | cut -d' ' -f1)
+
+$(FED_STAMP): pyproject.toml packaging/federated/requirements.txt
+	test -x $(FED_VENV)/bin/python || $(PYTHON) -m venv $(FED_VENV)
+	$(FED_VENV)/bin/python -m pip install -q -r packaging/federated/requirements.txt
+	$(FED_VENV)/bin/python -m pip install -q --no-deps -e .
+	rm -f $(FED_VENV)/.installed-* && touch $@
+
+federated-env: $(FED_STAMP)
+
+install: $(STAMP) $(FED_STAMP)
 
 serve: $(RUNTIME_STAMP)
 	@echo "edged: serving ./models on $(GRPC_ADDRESS) (Ctrl-C stops it)."
@@ -51,7 +65,7 @@ test-tools:
 	    >/dev/null 2>&1 || echo "make: could not install$$missing; tests needing them say so"; \
 	fi
 
-test: $(STAMP) test-tools lint typecheck
+test: $(STAMP) $(FED_STAMP) test-tools lint typecheck
 	$(BIN)/python -m pytest
 
 # Long fuzzing runs of the harnesses in tests/fuzz/ (`make test` runs them briefly): atheris
@@ -68,6 +82,22 @@ bench: $(STAMP) test-tools
 	$(BIN)/python benchmarks/serving.py --out bench-serving.json > /dev/null
 	$(BIN)/python benchmarks/tls.py --out bench-tls.json > /dev/null
 	$(BIN)/python benchmarks/startup.py | tee bench-startup.json
+
+# The paired table of docs/performance.md: the limit (best in-process layout) measured beside
+# every server window; edged and the minimal prototypes over gRPC and ZeroMQ at concurrency
+# 1/4/16; 3 interleaved repeats, every server freshly started (~6 min on 2 cores). Table on
+# stderr (markdown), JSON in bench-paired.json.
+bench-paired: $(STAMP)
+	$(BIN)/python benchmarks/serving.py --models cls --repeats 3 --seconds 3 \
+	  --servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio --transports grpc,zmq,zmq-sync,zmq-client \
+	  --out bench-paired.json > /dev/null
+
+# What a native gRPC frontend would cost per call: grpc++ echo against Python echoes (needs
+# g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc).
+bench-native: $(STAMP)
+	benchmarks/native_grpc/build.sh
+	$(BIN)/python benchmarks/native_grpc/compare.py --out bench-native.json > /dev/null
+	$(BIN)/python benchmarks/native_grpc/compare.py --payload digits --out bench-native-digits.json > /dev/null
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

@@ -1,16 +1,47 @@
-"""Serving throughput and latency against the physical limit, in one run on one machine.
+"""Serving throughput and latency against the physical limit, paired and repeated so that a
+noisy machine shows up as a range rather than as a wrong conclusion.
 
-The limit is in-process ONNX Runtime on the same model file (batch 1, and the best batch
-size). Against it: a real `edged serve` process driven over gRPC (stock tritonclient.grpc.aio),
-over ZeroMQ (edged.client.AsyncZmqClient), and over gRPC with inputs in system shared memory
-(tritonclient.utils.shared_memory); single-item requests at each concurrency. Optionally also
-Triton's C++ load generator perf_analyzer over gRPC, which costs the client far less CPU.
+**The limit** is in-process ONNX Runtime on the same model file, in its best layout, measured
+again right before every server is started (so each server window has its own limit, taken
+under the same background load):
+- throughput: two 1-thread sessions each run by its own thread at batch 8 (`2x1t-b8`), against
+  the former limit, one default session (all cores, spinning threads) at batch 8 and 16
+  (`1x2t-b8`, `1x2t-b16`); the best of them is the limit and the JSON says which won;
+- latency: batch-1 p50 of a 1-thread session (`1t-b1`) and of a default session
+  (`default-b1`); the lower is the limit.
+Each layout's CPU time per item (`cpu_ms_per_item_LAYOUT`) is what inference alone costs; a
+server's CPU per inference above it is what serving costs.
+
+**Servers**, each started fresh for every repeat, in an order rotated per repeat:
+- `edged`: a real `edged serve` process with default settings;
+- `proto-zmq`, `proto-grpc-sync`, `proto-grpc-aio`: the minimal prototypes
+  (benchmarks/prototype_zmq.py, prototype_grpc.py) that show the headroom of a Python server.
+
+**Transports** (each server runs those it speaks), single-item requests from `concurrency`
+callers for `--seconds` after a warm-up:
+- `grpc`: the stock `tritonclient.grpc.aio` client;
+- `zmq`: `edged.client.AsyncZmqClient`;
+- `zmq-sync`: a minimal synchronous client (one DEALER, pre-encoded header, `concurrency`
+  requests kept in flight from one thread);
+- `zmq-client`: `edged.client.ZmqClient` (synchronous), one client and one thread per caller;
+- `grpc+shm`: tritonclient with the input in system shared memory (edged only);
+- `perf_analyzer`: Triton's C++ load generator over gRPC, if installed (no CPU figures).
+
+Per window: infer/s, p50, p99; `ratio_to_limit` (infer/s ÷ the adjacent limit's items/s),
+`p50_over_limit_ms` (p50 - the adjacent limit's batch-1 p50), `p99_over_p50`, and the CPU time
+per inference of the server process and of this (the client) process, from the utime+stime
+deltas in /proc/PID/stat over the timed part. With `--repeats N` every figure is reported as
+the median with its range (`NAME_range`: [min, max]). `cpu_ceiling_ratio` = the limit's CPU
+per item ÷ (server + client CPU per inference): the ratio this pair would reach with every core
+busy on it and none idle, an upper bound that a busy machine disturbs far less than infer/s.
+
+    .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--repeats 1]
+        [--models cls,digits] [--servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio]
+        [--transports grpc,zmq,zmq-sync,zmq-client,grpc+shm,perf_analyzer] [--out FILE]
 
 Models: PP-OCR's mobile text-direction classifier (ch_ppocr_mobile_v2.0_cls_infer.onnx, from
 the rapidocr-onnxruntime==1.4.4 wheel, fetched with `pip download` into benchmarks/.cache) and
 the repository's own digits model (tiny: it measures pure overhead).
-
-    .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--out FILE]
 
 Prints a table on stderr and JSON on stdout. Never pass/fail.
 """
@@ -19,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -31,6 +63,8 @@ import threading
 import time
 import uuid
 import zipfile
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +72,19 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(__file__).resolve().parent / ".cache"
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
 CLS_WHEEL = "rapidocr-onnxruntime==1.4.4"
 CLS_MEMBER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SERVERS: dict[str, frozenset[str]] = {  # server -> the transports it speaks
+    "edged": frozenset({"grpc", "zmq", "zmq-sync", "zmq-client", "grpc+shm", "perf_analyzer"}),
+    "proto-zmq": frozenset({"zmq", "zmq-sync", "zmq-client"}),
+    "proto-grpc-sync": frozenset({"grpc", "perf_analyzer"}),
+    "proto-grpc-aio": frozenset({"grpc", "perf_analyzer"}),
+}
+TRANSPORTS = ("grpc", "zmq", "zmq-sync", "zmq-client", "grpc+shm", "perf_analyzer")
 
 
 def fetch_cls() -> Path:
@@ -65,16 +109,18 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_repo(root: Path, cls_path: Path) -> Path:
+def build_repo(root: Path, models: list[str]) -> Path:
     repo = root / "models"
-    (repo / "cls" / "1").mkdir(parents=True)
-    shutil.copy(cls_path, repo / "cls" / "1" / "model.onnx")
-    (repo / "cls" / "model.toml").write_text(
-        'name = "cls"\nmax_batch_size = 16\n\n[[inputs]]\nname = "x"\ndims = [3, 48, 192]\n'
-    )
-    shutil.copytree(
-        ROOT / "models" / "digits", repo / "digits", ignore=shutil.ignore_patterns("*.npy")
-    )
+    if "cls" in models:
+        (repo / "cls" / "1").mkdir(parents=True)
+        shutil.copy(fetch_cls(), repo / "cls" / "1" / "model.onnx")
+        (repo / "cls" / "model.toml").write_text(
+            'name = "cls"\nmax_batch_size = 16\n\n[[inputs]]\nname = "x"\ndims = [3, 48, 192]\n'
+        )
+    if "digits" in models:
+        shutil.copytree(
+            ROOT / "models" / "digits", repo / "digits", ignore=shutil.ignore_patterns("*.npy")
+        )
     return repo
 
 
@@ -93,40 +139,179 @@ def summarize(latencies: list[float], seconds: float) -> dict[str, float]:
     }
 
 
-def in_process(model_path: Path, model: str, seconds: float) -> dict[str, Any]:
-    """The limit: ONNX Runtime in this process, default threading (all cores)."""
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each numeric figure over the repeats, with its [min, max] as NAME_range."""
+    out: dict[str, Any] = {"repeats": len(runs)}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:  # perf_analyzer's own failures (it gives up on unstable windows)
+        out["errors"] = errors
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+        if not values or isinstance(runs[0][key], bool):
+            continue
+        out[key] = round(statistics.median(values), 3)
+        out[f"{key}_range"] = [round(min(values), 3), round(max(values), 3)]
+    return out
+
+
+# -- the limit: in-process ONNX Runtime ------------------------------------------------------
+
+_SESSIONS: dict[tuple[str, int, int], ort.InferenceSession] = {}
+
+
+def _session(path: Path, threads: int, slot: int = 0) -> ort.InferenceSession:
+    """A cached session: ``threads`` intra-op threads (0: ORT's default, all cores, spinning)."""
+    key = (str(path), threads, slot)
+    if key not in _SESSIONS:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        _SESSIONS[key] = ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    return _SESSIONS[key]
+
+
+def _throughput(
+    sessions: list[ort.InferenceSession], name: str, x: np.ndarray, seconds: float
+) -> tuple[float, float]:
+    """Items/s with one thread per session, each running ``x`` back to back, and this
+    process's CPU ms per item meanwhile."""
+    for s in sessions:
+        for _ in range(3):
+            s.run(None, {name: x})
+    counts = [0] * len(sessions)
+    stop_at = time.perf_counter() + seconds
+
+    def run(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            sessions[i].run(None, {name: x})
+            counts[i] += x.shape[0]
+
+    cpu = cpu_seconds(os.getpid())
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    items = max(sum(counts), 1)
+    return items / elapsed, 1000 * (cpu_seconds(os.getpid()) - cpu) / items
+
+
+def _p50_batch1(
+    session: ort.InferenceSession, name: str, x: np.ndarray, seconds: float
+) -> tuple[float, float]:
+    """Batch-1 p50 in ms, and this process's CPU ms per item meanwhile."""
+    for _ in range(5):
+        session.run(None, {name: x})
+    latencies = []
+    cpu = cpu_seconds(os.getpid())
+    stop_at = time.perf_counter() + seconds
+    while (now := time.perf_counter()) < stop_at:
+        session.run(None, {name: x})
+        latencies.append(time.perf_counter() - now)
+    cpu_ms = 1000 * (cpu_seconds(os.getpid()) - cpu) / max(len(latencies), 1)
+    return 1000 * statistics.median(latencies), cpu_ms
+
+
+def limit(model_path: Path, model: str, seconds: float) -> dict[str, Any]:
+    """The limit in its best layout (module docstring), ~3 x ``seconds`` of wall time. Also the
+    CPU ms per item of each layout: what inference alone costs, to set against a server's."""
     name = MODELS[model]["input"]
-    by_batch = {}
-    latency_b1: list[float] = []
-    for batch in (1, 2, 4, 8, 16):
-        x = sample(model, batch)
-        for _ in range(5):
-            session.run(None, {name: x})
-        items = 0
-        started = time.perf_counter()
-        while (now := time.perf_counter()) - started < seconds / 2:
-            session.run(None, {name: x})
-            if batch == 1:
-                latency_b1.append(time.perf_counter() - now)
-            items += batch
-        by_batch[batch] = round(items / (time.perf_counter() - started), 1)
-    best = max(by_batch, key=lambda b: by_batch[b])
+    x8, x16, x1 = sample(model, 8), sample(model, 16), sample(model, 1)
+    throughput = {
+        "2x1t-b8": _throughput(
+            [_session(model_path, 1, 0), _session(model_path, 1, 1)], name, x8, seconds
+        ),
+        "1x2t-b8": _throughput([_session(model_path, 0)], name, x8, seconds / 2),
+        "1x2t-b16": _throughput([_session(model_path, 0)], name, x16, seconds / 2),
+    }
+    latency = {
+        "1t-b1": _p50_batch1(_session(model_path, 1, 0), name, x1, seconds / 2),
+        "default-b1": _p50_batch1(_session(model_path, 0), name, x1, seconds / 2),
+    }
+    best = max(throughput, key=lambda k: throughput[k][0])
+    fastest = min(latency, key=lambda k: latency[k][0])
     return {
-        "items_per_s_by_batch": by_batch,
-        "best_batch": best,
-        "best_items_per_s": by_batch[best],
-        "batch1_p50_ms": round(1000 * statistics.median(latency_b1), 3),
+        "items_per_s": round(throughput[best][0], 1),
+        "p50_ms": round(latency[fastest][0], 3),
+        "throughput_layout": best,
+        "latency_layout": fastest,
+        **{f"items_per_s_{k}": round(v[0], 1) for k, v in throughput.items()},
+        **{f"p50_ms_{k}": round(v[0], 3) for k, v in latency.items()},
+        **{f"cpu_ms_per_item_{k}": round(v[1], 4) for k, v in {**throughput, **latency}.items()},
     }
 
 
-class Daemon:
+# -- servers under test ----------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+class Meter:
+    """CPU seconds of the server and of this process over the timed part of a window."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._start = (0.0, 0.0)
+        self.figures: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = (cpu_seconds(self.server_pid), cpu_seconds(os.getpid()))
+
+    def stop(self, requests: int) -> None:
+        server = cpu_seconds(self.server_pid) - self._start[0]
+        client = cpu_seconds(os.getpid()) - self._start[1]
+        n = max(requests, 1)
+        self.figures = {
+            "server_cpu_ms_per_infer": round(1000 * server / n, 4),
+            "client_cpu_ms_per_infer": round(1000 * client / n, 4),
+        }
+
+
+class Server:
+    """A server under test in its own process; ``grpc`` and ``zmq`` are its addresses."""
+
+    proc: subprocess.Popen[str]
+    grpc = ""
+    zmq = ""
+
+    def wait(self) -> None:
+        raise NotImplementedError
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Daemon(Server):
     """`edged serve` in a subprocess; its addresses come from the `server_live` log line."""
 
     def __init__(self, repo: Path, env: dict[str, str]) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
         full.update(
-            {"EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:0", "EDGED_METRICS_ADDRESS": "127.0.0.1:0"}
+            {
+                "EDGED_ZMQ_ADDRESSES": "tcp://127.0.0.1:0",
+                "EDGED_METRICS_ADDRESS": "127.0.0.1:0",
+                "EDGED_SERVER_HTTP_ADDRESS": "127.0.0.1:0",  # free ports: other servers may run
+            }
         )
         full.update(env)
         self.proc = subprocess.Popen(
@@ -144,7 +329,6 @@ class Daemon:
             text=True,
             env=full,
         )
-        self.grpc = self.zmq = ""
         self._ready = threading.Event()
         threading.Thread(target=self._follow, daemon=True).start()
 
@@ -159,21 +343,46 @@ class Daemon:
                 self._ready.set()
 
     def wait(self) -> None:
-        if not self._ready.wait(120):
-            raise RuntimeError("edged did not become ready")
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        deadline = time.monotonic() + 120
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edged exited with {self.proc.returncode} before ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError("edged did not become ready in 120 s")
 
 
-async def _drive(call, concurrency: int, seconds: float) -> dict[str, float]:
+class Prototype(Server):
+    """A server command that prints {"grpc": ADDRESS} or {"zmq": ENDPOINT} once bound."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=HERE)
+
+    def wait(self) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.proc.args} exited before binding")
+        bound = json.loads(line)
+        self.grpc = bound.get("grpc", "")
+        self.zmq = bound.get("zmq", "")
+
+
+def start(server: str, repo: Path, model: str, env: dict[str, str]) -> Server:
+    path = str(repo / model / "1" / "model.onnx")
+    if server == "edged":
+        return Daemon(repo, env)
+    if server == "proto-zmq":
+        return Prototype([sys.executable, str(HERE / "prototype_zmq.py"), path])
+    mode = server.removeprefix("proto-grpc-")
+    return Prototype([sys.executable, str(HERE / "prototype_grpc.py"), mode, path])
+
+
+# -- load generators -------------------------------------------------------------------------
+
+
+async def _drive(
+    call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float, meter: Meter | None
+) -> dict[str, float]:
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
 
@@ -185,12 +394,20 @@ async def _drive(call, concurrency: int, seconds: float) -> dict[str, float]:
 
     for i in range(concurrency):  # warm-up
         await call(i)
+    if meter:
+        meter.start()
     started = time.perf_counter()
+    stop_at = started + seconds
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return summarize(latencies, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if meter:
+        meter.stop(len(latencies))
+    return summarize(latencies, elapsed)
 
 
-async def grpc_load(address: str, model: str, concurrency: int, seconds: float) -> dict:
+async def grpc_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
     import tritonclient.grpc.aio as aioclient
     from tritonclient.grpc import InferInput
 
@@ -202,10 +419,12 @@ async def grpc_load(address: str, model: str, concurrency: int, seconds: float) 
             tensor.set_data_from_numpy(x)
             await client.infer(model, [tensor])
 
-        return await _drive(call, concurrency, seconds)
+        return await _drive(call, concurrency, seconds, meter)
 
 
-async def zmq_load(address: str, model: str, concurrency: int, seconds: float) -> dict:
+async def zmq_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
     from edged.client import AsyncZmqClient
 
     x = sample(model)
@@ -214,10 +433,107 @@ async def zmq_load(address: str, model: str, concurrency: int, seconds: float) -
         async def call(_: int) -> None:
             await client.infer(model, {MODELS[model]["input"]: x})
 
-        return await _drive(call, concurrency, seconds)
+        return await _drive(call, concurrency, seconds, meter)
 
 
-async def shm_load(address: str, model: str, concurrency: int, seconds: float) -> dict:
+def zmq_sync_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
+    """The lightest Python client: one DEALER, a pre-encoded header, ``concurrency`` requests
+    kept in flight from this thread (a reply's id says which request it answers)."""
+    import zmq
+
+    x = sample(model)
+    spec = {"name": MODELS[model]["input"], "datatype": "FP32", "shape": list(x.shape)}
+    head = json.dumps({"v": 1, "op": "infer", "model": model, "inputs": [spec], "id": ""})
+    prefix, suffix = head[:-2].encode(), head[-2:].encode()  # split around the id's value
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    sent: dict[str, float] = {}
+    ids = itertools.count()
+
+    def send() -> None:
+        rid = str(next(ids))
+        sent[rid] = time.perf_counter()
+        sock.send_multipart([prefix + rid.encode() + suffix, x], copy=False)
+
+    def receive() -> float:
+        if not sock.poll(30_000):
+            raise RuntimeError("zmq-sync: no reply within 30 s")
+        reply = sock.recv_multipart(copy=False)
+        header = json.loads(reply[0].bytes)
+        if not header.get("ok"):
+            raise RuntimeError(f"zmq-sync: {header}")
+        return time.perf_counter() - sent.pop(header["id"])
+
+    try:
+        for _ in range(concurrency):  # warm-up
+            send()
+        for _ in range(concurrency):
+            receive()
+        latencies: list[float] = []
+        if meter:
+            meter.start()
+        started = time.perf_counter()
+        stop_at = started + seconds
+        for _ in range(concurrency):
+            send()
+        while sent:
+            latencies.append(receive())
+            if time.perf_counter() < stop_at:
+                send()
+        elapsed = time.perf_counter() - started
+        if meter:
+            meter.stop(len(latencies))
+    finally:
+        sock.close(0)
+    return summarize(latencies, elapsed)
+
+
+def zmq_client_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
+    """edged's synchronous client as an application uses it: one per thread."""
+    from edged.client import ZmqClient
+
+    x = sample(model)
+    inputs = {MODELS[model]["input"]: x}
+    clients = [ZmqClient(address) for _ in range(concurrency)]
+    latencies: list[float] = []
+    stop_at = 0.0
+
+    def worker(client: ZmqClient) -> None:
+        mine = []
+        while (started := time.perf_counter()) < stop_at:
+            client.infer(model, inputs)
+            mine.append(time.perf_counter() - started)
+        latencies.extend(mine)
+
+    try:
+        for client in clients:  # warm-up
+            client.infer(model, inputs)
+        if meter:
+            meter.start()
+        started = time.perf_counter()
+        stop_at = started + seconds
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        if meter:
+            meter.stop(len(latencies))
+    finally:
+        for client in clients:
+            client.close()
+    return summarize(latencies, elapsed)
+
+
+async def shm_load(
+    address: str, model: str, concurrency: int, seconds: float, meter: Meter | None = None
+) -> dict:
     import tritonclient.grpc.aio as aioclient
     import tritonclient.utils.shared_memory as shm
     from tritonclient.grpc import InferInput
@@ -241,7 +557,7 @@ async def shm_load(address: str, model: str, concurrency: int, seconds: float) -
                 tensor.set_shared_memory(names[i], x.nbytes)
                 await client.infer(model, [tensor])
 
-            return await _drive(call, concurrency, seconds)
+            return await _drive(call, concurrency, seconds, meter)
         finally:
             await client.unregister_system_shared_memory()
             for handle in handles:
@@ -299,12 +615,123 @@ def perf_analyzer(address: str, model: str, concurrency: int, seconds: float) ->
     }
 
 
+def window(server: Server, transport: str, model: str, level: int, seconds: float) -> dict | None:
+    """One measurement against a running server; None where the transport is not installed."""
+    meter = Meter(server.proc.pid)
+    if transport == "grpc":
+        result = asyncio.run(grpc_load(server.grpc, model, level, seconds, meter))
+    elif transport == "zmq":
+        result = asyncio.run(zmq_load(server.zmq, model, level, seconds, meter))
+    elif transport == "zmq-sync":
+        result = zmq_sync_load(server.zmq, model, level, seconds, meter)
+    elif transport == "zmq-client":
+        result = zmq_client_load(server.zmq, model, level, seconds, meter)
+    elif transport == "grpc+shm":
+        result = asyncio.run(shm_load(server.grpc, model, level, seconds, meter))
+    else:
+        return perf_analyzer(server.grpc, model, level, seconds)
+    return {**result, **meter.figures}
+
+
+def against(result: dict[str, Any], lim: dict[str, Any]) -> dict[str, Any]:
+    """A window's ratios to the limit measured beside it."""
+    if "infer_per_s" not in result:
+        return result
+    out = {
+        **result,
+        "ratio_to_limit": round(result["infer_per_s"] / lim["items_per_s"], 3),
+        "p50_over_limit_ms": round(result["p50_ms"] - lim["p50_ms"], 3),
+        "p99_over_p50": round(result["p99_ms"] / max(result["p50_ms"], 1e-9), 2),
+    }
+    if "server_cpu_ms_per_infer" in result:
+        spent = result["server_cpu_ms_per_infer"] + result["client_cpu_ms_per_infer"]
+        inference = lim[f"cpu_ms_per_item_{lim['throughput_layout']}"]
+        out["cpu_ceiling_ratio"] = round(inference / max(spent, 1e-9), 3)
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run_model(
+    repo: Path, model: str, servers: list[str], transports: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    path = repo / model / "1" / "model.onnx"
+    env = {"EDGED_MODELS_INSTANCES": str(args.instances)} if args.instances else {}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    limit_seconds = args.limit_seconds if args.limit_seconds else args.seconds / 2
+    limits: list[dict[str, Any]] = []
+    runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    rss: dict[str, list[float]] = {}
+    raw: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(servers)
+        for name in servers[shift:] + servers[:shift]:
+            lim = limit(path, model, limit_seconds)
+            limits.append(lim)
+            print(f"{model:7} r{repeat} limit {lim}", file=sys.stderr)
+            server = start(name, repo, model, env)
+            try:
+                server.wait()
+                rss.setdefault(name, []).append(round(server.rss_mib(), 1))
+                for transport in transports:
+                    if transport not in SERVERS[name]:
+                        continue
+                    for level in levels:
+                        result = window(server, transport, model, level, args.seconds)
+                        if result is None:
+                            continue
+                        result = against(result, lim)
+                        print(
+                            f"{model:7} r{repeat} {name:15} {transport:13} c={level:<3} {result}",
+                            file=sys.stderr,
+                        )
+                        raw.append(
+                            {
+                                "repeat": repeat,
+                                "server": name,
+                                "transport": transport,
+                                "concurrency": level,
+                                "limit": lim,
+                                **result,
+                            }
+                        )
+                        runs.setdefault(name, {}).setdefault(transport, {}).setdefault(
+                            str(level), []
+                        ).append(result)
+            finally:
+                server.stop()
+    by_server = {
+        name: {t: {lvl: spread(rs) for lvl, rs in levels_.items()} for t, levels_ in ts.items()}
+        for name, ts in runs.items()
+    }
+    summary_limit = spread(limits)
+    summary_limit["throughput_wins"] = dict(Counter(lim["throughput_layout"] for lim in limits))
+    summary_limit["latency_wins"] = dict(Counter(lim["latency_layout"] for lim in limits))
+    entry: dict[str, Any] = {
+        "limit": summary_limit,
+        "servers": by_server,
+        "server_rss_mib_ready": {k: statistics.median(v) for k, v in rss.items()},
+        "windows": raw,
+    }
+    if "edged" in by_server:
+        entry["edged"] = by_server["edged"]  # the key earlier versions of this report had
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement window")
+    parser.add_argument(
+        "--limit-seconds", type=float, default=0.0, help="per limit layout (0: --seconds / 2)"
+    )
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--models", default="cls,digits")
-    parser.add_argument("--transports", default="grpc,zmq,grpc+shm,perf_analyzer")
+    parser.add_argument("--servers", default="edged", help=f"of {','.join(SERVERS)}")
+    parser.add_argument(
+        "--transports", default="grpc,zmq,grpc+shm,perf_analyzer", help=f"of {','.join(TRANSPORTS)}"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="every server freshly started")
     parser.add_argument(
         "--instances",
         type=int,
@@ -313,60 +740,39 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    models = args.models.split(",")
+    servers = args.servers.split(",")
     transports = args.transports.split(",")
-    cls_path = fetch_cls()
+    for value, known, flag in (
+        (models, MODELS, "--models"),
+        (servers, SERVERS, "--servers"),
+        (transports, TRANSPORTS, "--transports"),
+    ):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     report: dict[str, Any] = {
         "benchmark": "serving",
+        "command": " ".join(["benchmarks/serving.py", *sys.argv[1:]]),
         "machine": {
             "cpus": len(os.sched_getaffinity(0)),
             "arch": platform.machine(),
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
             "cpu": _cpu_name(),
+            "loadavg_at_start": os.getloadavg()[0],
         },
         "seconds_per_measurement": args.seconds,
+        "repeats": args.repeats,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        repo = build_repo(Path(tmp), cls_path)
-        env = {"EDGED_MODELS_INSTANCES": str(args.instances)} if args.instances else {}
-        for model in args.models.split(","):
-            path = repo / model / "1" / "model.onnx"
-            limit = in_process(path, model, args.seconds)
-            entry: dict[str, Any] = {"limit": limit, "edged": {}}
-            daemon = Daemon(repo, env)
-            try:
-                daemon.wait()
-                entry["daemon_rss_mib_ready"] = round(daemon.rss_mib(), 1)
-                for transport in transports:
-                    for level in levels:
-                        if transport == "grpc":
-                            result = asyncio.run(grpc_load(daemon.grpc, model, level, args.seconds))
-                        elif transport == "zmq":
-                            result = asyncio.run(zmq_load(daemon.zmq, model, level, args.seconds))
-                        elif transport == "grpc+shm":
-                            result = asyncio.run(shm_load(daemon.grpc, model, level, args.seconds))
-                        else:
-                            result = perf_analyzer(daemon.grpc, model, level, args.seconds)
-                            if result is None:
-                                continue
-                        if "infer_per_s" in result:
-                            result["ratio_to_best_batch"] = round(
-                                result["infer_per_s"] / limit["best_items_per_s"], 3
-                            )
-                            result["p50_over_batch1_ms"] = round(
-                                result["p50_ms"] - limit["batch1_p50_ms"], 3
-                            )
-                            result["p99_over_p50"] = round(
-                                result["p99_ms"] / max(result["p50_ms"], 1e-9), 2
-                            )
-                        entry["edged"].setdefault(transport, {})[str(level)] = result
-                        print(f"{model:7} {transport:13} c={level:<3} {result}", file=sys.stderr)
-                entry["daemon_rss_mib_after"] = round(daemon.rss_mib(), 1)
-            finally:
-                daemon.stop()
-            report["models"][model] = entry
+        repo = build_repo(Path(tmp), models)
+        for model in models:
+            report["models"][model] = run_model(repo, model, servers, transports, args)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()[0]
     _table(report)
     text = json.dumps(report, indent=2)
     if args.out:
@@ -384,31 +790,48 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _fmt(r: dict[str, Any], key: str) -> str:
+    if key not in r:
+        return "-"
+    low, high = r[f"{key}_range"]
+    if r["repeats"] == 1:
+        return _num(r[key])
+    return f"{_num(r[key])} ({_num(low)}-{_num(high)})"
+
+
+def _num(value: float) -> str:
+    """Three significant figures, whole numbers from 100 up: the table is for reading."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _table(report: dict[str, Any]) -> None:
     out = sys.stderr
+    columns = [
+        ("infer/s", "infer_per_s"),
+        ("ratio", "ratio_to_limit"),
+        ("p50 ms", "p50_ms"),
+        ("p99 ms", "p99_ms"),
+        ("p50-lim ms", "p50_over_limit_ms"),
+        ("p99/p50", "p99_over_p50"),
+        ("CPU ceiling", "cpu_ceiling_ratio"),
+        ("server CPU ms/inf", "server_cpu_ms_per_infer"),
+        ("client CPU ms/inf", "client_cpu_ms_per_infer"),
+    ]
     for model, entry in report["models"].items():
-        limit = entry["limit"]
+        lim = entry["limit"]
         print(
-            f"\n{model}: in-process ONNX Runtime {limit['items_per_s_by_batch']} items/s by "
-            f"batch; batch-1 p50 {limit['batch1_p50_ms']} ms",
+            f"\n{model}: limit {_fmt(lim, 'items_per_s')} items/s (wins: {lim['throughput_wins']}),"
+            f" batch-1 p50 {_fmt(lim, 'p50_ms')} ms (wins: {lim['latency_wins']});"
+            f" {lim['repeats']} measurements",
             file=out,
         )
-        print(
-            f"{'transport':14} {'conc':>4} {'infer/s':>9} {'ratio':>6} {'p50 ms':>8} "
-            f"{'p99 ms':>8} {'p50-lim':>8}",
-            file=out,
-        )
-        for transport, levels in entry["edged"].items():
-            for level, r in levels.items():
-                if "infer_per_s" not in r:
-                    print(f"{transport:14} {level:>4} {r}", file=out)
-                    continue
-                print(
-                    f"{transport:14} {level:>4} {r['infer_per_s']:>9} "
-                    f"{r['ratio_to_best_batch']:>6} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-                    f"{r['p50_over_batch1_ms']:>8}",
-                    file=out,
-                )
+        print("| server | transport | conc | " + " | ".join(c for c, _ in columns) + " |", file=out)
+        print("| --- | --- | ---: |" + " ---: |" * len(columns), file=out)
+        for server, transports in entry["servers"].items():
+            for transport, levels in transports.items():
+                for level, r in levels.items():
+                    cells = " | ".join(_fmt(r, key) for _, key in columns)
+                    print(f"| {server} | {transport} | {level} | {cells} |", file=out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The edged command: serve runs the daemon; infer sends one request; devices prints what
 the hardware probe finds; learn gives a running daemon labelled samples and starts and lists
-its fine-tune jobs; token adds, lists and revokes bearer tokens; zmq-keys writes a ZeroMQ
+its fine-tune jobs; optimize compresses a model and keeps the variants within a budget;
+token adds, lists and revokes bearer tokens; zmq-keys writes a ZeroMQ
 CURVE key pair."""
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from edged import __version__
 from edged.config import describe, load_config
 from edged.core.errors import ConfigError, EdgedError
 from edged.core.types import LEARN_STRATEGIES
+from edged.optimize.cli import add_command as add_optimize
+from edged.optimize.cli import run as run_optimize
 from edged.security import client as client_auth
 
 
@@ -148,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
         client_auth.add_arguments(sub)
     _add_token_commands(commands)
+    add_optimize(commands)
     keys = commands.add_parser(
         "zmq-keys",
         help="write a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret)",
@@ -539,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "infer": _infer,
         "token": _token,
         "zmq-keys": _zmq_keys,
+        "optimize": run_optimize,
     }
     try:
         code = run[args.command](args)

@@ -703,6 +703,87 @@ class LearnConfig:
 
 
 @dataclass(frozen=True)
+class FederatedConfig:
+    """[federated]: this device's part in the fleet's federated learning with Flower
+    (docs/federated.md). Off by default: a device takes part only when its operator turns it
+    on (and enrols it on the server); ``enabled = false`` opts it out."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=_key(
+            "Take part in federated learning: a Flower client per trainable model trains on "
+            "the stored features and sends back head parameters only; needs learn.enabled."
+        ),
+    )
+    server: str = field(
+        default="",
+        metadata=_key(
+            "HOST:PORT of the fleet's Flower server (edged-fleet federate); required when enabled.",
+            _optional_address,
+        ),
+    )
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata=_key("Trainable models that take part; empty: every trainable model."),
+    )
+    python: str = field(
+        default="",
+        metadata=_key(
+            "Interpreter of the federated environment (flwr, docs/adr/0012); empty: "
+            "<edged's prefix>-federated/bin/python."
+        ),
+    )
+    root_certificates: str = field(
+        default="",
+        metadata=_key(
+            "PEM file of the CA(s) that verify the Flower server's certificate (TLS); "
+            "required when enabled, unless insecure."
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=_key(
+            "Talk to the Flower server without TLS: loopback tests only, never on a fleet."
+        ),
+    )
+    device_id: str = field(
+        default="",
+        metadata=_key("The id this device is enrolled under; empty: the host name."),
+    )
+    token_file: str = field(
+        default="",
+        metadata=_key(
+            "File holding this device's enrolment token (edged-fleet federate --enrolled)."
+        ),
+    )
+    retry_s: float = field(
+        default=30.0,
+        metadata=_key(
+            "Wait before a client reconnects after a federation ended or failed.", _positive
+        ),
+    )
+    session_timeout_s: float = field(
+        default=3600.0,
+        metadata=_key(
+            "Longest a client process runs (connected or waiting) before it is stopped and "
+            "started afresh.",
+            _positive,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if not self.server:
+            raise ConfigError("config key 'federated.server': required with federated.enabled")
+        if not (self.root_certificates or self.insecure):
+            raise ConfigError(
+                "config key 'federated.root_certificates': required with federated.enabled "
+                "(or federated.insecure on loopback)"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; each field is one TOML section."""
 
@@ -717,6 +798,14 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+
+    def __post_init__(self) -> None:
+        if self.federated.enabled and not self.learn.enabled:
+            raise ConfigError(
+                "config key 'federated.enabled': needs learn.enabled (a federation trains on "
+                "the learning store's samples and publishes through its gate)"
+            )
 
 
 def _sections() -> dict[str, type[Any]]:

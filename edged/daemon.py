@@ -29,8 +29,10 @@ import structlog
 
 from edged import logs
 from edged.config import Config, OtaConfig
+from edged.controlplane import ControlPlane
 from edged.core.errors import ConfigError
 from edged.core.limits import RequestLimits
+from edged.federated.devices import FederatedClients
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
 from edged.frontends.http import HttpFrontend
@@ -166,6 +168,9 @@ class Daemon:
         self.updates: UpdateManager | None = None
         self._learn_store: LearnStore | None = None
         self.learn: LearnManager | None = None
+        #: updates and learning as the frontends see them (both off until _open_ota)
+        self.control = ControlPlane()
+        self.federated: FederatedClients | None = None
 
     def is_ready(self) -> bool:
         """ServerReady: start-up loading is done and, with strict readiness, every model asked
@@ -190,7 +195,8 @@ class Daemon:
         if security.reloadable:
             self.reloads.add("auth", security.reload)
         separate = bool(self.config.server.management_address)
-        management_service = management.service(self.updates, self.learn, self.limits)
+        self.control = ControlPlane(self.updates, self.learn)
+        management_service = management.service(self.control, self.limits)
         server, health = build_server(
             self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
@@ -212,7 +218,7 @@ class Daemon:
                 self.config.zmq.addresses,
                 max_message_bytes=self.config.zmq.max_message_bytes,
                 max_in_flight=self.config.zmq.max_in_flight,
-                learn=self.learn,
+                control=self.control,
                 access=security.access,
                 curve=security.curve_files,
             )
@@ -419,6 +425,9 @@ class Daemon:
             await self.updates.start()
             if self.learn is not None:
                 await self.learn.start()
+                if self.config.federated.enabled:
+                    self.federated = FederatedClients(self.learn, self.config.federated)
+                    await self.federated.start()
 
     async def wait_loaded(self) -> None:
         """Return once start-up loading has finished (for tests and `edged serve`)."""
@@ -436,6 +445,8 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.federated is not None:
+            await self.federated.stop()
         if self.learn is not None:
             await self.learn.stop()
         if self.updates is not None:

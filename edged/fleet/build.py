@@ -46,9 +46,9 @@ from edged.serving.repository import (
     ModelSpec,
     detect_format,
     parse_model_toml,
-    parse_version,
     resolve_signature,
 )
+from edged.serving.versions import parse_version
 from edged.storage import write_atomic
 from hal import ExecutorOptions, ModelArtifact, get_executor
 

@@ -1,5 +1,6 @@
 """The ``edged-fleet`` command: build model bundles, publish them to the fleet's TUF
-repository, and roll them out to devices (docs/ota.md).
+repository, and roll them out to devices (docs/ota.md); federate a trainable model's head
+across devices with Flower (docs/federated.md).
 
     edged-fleet init DIR                      new repository and keys
     edged-fleet bundle MODEL_DIR --version V --out FILE
@@ -7,6 +8,7 @@ repository, and roll them out to devices (docs/ota.md).
     edged-fleet refresh DIR                   re-sign snapshot and timestamp (run from cron)
     edged-fleet status DIR [--json]
     edged-fleet rollout --devices H:P,... --model M --version V [--canary N] [--max-failures K]
+    edged-fleet federate MODEL --head HEAD.npz [--strategy fedavg|fedprox|fedadam] ...
 
 ``rollout`` is the I/O around ``edged.fleet.rollout`` (which devices next, halt or go on, the
 verdict): StartUpdate and GetUpdateStatus on each device's edged.v1.Management service.
@@ -33,13 +35,13 @@ from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged.cli import load_npy, stdout_closed
 from edged.core.errors import EdgedError
 from edged.core.types import Array
-from edged.fleet import publish
+from edged.fleet import federate, publish
 from edged.fleet import rollout as plan
 from edged.fleet.build import build_bundle
 from edged.ota import bundle
 from edged.ota.errors import BundleError
 from edged.security.client import ClientAuth, add_arguments
-from edged.serving.repository import parse_version
+from edged.serving.versions import parse_version
 
 #: The longest one StartUpdate or GetUpdateStatus call may take.
 RPC_TIMEOUT_S = 10.0
@@ -154,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged-fleet",
         description="Build model bundles, publish them to the fleet's TUF repository, and "
-        "roll them out to devices (docs/ota.md).",
+        "roll them out to devices (docs/ota.md); federate a trainable model's head across "
+        "devices (docs/federated.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edged-fleet {__version__}")
@@ -342,6 +345,17 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     add_arguments(ro)
     ro.set_defaults(usage_error=ro.error)
+
+    fed = commands.add_parser(
+        "federate",
+        help="run the Flower server of a federated-learning round series",
+        description="Federate MODEL's head across the devices that take part (their "
+        "[federated] config points at --address): Flower's FedAvg, FedProx or FedAdam over "
+        "TLS, enrolled devices only, one line per round. Each device judges the final merged "
+        "head with its own gate and keeps its own head if the gate rejects it "
+        "(docs/federated.md).",
+    )
+    federate.add_arguments(fed, _positive_int)
     return parser
 
 
@@ -622,6 +636,8 @@ def _run(args: argparse.Namespace) -> int:
         _out(f"published {done.target} (sha256 {done.sha256}, {done.length} bytes): {signed}")
     elif args.command == "rollout":
         return _rollout(args)
+    elif args.command == "federate":
+        return federate.run(args)
     elif args.command == "refresh":
         new = publish.refresh(args.dir, keys_dir=args.keys, expiry=_expiry(args))
         _out("signed " + ", ".join(f"{k} v{v}" for k, v in new.items()))

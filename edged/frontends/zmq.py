@@ -2,7 +2,7 @@
 ``edged.frontends.zmq_wire``, many requests in flight per connection.
 
 Thin like the gRPC frontend: frames in -> edged.core types -> the data plane (or, for
-"add_samples", the LearnManager) -> frames out, with the same status codes
+"add_samples", the control plane) -> frames out, with the same status codes
 (``edged.core.status``). Every message passes the access check (``edged.security.access``)
 as ``zmq/<op>`` once its header is read, before its tensors are decoded; the bearer token
 rides in the header's ``token``. With CURVE configured, tcp:// endpoints are served by a
@@ -33,18 +33,17 @@ import numpy as np
 import structlog
 import zmq
 
+from edged.controlplane import ControlPlane
 from edged.core.errors import (
     ConfigError,
     EdgedError,
     InvalidInputError,
-    UnavailableError,
     clip,
     clip_message,
 )
 from edged.core.status import code_of
 from edged.core.types import InferResponse
 from edged.frontends import zmq_wire as wire
-from edged.learn.jobs import LEARNING_OFF, LearnManager
 from edged.security.access import AccessControl, Credentials, Decision, audited
 from edged.security.curve import IDENTITY_PREFIX, CurveServer
 from edged.serving.dataplane import DataPlane
@@ -101,7 +100,7 @@ class ZmqFrontend:
         *,
         max_message_bytes: int,
         max_in_flight: int,
-        learn: LearnManager | None = None,
+        control: ControlPlane | None = None,
         access: AccessControl | None = None,
         curve: tuple[Path, Path] | None = None,
     ) -> None:
@@ -110,7 +109,7 @@ class ZmqFrontend:
         self.curve: CurveServer | None = None
         self._plane = plane
         self._limits = plane.limits
-        self._learn = learn
+        self._control = control or ControlPlane()
         self._addresses = list(addresses)
         self._max_message_bytes = max_message_bytes
         self._max_in_flight = max_in_flight
@@ -374,12 +373,10 @@ class ZmqFrontend:
                 response = await self._plane.infer(request)
             return wire.encode_response(rid, response)
         if op == "add_samples":
-            if self._learn is None:
-                raise UnavailableError(LEARNING_OFF)
             with structlog.contextvars.bound_contextvars(
                 model=clip(request.model_name), request_id=clip(rid)
             ):
-                accepted, counts, job = await self._learn.add_samples(
+                added = await self._control.add_samples(
                     request.model_name,
                     request.inputs,
                     np.array(header["labels"], dtype=np.int64),
@@ -387,11 +384,11 @@ class ZmqFrontend:
             return wire.encode_value(
                 rid,
                 {
-                    "accepted": accepted,
-                    "pending": counts.pending,
-                    "stored": counts.stored,
-                    "stored_bytes": counts.stored_bytes,
-                    "triggered_job": None if job is None else job.id,
+                    "accepted": added.accepted,
+                    "pending": added.counts.pending,
+                    "stored": added.counts.stored,
+                    "stored_bytes": added.counts.stored_bytes,
+                    "triggered_job": None if added.triggered is None else added.triggered.id,
                 },
             )
         raise InvalidInputError(f"op '{op}' carries no tensors")  # not reached: TENSOR_OPS

@@ -1,11 +1,13 @@
 """On-device learning: sample intake, fine-tune jobs, the gate, publishing.
 
-``LearnManager`` is the data plane behind AddSamples / StartFineTune / GetJob / ListJobs (gRPC
-and ZeroMQ):
+``LearnManager`` does the work behind AddSamples / StartFineTune / GetJob / ListJobs (gRPC
+and ZeroMQ reach it through ``edged.controlplane``):
 
-* ``add_samples`` checks the inputs against the served version's signature (as an inference
-  request is checked), runs them through the version's frozen backbone (ONNX Runtime, one
-  thread, in a worker thread) and stores the *features* with their labels (``LearnStore``);
+* ``add_samples`` checks the inputs against the served version's signature
+  (``validate_inputs``: an inference request's checks and messages), runs them through the
+  version's frozen backbone (``edged.learn.features``: loaded through the HAL on the kinds the
+  version is placed on, one thread, off the event loop) and stores the *features* with their
+  labels (``LearnStore``);
 * ``start_job`` takes the model's pending samples and runs the fine-tune in a worker process
   (``edged.learn.worker``, started by ``edged.learn.runner``) with its own limits: address
   space, CPU time, niceness, one BLAS thread; the task and its metrics go between the two as
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import sys
 from collections.abc import Mapping
@@ -39,8 +42,9 @@ from edged.core.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from edged.core.types import LEARN_STRATEGIES, Array, InferRequest
+from edged.core.types import LEARN_STRATEGIES, Array
 from edged.learn import worker
+from edged.learn.features import Backbones, check_features
 from edged.learn.gate import Verdict, judge
 from edged.learn.head import read_npz, write_npz
 from edged.learn.runner import Limits, run_process
@@ -52,42 +56,26 @@ from edged.ota.types import SelfTest
 from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion
-from edged.serving.repository import (
-    LearnSpec,
-    available_versions,
-    read_model_spec,
-)
-from edged.serving.validate import validate_request
+from edged.serving.repository import LearnSpec, read_model_spec
+from edged.serving.validate import validate_inputs
+from edged.serving.versions import available_versions
 
 log = structlog.get_logger("edged.learn")
-
-#: what AddSamples and the other learning calls answer when learn.enabled is off
-LEARNING_OFF = "on-device learning is off: set learn.enabled (docs/learning.md)"
 
 JOBS_DIR = Path("learn") / "jobs"
 LINEAGE_FILE = worker.LINEAGE_FILE
 
 
-# -- the backbone, for intake ----------------------------------------------------------------
-
-
-class _Backbones:
-    """One ONNX Runtime session per trainable model: its served version's backbone (a new
-    version's replaces the old one's)."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, tuple[Path, Any]] = {}
-
-    def features(self, model: str, path: Path, output: str, inputs: Mapping[str, Array]) -> Array:
-        cached = self._sessions.get(model)
-        if cached is None or cached[0] != path:
-            cached = (path, worker.backbone_session(path))
-            self._sessions = {**self._sessions, model: cached}
-        (result,) = cached[1].run([output], dict(inputs))
-        return np.asarray(result, dtype=np.float32)
-
-
 # -- the manager -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A head a job judges and publishes instead of training one (a federation's merged
+    head, edged.federated.devices), and what its lineage records of where it came from."""
+
+    head: Path
+    lineage: Mapping[str, object]
 
 
 @dataclass
@@ -113,7 +101,7 @@ class LearnManager:
         self.config = config
         self.store = store
         self.jobs_dir = state_dir / JOBS_DIR
-        self._backbones = _Backbones()
+        self._backbones = Backbones()
         self._running: dict[str, _Running] = {}
         self._ready = False
         self._stopping = False
@@ -146,13 +134,15 @@ class LearnManager:
         self._ready = True
 
     async def stop(self) -> None:
-        """Cancel running jobs (their worker processes are killed); each is recorded FAILED."""
+        """Cancel running jobs (their worker processes are killed; each is recorded FAILED)
+        and close the backbones."""
         self._stopping = True
         self._ready = False
         tasks = [r.task for r in self._running.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self._backbones.close)
 
     def _check_ready(self) -> None:
         if self._stopping:
@@ -199,11 +189,11 @@ class LearnManager:
             ModelNotFoundError, ModelNotReadyError: no such model served.
             InvalidInputError: not trainable; inputs or labels wrong (named).
             OverloadedError: the store is full.
+            ModelLoadError, ExecutorError: the backbone could not be loaded or run.
         """
         self._check_ready()
         mv, spec = self._trainable(model)
-        request = InferRequest(model_name=model, inputs=dict(inputs))
-        count = validate_request(request, mv.signature)
+        count = validate_inputs(model, inputs, mv.signature)
         if mv.signature.max_batch_size == 0:
             count = next(iter(inputs.values())).shape[0] if inputs else 0
         labels = np.asarray(labels)
@@ -229,16 +219,11 @@ class LearnManager:
                 f"'{model}' (0 .. {classes - 1})"
             )
         path = mv.spec.path / str(mv.version) / spec.backbone
+        kinds = (mv.kind, *mv.placement.candidates)  # where the version runs, then its fallbacks
         features = await asyncio.to_thread(
-            self._backbones.features, model, path, spec.features, dict(inputs)
+            self._backbones.features, model, path, spec.features, kinds, inputs
         )
-        if features.ndim != 2 or features.shape[0] != count:
-            raise InvalidInputError(
-                f"the backbone's '{spec.features}' output has shape {list(features.shape)}; "
-                f"expected [{count}, D]"
-            )
-        if not np.isfinite(features).all():
-            raise InvalidInputError("the inputs give non-finite backbone features")
+        check_features(features, count, spec.features)
         counts = await asyncio.to_thread(self.store.add, model, features, labels.astype(np.int64))
         log.info("learn_samples_added", model=model, samples=count, pending=counts.pending)
         triggered = None
@@ -261,9 +246,16 @@ class LearnManager:
         return job.progress
 
     async def start_job(
-        self, model: str, strategy: str = "", *, wait: bool = False, trigger: str = "requested"
+        self,
+        model: str,
+        strategy: str = "",
+        *,
+        wait: bool = False,
+        trigger: str = "requested",
+        candidate: Candidate | None = None,
     ) -> JobRecord:
-        """Fine-tune ``model`` on its pending samples.
+        """Fine-tune ``model`` on its pending samples; with ``candidate`` (a head merged by a
+        federation), judge and publish that head instead of training one.
 
         Raises:
             UnavailableError: learning is off, or edged is starting or stopping.
@@ -305,7 +297,7 @@ class LearnManager:
             samples=len(samples),
             parent_version=mv.version,
         )
-        task = asyncio.ensure_future(self._run(record, mv, spec, samples))
+        task = asyncio.ensure_future(self._run(record, mv, spec, samples, candidate))
         running = _Running(task, record)
         self._running[model] = running
 
@@ -365,11 +357,16 @@ class LearnManager:
         return after
 
     async def _run(
-        self, record: JobRecord, mv: ModelVersion, spec: LearnSpec, samples: Samples
+        self,
+        record: JobRecord,
+        mv: ModelVersion,
+        spec: LearnSpec,
+        samples: Samples,
+        candidate: Candidate | None = None,
     ) -> JobRecord:
         job_dir = self.jobs_dir / str(record.id)
         try:
-            metrics = await self._train(record, mv, spec, samples, job_dir)
+            metrics = await self._train(record, mv, spec, samples, job_dir, candidate)
             verdict = judge(metrics, self.config.max_old_drop, self.config.min_new_gain)
             if not verdict.passed:
                 await asyncio.to_thread(
@@ -402,6 +399,7 @@ class LearnManager:
         spec: LearnSpec,
         samples: Samples,
         job_dir: Path,
+        candidate: Candidate | None = None,
     ) -> JobMetrics:
         version_dir = mv.spec.path / str(mv.version)
         task = Task(
@@ -440,6 +438,9 @@ class LearnManager:
                     "y_holdout": samples.labels[samples.holdout],
                 },
             )
+            if candidate is not None:
+                shutil.copyfile(candidate.head, job_dir / worker.CANDIDATE_FILE)
+                (job_dir / worker.LINEAGE_EXTRA_FILE).write_text(json.dumps(candidate.lineage))
 
         def progress(fraction: float) -> None:
             running = self._running.get(record.model)

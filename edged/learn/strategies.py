@@ -728,9 +728,15 @@ def train_head(
     hyper: Hyper,
     seed: int,
     progress: Callable[[float], None] | None = None,
+    *,
+    fake_quant: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Head:
     """Plain supervised training (softmax cross-entropy, SGD with momentum) starting from
     ``head``, which is not changed; returns the trained copy.
+
+    ``fake_quant``: quantisation-aware training. Every forward pass runs with
+    ``fake_quant(W)`` in place of each weight matrix ``W`` (quantise, then dequantise), and
+    the gradient taken there updates the float ``W`` (the straight-through estimator).
 
     Raises:
         ValueError: empty input, shapes that do not match the head, labels out of range,
@@ -738,7 +744,36 @@ def train_head(
     """
     x, y = _check_samples(head, features, labels)
     rng = np.random.default_rng([seed, 0])
-    return _train(head, x, y, hyper, rng, progress=progress)
+    return _train(head, x, y, hyper, rng, progress=progress, fake_quant=fake_quant)
+
+
+def distil_head(
+    student: Head,
+    teacher: Head,
+    features: np.ndarray,
+    labels: np.ndarray,
+    hyper: Hyper,
+    seed: int,
+) -> Head:
+    """Knowledge distillation (Hinton et al., 2015): train ``student`` (not changed; the
+    trained copy is returned) on ``CE(labels) + hyper.lwf_alpha * T^2 * KL(softmax(teacher/T)
+    || softmax(student/T))`` with ``T = hyper.temperature``, the teacher's soft targets
+    computed once on ``features``. The student may have other hidden widths than the
+    teacher; both take the same features and give the same classes.
+
+    Raises:
+        ValueError: the two heads do not take the same features or give the same classes,
+            or the samples do not fit (as :func:`train_head`).
+    """
+    if (student.in_dim, student.classes) != (teacher.in_dim, teacher.classes):
+        raise ValueError(
+            f"student takes {student.in_dim} features to {student.classes} classes, "
+            f"teacher {teacher.in_dim} to {teacher.classes}"
+        )
+    x, y = _check_samples(student, features, labels)
+    rng = np.random.default_rng([seed, 0])
+    every_class = np.ones(teacher.classes, dtype=bool)
+    return _train(student, x, y, hyper, rng, lwf=(teacher, every_class))
 
 
 def initial_state(
@@ -815,6 +850,7 @@ def fine_tune(
     progress: Callable[[float], None] | None = None,
     *,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    proximal: tuple[float, Head] | None = None,
 ) -> tuple[Head, LearnState]:
     """Learn new samples with ``strategy``; returns ``(candidate head, state to keep if the
     candidate is promoted)``. Neither ``head`` nor ``state`` is changed.
@@ -828,6 +864,8 @@ def fine_tune(
 
     ``progress(fraction)`` is called after every epoch (once for streaming-lda); an
     exception it raises aborts the fine-tune and propagates (a way to cancel a job).
+    ``proximal = (mu, anchor)`` adds FedProx's term ``mu/2 * ||theta - theta_anchor||^2``
+    (federated rounds: the anchor is the round's global head; edged.federated).
 
     Raises:
         ValueError: unknown strategy; a state without the part the strategy needs (a replay
@@ -861,12 +899,41 @@ def fine_tune(
         ewc = None
         if "ewc" in parts and new_state.fisher is not None and new_state.anchor is not None:
             ewc = (new_state.fisher, new_state.anchor.params())
+        prox = None if proximal is None else (proximal[0], proximal[1].params())
         candidate = _train(
-            start, x, y, hyper, train_rng, replay=replay, lwf=lwf, ewc=ewc, progress=progress
+            start,
+            x,
+            y,
+            hyper,
+            train_rng,
+            replay=replay,
+            lwf=lwf,
+            ewc=ewc,
+            prox=prox,
+            progress=progress,
         )
         if new_state.lda is not None:
             new_state.lda.fit(x, y)
+    return candidate, absorb(state, new_state, candidate, x, y, (val_x, val_y), buffer_rng)
 
+
+def absorb(
+    state: LearnState,
+    new_state: LearnState,
+    candidate: Head,
+    x: np.ndarray,
+    y: np.ndarray,
+    validation: tuple[np.ndarray | None, np.ndarray | None],
+    buffer_rng: np.random.Generator,
+) -> LearnState:
+    """Bring ``new_state`` (a copy of ``state``, changed in place and returned) up to date
+    with a candidate head learned from ``x``, ``y``: the samples offered to the replay
+    reservoir, the Fisher information at the candidate added and the candidate as EWC's
+    anchor, ``validation`` offered to the holdout reservoir, ``known`` gains the labels,
+    ``tasks`` + 1. :func:`fine_tune` ends with it; a head merged by a federation
+    (edged.federated) is absorbed the same way."""
+    val_x, val_y = validation
+    known = np.ones(candidate.classes, np.bool_) if state.known is None else state.known.copy()
     if new_state.replay is not None:
         new_state.replay.add(x, y, buffer_rng)
     if new_state.fisher is not None:
@@ -884,7 +951,28 @@ def fine_tune(
     new_state.known = known
     new_state.tasks = state.tasks + 1
     new_state.samples = (state.samples or x.shape[0]) + x.shape[0]
-    return candidate, new_state
+    return new_state
+
+
+def adopt(
+    merged: Head,
+    state: LearnState,
+    features: np.ndarray,
+    labels: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    seed: int,
+) -> LearnState:
+    """The learning state to publish with a head learned elsewhere (a federation's merged
+    head, edged.federated): the device's training and held-out samples absorbed as a local
+    fine-tune would (:func:`absorb`), and every class counted as known (the federation taught
+    the classes other devices saw)."""
+    new_state = state.copy()
+    if new_state.lda is not None:
+        new_state.lda.fit(features, labels)
+    rng = np.random.default_rng([seed, 3])
+    new_state = absorb(state, new_state, merged, features, labels, validation, rng)
+    new_state.known = np.ones(merged.classes, np.bool_)
+    return new_state
 
 
 def pooled_standardiser(
@@ -986,10 +1074,12 @@ def _train(
     replay: tuple[np.ndarray, np.ndarray] | None = None,
     lwf: tuple[Head, np.ndarray] | None = None,
     ewc: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
+    prox: tuple[float, Sequence[np.ndarray]] | None = None,
     progress: Callable[[float], None] | None = None,
+    fake_quant: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Head:
     """Mini-batch SGD with momentum on a copy of ``head``; see the module docstring for the
-    losses. Returns the trained copy."""
+    losses (and :func:`train_head` for ``fake_quant``). Returns the trained copy."""
     out = head.copy()
     params = out.params()
     velocity = [np.zeros_like(p) for p in params]
@@ -1018,16 +1108,14 @@ def _train(
                 distil = slice(idx.shape[0], 2 * idx.shape[0])
                 old = None if old_replay is None else old_replay[ridx]
                 classes = None  # old samples: the old head's whole output is the target
-            acts, logits = _forward(out, out.standardise(bx))
+            model = _at_quantised_weights(out, fake_quant)
+            acts, logits = _forward(model, out.standardise(bx))
             _, dlogits = cross_entropy(logits, by)
             if lwf is not None and old is not None:
                 _, g = lwf_loss(logits[distil], old, hyper.temperature, hyper.lwf_alpha, classes)
                 dlogits[distil] += g
-            grads = _backward(out, acts, dlogits)
-            if ewc is not None:
-                _, extra = ewc_penalty(params, ewc[1], ewc[0], hyper.ewc_lambda)
-                for i, e in enumerate(extra):
-                    grads[i] += e
+            grads = _backward(model, acts, dlogits)
+            _add_penalties(grads, params, hyper, ewc, prox)
             for i in range(0, len(grads), 2):  # weights only, not biases
                 grads[i] += wd * params[i]
             norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
@@ -1039,6 +1127,33 @@ def _train(
         if progress is not None:
             progress((epoch + 1) / hyper.epochs)
     return out
+
+
+def _add_penalties(
+    grads: list[np.ndarray],
+    params: list[np.ndarray],
+    hyper: Hyper,
+    ewc: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None,
+    prox: tuple[float, Sequence[np.ndarray]] | None,
+) -> None:
+    """Add the EWC penalty's gradient and FedProx's ``mu * (theta - theta_global)``."""
+    if ewc is not None:
+        _, extra = ewc_penalty(params, ewc[1], ewc[0], hyper.ewc_lambda)
+        for i, e in enumerate(extra):
+            grads[i] += e
+    if prox is not None:
+        for i, anchor in enumerate(prox[1]):
+            grads[i] += _F32(prox[0]) * (params[i] - anchor)
+
+
+def _at_quantised_weights(
+    head: Head, fake_quant: Callable[[np.ndarray], np.ndarray] | None
+) -> Head:
+    """``head`` with ``fake_quant(W)`` for each weight matrix (sharing the other arrays);
+    ``head`` itself without ``fake_quant``."""
+    if fake_quant is None:
+        return head
+    return Head([fake_quant(w) for w in head.weights], head.biases, head.mean, head.scale)
 
 
 def _forward(head: Head, z: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

@@ -8,7 +8,8 @@ served and the candidate head on held-out old data (the state's held-out buffer)
 held-out new samples, and writes the candidate version into ``JOB_DIR``/out/ (model.onnx =
 backbone + candidate head, backbone.onnx, head.npz, learn_state.npz, lineage.json) with the
 self-test the update path runs (selftest.npz: random inputs, and the probabilities the
-candidate head gives on their backbone features), then ``JOB_DIR``/result.json
+candidate head gives on their backbone features, computed through the HAL on the CPU:
+``edged.learn.features``), then ``JOB_DIR``/result.json
 (``edged.learn.task.JobMetrics``). Progress goes to stdout as JSON lines
 ``{"progress": 0.4}``; a failure exits non-zero with the reason on stderr.
 
@@ -36,6 +37,10 @@ SAMPLES_FILE = "samples.npz"
 OUT_DIR = "out"
 SELFTEST_FILE = "selftest.npz"
 LINEAGE_FILE = "lineage.json"
+#: a head merged by a federation (edged.federated): when the job folder has it, the worker
+#: judges and packages it instead of training, and LINEAGE_EXTRA_FILE's object joins the lineage
+CANDIDATE_FILE = "candidate_head.npz"
+LINEAGE_EXTRA_FILE = "lineage_extra.json"
 
 #: numpy dtype of the KServe datatypes a trainable model's inputs may have
 _FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -84,16 +89,23 @@ def _accuracy(head: Any, features: np.ndarray, labels: np.ndarray) -> float | No
 
 def run(job_dir: Path) -> JobMetrics:
     """Do the job in ``job_dir``; returns what result.json holds."""
-    # imported here: the daemon imports this module for its file names and backbone_session,
-    # and never needs the onnx package or the trainer in its own process
+    # imported here: the daemon imports this module for its file names, and never needs the
+    # onnx package, the trainer or a backbone in its own process
     try:
         import onnx  # noqa: PLC0415
     except ImportError as e:
         raise RuntimeError(LEARN_EXTRA_HINT) from e
 
+    from edged.learn.features import WORKER_KINDS, open_backbone  # noqa: PLC0415
     from edged.learn.graph import compose  # noqa: PLC0415
     from edged.learn.head import load_head, read_npz, save_head, write_npz  # noqa: PLC0415
-    from edged.learn.strategies import fine_tune, load_state, save_state, tuned_hyper  # noqa: PLC0415
+    from edged.learn.strategies import (  # noqa: PLC0415
+        adopt,
+        fine_tune,
+        load_state,
+        save_state,
+        tuned_hyper,
+    )
 
     task = Task.read(job_dir)
     data = read_npz(job_dir / SAMPLES_FILE)
@@ -111,17 +123,21 @@ def run(job_dir: Path) -> JobMetrics:
     started = time.perf_counter()
     # the held-out new samples join the state's held-out buffer: what is new now is old data
     # to the next job
-    candidate, new_state = fine_tune(
-        head,
-        state,
-        x_train,
-        y_train,
-        task.strategy,
-        hyper,
-        seed,
-        progress=progress,
-        validation=(x_new, y_new),
-    )
+    if (job_dir / CANDIDATE_FILE).exists():
+        candidate = load_head(job_dir / CANDIDATE_FILE)
+        new_state = adopt(candidate, state, x_train, y_train, (x_new, y_new), seed)
+    else:
+        candidate, new_state = fine_tune(
+            head,
+            state,
+            x_train,
+            y_train,
+            task.strategy,
+            hyper,
+            seed,
+            progress=progress,
+            validation=(x_new, y_new),
+        )
     train_seconds = time.perf_counter() - started
 
     old_x, old_y = state.holdout.features, state.holdout.labels
@@ -149,13 +165,17 @@ def run(job_dir: Path) -> JobMetrics:
     onnx.save(served, out / names.model)
 
     inputs = _random_inputs(task.inputs, seed)
-    session = backbone_session(task.backbone)
-    (features,) = session.run([task.features], inputs)
+    extractor = open_backbone(Path(task.backbone), task.features, WORKER_KINDS)
+    try:
+        features = extractor.features(inputs)
+    finally:
+        extractor.close()
+    assert features is not None  # closed only above
     write_npz(
         out / SELFTEST_FILE,
         {
             **{f"input.{k}": v for k, v in inputs.items()},
-            "expected.probabilities": candidate.proba(np.asarray(features, np.float32)),
+            "expected.probabilities": candidate.proba(features),
         },
     )
     lineage = {
@@ -168,23 +188,14 @@ def run(job_dir: Path) -> JobMetrics:
         "metrics": metrics.to_dict(),
         "created": time.time(),
     }
+    if (job_dir / LINEAGE_EXTRA_FILE).exists():
+        lineage.update(json.loads((job_dir / LINEAGE_EXTRA_FILE).read_text()))
     (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     return replace(
         metrics,
         state_bytes=(out / names.state).stat().st_size,
         worker_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
-
-
-def backbone_session(path: str | Path) -> Any:
-    """An ONNX Runtime CPU session of a backbone on one thread: the daemon's intake and this
-    worker both compute features with it."""
-    import onnxruntime as ort  # noqa: PLC0415 -- see run()
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def main(argv: list[str] | None = None) -> int:

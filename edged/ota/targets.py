@@ -8,7 +8,7 @@ Targets are ``models/<model>/<version>.tar.gz``; any other target path is not a 
 from __future__ import annotations
 
 from edged.ota.errors import OtaError
-from edged.serving.repository import parse_version
+from edged.serving.versions import parse_version
 
 
 def target_path(model: str, version: int) -> str:

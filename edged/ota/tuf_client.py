@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
-
-from tuf.api.metadata import Metadata, Targets
-from tuf.ngclient.config import UpdaterConfig
-from tuf.ngclient.updater import Updater
-from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edged import __version__
 from edged.config import OtaConfig
 from edged.ota import archive
 from edged.ota.errors import OtaError
 from edged.ota.targets import check_target, edged_custom, parse_target_path, target_path
+
+if TYPE_CHECKING:
+    from tuf.ngclient.updater import Updater
+
+# python-tuf (with securesystemslib) costs ~5 MiB of RSS once imported: it is imported when a
+# repository is first asked, so a daemon without OTA never loads it.
 
 
 class BundleSource(Protocol):
@@ -51,6 +52,10 @@ class TufClient:
         self.targets_dir = Path(config.state_dir) / "tuf" / "targets"
 
     def _updater(self) -> Updater:
+        from tuf.ngclient.config import UpdaterConfig  # noqa: PLC0415 (see the imports)
+        from tuf.ngclient.updater import Updater  # noqa: PLC0415
+        from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher  # noqa: PLC0415
+
         try:
             root = self.config.root_path.read_bytes()
         except OSError as e:
@@ -83,6 +88,8 @@ class TufClient:
         # ngclient has no public listing of targets, but it persists each top-level role to
         # metadata_dir only after verifying it (signatures, thresholds, expiry, version and
         # snapshot consistency): what refresh() just trusted is that targets.json
+        from tuf.api.metadata import Metadata, Targets  # noqa: PLC0415
+
         trusted = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
         targets = trusted.signed.targets
         found: dict[str, dict[int, Mapping[str, Any]]] = {}
@@ -129,5 +136,3 @@ class TufClient:
                 f"({free_space_floor}) free in {self.targets_dir}"
             )
         return Path(updater.download_target(info))
-
-

@@ -5,13 +5,14 @@
     DOWNLOADING  refresh TUF metadata, check the signed target, free space, download (TUF
                  checks length and hashes)                                        -> VERIFIED
     VERIFIED     scan and unpack the bundle into <repo>/<model>/.ota-staging/, check
-                 bundle.toml against the request and model.toml, rename the artifacts into
-                 <repo>/<model>/<version>/ (temp name, fsync, rename)              -> STAGED
-    STAGED       persist WARMING, then ACTIVE := new version, ModelManager.load with a gate
-                 that runs the bundle's self-test on the warmed version            -> ACTIVE_TRIAL
-                 (refused: ACTIVE := committed version; the old version never stopped serving)
+                 bundle.toml against the request and model.toml, install the artifacts as
+                 <repo>/<model>/<version>/ (edged.serving.versions.install_version) -> STAGED
+    STAGED       persist WARMING, then ask serving to serve the new version:
+                 ModelManager.serve(model, [new], gate=self-test) loads it beside the served
+                 one, runs the bundle's self-test on it, writes ACTIVE, switches -> ACTIVE_TRIAL
+                 (refused: nothing switched, ACTIVE untouched; the old version never stopped)
     ACTIVE_TRIAL watch the new version's statistics for ota.health_window_s      -> COMMITTED
-                 or ROLLING_BACK: ACTIVE := committed version, ModelManager.load  -> ROLLED_BACK
+                 or ROLLING_BACK: ModelManager.serve(model, [committed])         -> ROLLED_BACK
 
 Every state is persisted (``edged.ota.store``, fsynced) before the next stage starts, and
 ``recover`` — run at start-up before the repository loads — finishes or undoes whatever a crash
@@ -29,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,93 +76,25 @@ from edged.ota.tuf_client import BundleSource
 from edged.ota.types import ModelStatus, SelfTest, StartResult
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion, Sample
-from edged.serving.repository import (
-    ACTIVE_FILE,
-    available_versions,
-    parse_version,
-    read_active,
-    read_model_spec,
-)
+from edged.serving.repository import read_model_spec
 from edged.serving.stats import ModelStats
-from edged.storage import fsync_dir, write_atomic
+from edged.serving.versions import (
+    available_versions,
+    clear_staging,
+    install_version,
+    parse_version,
+    pin_active,
+    remove_version,
+    staging_dir,
+    write_active,
+)
 
 log = structlog.get_logger("edged.ota")
 
-#: the folder, inside each model's folder, where bundles are unpacked (same filesystem as the
-#: version folders, so the final rename is atomic); removed whole at start-up
-STAGING_DIR = ".ota-staging"
 
-
-# -- files that must survive a crash ---------------------------------------------------------
-
-
-def write_active(model_dir: Path, versions: list[int]) -> None:
-    """Replace ``model_dir``/ACTIVE atomically: temp file in the same folder, fsync, rename,
-    fsync the folder."""
-    text = "".join(f"{v}\n" for v in versions).encode()
-    write_atomic(model_dir / ACTIVE_FILE, lambda f: f.write(text))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _same_files(folder: Path, files: Mapping[str, Path]) -> bool:
-    """``folder`` holds exactly ``files`` (name -> source), byte for byte."""
-    present = sorted(p.name for p in folder.iterdir())
-    if present != sorted(files):
-        return False
-    return all(_file_digest(folder / name) == _file_digest(src) for name, src in files.items())
-
-
-def install_version(model_dir: Path, version: int, files: Mapping[str, Path]) -> bool:
-    """Make ``model_dir``/``version``/ hold ``files`` (name -> unpacked file on the same
-    filesystem): move them into a temporary folder, fsync, rename it into place. An existing
-    identical folder is kept. Returns whether a folder was created.
-
-    Raises:
-        OtaError: the version folder exists with other contents (a version folder is never
-            overwritten).
-    """
-    final = model_dir / str(version)
-    if final.exists():
-        if final.is_dir() and _same_files(final, files):
-            return False
-        raise OtaError(f"{final} exists with other contents; a version folder is never overwritten")
-    temp = model_dir / STAGING_DIR / f"version-{version}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir(parents=True)
-    for name, src in files.items():
-        os.replace(src, temp / name)
-        with open(temp / name, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(temp)
-    os.rename(temp, final)  # fails rather than replace a folder that appeared meanwhile
-    fsync_dir(model_dir)
-    return True
-
-
-def remove_version(model_dir: Path, version: int) -> None:
-    """Remove a version folder: renamed out of the repository first, so a crash never leaves
-    half a version under a version name."""
-    folder = model_dir / str(version)
-    if not folder.is_dir():
-        return
-    trash = model_dir / STAGING_DIR / f"removed-{version}-{time.time_ns()}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(folder, trash)
-    fsync_dir(model_dir)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def clear_staging(model_dir: Path) -> None:
-    """Remove whatever unpacking left in ``model_dir``."""
-    shutil.rmtree(model_dir / STAGING_DIR, ignore_errors=True)
+def _versions(version: int | None) -> list[int] | None:
+    """What ACTIVE names to serve ``version`` (None: no ACTIVE, the version policy decides)."""
+    return None if version is None else [version]
 
 
 # -- the statistics the health window reads --------------------------------------------------
@@ -192,7 +123,8 @@ class _Running:
 
 
 class _SelfTestGate:
-    """The gate a new version passes before it takes traffic: the bundle's self-test, or
+    """The gate (``edged.serving.swap.Gate``) serving runs on a new version, loaded beside
+    the served one, before it takes traffic: the bundle's self-test, or
     else the served version's reference sample (neither: nothing to test, it passes).
     ``refusal`` keeps the first error that refused it."""
 
@@ -321,7 +253,7 @@ class UpdateManager:
         if action is Recovery.ROLL_BACK:
             record = self._save_sync(record, Event.ROLLBACK, reason)
         # ROLL_BACK and FINISH_ROLLBACK: ACTIVE to the target; load_all serves it next
-        self._restore_active(model_dir, rollback_target(record))
+        write_active(model_dir, _versions(rollback_target(record)))
         if record.kind is not Kind.ROLLBACK and record.installed and record.to_version is not None:
             remove_version(model_dir, record.to_version)
         return self._save_sync(record, Event.ROLLED_BACK)
@@ -707,16 +639,14 @@ class UpdateManager:
         whether a folder was created. Blocking."""
         assert record.to_version is not None
         model_dir = self.repository / record.model
-        folder = model_dir / STAGING_DIR / f"fine-tune-{record.id}"
+        folder = staging_dir(model_dir) / f"fine-tune-{record.id}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         staged = {}
         for name, src in files.items():
             shutil.copyfile(src, folder / name)
             staged[name] = folder / name
-        if read_active(model_dir) is None:
-            # pin what serves now, so the new folder serves nothing until activated
-            self._restore_active(model_dir, record.from_version)
+        pin_active(model_dir, _versions(record.from_version))
         return install_version(model_dir, record.to_version, staged)
 
     async def _run(
@@ -791,25 +721,37 @@ class UpdateManager:
             return await self._advance(record, Event.FAIL, f"rollback failed: {reason}")
         if record.state in AT_REST:
             return record
-        await asyncio.to_thread(self._discard_files, record)
+        await self._discard(record)
         return await self._advance(record, Event.FAIL, reason)
 
+    async def _discard(self, record: UpdateRecord) -> None:
+        """Undo, while serving runs, an update that never recorded its switch: the version
+        folder it installed goes. Serving wrote ACTIVE only if it switched (and then the
+        SWITCHED record was lost): only then is it asked to serve the committed version
+        again, through its swap."""
+        model_dir = self.repository / record.model
+        to_version = record.to_version
+        switched = (
+            record.state is State.WARMING
+            and to_version is not None
+            and self._served_version(record.model) == to_version
+        )
+        if switched and record.from_version is not None:
+            await self.manager.serve(record.model, [record.from_version])
+        if record.installed and to_version is not None:
+            await asyncio.to_thread(remove_version, model_dir, to_version)
+        if switched and record.from_version is None:
+            await self.manager.serve(record.model, None)  # the version policy, folder gone
+
     def _discard_files(self, record: UpdateRecord) -> None:
-        """Undo the files of an update that never served: ACTIVE back to the committed
-        version (once it may have been rewritten), the version folder it installed removed.
-        Blocking."""
+        """At start-up, before anything serves: undo the files of an update that never
+        served: ACTIVE back to the committed version (once it may have been rewritten), the
+        version folder it installed removed. Blocking."""
         model_dir = self.repository / record.model
         if record.state in (State.STAGED, State.WARMING):
-            self._restore_active(model_dir, record.from_version)
+            write_active(model_dir, _versions(record.from_version))
         if record.installed and record.to_version is not None:
             remove_version(model_dir, record.to_version)
-
-    @staticmethod
-    def _restore_active(model_dir: Path, version: int | None) -> None:
-        if version is not None:
-            write_active(model_dir, [version])
-        else:
-            (model_dir / ACTIVE_FILE).unlink(missing_ok=True)
 
     async def _download(self, record: UpdateRecord) -> UpdateRecord:
         assert self.tuf is not None
@@ -836,7 +778,7 @@ class UpdateManager:
         version = record.to_version
         spec = read_model_spec(model_dir)
         clear_staging(model_dir)
-        staging_parent = model_dir / STAGING_DIR
+        staging_parent = staging_dir(model_dir)
         staging_parent.mkdir()
         limits = archive.Limits(
             max_bytes=self.config.max_unpacked_bytes,
@@ -855,9 +797,7 @@ class UpdateManager:
         if manifest.selftest_file:
             inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
             test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
-        if read_active(model_dir) is None:
-            # pin what serves now, so the new folder serves nothing until activated
-            self._restore_active(model_dir, record.from_version)
+        pin_active(model_dir, _versions(record.from_version))
         files = {name: folder / name for name in manifest.artifacts}
         return install_version(model_dir, version, files), test
 
@@ -874,9 +814,7 @@ class UpdateManager:
     async def _activate(self, record: UpdateRecord, test: SelfTest | None) -> UpdateRecord:
         assert record.to_version is not None
         version = record.to_version
-        model_dir = self.repository / record.model
         record = await self._advance(record, Event.ACTIVATE)
-        await asyncio.to_thread(write_active, model_dir, [version])
         reference = self._reference(record.model) if test is None else None
         labels = {"model": record.model, "version": version}
         if test is None and reference is None:
@@ -891,7 +829,8 @@ class UpdateManager:
         selftest = _SelfTestGate(record, version, test, reference)
         started = time.monotonic()
         try:
-            await self.manager.load(record.model, gate=selftest)
+            # serving loads it beside, runs the gate, writes ACTIVE, switches, drains
+            await self.manager.serve(record.model, [version], gate=selftest)
         except (ModelLoadError, ModelNotFoundError) as e:
             reason = (
                 f"self-test failed: {describe_error(selftest.refusal)}"
@@ -952,13 +891,13 @@ class UpdateManager:
         return await self._roll_back(await self._advance(record, Event.ROLLBACK, reason))
 
     async def _roll_back(self, record: UpdateRecord) -> UpdateRecord:
-        """ROLLING_BACK -> ROLLED_BACK: ACTIVE to the target, then the one swap path (requests
-        in flight on the version left finish there)."""
+        """ROLLING_BACK -> ROLLED_BACK: serving serves the target through the one swap path,
+        which rewrites ACTIVE at its switch (requests in flight on the version left finish
+        there); then the version folder this update installed goes."""
         target = rollback_target(record)
         model_dir = self.repository / record.model
         try:
-            await asyncio.to_thread(self._restore_active, model_dir, target)
-            await self.manager.load(record.model)
+            await self.manager.serve(record.model, _versions(target))
             if (
                 record.kind is not Kind.ROLLBACK
                 and record.installed

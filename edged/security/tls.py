@@ -15,13 +15,18 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from edged.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography's x509 costs ~9 MiB of RSS once imported: it is imported where a certificate is
+# read, so a daemon without TLS never loads it (the idle-RSS budget of docs/performance.md).
 
 log = structlog.get_logger("edged.tls")
 
@@ -44,6 +49,9 @@ def check_pair(key_pem: bytes, chain_pem: bytes) -> x509.Certificate:
     Raises:
         ValueError: not PEM, or the key is not the certificate's.
     """
+    from cryptography import x509  # noqa: PLC0415 (see above)
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     leaf = x509.load_pem_x509_certificate(chain_pem)
     key = serialization.load_pem_private_key(key_pem, password=None)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -80,6 +88,8 @@ class CertificateFiles:
             ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
             leaf = check_pair(key, chain)
             if ca is not None:
+                from cryptography import x509  # noqa: PLC0415 (see the imports)
+
                 x509.load_pem_x509_certificates(ca)
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"config key '{self._where}': {e}") from e

@@ -1,7 +1,8 @@
 """The model repository on disk: model.toml, version folders, ACTIVE, version policy.
 
 Rules only (parsing, validation, format detection, policy selection, signature resolution);
-the manager does the loading. Layout::
+the manager does the loading, and the version folders and ACTIVE have their own module
+(``edged.serving.versions``: reads and writes). Layout::
 
     <repo>/<model>/<version>/model.onnx     numeric version folders; others are ignored
     <repo>/<model>/model.toml               optional: narrows what the artifact declares
@@ -17,19 +18,18 @@ to load with the reason, and RepositoryIndex lists it UNAVAILABLE with that reas
 from __future__ import annotations
 
 import json
-import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
 from edged.core.types import LEARN_STRATEGIES, DataType, Signature, TensorSpec
+from edged.serving.versions import VersionPolicy, available_versions
 from hal.placement import PLACEMENT_MODES, default_executors
 
 MODEL_TOML = "model.toml"
-ACTIVE_FILE = "ACTIVE"
 WARMUP_DIR = "warmup"
 """``<repo>/<model>/warmup/``: .npz warm-up samples (one request's inputs each), and the .npy
 files ``[[warmup]]`` entries name."""
@@ -53,24 +53,6 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     "edgetpu-tflite": ("tflite", "tflite"),
     "pynq-bundle": ("pynq", "pynq"),
 }
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which versions to serve: the ``latest`` N, a ``specific`` list, or ``all``."""
-
-    latest: int | None = 1
-    specific: tuple[int, ...] = ()
-    all: bool = False
-
-    def select(self, available: Sequence[int]) -> list[int]:
-        """The versions to serve out of ``available``, ascending."""
-        versions = sorted(available)
-        if self.all:
-            return versions
-        if self.specific:
-            return [v for v in versions if v in self.specific]
-        return versions[-(self.latest or 1) :]
 
 
 @dataclass(frozen=True)
@@ -541,98 +523,6 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
                 f"folder; put the artifact in {model_dir}/1/ (one of: {_artifact_list()})"
             )
     return parse_model_toml(model_dir, data, detected or "onnx", configured=configured)
-
-
-#: folders of a repository that are never models: a filesystem's (the repository as a
-#: mount point) and Python's byte-code cache
-NOT_MODELS = frozenset({"lost+found", "__pycache__"})
-
-
-def list_models(repo: Path) -> list[str]:
-    """Names of the model folders: every folder of ``repo`` whose name does not start with
-    "." (nor ``NOT_MODELS``), sorted. Nothing inside them is read here: one unreadable
-    folder fails only its own load (``read_model_spec``)."""
-    try:
-        with os.scandir(repo) as entries:
-            return sorted(
-                e.name
-                for e in entries
-                if not e.name.startswith(".") and e.name not in NOT_MODELS and _is_dir(e)
-            )
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return True  # listed, so that its load says what is wrong with it
-
-
-def parse_version(text: str) -> int | None:
-    """A version number written canonically ("1", "12"; not "01", "+1" or "²"), else None."""
-    if text and text.isascii() and text.isdigit() and text[0] != "0":
-        return int(text)
-    return None
-
-
-def available_versions(model_dir: Path) -> list[int]:
-    """Version folders (canonical numbers), ascending; temporary and other folders are
-    ignored.
-
-    Raises:
-        ModelLoadError: the model folder cannot be read (named, with the system's reason).
-    """
-    try:
-        with os.scandir(model_dir) as entries:
-            versions = [parse_version(e.name) for e in entries if _is_dir(e)]
-    except OSError as e:
-        raise ModelLoadError(f"{model_dir}: cannot read the folder: {e.strerror or e}") from e
-    return sorted(v for v in versions if v is not None)
-
-
-def read_active(model_dir: Path) -> list[int] | None:
-    """The versions ACTIVE names, or None when there is no ACTIVE file.
-
-    Raises:
-        ModelLoadError: ACTIVE holds something other than version numbers.
-    """
-    path = model_dir / ACTIVE_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as e:
-        raise _fail(path, "is not UTF-8 text") from e
-    except OSError as e:
-        raise _fail(path, f"cannot read it: {e.strerror or e}") from e
-    versions = [parse_version(w) for w in text.split()]
-    if not versions or None in versions:
-        raise _fail(path, "must list one or more version numbers (1, 2, ...)")
-    return sorted({v for v in versions if v is not None})
-
-
-def versions_to_serve(spec: ModelSpec) -> list[int]:
-    """ACTIVE when present, else the version policy over the folders present.
-
-    Raises:
-        ModelLoadError: no version to serve, or ACTIVE names a missing version.
-    """
-    available = available_versions(spec.path)
-    active = read_active(spec.path)
-    if active is not None:
-        missing = [v for v in active if v not in available]
-        if missing:
-            raise _fail(spec.path / ACTIVE_FILE, f"names version {missing[0]}, which has no folder")
-        return active
-    chosen = spec.version_policy.select(available)
-    if not chosen:
-        raise ModelLoadError(
-            f"model '{spec.name}': no version folder matches its version policy "
-            f"(folders: {available or 'none'})"
-        )
-    return chosen
 
 
 def _batchable(sig: Signature) -> str | None:

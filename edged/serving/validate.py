@@ -5,18 +5,37 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from edged.core.errors import InvalidInputError, clip
-from edged.core.types import DataType, InferRequest, Signature
+from edged.core.types import Array, DataType, InferRequest, Signature
 
 
 def validate_request(request: InferRequest, signature: Signature) -> int:
-    """Check names, datatypes, ranks, dims and the batch size; return the batch size (1 for a
-    model that does not batch).
+    """Check the inputs (``validate_inputs``) and the requested outputs' names; return the
+    batch size (1 for a model that does not batch).
 
     Raises:
         InvalidInputError: naming the tensor and what is wrong with it.
     """
-    model = request.model_name
-    for name in request.inputs:
+    batch = validate_inputs(request.model_name, request.inputs, signature)
+    for name in request.requested_outputs:
+        if signature.output(name) is None:
+            raise InvalidInputError(
+                f"unknown output tensor '{clip(name)}' requested from model "
+                f"'{clip(request.model_name)}' (it returns: "
+                f"{', '.join(t.name for t in signature.outputs)})"
+            )
+    return batch
+
+
+def validate_inputs(model: str, inputs: Mapping[str, Array], signature: Signature) -> int:
+    """Check input tensors (name -> array) against ``model``'s signature: names, datatypes,
+    ranks, dims and the batch size; return the batch size (1 for a model that does not
+    batch). An inference request's inputs and AddSamples' inputs are checked by this one
+    function, so both are refused with the same messages.
+
+    Raises:
+        InvalidInputError: naming the tensor and what is wrong with it.
+    """
+    for name in inputs:
         if signature.input(name) is None:
             raise InvalidInputError(
                 f"unknown input tensor '{clip(name)}' for model '{clip(model)}' (it takes: "
@@ -25,7 +44,7 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
     batch: int | None = None
     batch_from = ""
     for spec in signature.inputs:
-        array = request.inputs.get(spec.name)
+        array = inputs.get(spec.name)
         if array is None:
             raise InvalidInputError(f"missing input tensor '{spec.name}' for model '{clip(model)}'")
         try:
@@ -58,13 +77,6 @@ def validate_request(request: InferRequest, signature: Signature) -> int:
                     f"'{batch_from}' ({batch})"
                 )
             batch, batch_from = size, spec.name
-    for name in request.requested_outputs:
-        if signature.output(name) is None:
-            raise InvalidInputError(
-                f"unknown output tensor '{clip(name)}' requested from model '{clip(model)}' (it "
-                "returns: "
-                f"{', '.join(t.name for t in signature.outputs)})"
-            )
     return batch or 1
 
 

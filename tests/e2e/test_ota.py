@@ -34,7 +34,7 @@ from edged.core.types import InferRequest
 from edged.fleet import build
 from edged.frontends.kserve_codec import request_to_proto
 from edged.ota import bundle
-from edged.serving.repository import read_active
+from edged.serving.versions import read_active
 from tests import modelgen
 from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
 from tests.digits_variants import (

@@ -38,7 +38,7 @@ from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core.types import InferRequest
 from edged.frontends.kserve_codec import request_to_proto
-from edged.serving.repository import read_active
+from edged.serving.versions import read_active
 from tests.daemon_process import EXAMPLE_MODELS, REPO_ROOT, DaemonProcess
 from tests.tuf_fixtures import DIGITS, DIGITS_SAMPLE, ServedFleetRepo, build_digits_bundle
 

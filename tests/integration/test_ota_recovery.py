@@ -15,9 +15,9 @@ from edged.core.errors import InvalidInputError, ModelNotFoundError
 from edged.core.types import InferRequest
 from edged.ota.state import AT_REST, Event, Kind, Recovery, State, UpdateRecord, advance
 from edged.ota.store import UpdateStore
-from edged.ota.updater import STAGING_DIR, UpdateManager, write_active
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
-from edged.serving.repository import read_active
+from edged.serving.versions import STAGING_DIR, read_active, write_active
 from tests.daemon_process import EXAMPLE_MODELS
 
 #: the events that bring a new update (1 -> 2) to each state

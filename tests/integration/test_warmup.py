@@ -83,7 +83,7 @@ async def test_failover_load_runs_the_reference(manager: ModelManager) -> None:
     mv = _served(manager)
     await mv.infer(InferRequest("vad", vad_inputs(3), id="ref"))
     assert mv.reference is not None
-    moved = await manager._load_version(
+    moved = await manager.loader(
         mv.spec, mv.version, ["cpu-onnx"], trial_runs=2, reference=mv.reference
     )
     try:

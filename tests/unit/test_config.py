@@ -87,6 +87,16 @@ ALL_KEYS = {
     "learn.job_memory_mb",
     "learn.job_nice",
     "learn.history_limit",
+    "federated.enabled",
+    "federated.server",
+    "federated.models",
+    "federated.python",
+    "federated.root_certificates",
+    "federated.insecure",
+    "federated.device_id",
+    "federated.token_file",
+    "federated.retry_s",
+    "federated.session_timeout_s",
 }
 
 FILE = """\
@@ -552,3 +562,21 @@ def test_unknown_key_far_from_every_known_one_gets_no_suggestion() -> None:
 def test_http_address_empty_turns_the_listener_off() -> None:
     assert build_config({}, env={"EDGED_SERVER_HTTP_ADDRESS": ""}).server.http_address == ""
     assert Config().server.http_address == "127.0.0.1:8000"
+
+
+def test_federation_needs_learning_and_a_trusted_server() -> None:
+    with pytest.raises(ConfigError, match=r"'federated.enabled': needs learn.enabled"):
+        build_config({"federated": {"enabled": True, "server": "h:1", "insecure": True}})
+    with pytest.raises(ConfigError, match=r"'federated.root_certificates': required"):
+        build_config({"learn": {"enabled": True}, "federated": {"enabled": True, "server": "h:1"}})
+    with pytest.raises(ConfigError, match=r"'federated.server': required"):
+        build_config({"learn": {"enabled": True}, "federated": {"enabled": True}})
+    config = build_config(
+        {"learn": {"enabled": True}},
+        env={
+            "EDGED_FEDERATED_ENABLED": "true",
+            "EDGED_FEDERATED_SERVER": "fleet:9092",
+            "EDGED_FEDERATED_ROOT_CERTIFICATES": "/etc/edged/ca.pem",
+        },
+    )
+    assert config.federated.server == "fleet:9092"

@@ -83,22 +83,33 @@ ALLOWED: dict[str, set[str]] = {
     "edged.config": _BASE | {"edged.security"},
     "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
     "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
-    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage"},
+    # learn -> hal: a trainable model's backbone loads through the executor registry
+    # (edged/learn/features.py), never in a runtime session of its own
+    "edged.learn": _BASE | {"edged.config", "edged.ota", "edged.serving", "edged.storage", "hal"},
+    # updates and learning as the frontends see them (edged/controlplane.py)
+    "edged.controlplane": _BASE | {"edged.learn", "edged.ota"},
+    # federated learning: device side over learn, fleet side under edged.fleet (issue #17)
+    "edged.federated": _BASE | {"edged.config", "edged.learn", "edged.ota"},
     # frontends -> serving: only edged.serving.dataplane (tests/unit/test_dataplane_views.py);
-    # learn and ota: the management calls, which the data plane does not cover yet (issue #13)
+    # OTA and learning only through the control plane, edged.controlplane
     "edged.frontends": _BASE
-    | {"edged._proto", "edged.config", "edged.learn", "edged.ota", "edged.security"}
-    | {"edged.serving"},
+    | {"edged._proto", "edged.config", "edged.controlplane", "edged.security", "edged.serving"},
     "edged.client": _BASE | {"edged._proto", "edged.frontends", "edged.security"},
     "edged.daemon": _BASE
-    | {"edged.config", "edged.frontends", "edged.learn", "edged.lifecycle", "edged.logs"}
-    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"},
+    | {"edged.config", "edged.controlplane", "edged.frontends", "edged.learn"}
+    | {"edged.lifecycle", "edged.logs"}
+    | {"edged.ota", "edged.security", "edged.serving", "edged.storage", "hal"}
+    | {"edged.federated"},
     "edged.cli": _BASE
     | {"edged._proto", "edged.config", "edged.daemon", "edged.frontends", "edged.logs"}
-    | {"edged.security", "hal"},
+    | {"edged.optimize", "edged.security", "hal"},
+    # edged optimize: fleet-side tooling (also usable on a device); reads bundles with the OTA
+    # archive rules, trains heads with edged.learn, measures through the HAL
+    "edged.optimize": _BASE | {"edged.learn", "edged.ota", "edged.serving", "edged.storage", "hal"},
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
-    | {"edged.storage", "hal"},
+    | {"edged.storage", "hal"}
+    | {"edged.federated", "edged.learn"},
 }
 
 

@@ -29,9 +29,10 @@ from edged.ota.state import State, UpdateRecord
 from edged.ota.store import UpdateStore
 from edged.ota.targets import check_target, target_path
 from edged.ota.tuf_client import BundleSource
-from edged.ota.updater import STAGING_DIR, UpdateManager
+from edged.ota.updater import UpdateManager
 from edged.serving.manager import ModelManager
-from edged.serving.repository import read_active
+from edged.serving.versions import STAGING_DIR, read_active
+from edged.storage import StoreError
 from tests.daemon_process import EXAMPLE_MODELS
 from tests.digits_variants import (
     DIGITS_V1,
@@ -249,6 +250,31 @@ async def test_failed_self_test_keeps_the_served_version(rig: Rig) -> None:
     assert await _served(rig) == "1"
     assert read_active(rig.repo / "digits") == [1]
     assert not (rig.repo / "digits" / "2").exists()  # the refused version was removed
+
+
+async def test_a_switch_whose_record_was_lost_is_undone_through_serving(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serving switched to version 2 and wrote ACTIVE, but persisting ACTIVE_TRIAL failed:
+    # the update fails from WARMING, and serving is asked to serve version 1 again
+    save = rig.store.save
+
+    def failing_save(before: UpdateRecord, after: UpdateRecord, reason: str = "") -> None:
+        if after.state is State.ACTIVE_TRIAL:
+            raise StoreError("disk full (simulated)")
+        save(before, after, reason)
+
+    monkeypatch.setattr(rig.store, "save", failing_save)
+    rig.tuf.publish_digits(2)
+    await rig.updates.start_update("digits", "2", wait=True)
+
+    status = (await rig.updates.status("digits"))[0]
+    assert status.state is State.FAILED
+    assert status.record is not None
+    assert "disk full" in status.record.error
+    assert await _served(rig) == "1"
+    assert read_active(rig.repo / "digits") == [1]
+    assert not (rig.repo / "digits" / "2").exists()
 
 
 # -- (c) the health window ------------------------------------------------------------------

@@ -14,14 +14,16 @@ from edged.serving.repository import (
     TensorDecl,
     VersionPolicy,
     WarmupInput,
-    available_versions,
     detect_format,
-    list_models,
     parse_model_toml,
-    parse_version,
-    read_active,
     read_model_spec,
     resolve_signature,
+)
+from edged.serving.versions import (
+    available_versions,
+    list_models,
+    parse_version,
+    read_active,
     versions_to_serve,
 )
 

@@ -1,4 +1,5 @@
-"""edged.serving.validate.validate_request: a decoded request against a model's signature."""
+"""edged.serving.validate: a decoded request (validate_request), or input tensors alone
+(validate_inputs, what AddSamples checks), against a model's signature."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from edged.core.errors import InvalidInputError
 from edged.core.types import Array, DataType, InferRequest, Signature, TensorSpec
-from edged.serving.validate import validate_request
+from edged.serving.validate import validate_inputs, validate_request
 
 FP32 = DataType.FP32
 INT64 = DataType.INT64
@@ -53,48 +54,48 @@ def _request(inputs: dict[str, Array], outputs: tuple[str, ...] = ()) -> InferRe
     return InferRequest(model_name="net", inputs=inputs, requested_outputs=outputs)
 
 
-@pytest.mark.parametrize(
-    ("signature", "inputs", "outputs", "batch"),
-    [
-        pytest.param(BATCHING, _batch(1), (), 1, id="batch-1"),
-        pytest.param(BATCHING, _batch(4), ("labels", "scores"), 4, id="batch-max"),
-        pytest.param(
-            BATCHING,
-            _batch(3, image=np.zeros((3, 3, 0), np.float32)),
-            (),
-            3,
-            id="zero-size-dynamic-dim",
-        ),
-        pytest.param(
-            BATCHING,
-            _batch(2, text=np.array([["a", "b"], ["c", "d"]])),
-            (),
-            2,
-            id="str-array-is-bytes",
-        ),
-        pytest.param(
-            BATCHING,
-            _batch(2, text=np.array([[b"a", b"b"], [b"c", b""]])),
-            (),
-            2,
-            id="numpy-bytes-array-is-bytes",
-        ),
-        pytest.param(
-            FIXED,
-            {"scale": np.float32(2.0) * np.ones((), np.float32), "x": np.zeros((7, 3), np.float32)},
-            ("y",),
-            1,
-            id="non-batching-returns-1",
-        ),
-        pytest.param(
-            FIXED,
-            {"x": np.zeros((0, 3), np.float32), "scale": np.zeros((), np.float32)},
-            (),
-            1,
-            id="non-batching-any-order-empty-axis",
-        ),
-    ],
-)
+VALID = [
+    pytest.param(BATCHING, _batch(1), (), 1, id="batch-1"),
+    pytest.param(BATCHING, _batch(4), ("labels", "scores"), 4, id="batch-max"),
+    pytest.param(
+        BATCHING,
+        _batch(3, image=np.zeros((3, 3, 0), np.float32)),
+        (),
+        3,
+        id="zero-size-dynamic-dim",
+    ),
+    pytest.param(
+        BATCHING,
+        _batch(2, text=np.array([["a", "b"], ["c", "d"]])),
+        (),
+        2,
+        id="str-array-is-bytes",
+    ),
+    pytest.param(
+        BATCHING,
+        _batch(2, text=np.array([[b"a", b"b"], [b"c", b""]])),
+        (),
+        2,
+        id="numpy-bytes-array-is-bytes",
+    ),
+    pytest.param(
+        FIXED,
+        {"scale": np.float32(2.0) * np.ones((), np.float32), "x": np.zeros((7, 3), np.float32)},
+        ("y",),
+        1,
+        id="non-batching-returns-1",
+    ),
+    pytest.param(
+        FIXED,
+        {"x": np.zeros((0, 3), np.float32), "scale": np.zeros((), np.float32)},
+        (),
+        1,
+        id="non-batching-any-order-empty-axis",
+    ),
+]
+
+
+@pytest.mark.parametrize(("signature", "inputs", "outputs", "batch"), VALID)
 def test_valid_requests(
     signature: Signature, inputs: dict[str, Array], outputs: tuple[str, ...], batch: int
 ) -> None:
@@ -241,3 +242,38 @@ def test_array_without_datatype_is_invalid_input() -> None:
 def test_big_endian_input_validates() -> None:
     inputs = _batch(2, image=np.zeros((2, 3, 5), ">f4"))
     assert validate_request(_request(inputs), BATCHING) == 2
+
+
+# -- the inputs alone (AddSamples): the same checks, the same messages ---------------------
+
+
+@pytest.mark.parametrize(("signature", "inputs", "outputs", "batch"), VALID)
+def test_valid_inputs_give_the_requests_batch(
+    signature: Signature, inputs: dict[str, Array], outputs: tuple[str, ...], batch: int
+) -> None:
+    assert validate_inputs("net", inputs, signature) == batch
+
+
+INPUT_ERRORS = [case for case in INVALID if not case.values[2]]  # no requested outputs
+
+
+@pytest.mark.parametrize(("signature", "inputs", "outputs", "tensor", "match"), INPUT_ERRORS)
+def test_invalid_inputs_are_refused_as_in_a_request(
+    signature: Signature,
+    inputs: dict[str, Array],
+    outputs: tuple[str, ...],
+    tensor: str,
+    match: str,
+) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(match)) as alone:
+        validate_inputs("net", inputs, signature)
+    assert f"'{tensor}'" in str(alone.value)
+    with pytest.raises(InvalidInputError) as in_request:
+        validate_request(_request(inputs, outputs), signature)
+    assert str(alone.value) == str(in_request.value)
+
+
+def test_inputs_name_the_model_they_were_meant_for() -> None:
+    inputs = {**_batch(1), "mask": np.zeros((1,), np.bool_)}
+    with pytest.raises(InvalidInputError, match="unknown input tensor 'mask' for model 'digits'"):
+        validate_inputs("digits", inputs, BATCHING)

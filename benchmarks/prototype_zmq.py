@@ -1,0 +1,119 @@
+"""Minimal ZeroMQ prototype server: plain pyzmq, one I/O thread polling a ROUTER, the
+condition-variable batcher of prototype_batcher.py (2 x 1-thread sessions), a lone request run
+inline on the I/O thread. It speaks edged's ZeroMQ wire format (docs/zmq-protocol.md: a JSON
+header frame, one raw frame per tensor), so edged's clients drive it unchanged.
+
+    .venv/bin/python benchmarks/prototype_zmq.py MODEL.onnx [--workers 2] [--inline-threads 2]
+
+Prints {"zmq": ENDPOINT} on stdout once bound; serves until SIGTERM. A benchmark baseline only
+(benchmarks/serving.py --servers proto-zmq): no validation beyond what decoding needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from prototype_batcher import KSERVE_DTYPE, NUMPY_DTYPE, Batcher, Outputs
+
+REPLY_ENDPOINT = "inproc://replies"
+
+
+class Server:
+    def __init__(self, model: Path, workers: int, inline_threads: int) -> None:
+        self.batcher = Batcher(model, workers=workers, inline_threads=inline_threads)
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.replies = self.context.socket(zmq.PULL)
+        self.replies.bind(REPLY_ENDPOINT)
+        self._local = threading.local()
+        self._specs: dict[tuple[Any, ...], bytes] = {}
+        self._stop = threading.Event()
+
+    def _reply_frames(self, identity: Any, rid: bytes, outs: Outputs) -> list[Any]:
+        key = tuple((o.dtype, o.shape) for o in outs)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = json.dumps(
+                [
+                    {"name": n, "datatype": KSERVE_DTYPE[o.dtype], "shape": list(o.shape)}
+                    for n, o in zip(self.batcher.output_names, outs, strict=True)
+                ],
+                separators=(",", ":"),
+            ).encode()
+            self._specs[key] = spec
+        header = b'{"v":1,"id":' + rid + b',"ok":true,"version":"1","outputs":' + spec + b"}"
+        return [identity, header, *(np.ascontiguousarray(o) for o in outs)]
+
+    def _from_worker(self, identity: Any, rid: bytes) -> Any:
+        def done(outs: Outputs) -> None:  # on a worker thread: its own PUSH to the I/O thread
+            push = getattr(self._local, "push", None)
+            if push is None:
+                push = self._local.push = self.context.socket(zmq.PUSH)
+                push.connect(REPLY_ENDPOINT)
+            push.send_multipart(self._reply_frames(identity, rid, outs), copy=False)
+
+        return done
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity, head, *tensors = frames
+        header = json.loads(head.bytes)
+        rid = json.dumps(str(header.get("id", ""))).encode()
+        if header.get("op") != "infer":
+            result = b'{"live":true,"ready":true}'
+            reply = b'{"v":1,"id":' + rid + b',"ok":true,"result":' + result + b"}"
+            self.router.send_multipart([identity, reply], copy=False)
+            return
+        spec = header["inputs"][0]
+        x = np.frombuffer(tensors[0].buffer, NUMPY_DTYPE[spec["datatype"]]).reshape(spec["shape"])
+        outs = self.batcher.submit(x, self._from_worker(identity, rid))
+        if outs is not None:  # ran inline on this (the I/O) thread
+            self.router.send_multipart(self._reply_frames(identity, rid, outs), copy=False)
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.replies, zmq.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(poller.poll(200))
+            if self.replies in ready:
+                while True:
+                    try:
+                        out = self.replies.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.router.send_multipart(out, copy=False)
+            if self.router in ready:
+                while True:
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+        self.batcher.close()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--inline-threads", type=int, default=2, help="0: never run inline")
+    args = parser.parse_args()
+    server = Server(args.model, args.workers, args.inline_threads)
+    signal.signal(signal.SIGTERM, server.stop)
+    print(json.dumps({"zmq": f"tcp://127.0.0.1:{server.port}"}), flush=True)
+    server.serve()
+
+
+if __name__ == "__main__":
+    main()

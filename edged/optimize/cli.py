@@ -1,0 +1,171 @@
+"""``edged optimize``'s arguments and output; edged/cli.py adds the command from here. Light
+to import: the methods load onnx, onnxruntime.quantization and matplotlib only when run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edged.core.errors import EdgedError
+from edged.optimize import gate
+from edged.optimize.gate import DEFAULT_MIN_AGREEMENT
+from edged.optimize.report import table
+
+DESCRIPTION = """\
+Compress MODEL (an .onnx file, a model folder, a version folder or an edged bundle) and keep
+only what stays within the budget. Every method makes a variant, which is measured against
+the original: size, gzip size, batch-1 latency and throughput on each present executor that
+runs ONNX (through the HAL), peak memory, and quality on held-out samples never used for
+calibration (task accuracy when the samples carry labels, else top-1 agreement and output
+error). A variant within the budget is written as OUT/<method>/<model>/ (model.toml,
+1/model.onnx, 1/optimize.json with its lineage), ready for `edged-fleet bundle
+OUT/<method>/<model> --version V --source OUT/<method>/<model>/1`; one over budget is never
+written. OUT/report.json and OUT/pareto.png hold every variant.
+
+DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
+by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).
+Default budget: --min-agreement 0.99. docs/optimize.md has the methods and figures."""
+
+
+def add_command(commands: Any) -> None:
+    """Add ``optimize`` to edged's sub-commands (``commands``: argparse's subparsers)."""
+    p = commands.add_parser(
+        "optimize",
+        help="quantise, prune or distil a model; keep the variants within a budget",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="calibration samples (a share is held out unless --holdout is given)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where accepted variants, report.json and pareto.png go",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        metavar="M[,M...]",
+        help="comma-separated methods (default: int8-static-minmax, int8-static-entropy, "
+        "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
+        "prune-magnitude, prune-structured, and for [learn] models head-prune, distil, qat)",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="P",
+        help="at most P points of accuracy lost (of agreement without labels)",
+    )
+    budget.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="F",
+        help=f"at least F top-1 agreement (default {DEFAULT_MIN_AGREEMENT})",
+    )
+    p.add_argument(
+        "--holdout",
+        type=Path,
+        metavar="DIR",
+        help="held-out samples to judge with (default: a share of --calibration)",
+    )
+    p.add_argument(
+        "--holdout-share",
+        type=float,
+        default=0.25,
+        metavar="S",
+        help="share of --calibration held out when --holdout is not given (0.25)",
+    )
+    p.add_argument(
+        "--output", metavar="NAME", help="the output quality is judged on (default: the first)"
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="at most N samples feed the calibrators (64)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="share of weights (magnitude) or hidden units (structured) pruned (0.5)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=50,
+        metavar="N",
+        help="batch-1 inferences timed per variant and executor (50)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="intra-op threads while timing (1, as the daemon on a small gateway)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per variant instead of the table"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``edged optimize``; 0 when at least one variant was accepted, 1 when none was,
+    2 on an unusable model, folder or option (named on stderr)."""
+    from edged.optimize.methods import DEFAULT_METHODS, Options  # noqa: PLC0415 - onnx, onnxruntime.quantization
+    from edged.optimize.run import Settings, optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
+
+    def say(line: str) -> None:
+        if not args.json:
+            sys.stderr.write(f"edged optimize: {line}\n")
+
+    try:
+        methods = (
+            tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            if args.methods
+            else DEFAULT_METHODS
+        )
+        settings = Settings(
+            methods=methods,
+            budget=gate.Budget.of(args.max_accuracy_drop, args.min_agreement),
+            holdout=args.holdout,
+            holdout_share=args.holdout_share,
+            output=args.output,
+            options=Options(
+                calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
+            ),
+            runs=max(1, args.runs),
+            threads=max(1, args.threads),
+            plot=not args.no_plot,
+        )
+        result = optimize(args.model, args.calibration, args.out, settings, say)
+    except EdgedError as e:
+        sys.stderr.write(f"edged optimize: {e}\n")
+        return 2
+    except ImportError as e:
+        sys.stderr.write(f"edged optimize: {e}: install the optimize extra (edged[optimize])\n")
+        return 2
+    if args.json:
+        for r in result.reports:
+            sys.stdout.write(json.dumps(r.to_json(), sort_keys=True, default=str) + "\n")
+    else:
+        sys.stdout.write(table(result.reports))
+        sys.stdout.write(f"report: {result.report_path}\n")
+        if result.plot_path is not None:
+            sys.stdout.write(f"plot:   {result.plot_path}\n")
+    return 0 if any(r.accepted for r in result.reports[1:]) else 1

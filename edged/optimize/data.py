@@ -1,0 +1,262 @@
+"""What ``edged optimize`` reads: the model to compress and the samples to calibrate and
+judge it with. Reading only; nothing here writes.
+
+A model is an ``.onnx`` file, an edged model folder (``model.toml`` and version folders; the
+version ACTIVE names, else the highest), one version folder, or an edged bundle
+(``.tar.gz``, unpacked with the OTA archive rules into a temporary folder).
+
+Samples are a folder of ``.npy`` files named after the model's inputs (``input.npy``) and/or
+``.npz`` archives keyed by input name; every array has the samples on axis 0, and files of
+one input are concatenated in name order. A ``labels`` (or ``label``) array, integers of
+shape ``(N,)``, makes quality the task accuracy rather than agreement with the original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edged.core.errors import EdgedError
+from edged.optimize.errors import OptimizeError
+from edged.ota.archive import extract
+from edged.serving.repository import MODEL_TOML
+from edged.serving.versions import parse_version, read_active
+
+LABEL_KEYS = ("labels", "label")
+"""Array names read as task labels rather than model inputs."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model to optimise: its ONNX file and, when it came from a model folder, that
+    folder's model.toml text (copied beside every variant written)."""
+
+    path: Path
+    name: str
+    model_toml: str = ""
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the ONNX file (the parent in a variant's lineage)."""
+        return file_sha256(self.path)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Model inputs keyed by input name, all with the same number of rows, and the labels
+    when the data has them."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def rows(self, index: slice | np.ndarray) -> Samples:
+        """The samples ``index`` selects (a slice or integer indices)."""
+        labels = None if self.labels is None else self.labels[index]
+        return Samples({k: v[index] for k, v in self.inputs.items()}, labels)
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
+        """The inputs in consecutive batches of at most ``size`` rows."""
+        for start in range(0, len(self), size):
+            yield {k: v[start : start + size] for k, v in self.inputs.items()}
+
+    def sha256(self) -> str:
+        """Hex SHA-256 over names, dtypes, shapes and bytes (the calibration set's identity
+        in a variant's lineage)."""
+        digest = hashlib.sha256()
+        arrays = dict(self.inputs)
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        for name in sorted(arrays):
+            a = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            digest.update(a.tobytes())
+        return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def open_model(path: Path) -> Iterator[ModelSource]:
+    """The ONNX model at ``path`` (see the module docstring for what ``path`` may be); a
+    bundle is unpacked into a temporary folder that lives as long as the context.
+
+    Raises:
+        OptimizeError: nothing ONNX to optimise there, or an unreadable bundle (named).
+    """
+    path = Path(path)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory(prefix="edged-optimize-") as tmp:
+            try:
+                root = extract(path, Path(tmp))
+            except (EdgedError, OSError) as e:
+                raise OptimizeError(f"{path}: not a usable edged bundle: {e}") from e
+            source = _from_folder(root, path)
+            yield ModelSource(source.path, _bundle_name(root, path), source.model_toml)
+        return
+    yield _locate(path)
+
+
+def _bundle_name(root: Path, bundle: Path) -> str:
+    try:
+        data = tomllib.loads((root / "bundle.toml").read_text(encoding="utf-8"))
+        return str(data.get("name") or bundle.name.split(".")[0])
+    except (OSError, tomllib.TOMLDecodeError):
+        return bundle.name.split(".")[0]
+
+
+def _locate(path: Path) -> ModelSource:
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise OptimizeError(
+                f"{path}: not an ONNX model (.onnx), model folder or bundle (.tar.gz); "
+                "LiteRT (.tflite) models are not optimised here: docs/optimize.md"
+            )
+        return ModelSource(path, path.stem)
+    if not path.is_dir():
+        raise OptimizeError(f"{path}: no such file or folder")
+    return _from_folder(path, path)
+
+
+def _from_folder(folder: Path, named: Path) -> ModelSource:
+    toml_path = folder / MODEL_TOML
+    model_toml = toml_path.read_text(encoding="utf-8") if toml_path.is_file() else ""
+    name = folder.resolve().name
+    if model_toml:
+        try:
+            name = str(tomllib.loads(model_toml).get("name") or name)
+        except tomllib.TOMLDecodeError as e:
+            raise OptimizeError(f"{toml_path}: {e}") from e
+    if (folder / "model.onnx").is_file():  # a version folder, or an unpacked bundle
+        parent = folder.parent / MODEL_TOML
+        if not model_toml and parent.is_file() and parse_version(folder.name):
+            model_toml = parent.read_text(encoding="utf-8")
+            name = folder.parent.resolve().name
+        return ModelSource(folder / "model.onnx", name, model_toml)
+    try:
+        active = read_active(folder)
+    except EdgedError as e:
+        raise OptimizeError(f"{folder}: {e}") from e
+    versions = sorted(v for p in folder.iterdir() if (v := parse_version(p.name)) is not None)
+    chosen = max(active) if active else (versions[-1] if versions else None)
+    if chosen is None or not (folder / str(chosen) / "model.onnx").is_file():
+        raise OptimizeError(
+            f"{named}: no model.onnx in it or in its version folder "
+            f"({', '.join(map(str, versions)) or 'none'})"
+        )
+    return ModelSource(folder / str(chosen) / "model.onnx", name, model_toml)
+
+
+def load_samples(folder: Path, inputs: Sequence[str], what: str = "--calibration") -> Samples:
+    """The samples in ``folder`` for a model whose inputs are ``inputs``.
+
+    Raises:
+        OptimizeError: not a folder, an unreadable file, an input with no data, a name that
+            is no input, rows that differ between inputs, or labels that are not integers of
+            shape (N,); the message names the file or input and ``what`` (the option).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OptimizeError(f"{what} {folder}: not a folder of .npy/.npz files")
+    parts: dict[str, list[np.ndarray]] = {}
+    for file in sorted(folder.iterdir()):
+        if file.suffix == ".npy":
+            parts.setdefault(file.stem, []).append(_load_npy(file, what))
+        elif file.suffix == ".npz":
+            for key, array in _load_npz(file, what).items():
+                parts.setdefault(key, []).append(array)
+    labels_parts = [a for k in LABEL_KEYS for a in parts.pop(k, [])]
+    unknown = sorted(set(parts) - set(inputs))
+    if unknown:
+        raise OptimizeError(
+            f"{what} {folder}: {', '.join(unknown)} is not an input of the model "
+            f"(inputs: {', '.join(inputs)}; labels go in 'labels')"
+        )
+    missing = [name for name in inputs if name not in parts]
+    if missing:
+        raise OptimizeError(
+            f"{what} {folder}: no data for input {', '.join(missing)} "
+            f"(a {missing[0]}.npy file, or an .npz array named {missing[0]!r})"
+        )
+    arrays = {name: _concat(parts[name], f"{what} input {name!r}") for name in inputs}
+    counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise OptimizeError(f"{what} {folder}: inputs have different sample counts {counts}")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise OptimizeError(f"{what} {folder}: no samples")
+    labels = None
+    if labels_parts:
+        labels = _concat(labels_parts, f"{what} labels")
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise OptimizeError(
+                f"{what} {folder}: labels must be integers of shape ({n},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+    return Samples(arrays, labels)
+
+
+def split(samples: Samples, holdout_share: float, seed: int = 0) -> tuple[Samples, Samples]:
+    """(calibration, held-out): a seeded random ``holdout_share`` of the rows (at least one)
+    is held out; the two never share a row.
+
+    Raises:
+        OptimizeError: fewer than two samples, or a share outside (0, 1).
+    """
+    if not 0 < holdout_share < 1:
+        raise OptimizeError(f"--holdout-share must be between 0 and 1, got {holdout_share}")
+    n = len(samples)
+    if n < 2:
+        raise OptimizeError(
+            "need at least two samples: one to calibrate with and one held out to judge the "
+            "variants (or give the held-out set apart with --holdout)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, round(n * holdout_share))
+    return samples.rows(np.sort(order[held:])), samples.rows(np.sort(order[:held]))
+
+
+def _load_npy(file: Path, what: str) -> np.ndarray:
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise OptimizeError(f"{what} {file}: not a readable .npy array: {e}") from e
+    return _checked(array, f"{what} {file}")
+
+
+def _load_npz(file: Path, what: str) -> Mapping[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            return {k: _checked(archive[k], f"{what} {file}[{k}]") for k in archive.files}
+    except (OSError, ValueError) as e:
+        raise OptimizeError(f"{what} {file}: not a readable .npz archive: {e}") from e
+
+
+def _checked(array: np.ndarray, where: str) -> np.ndarray:
+    if array.ndim == 0:
+        raise OptimizeError(f"{where}: a scalar; samples go on axis 0")
+    if array.dtype.kind not in "biuf":
+        raise OptimizeError(f"{where}: dtype {array.dtype} is not numeric")
+    return array
+
+
+def _concat(arrays: list[np.ndarray], where: str) -> np.ndarray:
+    try:
+        return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    except ValueError as e:
+        raise OptimizeError(f"{where}: files do not concatenate on axis 0: {e}") from e

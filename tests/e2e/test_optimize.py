@@ -1,0 +1,118 @@
+"""edged optimize into the pipeline, end to end: optimise the example digits model (INT8
+static, real onnxruntime.quantization), bundle the accepted variant with ``edged-fleet
+bundle``, publish it to a real TUF repository served on 127.0.0.1, roll it out to a real
+daemon process with StartUpdate, and serve it over gRPC with the stock Triton client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+from sklearn.datasets import load_digits
+
+from edged._proto.edged.v1 import management_pb2 as mpb
+from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
+from edged.serving.versions import read_active
+from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
+from tests.tuf_fixtures import ServedFleetRepo
+
+pytestmark = pytest.mark.slow
+
+METHOD = "int8-static-minmax"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_an_optimised_model_is_bundled_rolled_out_over_tuf_and_served(tmp_path: Path) -> None:
+    data = load_digits()
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.savez(
+        calibration / "digits.npz",
+        input=data.data[:800].astype(np.float32),
+        labels=data.target[:800].astype(np.int64),
+    )
+    out = tmp_path / "optimized"
+    run = _cli(
+        "-m", "edged.cli", "optimize", str(EXAMPLE_MODELS / "digits"),
+        "--calibration", str(calibration), "--out", str(out), "--methods", METHOD,
+        "--max-accuracy-drop", "1.0", "--runs", "3", "--no-plot", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    original, variant = (json.loads(line) for line in run.stdout.splitlines())
+    assert variant["accepted"], variant["reason"]
+    assert variant["size_bytes"] < original["size_bytes"]
+    model_dir = out / METHOD / "digits"
+    assert variant["path"] == str(model_dir / "1" / "model.onnx")
+
+    bundle = tmp_path / "digits-2.tar.gz"
+    run = _cli(
+        "-m", "edged.fleet", "bundle", str(model_dir), "--version", "2",
+        "--source", str(model_dir / "1"), "--out", str(bundle),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    with tarfile.open(bundle) as tar:
+        names = tar.getnames()
+        lineage_member = next(n for n in names if n.endswith("optimize.json"))
+        lineage = json.loads(tar.extractfile(lineage_member).read())  # type: ignore[union-attr]
+    assert lineage["method"] == METHOD  # the rollout carries its evidence
+    assert lineage["parent"]["name"] == "digits"
+
+    models = tmp_path / "models"
+    shutil.copytree(EXAMPLE_MODELS / "digits", models / "digits")
+    with ServedFleetRepo(tmp_path / "fleet") as fleet:
+        fleet.publish(bundle)
+        env = {
+            "EDGED_OTA_REPOSITORY_URL": fleet.url,
+            "EDGED_OTA_ROOT": str(fleet.root_path),
+            "EDGED_OTA_STATE_DIR": str(tmp_path / "state"),
+            "EDGED_OTA_HEALTH_WINDOW_S": "0.5",
+            "EDGED_OTA_HEALTH_MIN_REQUESTS": "0",
+            "EDGED_OTA_MIN_FREE_BYTES": str(1024 * 1024),
+            "EDGED_MODELS_INSTANCES": "1",
+        }
+        daemon = DaemonProcess(["--models", str(models), "--grpc-address", "127.0.0.1:0"], env=env)
+        try:
+            daemon.wait_live()
+            daemon.wait_for("server_ready", timeout=60)
+            import grpc
+
+            with grpc.insecure_channel(daemon.address) as channel:
+                stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
+                reply = stub.StartUpdate(
+                    mpb.StartUpdateRequest(model="digits", version="2", wait=True), timeout=120
+                )
+            assert reply.started, reply.reason
+            state = mpb.UpdateState.Name(reply.status.state)
+            assert state == "UPDATE_STATE_COMMITTED", reply.status.last_error
+            assert read_active(models / "digits") == [2]
+
+            x = data.data[1500:1532].astype(np.float32)
+            client = triton.InferenceServerClient(daemon.address)
+            try:
+                tensor = triton.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                result = client.infer("digits", [tensor])
+            finally:
+                client.close()
+            assert result.get_response().model_version == "2"
+            served = result.as_numpy("probabilities")
+            session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
+            (expected,) = session.run(["probabilities"], {"input": x})
+            np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+            labels = result.as_numpy("label")
+            assert np.mean(labels == data.target[1500:1532]) > 0.9
+        finally:
+            assert daemon.stop() == 0, daemon.stderr
