@@ -182,6 +182,7 @@ class Scheduler:
         self._waiting = 0
         self._free: deque[LoadedModel] = deque(self._instances)
         self._running: set[_Running] = set()
+        self._ready: deque[_Running] = deque()  # dispatched to a worker, not started yet
         self._stuck: set[LoadedModel] = set()
         self._paused = False
         self._closed = False
@@ -303,15 +304,20 @@ class Scheduler:
                     f"model {self._label}: queue is full ({queueing.max_queue_size} waiting)"
                 )
             if (
-                inline
-                and self._inline
-                and not self._waiting
+                not self._waiting
                 and not self._paused
                 and len(self._free) == len(self._instances)
                 and take(self._batching, (size,), 0)
             ):
+                # idle, and the policy would not wait for company: it runs now (on this
+                # thread, or handed to a worker), never counted as waiting
                 run = self._begin_locked(self._free.popleft(), [pending], now)
-                run.inline = True
+                if inline and self._inline:
+                    run.inline = True
+                else:
+                    self._ready.append(run)
+                    self._work.notify()
+                    run = None
             else:
                 self._queues[level - 1].append(pending)
                 self._waiting += 1
@@ -406,25 +412,32 @@ class Scheduler:
     def _worker(self) -> None:
         while True:
             with self._lock:
-                while True:
-                    if self._closed:
-                        return
-                    if self._waiting and not self._paused and self._free:
-                        batch, wait_s, expired = self._take_locked()
-                        if batch or expired:
-                            break
-                        self._work.wait(wait_s)
-                    else:
-                        self._work.wait()
-                run = (
-                    self._begin_locked(self._free.popleft(), batch, time.monotonic_ns())
-                    if batch
-                    else None
-                )
+                run, expired = self._next_locked()
+                if run is None and not expired:
+                    return  # stopped
             for p in expired:
                 self._answer(p, self._deadline_error(p))
             if run is not None:
                 self._execute(run)
+
+    def _next_locked(self) -> tuple[_Running | None, list[Pending]]:
+        """Wait for work: a request dispatched while idle, else a batch from the queue
+        (and the expired requests dropped taking it); (None, []) once stopped."""
+        while True:
+            if self._ready:  # dispatched while idle (runs even if stopping)
+                return self._ready.popleft(), []
+            if self._closed:
+                return None, []
+            if self._waiting and not self._paused and self._free:
+                batch, wait_s, expired = self._take_locked()
+                if batch:
+                    now = time.monotonic_ns()
+                    return self._begin_locked(self._free.popleft(), batch, now), expired
+                if expired:
+                    return None, expired
+                self._work.wait(wait_s)
+            else:
+                self._work.wait()
 
     # -- running a batch -------------------------------------------------------------------
 
