@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from edged.core.errors import InvalidInputError
 from edged.core.types import Array, InferRequest
@@ -51,24 +50,33 @@ def _outcome(frames: Sequence[wire.Frame]) -> tuple[dict[str, Any], dict[str, Ar
     return header, outputs
 
 
-def _request(
+def _samples(
+    request_id: str,
     model: str,
     inputs: Mapping[str, Array],
-    outputs: Sequence[str] | None,
-    version: str,
-    parameters: Mapping[str, Any] | None,
-) -> InferRequest:
-    return InferRequest(
-        model_name=model,
-        model_version=version,
-        inputs=dict(inputs),
-        requested_outputs=tuple(outputs or ()),
-        parameters=dict(parameters or {}),
+    labels: Sequence[int],
+    auth: Mapping[str, Any],
+) -> list[wire.Frame]:
+    request = InferRequest(model_name=model, inputs=dict(inputs))
+    return wire.encode_request(
+        "add_samples", request_id, request=request, labels=[int(v) for v in labels], **auth
     )
 
 
+def _socket(
+    context: zmq.Context[zmq.Socket[bytes]], address: str, curve: CurveKeys | None
+) -> zmq.Socket[bytes]:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(socket)
+    socket.connect(address)
+    return socket
+
+
 class ZmqClient:
-    """A synchronous client over one DEALER socket."""
+    """A synchronous client over one DEALER socket: no event loop, no threads; an infer
+    request's header is encoded once per model and input layout (only its id changes)."""
 
     def __init__(
         self,
@@ -78,14 +86,11 @@ class ZmqClient:
         token: str | None = None,
         curve: CurveKeys | None = None,
     ) -> None:
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve.apply(self._socket)
-        self._socket.connect(address)
+        self._socket: zmq.Socket[bytes] = _socket(zmq.Context.instance(), address, curve)
         self._auth: dict[str, Any] = {"token": token} if token else {}
+        self._encoder = wire.RequestEncoder(**self._auth)
         self._timeout = timeout
+        self._receive_ms = -2  # RCVTIMEO now set on the socket (-2: not yet)
         self._ids = itertools.count(1)
 
     def __enter__(self) -> ZmqClient:
@@ -101,17 +106,23 @@ class ZmqClient:
     def _call(
         self, frames: list[wire.Frame], request_id: str, timeout: float | None
     ) -> tuple[dict[str, Any], dict[str, Array]]:
+        limit = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         self._socket.send_multipart(frames, copy=False)
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        wait_ms = max(0, int(limit * 1000))
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(int(left * 1000)):
-                limit = self._timeout if timeout is None else timeout
-                raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s")
-            reply = self._socket.recv_multipart(copy=False)
+            if wait_ms != self._receive_ms:  # the same timeout call after call: set once
+                self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._receive_ms = wait_ms
+            try:
+                reply = self._socket.recv_multipart(copy=False)
+            except zmq.Again:
+                raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
             header, outputs = _outcome([f.buffer for f in reply])
             if header.get("id") == request_id:  # replies to requests that timed out are dropped
                 return header, outputs
+            # a stale reply: wait for what is left of this request's time
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
 
     def _next_id(self) -> str:
         return f"c{next(self._ids)}"
@@ -131,12 +142,7 @@ class ZmqClient:
             ZmqClientError: the daemon refused or failed the request, or no reply in time.
         """
         rid = self._next_id()
-        frames = wire.encode_request(
-            "infer",
-            rid,
-            request=_request(model, inputs, outputs, version, parameters),
-            **self._auth,
-        )
+        frames = self._encoder.infer(rid, model, inputs, outputs or (), version, parameters)
         return self._call(frames, rid, timeout)[1]
 
     def _op(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -173,13 +179,7 @@ class ZmqClient:
             ZmqClientError: the daemon refused the samples, or no reply in time.
         """
         rid = self._next_id()
-        frames = wire.encode_request(
-            "add_samples",
-            rid,
-            request=_request(model, inputs, None, "", None),
-            labels=[int(v) for v in labels],
-            **self._auth,
-        )
+        frames = _samples(rid, model, inputs, labels, self._auth)
         result: dict[str, Any] = self._call(frames, rid, None)[0]["result"]
         return result
 
@@ -189,7 +189,11 @@ class ZmqClient:
 
 
 class AsyncZmqClient:
-    """An asyncio client: any number of requests in flight on one DEALER socket."""
+    """An asyncio client: any number of requests in flight on one DEALER socket.
+
+    A plain socket watched by the event loop (``add_reader`` on its descriptor): a send
+    goes straight out, and every reply that arrived is read at once and settles its
+    request's future; a timer per request only when the reply is late."""
 
     def __init__(
         self,
@@ -199,17 +203,14 @@ class AsyncZmqClient:
         token: str | None = None,
         curve: CurveKeys | None = None,
     ) -> None:
-        self._context = zmq.asyncio.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve.apply(self._socket)
-        self._socket.connect(address)
+        self._socket: zmq.Socket[bytes] = _socket(zmq.Context.instance(), address, curve)
         self._auth: dict[str, Any] = {"token": token} if token else {}
+        self._encoder = wire.RequestEncoder(**self._auth)
         self._timeout = timeout
         self._ids = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[list[zmq.Frame]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[bytes, asyncio.Future[list[zmq.Frame]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
 
     async def __aenter__(self) -> AsyncZmqClient:
         return self
@@ -218,37 +219,58 @@ class AsyncZmqClient:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the reader and close the socket."""
-        if self._reader is not None:
-            self._reader.cancel()
+        """Stop watching the socket and close it."""
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+        for future in self._waiting.values():
+            if not future.done():
+                future.cancel()
+        self._waiting.clear()
         self._socket.close(0)
 
-    async def _read(self) -> None:
-        while True:
-            reply = await self._socket.recv_multipart(copy=False)
-            try:
-                header = wire.read_header(reply[0].buffer) if reply else {}
-            except InvalidInputError:
-                continue
-            future = self._waiting.pop(str(header.get("id")), None)
+    def _watch(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop since
+            self._loop = loop
+            self._fd = int(self._socket.getsockopt(zmq.FD))
+            loop.add_reader(self._fd, self._read)
+        return loop
+
+    def _read(self) -> None:
+        """Every reply that has arrived, each to the request waiting for it (the socket's
+        descriptor is edge-triggered: read until there is none)."""
+        socket = self._socket
+        while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            reply = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            future = self._waiting.pop(_reply_id(reply), None)
             if future is not None and not future.done():
                 future.set_result(reply)
 
     async def _call(
         self, frames: list[wire.Frame], request_id: str, timeout: float | None
     ) -> tuple[dict[str, Any], dict[str, Array]]:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-        future: asyncio.Future[list[zmq.Frame]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        loop = self._watch()
+        future: asyncio.Future[list[zmq.Frame]] = loop.create_future()
+        key = request_id.encode()
+        self._waiting[key] = future
+        limit = self._timeout if timeout is None else timeout
+        timer = loop.call_later(limit, _expire, future)
         try:
-            await self._socket.send_multipart(frames, copy=False)
-            limit = self._timeout if timeout is None else timeout
-            reply = await asyncio.wait_for(future, limit)
+            while True:
+                try:
+                    self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:  # the send queue is full: let replies drain
+                    await asyncio.sleep(0.001)
+            # a reply may have arrived while sending; the descriptor may not signal it
+            self._read()
+            reply = await future
         except TimeoutError:
             raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
         finally:
-            self._waiting.pop(request_id, None)
+            timer.cancel()
+            self._waiting.pop(key, None)
         return _outcome([f.buffer for f in reply])
 
     def _next_id(self) -> str:
@@ -265,12 +287,7 @@ class AsyncZmqClient:
     ) -> dict[str, Array]:
         """Run ``model`` on ``inputs``; see ``ZmqClient.infer``."""
         rid = self._next_id()
-        frames = wire.encode_request(
-            "infer",
-            rid,
-            request=_request(model, inputs, outputs, version, parameters),
-            **self._auth,
-        )
+        frames = self._encoder.infer(rid, model, inputs, outputs or (), version, parameters)
         return (await self._call(frames, rid, timeout))[1]
 
     async def _op(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -302,16 +319,35 @@ class AsyncZmqClient:
     ) -> dict[str, Any]:
         """See ``ZmqClient.add_samples``."""
         rid = self._next_id()
-        frames = wire.encode_request(
-            "add_samples",
-            rid,
-            request=_request(model, inputs, None, "", None),
-            labels=[int(v) for v in labels],
-            **self._auth,
-        )
+        frames = _samples(rid, model, inputs, labels, self._auth)
         result: dict[str, Any] = (await self._call(frames, rid, None))[0]["result"]
         return result
 
     async def server_metadata(self) -> dict[str, Any]:
         """See ``ZmqClient.server_metadata``."""
         return await self._op("server_metadata")
+
+
+def _expire(future: asyncio.Future[list[zmq.Frame]]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _reply_id(reply: Sequence[zmq.Frame]) -> bytes:
+    """A reply's request id: read from the header's head when it is written as edged
+    writes it (``"id":"..."`` right after ``"v"``, compact), else from the parsed header;
+    b"" when it has none."""
+    if not reply:
+        return b""
+    head = reply[0].bytes[:256]
+    start = head.find(b'"id":"')
+    if start >= 0:
+        start += 6
+        end = head.find(b'"', start)
+        if end > 0 and b"\\" not in head[start:end]:
+            return head[start:end]
+    try:
+        rid = wire.read_header(reply[0].buffer).get("id")
+    except InvalidInputError:
+        return b""
+    return rid.encode() if isinstance(rid, str) else b""

@@ -7,12 +7,24 @@ Thin like the gRPC frontend: frames in -> edged.core types -> the data plane (or
 as ``zmq/<op>`` once its header is read, before its tensors are decoded; the bearer token
 rides in the header's ``token``. With CURVE configured, tcp:// endpoints are served by a
 CURVE socket (clients named ``curve:<public key>``) and ipc:// endpoints by a plain one.
+
+The hot path is off the event loop. One I/O thread owns the sockets (ROUTER sockets are not
+thread-safe) and polls them with ``zmq.Poller``; an "infer" request whose tensors decode
+cheaply is decoded there and handed straight to the model's batcher
+(``DataPlane.submit``). A lone request on an idle model runs right there, on the I/O thread;
+under load requests queue and the model's instance threads batch them. Replies from other
+threads come back through a queue and a wake-up pipe the poller watches, and leave as
+zero-copy frames. Everything else (health, metadata, add_samples, requests whose tensors
+are costly to decode) is answered on the event loop, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +32,6 @@ from typing import Any
 import numpy as np
 import structlog
 import zmq
-import zmq.asyncio
 
 from edged.controlplane import ControlPlane
 from edged.core.errors import (
@@ -31,12 +42,18 @@ from edged.core.errors import (
     clip_message,
 )
 from edged.core.status import code_of
+from edged.core.types import InferResponse
 from edged.frontends import zmq_wire as wire
 from edged.security.access import AccessControl, Credentials, Decision, audited
 from edged.security.curve import IDENTITY_PREFIX, CurveServer
 from edged.serving.dataplane import DataPlane
 
 log = structlog.get_logger("edged.zmq")
+
+#: messages read from one socket per poll before the others get a turn
+READ_BURST = 64
+
+Socket = zmq.Socket[bytes]
 
 
 def bindable(address: str) -> str:
@@ -46,8 +63,35 @@ def bindable(address: str) -> str:
     return address
 
 
+def error_reply(request_id: str, error: BaseException) -> tuple[str, list[wire.Frame]]:
+    """The status code and reply frames for ``error``: the one place this frontend maps
+    errors to its wire (an EdgedError to its code, anything else to INTERNAL, logged)."""
+    if isinstance(error, EdgedError):
+        code = code_of(error)
+        message = clip_message(str(error))
+        log.info("zmq_refused", request_id=clip(request_id), error=message, status=code)
+        return code, wire.encode_error(request_id, code, message)
+    log.error("zmq_failed", request_id=clip(request_id), exc_info=error)
+    return "INTERNAL", wire.encode_error(
+        request_id, "INTERNAL", clip_message(f"internal error: {type(error).__name__}: {error}")
+    )
+
+
+class _Message:
+    """One request between its receipt and its reply."""
+
+    __slots__ = ("args", "decision", "envelope", "request_id", "sock")
+
+    def __init__(self, sock: Socket, envelope: list[Any]) -> None:
+        self.sock = sock
+        self.envelope = envelope
+        self.request_id = ""
+        self.decision: Decision | None = None
+        self.args: dict[str, Any] | None = None
+
+
 class ZmqFrontend:
-    """Serves one ROUTER socket bound to every configured address."""
+    """Serves one ROUTER socket per transport kind, bound to every configured address."""
 
     def __init__(
         self,
@@ -68,20 +112,33 @@ class ZmqFrontend:
         self._control = control or ControlPlane()
         self._addresses = list(addresses)
         self._max_message_bytes = max_message_bytes
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._context: zmq.asyncio.Context | None = None
-        self._sockets: list[zmq.asyncio.Socket] = []
-        self._receivers: list[asyncio.Task[None]] = []
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._max_in_flight = max_in_flight
+        self._context: zmq.Context[Socket] | None = None
+        self._sockets: list[Socket] = []
+        self._kinds: dict[Socket, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._io_thread = 0  # the I/O thread's ident
+        # replies made on other threads, for the I/O thread to send
+        self._outbox: collections.deque[tuple[_Message, list[wire.Frame]]] = collections.deque()
+        self._wake_r, self._wake_w = -1, -1
+        self._awake = True  # the I/O thread is awake, or a wake-up byte is on its way
+        self._in_flight = 0  # requests read and not answered yet (I/O thread only)
+        self._reading = True
+        self._stopping = False
+        self._quiet = threading.Event()  # set once nothing is in flight after reading stopped
+        self._tasks: set[asyncio.Task[None]] = set()
         self.endpoints: list[str] = []
 
     def start(self) -> list[str]:
-        """Bind every address; return the endpoints actually bound (ports resolved).
+        """Bind every address and start the I/O thread; return the endpoints actually bound
+        (ports resolved). Call on the event loop (non-hot requests are answered there).
 
         Raises:
             ConfigError: an address cannot be bound, or a CURVE key file is bad.
         """
-        self._context = zmq.asyncio.Context()
+        self._loop = asyncio.get_running_loop()
+        self._context = zmq.Context()
         if self._curve_files is not None:
             self.curve = CurveServer(self._context, *self._curve_files)
             self.curve.start()
@@ -89,7 +146,6 @@ class ZmqFrontend:
         # message's socket tells whether its peer is on this host
         tcp = [a for a in self._addresses if a.startswith("tcp://")]
         ipc = [a for a in self._addresses if not a.startswith("tcp://")]
-        loop = asyncio.get_running_loop()
         groups = [(tcp, "curve" if self.curve else "tcp"), (ipc, "ipc")]
         if self._addresses and not self._addresses[0].startswith("tcp://"):
             groups.reverse()  # endpoints listed in the configured order, ipc:// first here
@@ -98,10 +154,15 @@ class ZmqFrontend:
                 continue
             sock = self._bind(addresses, kind == "curve")
             self._sockets.append(sock)
-            self._receivers.append(loop.create_task(self._receive(sock, kind), name="zmq"))
+            self._kinds[sock] = kind
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(target=self._serve, name="edged-zmq-io", daemon=True)
+        self._thread.start()
         return self.endpoints
 
-    def _bind(self, addresses: Sequence[str], curve: bool) -> zmq.asyncio.Socket:
+    def _bind(self, addresses: Sequence[str], curve: bool) -> Socket:
         assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -124,17 +185,139 @@ class ZmqFrontend:
             self.endpoints.append(endpoint)
         return sock
 
-    async def _receive(self, sock: zmq.asyncio.Socket, kind: str) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._handle(sock, kind, frames))
-            self._handlers.add(task)
-            task.add_done_callback(self._done)
+    # -- the I/O thread --------------------------------------------------------------------
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._handlers.discard(task)
-        self._slots.release()
+    def _serve(self) -> None:
+        self._io_thread = threading.get_ident()
+        reading = zmq.Poller()
+        for sock in self._sockets:
+            reading.register(sock, zmq.POLLIN)
+        reading.register(self._wake_r, zmq.POLLIN)
+        replying = zmq.Poller()  # at the in-flight bound, or stopping: replies only
+        replying.register(self._wake_r, zmq.POLLIN)
+        while not self._stopping:
+            # replies queued while this thread was awake need no wake-up byte: it looks at
+            # the outbox after saying it may sleep, and before sleeping
+            self._awake = False
+            if self._outbox:
+                self._awake = True
+                self._flush()
+                continue
+            if not self._reading and not self._in_flight:
+                self._quiet.set()
+            accepting = self._reading and self._in_flight < self._max_in_flight
+            events = (reading if accepting else replying).poll()
+            self._awake = True
+            received: list[tuple[Socket, list[zmq.Frame]]] = []
+            for sock, _ in events:
+                if sock == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif accepting:
+                    self._read(sock, received)
+            # a message alone in this round (and on the endpoint) may run inline; with
+            # company, they batch
+            lone = len(received) == 1
+            for sock, frames in received:
+                self._handle(sock, frames, inline=lone)
+            self._flush()
+        self._flush()
+
+    def _read(self, sock: Socket, received: list[tuple[Socket, list[zmq.Frame]]]) -> None:
+        room = min(READ_BURST, self._max_in_flight - self._in_flight - len(received))
+        for _ in range(room):
+            try:
+                received.append((sock, sock.recv_multipart(zmq.NOBLOCK, copy=False)))
+            except zmq.Again:
+                return
+
+    def _wake(self, *, force: bool = False) -> None:
+        """From another thread, after queueing a reply: wake the I/O thread unless it is
+        awake (it reads the outbox before it sleeps) or a byte is on its way. ``force``:
+        always (stopping: the I/O thread checks its flags only once per round)."""
+        if force or not self._awake:
+            self._awake = True
+            # a full pipe: the I/O thread is awake anyway
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
+
+    def _flush(self) -> None:
+        outbox = self._outbox
+        while outbox:
+            message, frames = outbox.popleft()
+            self._send(message, frames)
+
+    def _send(self, message: _Message, frames: list[wire.Frame]) -> None:
+        """On the I/O thread: send a reply (zero-copy) and count its request out."""
+        self._in_flight -= 1
+        try:
+            message.sock.send_multipart([*message.envelope, *frames], copy=False)
+        except zmq.ZMQError as e:  # the peer went away; nothing to answer
+            log.info("zmq_reply_dropped", request_id=clip(message.request_id), error=str(e))
+
+    def _reply(self, message: _Message, outcome: str, frames: list[wire.Frame]) -> None:
+        """From any thread: record the outcome and send the reply (through the I/O
+        thread's outbox unless on it)."""
+        if message.decision is not None:
+            self._access.record(message.decision, outcome, message.args)
+        if threading.get_ident() == self._io_thread:
+            self._send(message, frames)
+        else:
+            self._outbox.append((message, frames))
+            self._wake()
+
+    def _handle(self, sock: Socket, frames: list[zmq.Frame], *, inline: bool) -> None:
+        # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]
+        envelope: list[Any] = [frames[0]]
+        body = frames[1:]
+        if body and len(body[0].buffer) == 0:
+            envelope.append(b"")
+            body = body[1:]
+        message = _Message(sock, envelope)
+        self._in_flight += 1
+        try:
+            if not body:
+                raise InvalidInputError("empty message: a header frame is required")
+            header = wire.read_header(body[0].buffer)
+            message.request_id = wire.request_id(header)
+            op = header.get("op")
+            call = f"zmq/{op}"
+            message.args = self._audit_args(header) if audited(call) else None
+            if op in wire.OPS:
+                message.decision = self._access.check(
+                    call, self._credentials(body[0], self._kinds[sock], header), message.args
+                )
+            tensors = [f.buffer for f in body[1:]]
+            if op == "infer" and wire.decodes_inline(header):
+                request = wire.decode_body(header, tensors, self._limits)
+                assert request is not None
+                rid = header["id"]
+
+                def answered(outcome: InferResponse | EdgedError) -> None:
+                    if isinstance(outcome, InferResponse):
+                        try:
+                            self._reply(message, "OK", wire.encode_response(rid, outcome))
+                            return
+                        except Exception as e:  # answered as INTERNAL
+                            self._reply(message, *error_reply(rid, e))
+                            return
+                    self._reply(message, *error_reply(rid, outcome))
+
+                # inline only when nothing else is in flight on this endpoint: under load a
+                # request that runs here would keep the I/O thread from reading the others
+                self._plane.submit(request, answered, inline=inline and self._in_flight == 1)
+                return
+        except Exception as e:  # every failure is answered (error_reply)
+            self._reply(message, *error_reply(message.request_id, e))
+            return
+        # everything else is answered on the event loop
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._spawn, message, header, tensors)
+
+    def _spawn(self, message: _Message, header: dict[str, Any], tensors: list[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle_async(message, header, tensors))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _credentials(frame: zmq.Frame, kind: str, header: dict[str, Any]) -> Credentials:
@@ -162,49 +345,21 @@ class ZmqFrontend:
             args["labels_count"] = len(header["labels"])
         return args
 
-    async def _handle(self, sock: zmq.asyncio.Socket, kind: str, frames: list[zmq.Frame]) -> None:
-        # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]
-        envelope: list[Any] = [frames[0]]
-        body = frames[1:]
-        if body and len(body[0].buffer) == 0:
-            envelope.append(b"")
-            body = body[1:]
-        request_id = ""
-        decision: Decision | None = None
-        args: dict[str, Any] | None = None
-        outcome = "OK"
+    # -- on the event loop -----------------------------------------------------------------
+
+    async def _handle_async(
+        self, message: _Message, header: dict[str, Any], tensors: list[Any]
+    ) -> None:
         try:
-            if not body:
-                raise InvalidInputError("empty message: a header frame is required")
-            header = wire.read_header(body[0].buffer)
-            request_id = wire.request_id(header)
-            call = f"zmq/{header.get('op')}"
-            args = self._audit_args(header) if audited(call) else None
-            if header.get("op") in wire.OPS:
-                decision = self._access.check(call, self._credentials(body[0], kind, header), args)
-            tensors = [f.buffer for f in body[1:]]
             if wire.decodes_inline(header):
                 request = wire.decode_body(header, tensors, self._limits)
             else:
                 request = await asyncio.to_thread(wire.decode_body, header, tensors, self._limits)
             reply = await self._answer(header, request)
-        except EdgedError as e:
-            outcome = code_of(e)
-            message = clip_message(str(e))
-            log.info("zmq_refused", request_id=clip(request_id), error=message, status=outcome)
-            reply = wire.encode_error(request_id, outcome, message)
-        except Exception as e:
-            outcome = "INTERNAL"
-            log.exception("zmq_failed", request_id=clip(request_id))
-            reply = wire.encode_error(
-                request_id, "INTERNAL", clip_message(f"internal error: {type(e).__name__}: {e}")
-            )
-        if decision is not None:
-            self._access.record(decision, outcome, args)
-        try:
-            await sock.send_multipart([*envelope, *reply], copy=False)
-        except zmq.ZMQError as e:  # the peer went away; nothing to answer
-            log.info("zmq_reply_dropped", request_id=clip(request_id), error=str(e))
+        except Exception as e:  # every failure is answered (error_reply)
+            self._reply(message, *error_reply(message.request_id, e))
+            return
+        self._reply(message, "OK", reply)
 
     async def _tensor_op(
         self, op: str, rid: str, header: dict[str, Any], request: Any
@@ -279,14 +434,25 @@ class ZmqFrontend:
             },
         )
 
+    # -- stopping --------------------------------------------------------------------------
+
     async def stop(self, grace_s: float) -> None:
         """Stop receiving, let running requests answer (bounded), close the sockets."""
-        for receiver in self._receivers:
-            receiver.cancel()
-        if self._handlers:
-            await asyncio.wait(set(self._handlers), timeout=grace_s)
+        if self._thread is not None:
+            self._reading = False
+            self._wake(force=True)
+            await asyncio.to_thread(self._quiet.wait, grace_s)
+            self._stopping = True
+            self._wake(force=True)
+            await asyncio.to_thread(self._thread.join)
+        for task in list(self._tasks):
+            task.cancel()
         for sock in self._sockets:
             sock.close(0)
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         if self.curve is not None:
             self.curve.stop()
         if self._context is not None:

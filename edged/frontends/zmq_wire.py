@@ -110,21 +110,19 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
     return tensors
 
 
+def _tensor_frame(array: Array) -> Frame:
+    """The raw contents of ``array``: a view when it is native-order, contiguous, fixed-size."""
+    if array.dtype.kind in "OSU" or array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+        return encode_raw(array)
+    return memoryview(array.data).cast("B") if array.size else b""
+
+
 def _tensor_frames(tensors: Mapping[str, Array]) -> tuple[list[dict[str, Any]], list[Frame]]:
-    specs = []
-    frames: list[Frame] = []
-    for name, array in tensors.items():
-        datatype = DataType.from_numpy(array.dtype)
-        specs.append({"name": name, "datatype": datatype.value, "shape": list(array.shape)})
-        if (
-            datatype is DataType.BYTES
-            or array.dtype.byteorder == ">"
-            or not (array.flags.c_contiguous)
-        ):
-            frames.append(encode_raw(array))
-        else:
-            frames.append(memoryview(array.data).cast("B") if array.size else b"")
-    return specs, frames
+    specs = [
+        {"name": name, "datatype": DataType.from_numpy(a.dtype).value, "shape": list(a.shape)}
+        for name, a in tensors.items()
+    ]
+    return specs, [_tensor_frame(a) for a in tensors.values()]
 
 
 def _dump(header: Mapping[str, Any]) -> bytes:
@@ -148,6 +146,59 @@ def encode_request(op: str, request_id: str = "", **fields: Any) -> list[Frame]:
         if request.parameters:
             header["parameters"] = dict(request.parameters)
     return [_dump(header), *frames]
+
+
+#: header templates one ``RequestEncoder`` keeps (one per model and input layout)
+ENCODER_CACHE = 64
+_ID_MARK = "\x00id\x00"  # stands for the request id in a header template
+_ID_MARK_JSON = json.dumps(_ID_MARK).encode()
+
+
+class RequestEncoder:
+    """Infer requests for a client, their headers encoded once per model, version, input
+    names, types and shapes and requested outputs: per call only the request id is spliced
+    in (ids must be plain JSON strings: letters and digits). ``fields`` (a bearer token)
+    ride in every header. A request with parameters is encoded in full."""
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+        self._templates: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+    def infer(
+        self,
+        request_id: str,
+        model: str,
+        inputs: Mapping[str, Array],
+        outputs: Sequence[str] = (),
+        version: str = "",
+        parameters: Mapping[str, Any] | None = None,
+    ) -> list[Frame]:
+        """The frames of an "infer" request (as ``encode_request``)."""
+        if parameters:
+            request = InferRequest(
+                model,
+                dict(inputs),
+                version,
+                requested_outputs=tuple(outputs),
+                parameters=parameters,
+            )
+            return encode_request("infer", request_id, request=request, **self._fields)
+        key = (
+            model,
+            version,
+            tuple(outputs),
+            *[(name, a.dtype.str, a.shape) for name, a in inputs.items()],
+        )
+        template = self._templates.get(key)
+        if template is None:
+            request = InferRequest(model, dict(inputs), version, requested_outputs=tuple(outputs))
+            header = encode_request("infer", _ID_MARK, request=request, **self._fields)[0]
+            head, _, tail = bytes(header).partition(_ID_MARK_JSON)
+            if len(self._templates) >= ENCODER_CACHE:
+                self._templates.clear()
+            template = self._templates[key] = (head + b'"', b'"' + tail)
+        header = b"".join((template[0], request_id.encode(), template[1]))
+        return [header, *map(_tensor_frame, inputs.values())]
 
 
 def decode_request(frames: Sequence[Frame]) -> tuple[dict[str, Any], InferRequest | None]:

@@ -3,7 +3,7 @@
 Keys are zmq.auth certificate files (``zmq.auth.create_certificates`` or ``edged zmq-keys``
 writes a ``NAME.key`` public file and a ``NAME.key_secret`` file holding both halves). The
 daemon reads its own ``.key_secret`` and accepts the clients whose public ``.key`` files lie
-in one folder; zmq.auth's asyncio authenticator answers the ZAP requests and names an
+in one folder; zmq.auth's thread authenticator answers the ZAP requests and names an
 accepted client by its Z85 public key, which the access check sees as ``curve:<key>``.
 
 Blocking: the loaders and ``refresh`` read files; call them from worker threads (the start-up
@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 import zmq.auth
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.thread import ThreadAuthenticator
 
 from edged.core.errors import ConfigError
 
@@ -93,16 +93,18 @@ def _folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
 class CurveServer:
     """The ZAP authenticator of one context, accepting the client keys in ``clients_dir``."""
 
-    def __init__(self, context: zmq.asyncio.Context, secret_file: Path, clients_dir: Path) -> None:
+    def __init__(
+        self, context: zmq.Context[zmq.Socket[bytes]], secret_file: Path, clients_dir: Path
+    ) -> None:
         self.public, self.secret = server_keys(secret_file)
         if not clients_dir.is_dir():
             raise ConfigError(f"config key 'zmq.curve_clients_dir': {clients_dir} is not a folder")
         self.clients_dir = clients_dir
-        self._auth = AsyncioAuthenticator(context)
+        self._auth = ThreadAuthenticator(context)
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
 
     def start(self) -> None:
-        """Start answering ZAP requests (on the running event loop)."""
+        """Start answering ZAP requests (on the authenticator's own thread)."""
         self._auth.start()
         self.refresh()
 
@@ -120,7 +122,7 @@ class CurveServer:
         """Client keys accepted now."""
         return len(self._auth.certs.get(ZAP_DOMAIN, {}))
 
-    def apply(self, socket: zmq.asyncio.Socket) -> None:
+    def apply(self, socket: zmq.Socket[bytes]) -> None:
         """Make ``socket`` (not yet bound) a CURVE server."""
         socket.curve_server = True
         socket.curve_publickey = self.public

@@ -237,6 +237,34 @@ class DataPlane:
         """
         return await self._manager.infer(request)
 
+    def submit(
+        self,
+        request: InferRequest,
+        reply: Callable[[InferResponse | errors.EdgedError], None],
+        *,
+        inline: bool = False,
+    ) -> None:
+        """``infer`` for a frontend on its own thread (ZeroMQ's I/O thread): route
+        ``request`` here, then ``reply`` is called once, on whichever thread answers it,
+        with the response or the error. With ``inline``, a lone request on an idle model
+        runs on this thread before ``submit`` returns (see ``Scheduler.post``).
+
+        Raises:
+            UnavailableError, ModelNotFoundError, ModelNotReadyError, InvalidInputError:
+                routing failed (nothing was queued; ``reply`` is not called).
+        """
+        manager = self._manager
+        if not manager.accepting:
+            raise errors.UnavailableError("edged is shutting down and takes no new requests")
+        mv = manager.get(request.model_name, request.model_version)
+        if not mv.enter():
+            # a swap switched away from ``mv`` and is draining it: route again (the same
+            # version comes back only when the daemon drains everything to stop)
+            again = manager.get(request.model_name, request.model_version)
+            again.enter(force=True)
+            mv = again
+        mv.submit(request, reply, inline=inline)
+
     # -- repository ------------------------------------------------------------------------
 
     async def repository_index(self, *, ready_only: bool = False) -> list[IndexEntry]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from edged.serving.repository import (
     WarmupSpec,
     resolve_signature,
 )
-from edged.serving.scheduler import QueuePolicy, Scheduler
+from edged.serving.scheduler import QueuePolicy, Result, Scheduler
 from edged.serving.stats import ModelStats
 from edged.serving.validate import request_options, validate_request
 from hal import ExecutorOptions, LoadedModel, ModelArtifact, get_executor
@@ -82,6 +83,11 @@ class ModelVersion:
         """Called once when a request becomes the reference (the manager re-plans
         ``placement = "auto"`` with it)."""
         self.in_flight = 0
+        """Requests counted in and not answered yet (any thread: under ``_counting``)."""
+        self._counting = threading.Lock()
+        self._draining = False
+        self._drained: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._instances = instances
         self.scheduler = Scheduler(
             f"{spec.name}/{version}",
@@ -91,12 +97,95 @@ class ModelVersion:
             self.stats.record_execution,
             inference_timeout_s=inference_timeout_s,
         )
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def start(self) -> None:
         """Start taking requests (on the running event loop)."""
+        self._loop = asyncio.get_running_loop()
         self.scheduler.start()
+
+    def enter(self, *, force: bool = False) -> bool:
+        """Count a request in (any thread); False, without counting it, once ``drain`` has
+        begun (the caller routes again: a swap has switched to another version), unless
+        ``force``."""
+        with self._counting:
+            if self._draining and not force:
+                return False
+            self.in_flight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._counting:
+            self.in_flight -= 1
+            if self.in_flight or not self._drained:
+                return
+            waiters, self._drained = self._drained, []
+        loop = self._loop
+        for future in waiters:
+            if loop is None:  # pragma: no cover - drain runs on the loop that started us
+                break
+            loop.call_soon_threadsafe(_wake, future)
+
+    def submit(
+        self,
+        request: InferRequest,
+        reply: Callable[[InferResponse | EdgedError], None],
+        *,
+        inline: bool = False,
+    ) -> None:
+        """``infer`` for a caller on any thread (the ZeroMQ I/O thread), counted in by
+        ``enter`` first: validate, queue, and call ``reply`` once with the response or the
+        error (on the thread that settled it; with ``inline``, a lone request on an idle
+        version runs and is answered on this thread before ``submit`` returns)."""
+        start = time.monotonic_ns()
+
+        def done(outcome: Result | EdgedError) -> None:
+            try:
+                response = self._answered(request, start, outcome, on_loop=False)
+            except EdgedError as e:
+                self._leave()
+                reply(e)
+                return
+            self._leave()
+            reply(response)
+
+        try:
+            size = validate_request(request, self.signature)
+            priority, timeout_ns = request_options(request.parameters)
+            self.scheduler.post(request.inputs, size, priority, timeout_ns, done, inline=inline)
+        except EdgedError as e:
+            done(e)
+
+    def _answered(
+        self, request: InferRequest, start: int, outcome: Result | EdgedError, *, on_loop: bool
+    ) -> InferResponse:
+        """The response to ``request`` from its batch's ``outcome``, counted in the
+        statistics (a request that succeeded first becomes the reference sample).
+
+        Raises:
+            EdgedError: the outcome's error, or a requested output the model lacks.
+        """
+        try:
+            if isinstance(outcome, EdgedError):
+                raise outcome
+            results, execution = outcome
+            wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
+            outputs = {name: results[name] for name in wanted}
+        except EdgedError as e:
+            self.stats.record_failure(time.monotonic_ns() - start, type(e))
+            raise
+        if self.reference is None:
+            if on_loop or self._loop is None:
+                self._take_reference(request, results)
+            else:
+                self._loop.call_soon_threadsafe(self._take_reference, request, results)
+        self.stats.record_success(
+            time.monotonic_ns() - start,
+            execution.dispatched_ns - start,
+            execution.input_ns,
+            execution.infer_ns,
+            execution.output_ns,
+        )
+        return InferResponse(self.name, str(self.version), outputs, request.id)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate ``request``, queue it for a batch, and answer.
@@ -108,37 +197,25 @@ class ModelVersion:
             ExecutorError: the executor failed.
         """
         start = time.monotonic_ns()
-        self.in_flight += 1
-        self._idle.clear()
+        self.enter(force=True)
         try:
-            size = validate_request(request, self.signature)
-            priority, timeout_ns = request_options(request.parameters)
-            results, execution = await self.scheduler.submit(
-                request.inputs, size, priority, timeout_ns
-            )
-            wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
-            outputs = {name: results[name] for name in wanted}
-            if self.reference is None:
-                self._take_reference(request, results)
-            self.stats.record_success(
-                time.monotonic_ns() - start,
-                execution.dispatched_ns - start,
-                execution.input_ns,
-                execution.infer_ns,
-                execution.output_ns,
-            )
-        except EdgedError as e:
-            self.stats.record_failure(time.monotonic_ns() - start, type(e))
-            raise
+            try:
+                size = validate_request(request, self.signature)
+                priority, timeout_ns = request_options(request.parameters)
+                outcome: Result | EdgedError = await self.scheduler.submit(
+                    request.inputs, size, priority, timeout_ns
+                )
+            except EdgedError as e:
+                outcome = e
+            return self._answered(request, start, outcome, on_loop=True)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
-        return InferResponse(self.name, str(self.version), outputs, request.id)
+            self._leave()
 
     def _take_reference(self, request: InferRequest, results: Mapping[str, Array]) -> None:
         """Keep a copy of the first request that succeeded, and every output it got, as the
-        reference sample (the warm-up had none that ran)."""
+        reference sample (the warm-up had none that ran). On the event loop."""
+        if self.reference is not None:  # another request got there first
+            return
         self.reference = Sample(
             {k: np.array(v, copy=True) for k, v in request.inputs.items()},
             f"request {request.id or '(no id)'}",
@@ -155,9 +232,17 @@ class ModelVersion:
             self.on_reference(self)
 
     async def drain(self, timeout_s: float) -> bool:
-        """Wait until no request is running here; False if ``timeout_s`` passed first."""
+        """Wait until no request is running here; False if ``timeout_s`` passed first.
+        From now on ``enter`` refuses new requests unless forced (the router sends them to
+        the version that replaced this one)."""
+        with self._counting:
+            self._draining = True
+            if not self.in_flight:
+                return True
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drained.append(future)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             return False
         return True
@@ -176,6 +261,11 @@ class ModelVersion:
         for instance in self._instances:
             if instance not in stuck:
                 await asyncio.to_thread(instance.close)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def warm_up_inputs(signature: Signature) -> dict[str, Array]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import grpc
@@ -134,6 +135,35 @@ def test_many_requests_in_flight_on_one_connection(zmq_address: str) -> None:
     assert labels[:64] == expected  # each reply went to its own request
 
 
+def test_every_reply_arrives_from_many_clients_in_flight_at_once(zmq_address: str) -> None:
+    """Replies made on the model's worker threads reach the I/O thread through its outbox
+    and wake-up pipe: none may be lost, whatever the interleaving (thousands of them)."""
+    data = load_digits().data.astype(np.float32)
+    with ZmqClient(zmq_address) as c:
+        expected = c.infer("digits", {"input": data[:32]}, outputs=["label"])["label"].tolist()
+
+    async def client(k: int) -> list[tuple[int, int]]:
+        seen = []
+        async with AsyncZmqClient(zmq_address, timeout=20) as c:
+            for round_ in range(25):
+                rows = [(k * 7 + round_ * 3 + j) % 32 for j in range(8)]
+                outs = await asyncio.gather(
+                    *(
+                        c.infer("digits", {"input": data[r : r + 1]}, outputs=["label"])
+                        for r in rows
+                    )
+                )
+                seen += [(r, int(o["label"][0])) for r, o in zip(rows, outs, strict=True)]
+        return seen
+
+    async def main() -> list[list[tuple[int, int]]]:
+        return await asyncio.gather(*(client(k) for k in range(6)))
+
+    seen = [pair for pairs in asyncio.run(main()) for pair in pairs]
+    assert len(seen) == 6 * 25 * 8
+    assert all(label == expected[row] for row, label in seen)
+
+
 def _raw(zmq_address: str, frames: list[bytes], kind: int = zmq.DEALER) -> list[bytes]:
     with zmq.Context() as ctx, ctx.socket(kind) as sock:
         sock.setsockopt(zmq.LINGER, 0)
@@ -256,3 +286,40 @@ def test_too_many_inputs_are_resource_exhausted(zmq_address: str, client: ZmqCli
     assert reply["code"] == "RESOURCE_EXHAUSTED"
     assert "limits.max_inputs" in reply["error"]
     assert client.is_ready()
+
+
+def test_clients_time_out_and_drop_a_late_reply() -> None:
+    """A peer that answers late (a raw ROUTER standing in for a slow daemon): the request
+    fails with DEADLINE_EXCEEDED, and its late reply is not taken for the next request's."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+        def answer(live: bool) -> None:
+            frames = router.recv_multipart()
+            rid = json.loads(frames[1])["id"]
+            reply = {"v": 1, "id": rid, "ok": True, "result": {"live": live}}
+            router.send_multipart([frames[0], json.dumps(reply).encode()])
+
+        with ZmqClient(address, timeout=0.2) as client:
+            with pytest.raises(ZmqClientError) as late:
+                client.is_live()
+            assert late.value.code == "DEADLINE_EXCEEDED"
+            answer(False)  # the first request's reply, late: it waits in the client's queue
+            answering = threading.Thread(target=answer, args=(True,))
+            answering.start()
+            assert client.is_live() is True  # the late False was dropped
+            answering.join()
+
+        async def main() -> None:
+            async with AsyncZmqClient(address, timeout=0.2) as client:
+                with pytest.raises(ZmqClientError) as late:
+                    await client.is_live()
+                assert late.value.code == "DEADLINE_EXCEEDED"
+                answer(False)  # late again
+                answering = threading.Thread(target=answer, args=(True,))
+                answering.start()
+                assert await client.is_live() is True
+                answering.join()
+
+        asyncio.run(main())

@@ -318,3 +318,154 @@ async def test_pause_holds_requests_and_hand_over_moves_them() -> None:
     assert np.all(outputs["y"] == 14)
     await old.stop()
     await new.stop()
+
+
+# -- the thread-side entry (the ZeroMQ I/O thread's) ------------------------------------------
+
+
+class Answers:
+    """Replies collected from any thread, each request answered exactly once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_tag: dict[object, list[object]] = {}
+        self.threads: dict[object, int] = {}
+        self.all = threading.Event()
+        self.expected = 0
+
+    def reply(self, tag: object):
+        def answer(outcome: object) -> None:
+            with self.lock:
+                self.by_tag.setdefault(tag, []).append(outcome)
+                self.threads[tag] = threading.get_ident()
+                if len(self.by_tag) == self.expected:
+                    self.all.set()
+
+        return answer
+
+
+class Threaded(Recording):
+    """Also records which thread ran each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran_on: list[int] = []
+
+    def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        self.ran_on.append(threading.get_ident())
+        return super()._infer(inputs)
+
+
+async def test_a_lone_request_on_an_idle_version_runs_inline_on_the_callers_thread() -> None:
+    model = Threaded()
+    scheduler = await started(model)
+    answers = Answers()
+    answers.expected = 1
+
+    def caller() -> int:
+        scheduler.post(x(3), 1, 0, 0, answers.reply("lone"), inline=True)
+        return threading.get_ident()
+
+    caller_thread = await asyncio.to_thread(caller)
+    # answered before post returned, on the caller's own thread, with the model's outputs
+    assert answers.all.is_set()
+    assert model.ran_on == [caller_thread]
+    assert answers.threads["lone"] == caller_thread
+    ((outputs, execution),) = answers.by_tag["lone"]
+    assert np.all(outputs["y"] == 6)
+    assert execution.batch_size == 1
+    await scheduler.stop()
+
+
+async def test_inline_is_refused_while_the_instance_is_busy_or_requests_wait() -> None:
+    model = Threaded()
+    scheduler = await started(model)
+    model.gate.clear()
+    running = asyncio.ensure_future(scheduler.submit(x(0), 1))  # a worker thread runs it
+    await until(lambda: model.entered == 1)
+    answers = Answers()
+    answers.expected = 2
+
+    def caller() -> int:
+        for value in (1, 2):
+            scheduler.post(x(value), 1, 0, 0, answers.reply(value), inline=True)
+        return threading.get_ident()
+
+    caller_thread = await asyncio.to_thread(caller)  # returns at once: both queued
+    assert scheduler.queue_depth == 2
+    model.gate.set()
+    await running
+    assert await asyncio.to_thread(answers.all.wait, 5)
+    assert caller_thread not in model.ran_on
+    assert model.batches == [[0.0], [1.0, 2.0]]  # queued together, merged into one batch
+    await scheduler.stop()
+
+
+async def test_concurrent_producers_are_each_answered_once_with_their_own_outputs() -> None:
+    instances = [Recording(), Recording()]
+    scheduler = Scheduler("m/1", instances, BatchPolicy(8), QueuePolicy(max_queue_size=10_000))
+    scheduler.start()
+    answers = Answers()
+    producers, each = 8, 50
+    answers.expected = producers * each
+
+    def produce(p: int) -> None:
+        for i in range(each):
+            value = float(p * 1000 + i)
+            rows = 1 + i % 3
+            # every other request asks to run inline: only an idle version takes that
+            scheduler.post(
+                x(value, rows), rows, 0, 0, answers.reply((value, rows)), inline=i % 2 == 0
+            )
+
+    await asyncio.gather(*(asyncio.to_thread(produce, p) for p in range(producers)))
+    assert await asyncio.to_thread(answers.all.wait, 30)
+    assert len(answers.by_tag) == producers * each
+    for (value, rows), outcomes in answers.by_tag.items():
+        assert len(outcomes) == 1, (value, outcomes)
+        ((outputs, _execution),) = outcomes
+        assert outputs["y"].shape == (rows, 2)
+        assert np.all(outputs["y"] == 2 * value)
+    ran = [v for m in instances for batch in m.batches for v in batch]
+    assert len(ran) == sum(rows for _, rows in answers.by_tag)  # every row ran once
+    assert sorted(set(ran)) == sorted({v for v, _ in answers.by_tag})
+    assert scheduler.queue_depth == 0
+    await scheduler.stop()
+
+
+async def test_a_request_timing_out_while_its_batch_runs_is_answered_at_its_deadline() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0))
+    model.gate.clear()
+    with pytest.raises(DeadlineExceededError, match="timed out after 50 ms"):
+        await scheduler.submit(x(1), 1, timeout_ns=50_000_000)
+    assert model.entered == 1  # it was running, and still is: the batch goes on
+    model.gate.set()
+    outputs, _ = await scheduler.submit(x(2), 1)
+    assert np.all(outputs["y"] == 4)
+    await scheduler.stop()
+
+
+async def test_every_thread_side_success_and_failure_reaches_the_breaker_in_order() -> None:
+    model = Recording()
+    scheduler = await started(model, BatchPolicy(0))
+    outcomes: list[object] = []
+    scheduler.on_outcome = outcomes.append
+    answers = Answers()
+    answers.expected = 40
+
+    def produce() -> None:
+        for i in range(40):
+            model.fail = i == 30  # one failed batch among successes
+            done = threading.Event()
+            reply = answers.reply(i)
+            scheduler.post(x(i), 1, 0, 0, lambda o, r=reply, d=done: (r(o), d.set()), inline=True)
+            assert done.wait(10)
+
+    await asyncio.to_thread(produce)
+    # successes of thread-side batches are counted and told together; none is lost, and
+    # the ones before the failure are told before it
+    await until(lambda: len(outcomes) == 40)
+    assert [type(o) for o in outcomes[:31]] == [type(None)] * 30 + [ExecutorError]
+    assert outcomes[31:] == [None] * 9
+    await scheduler.stop()

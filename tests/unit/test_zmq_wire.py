@@ -120,3 +120,26 @@ def test_malformed_requests_are_refused_naming_the_field(frames, words) -> None:
     with pytest.raises(InvalidInputError) as err:
         wire.decode_request(frames)
     assert words in str(err.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.sampled_from(["", "3"]), st.booleans())
+def test_the_pre_encoded_header_is_the_full_encoders_header(
+    arrays: list[np.ndarray], version: str, with_parameters: bool
+) -> None:
+    inputs = {f"in{i}": a for i, a in enumerate(arrays)}
+    encoder = wire.RequestEncoder(token="t0k")
+    parameters = {"priority": 1} if with_parameters else None
+    for rid in ("a1", "a22"):  # the second call reuses the template
+        frames = encoder.infer(rid, "m", inputs, ("out",), version, parameters)
+        request = InferRequest(
+            "m", dict(inputs), version, requested_outputs=("out",), parameters=parameters or {}
+        )
+        full = wire.encode_request("infer", rid, request=request, token="t0k")
+        assert json.loads(bytes(frames[0])) == json.loads(bytes(full[0]))
+        assert [bytes(f) for f in frames[1:]] == [bytes(f) for f in full[1:]]
+        header, decoded = wire.decode_request(frames)
+        assert header["id"] == rid
+        assert decoded is not None
+        for name, value in inputs.items():
+            assert _same(decoded.inputs[name], value)
