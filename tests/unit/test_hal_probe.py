@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
