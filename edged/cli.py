@@ -1,8 +1,8 @@
 """The edged command: serve runs the daemon; infer sends one request; devices prints what
 the hardware probe finds; learn gives a running daemon labelled samples and starts and lists
-its fine-tune jobs; optimize compresses a model and keeps the variants within a budget;
-token adds, lists and revokes bearer tokens; zmq-keys writes a ZeroMQ
-CURVE key pair."""
+its fine-tune jobs; partition splits a model between this device and a server (cuts, profile,
+plan); optimize compresses a model and keeps the variants within a budget; token adds, lists
+and revokes bearer tokens; zmq-keys writes a ZeroMQ CURVE key pair."""
 
 from __future__ import annotations
 
