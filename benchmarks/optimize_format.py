@@ -11,12 +11,14 @@ calibration samples (MinMax, per-channel, uint8 activations, int8 weights):
 - ``qdq-ort-opt``: ``qdq`` after ONNX Runtime's optimizer at ORT_ENABLE_EXTENDED, saved
   offline (``SessionOptions.optimized_model_filepath``; loadable by ONNX Runtime only).
 
-and reports for the float original and each: file size, gzip size, tensor bytes (initializers and Constant nodes) by
-dtype and the rest (graph structure), node counts (QuantizeLinear/DequantizeLinear and fused QLinear*) left after ONNX
+and reports for the float original and each: file size, gzip size, tensor bytes
+(initializers and Constant nodes) by dtype and the rest (graph structure), node counts
+(QuantizeLinear/DequantizeLinear and fused QLinear*) left after ONNX
 Runtime's optimizer at ORT_ENABLE_EXTENDED, batch-1 latency median at one intra-op thread
 (all variants interleaved: one inference of each in turn, per round) and agreement with the
 original on held-out inputs (top-1 for ocr_cls, with task accuracy; pixels on the same side
-of 0.5 for ocr_det). Never pass/fail.
+of 0.5 for ocr_det), and ONNX Runtime's profile of where the time goes (ms per inference
+by op type). Never pass/fail.
 
     .venv/bin/python benchmarks/optimize_format.py [--models ocr_cls,ocr_det] [--runs 200]
         > optimize_format.json
