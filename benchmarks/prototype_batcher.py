@@ -63,12 +63,14 @@ class Batcher:
         for s in sessions:
             threading.Thread(target=self._work, args=(s,), daemon=True).start()
 
-    def submit(self, x: np.ndarray, done: Done) -> Outputs | None:
-        """Run ``x`` inline and return its outputs when the batcher is idle; otherwise queue it
-        and return None: ``done(outputs)`` is called later on a worker thread."""
+    def submit(self, x: np.ndarray, done: Done, *, may_inline: bool = True) -> Outputs | None:
+        """Run ``x`` inline and return its outputs when the batcher is idle (and the caller
+        allows it); otherwise queue it and return None: ``done(outputs)`` is called later on a
+        worker thread."""
         with self._cv:
             inline = (
-                self._inline is not None
+                may_inline
+                and self._inline is not None
                 and not self._queue
                 and not self._inline_busy
                 and self._idle == self._workers

@@ -36,6 +36,7 @@ class Server:
         self._local = threading.local()
         self._specs: dict[tuple[Any, ...], bytes] = {}
         self._stop = threading.Event()
+        self.in_flight = 0  # requests handed to a worker and not yet replied (I/O thread only)
 
     def _reply_frames(self, identity: Any, rid: bytes, outs: Outputs) -> list[Any]:
         key = tuple((o.dtype, o.shape) for o in outs)
@@ -62,7 +63,7 @@ class Server:
 
         return done
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, frames: list[zmq.Frame], alone: bool) -> None:
         identity, head, *tensors = frames
         header = json.loads(head.bytes)
         rid = json.dumps(str(header.get("id", ""))).encode()
@@ -73,9 +74,15 @@ class Server:
             return
         spec = header["inputs"][0]
         x = np.frombuffer(tensors[0].buffer, NUMPY_DTYPE[spec["datatype"]]).reshape(spec["shape"])
-        outs = self.batcher.submit(x, self._from_worker(identity, rid))
+        # inline only for a request that came alone with nothing else in flight: an I/O thread
+        # busy running a model under load would stop taking requests, and batches would not form
+        outs = self.batcher.submit(
+            x, self._from_worker(identity, rid), may_inline=alone and not self.in_flight
+        )
         if outs is not None:  # ran inline on this (the I/O) thread
             self.router.send_multipart(self._reply_frames(identity, rid, outs), copy=False)
+        else:
+            self.in_flight += 1
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -90,13 +97,16 @@ class Server:
                     except zmq.Again:
                         break
                     self.router.send_multipart(out, copy=False)
+                    self.in_flight -= 1
             if self.router in ready:
+                arrived = []
                 while True:
                     try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        arrived.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                for frames in arrived:
+                    self._handle(frames, alone=len(arrived) == 1)
         self.batcher.close()
 
     def stop(self, *_: object) -> None:
