@@ -16,7 +16,6 @@ from edged.core.control import (
     FineTuneJob,
     JobDetail,
     JobList,
-    SampleCounts,
     SamplesAdded,
     UpdateInfo,
     UpdateStarted,
@@ -26,7 +25,7 @@ from edged.core.control import (
 from edged.core.errors import UnavailableError
 from edged.core.types import Array
 from edged.learn.jobs import LearnManager
-from edged.learn.store import Counts, JobRecord
+from edged.learn.store import JobRecord
 from edged.ota.state import Transition
 from edged.ota.types import ModelStatus
 from edged.ota.updater import UpdateManager
@@ -67,10 +66,6 @@ def update_status(status: ModelStatus, transitions: list[Transition] | None = No
         update=update,
         steps=tuple(UpdateStep(t.state.value, t.at, t.reason) for t in transitions or ()),
     )
-
-
-def sample_counts(counts: Counts) -> SampleCounts:
-    return SampleCounts(counts.model, counts.pending, counts.stored, counts.stored_bytes)
 
 
 def fine_tune_job(job: JobRecord, progress: float | None = None) -> FineTuneJob:
@@ -180,7 +175,7 @@ class ControlPlane:
         """
         accepted, counts, job = await self._learning().add_samples(model, inputs, labels)
         triggered = None if job is None else fine_tune_job(job)
-        return SamplesAdded(accepted, sample_counts(counts), triggered)
+        return SamplesAdded(accepted, counts, triggered)
 
     async def start_fine_tune(
         self, model: str, strategy: str = "", *, wait: bool = False
@@ -206,7 +201,7 @@ class ControlPlane:
         learn = self._learning()
         job = await learn.job(job_id)
         counts = await learn.counts(job.model)
-        return JobDetail(fine_tune_job(job, learn.progress(job)), sample_counts(counts))
+        return JobDetail(fine_tune_job(job, learn.progress(job)), counts)
 
     async def jobs(self, model: str = "", limit: int = 0) -> JobList:
         """Jobs newest first (at most ``limit``, 0: ``learn.history_limit``), with the sample
@@ -221,5 +216,5 @@ class ControlPlane:
         counts = await learn.all_counts(model)
         return JobList(
             tuple(fine_tune_job(j, learn.progress(j)) for j in jobs),
-            tuple(sample_counts(c) for c in counts),
+            tuple(counts),
         )

@@ -35,6 +35,7 @@ import numpy as np
 import structlog
 
 from edged.config import LearnConfig
+from edged.core.control import SampleCounts
 from edged.core.errors import (
     AlreadyExistsError,
     InvalidInputError,
@@ -48,7 +49,7 @@ from edged.learn.features import Backbones, check_features
 from edged.learn.gate import Verdict, judge
 from edged.learn.head import read_npz, write_npz
 from edged.learn.runner import Limits, run_process
-from edged.learn.store import Counts, JobRecord, JobState, LearnStore, Samples, SampleStatus
+from edged.learn.store import JobRecord, JobState, LearnStore, Samples, SampleStatus
 from edged.learn.task import InputSpec, JobMetrics, Task, VersionFiles
 from edged.ota.errors import describe_error
 from edged.ota.state import State
@@ -180,7 +181,7 @@ class LearnManager:
 
     async def add_samples(
         self, model: str, inputs: Mapping[str, Array], labels: Array
-    ) -> tuple[int, Counts, JobRecord | None]:
+    ) -> tuple[int, SampleCounts, JobRecord | None]:
         """Check, featurise and store labelled samples; returns (accepted, counts, the job
         this started or None).
 
@@ -320,10 +321,10 @@ class LearnManager:
     async def jobs(self, model: str = "", limit: int = 0) -> list[JobRecord]:
         return await asyncio.to_thread(self.store.jobs, model, limit or self.config.history_limit)
 
-    async def counts(self, model: str) -> Counts:
+    async def counts(self, model: str) -> SampleCounts:
         return await asyncio.to_thread(self.store.counts, model)
 
-    async def all_counts(self, model: str = "") -> list[Counts]:
+    async def all_counts(self, model: str = "") -> list[SampleCounts]:
         """The sample store of every trainable model (of ``model`` only, when given).
 
         Raises:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edged.core.control import SampleCounts
 from edged.core.errors import OverloadedError
 from edged.core.types import Array
 from edged.storage import fsync_dir, open_database, transaction, write_atomic
@@ -103,16 +104,6 @@ class JobState(enum.StrEnum):
 
 #: states a job rests in
 JOB_AT_REST = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED})
-
-
-@dataclass(frozen=True)
-class Counts:
-    """One model's sample store."""
-
-    model: str
-    pending: int = 0
-    stored: int = 0
-    stored_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,7 +228,7 @@ class LearnStore:
 
     # -- samples ---------------------------------------------------------------------------
 
-    def add(self, model: str, features: Array, labels: np.ndarray) -> Counts:
+    def add(self, model: str, features: Array, labels: np.ndarray) -> SampleCounts:
         """Store one batch durably; returns the model's counts after it.
 
         Raises:
@@ -370,7 +361,7 @@ class LearnStore:
         with self._lock, transaction(self._db) as db:
             db.execute("UPDATE samples SET status = ? WHERE job_id = ?", (status.value, job_id))
 
-    def _counts(self, model: str) -> Counts:
+    def _counts(self, model: str) -> SampleCounts:
         row = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(status = 'pending'), 0) FROM samples WHERE model = ?",
             (model,),
@@ -378,13 +369,13 @@ class LearnStore:
         size = self._db.execute(
             "SELECT COALESCE(SUM(bytes), 0) FROM batches WHERE model = ?", (model,)
         ).fetchone()[0]
-        return Counts(model, pending=row[1], stored=row[0], stored_bytes=size)
+        return SampleCounts(model, pending=row[1], stored=row[0], stored_bytes=size)
 
-    def counts(self, model: str) -> Counts:
+    def counts(self, model: str) -> SampleCounts:
         with self._lock:
             return self._counts(model)
 
-    def counts_all(self) -> list[Counts]:
+    def counts_all(self) -> list[SampleCounts]:
         """Every model with stored samples, by name."""
         with self._lock:
             models = [
