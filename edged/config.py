@@ -37,6 +37,10 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
 
 
+def _grpc_threads(value: Any) -> str | None:
+    return None if 0 < value <= 1024 else "must be from 1 to 1024"
+
+
 def _address(value: Any) -> str | None:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -130,6 +134,15 @@ class ServerConfig:
     stream_max_in_flight: int = field(
         default=64,
         metadata=_key("Requests one ModelStreamInfer stream may have running at once.", _positive),
+    )
+    grpc_threads: int = field(
+        default=64,
+        metadata=_key(
+            "Handler threads of each gRPC listener: the gRPC calls answered at once (an "
+            "inference waits on its thread for its answer; a ModelStreamInfer stream holds one "
+            "for its life); further calls wait for a free thread. At most 1024.",
+            _grpc_threads,
+        ),
     )
     management_address: str = field(
         default="",

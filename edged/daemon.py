@@ -24,7 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-import grpc
 import structlog
 
 from edged import logs
@@ -35,6 +34,7 @@ from edged.core.limits import RequestLimits
 from edged.federated.devices import FederatedClients
 from edged.frontends import management
 from edged.frontends.grpc import HealthPublisher, build_server
+from edged.frontends.grpc_server import GrpcServer, Services
 from edged.frontends.http import HttpFrontend
 from edged.frontends.metrics import MetricsEndpoint
 from edged.frontends.security import Security
@@ -150,8 +150,8 @@ class Daemon:
         )
         self.grpc_port: int | None = None
         self.management_port: int | None = None
-        self._server: grpc.aio.Server | None = None
-        self._management_server: grpc.aio.Server | None = None
+        self._server: GrpcServer | None = None
+        self._management_server: GrpcServer | None = None
         self._security: Security | None = None
         self._health: HealthPublisher | None = None
         self._zmq: ZmqFrontend | None = None
@@ -201,7 +201,7 @@ class Daemon:
             self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            closing=self._closing,
+            threads=self.config.server.grpc_threads,
             services=[] if separate else [management_service],
             interceptors=[security.interceptor(management=not separate)],
         )
@@ -286,9 +286,7 @@ class Daemon:
         security.note_listener(address, tls=context is not None)
         self.http_address = f"{address.rpartition(':')[0]}:{port}"
 
-    async def _bind(
-        self, server: grpc.aio.Server, address: str, key: str, management: bool
-    ) -> int:
+    async def _bind(self, server: GrpcServer, address: str, key: str, management: bool) -> int:
         """Add a listener (TLS or not, as ``[tls]`` says); return its port.
 
         Raises:
@@ -307,14 +305,14 @@ class Daemon:
         self,
         security: Security,
         health: HealthPublisher,
-        service: tuple[str, Callable[[grpc.aio.Server], None]],
+        service: tuple[str, Callable[[Services], None]],
     ) -> None:
         """The second listener, serving Management (server.management_address)."""
         mserver, _ = build_server(
             self.plane,
             max_request_bytes=self.config.server.max_request_bytes,
             stream_max_in_flight=self.config.server.stream_max_in_flight,
-            closing=self._closing,
+            threads=self.config.server.grpc_threads,
             services=[service],
             interceptors=[security.interceptor(management=True)],
             health=health,

@@ -2,19 +2,27 @@
 
 A thin servicer: protobuf in -> edged.core types -> the data plane -> protobuf out. Domain
 errors become gRPC status codes in one place, ``edged.core.status.CODE_BY_ERROR``.
+
+The server is grpcio's threaded one (``edged.frontends.grpc_server``, one port): ModelInfer
+and ModelStreamInfer run on its handler threads end to end (``ThreadInference``: decode, hand
+the request to the model's batcher with ``DataPlane.submit`` -- a lone request on an idle
+model runs right there, on the handler thread -- wait, encode); every other call is an
+``async def`` method of ``InferenceServicer`` run on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edged._proto import POOL
@@ -24,8 +32,9 @@ from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edged.core import errors
 from edged.core.stats import Duration, StatisticsSnapshot
 from edged.core.status import code_of
-from edged.core.types import InferRequest
+from edged.core.types import InferRequest, InferResponse
 from edged.frontends import kserve_codec as codec
+from edged.frontends.grpc_server import GrpcServer, Services
 from edged.serving.dataplane import DataPlane, SharedMemoryRegistry, Span
 
 log = structlog.get_logger("edged.grpc")
@@ -98,22 +107,15 @@ def _statistics(stats: StatisticsSnapshot) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over the data plane."""
+    """GRPCInferenceService over the data plane, on the event loop (asyncio). ``build_server``
+    serves ModelInfer and ModelStreamInfer from ``ThreadInference`` instead; ``ModelInfer``
+    here is the asyncio form (decoding large requests on a worker thread), kept for a
+    grpc.aio server and its tests."""
 
-    def __init__(
-        self,
-        plane: DataPlane,
-        *,
-        stream_max_in_flight: int = 64,
-        closing: asyncio.Event | None = None,
-    ) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
         self._regions = plane.shared_memory
         self._limits = plane.limits
-        self._closing = closing
-        self._readers: set[asyncio.Task[None]] = set()
-        self._stream_watch: asyncio.Task[None] | None = None
-        self._stream_max_in_flight = stream_max_in_flight
 
     # -- health ----------------------------------------------------------------------------
 
@@ -212,79 +214,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         return await self._infer(request)
 
-    def _watch_streams(self) -> None:
-        """Once ``closing`` is set (shutdown), every stream stops reading new requests."""
-        if self._closing is None or self._stream_watch is not None:
-            return
-        closing = self._closing
-
-        async def watch() -> None:
-            await closing.wait()
-            for reader in list(self._readers):
-                reader.cancel()
-
-        self._stream_watch = asyncio.get_running_loop().create_task(watch())
-
-    async def ModelStreamInfer(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently (bounded); each answer, or its error as
-        ``error_message``, goes back as it completes. An error never ends the stream. At
-        shutdown the stream stops reading, answers the requests in flight, and ends (OK)."""
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._stream_max_in_flight)
-        tasks: set[asyncio.Task[None]] = set()
-        closing = self._closing
-
-        async def answer(message: pb.ModelInferRequest) -> None:
-            try:
-                response = await self._infer(message)
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except errors.EdgedError as e:
-                results.put_nowait(self._stream_error(message, errors.clip_message(str(e))))
-            except Exception as e:
-                log.exception("stream_infer_failed")
-                results.put_nowait(
-                    self._stream_error(message, errors.clip_message(f"internal error: {e}"))
-                )
-            finally:
-                slots.release()
-
-        async def read() -> None:
-            try:
-                try:
-                    async for message in request_iterator:
-                        await slots.acquire()
-                        task = asyncio.create_task(answer(message))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                except asyncio.CancelledError:
-                    if closing is None or not closing.is_set():
-                        raise
-                    log.info("stream_closed_for_shutdown", in_flight=len(tasks))
-                while tasks:  # answer what is in flight; a shutdown does not cut it short
-                    try:
-                        await asyncio.wait(set(tasks))
-                    except asyncio.CancelledError:
-                        if closing is None or not closing.is_set():
-                            raise
-            finally:
-                results.put_nowait(None)
-
-        self._watch_streams()
-        reader = asyncio.create_task(read())
-        self._readers.add(reader)
-        reader.add_done_callback(self._readers.discard)
-        try:
-            while (item := await results.get()) is not None:
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-
     @staticmethod
     def _stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
         return pb.ModelStreamInferResponse(
@@ -381,12 +310,260 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
 
+class _Answer:
+    """A handler thread's wait for one request's reply (``DataPlane.submit``'s ``reply``):
+    a lock held until the reply (or the caller's departure, ``GONE``) is in."""
+
+    __slots__ = ("lock", "outcome")
+
+    GONE = object()
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.outcome: InferResponse | errors.EdgedError | object | None = None
+
+    def __call__(self, outcome: InferResponse | errors.EdgedError | object) -> None:
+        self.outcome = outcome
+        self.lock.release()
+
+    def wait(self, withdraw: Callable[[], bool], context: grpc.ServicerContext) -> object:
+        """The outcome, once in; a call that ends first (cancelled, past its deadline)
+        withdraws the request if it is still queued."""
+        if self.outcome is None:
+
+            def gone() -> None:
+                if self.outcome is None and withdraw():
+                    self(self.GONE)
+
+            if not context.add_callback(gone):  # the call has ended already
+                gone()
+            self.lock.acquire()
+        return self.outcome
+
+
+_END = object()  # a stream's reader is done
+_CLOSING = object()  # the server is stopping: a stream stops reading
+
+
+class ThreadInference:
+    """ModelInfer and ModelStreamInfer on the gRPC server's handler threads.
+
+    A request is checked against the limits (counts only), decoded, and handed to its
+    model's batcher (``DataPlane.submit``): a lone request on an idle model runs on this
+    thread, others are answered by a worker thread and this one waits. A call that ends
+    first (client cancel, deadline) drops its request if still queued. Streams answer
+    concurrently (``stream_max_in_flight`` each), errors as ``error_message``; at shutdown
+    (``close_streams``) a stream stops reading, answers what is in flight, and ends OK.
+    """
+
+    def __init__(self, plane: DataPlane, *, stream_max_in_flight: int = 64) -> None:
+        self._plane = plane
+        self._regions = plane.shared_memory
+        self._limits = plane.limits
+        self._stream_max_in_flight = stream_max_in_flight
+        self._lock = threading.Lock()
+        self._streams: set[queue.SimpleQueue[object]] = set()
+        self._closing = False
+
+    def _decode(self, message: pb.ModelInferRequest) -> tuple[InferRequest, dict[str, Span]]:
+        codec.check_limits(message, self._limits)
+        return (
+            codec.request_from_proto(message, self._regions),
+            codec.output_spans(message, self._regions),
+        )
+
+    @staticmethod
+    def _refused(message: pb.ModelInferRequest, error: errors.EdgedError) -> None:
+        log.info(
+            "infer_refused",
+            model=errors.clip(message.model_name),
+            version=errors.clip(message.model_version),
+            request_id=errors.clip(message.id),
+            error=errors.clip_message(str(error)),
+            status=status_of(error).name,
+        )
+
+    def ModelInfer(
+        self, message: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            request, spans = self._decode(message)
+            answer = _Answer()
+            withdraw = self._plane.submit(request, answer, inline=True)
+            outcome = answer.wait(withdraw, context)
+            if isinstance(outcome, InferResponse):
+                return codec.response_to_proto(outcome, spans)
+            if isinstance(outcome, errors.EdgedError):
+                raise outcome
+            code, details = grpc.StatusCode.CANCELLED, "the call ended before its answer"
+        except errors.EdgedError as e:
+            self._refused(message, e)
+            code, details = status_of(e), errors.clip_message(str(e))
+        except Exception as e:
+            log.exception("rpc_failed", rpc="ModelInfer")
+            code = grpc.StatusCode.INTERNAL
+            details = errors.clip_message(f"internal error: {type(e).__name__}: {e}")
+        context.abort(code, details)
+        raise AssertionError("unreachable: abort raises")
+
+    def close_streams(self) -> None:
+        """Shutdown: every stream stops reading, answers what it has in flight, and ends."""
+        with self._lock:
+            self._closing = True
+            streams = list(self._streams)
+        for results in streams:
+            results.put(_CLOSING)
+
+    def ModelStreamInfer(
+        self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        """Read on a thread of the stream's own, answer on this one (see the class)."""
+        stream = _Stream(self, requests, self._stream_max_in_flight)
+        with self._lock:
+            closing = self._closing
+            self._streams.add(stream.results)
+        if closing:
+            stream.results.put(_CLOSING)
+        if not context.add_callback(stream.ended):
+            stream.ended()
+        threading.Thread(target=stream.read, name="edged-grpc-stream", daemon=True).start()
+        try:
+            yield from stream.answers()
+        finally:
+            with self._lock:
+                self._streams.discard(stream.results)
+
+    def _stream_answer(
+        self,
+        message: pb.ModelInferRequest,
+        outcome: InferResponse | errors.EdgedError,
+        spans: dict[str, Span],
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            if isinstance(outcome, errors.EdgedError):
+                raise outcome
+            return pb.ModelStreamInferResponse(
+                infer_response=codec.response_to_proto(outcome, spans)
+            )
+        except errors.EdgedError as e:
+            self._refused(message, e)
+            return InferenceServicer._stream_error(message, errors.clip_message(str(e)))
+        except Exception as e:
+            log.exception("stream_infer_failed")
+            return InferenceServicer._stream_error(
+                message, errors.clip_message(f"internal error: {e}")
+            )
+
+
+#: a stream's answered request: the message, its outcome, where its outputs go
+_Answered = tuple[pb.ModelInferRequest, InferResponse | errors.EdgedError, dict[str, Span]]
+
+
+class _Stream:
+    """One ModelStreamInfer call: ``read`` (its own thread) submits each request; its
+    replies, ``None`` for one withdrawn, ``_END`` and ``_CLOSING`` meet in ``results``,
+    which ``answers`` (the handler thread) turns into the responses."""
+
+    def __init__(
+        self, owner: ThreadInference, requests: Iterator[pb.ModelInferRequest], slots: int
+    ) -> None:
+        self._owner = owner
+        self._requests = requests
+        self.results: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()  # guards the four below
+        self._withdraws: dict[int, Callable[[], bool]] = {}
+        self._in_flight = 0
+        self._closing = False
+        self._ended = False
+
+    def read(self) -> None:
+        n = 0
+        try:
+            for message in self._requests:
+                self._slots.acquire()
+                with self._lock:
+                    if self._closing or self._ended:
+                        self._slots.release()
+                        break
+                    self._in_flight += 1
+                n += 1
+                self._submit(n, message)
+        except Exception:  # noqa: S110 - the call ended (cancelled): nothing more to read
+            pass
+        finally:
+            self.results.put(_END)
+
+    def _submit(self, n: int, message: pb.ModelInferRequest) -> None:
+        answered = False
+        spans: dict[str, Span] = {}
+
+        def reply(outcome: InferResponse | errors.EdgedError) -> None:
+            nonlocal answered
+            with self._lock:
+                answered = True
+                self._withdraws.pop(n, None)
+            self.results.put((message, outcome, spans))
+
+        try:
+            request, spans = self._owner._decode(message)
+            withdraw = self._owner._plane.submit(request, reply)
+        except errors.EdgedError as e:
+            self.results.put((message, e, spans))
+            return
+        with self._lock:
+            if answered:
+                return
+            if not self._ended:
+                self._withdraws[n] = withdraw
+                return
+        if withdraw():  # the call ended meanwhile
+            self.results.put(None)
+
+    def ended(self) -> None:
+        """The call is over (answered, cancelled, past its deadline): drop what is queued."""
+        with self._lock:
+            self._ended = True
+            waiting = list(self._withdraws.values())
+            self._withdraws.clear()
+        for withdraw in waiting:
+            if withdraw():
+                self.results.put(None)
+
+    def answers(self) -> Iterator[pb.ModelStreamInferResponse]:
+        reading = True
+        while True:
+            item = self.results.get()
+            if item is _END:
+                reading = False
+            elif item is _CLOSING:
+                with self._lock:
+                    self._closing = True
+                    in_flight = self._in_flight
+                if reading:
+                    log.info("stream_closed_for_shutdown", in_flight=in_flight)
+                reading = False
+            else:
+                with self._lock:
+                    self._in_flight -= 1
+                self._slots.release()
+                if isinstance(item, tuple):
+                    yield self._owner._stream_answer(*item)
+            with self._lock:
+                if not reading and self._in_flight == 0:
+                    return
+
+
 class HealthPublisher:
-    """Keeps grpc.health.v1 in step: "" for the server, one service name per model."""
+    """Keeps grpc.health.v1 in step: "" for the server, one service name per model. The
+    servicer is grpcio's threaded one (a Watch holds no thread); a status change is sent
+    to its watchers from a worker thread, in order, never from the event loop."""
 
     def __init__(self, servicer: HealthServicer) -> None:
         self.servicer = servicer
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last: asyncio.Task[None] | None = None
 
     def _set(self, service: str, serving: bool) -> None:
         status = (
@@ -394,7 +571,14 @@ class HealthPublisher:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        task = asyncio.get_running_loop().create_task(self.servicer.set(service, status))
+        previous = self._last
+
+        async def apply() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await asyncio.to_thread(self.servicer.set, service, status)
+
+        self._last = task = asyncio.get_running_loop().create_task(apply())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -409,7 +593,11 @@ class HealthPublisher:
     async def shutdown(self) -> None:
         """Every service NOT_SERVING from now on."""
         await asyncio.gather(*self._tasks)
-        await self.servicer.enter_graceful_shutdown()
+        await asyncio.to_thread(self.servicer.enter_graceful_shutdown)
+
+
+#: handler threads of a gRPC listener by default (``server.grpc_threads``)
+DEFAULT_THREADS = 64
 
 
 def build_server(
@@ -417,33 +605,39 @@ def build_server(
     *,
     max_request_bytes: int,
     stream_max_in_flight: int,
-    closing: asyncio.Event | None = None,
-    services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    threads: int = DEFAULT_THREADS,
+    services: Sequence[tuple[str, Callable[[Services], None]]] = (),
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
     health: HealthPublisher | None = None,
-) -> tuple[grpc.aio.Server, HealthPublisher]:
-    """A gRPC server with the inference service, health and reflection (not yet bound), plus
-    ``services``: (full service name, function adding its servicer to a server), every call
-    passing ``interceptors`` (the access check). A second listener of the same daemon passes
-    the first one's ``health``, so both answer grpc.health.v1 alike."""
-    server = grpc.aio.server(
-        interceptors=list(interceptors),
+) -> tuple[GrpcServer, HealthPublisher]:
+    """A gRPC server (not yet bound; call on the event loop) with the inference service,
+    health and reflection, plus ``services``: (full service name, function adding its
+    asyncio servicer), every call passing ``interceptors`` (the access check) on one of
+    ``threads`` handler threads. A second listener of the same daemon passes the first one's
+    ``health``, so both answer grpc.health.v1 alike."""
+    server = GrpcServer(
+        threads=threads,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", 0),
         ],
     )
+    threaded = ThreadInference(plane, stream_max_in_flight=stream_max_in_flight)
+    server.on_stop.append(threaded.close_streams)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(plane, stream_max_in_flight=stream_max_in_flight, closing=closing),
-        server,
+        InferenceServicer(plane),
+        server.services(
+            {"ModelInfer": threaded.ModelInfer, "ModelStreamInfer": threaded.ModelStreamInfer}
+        ),
     )
     for _, add_to_server in services:
-        add_to_server(server)
+        add_to_server(server.services())
     if health is None:
         health = HealthPublisher(HealthServicer())
         plane.on_model_change(health.model_changed)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server.server)
     reflection.enable_server_reflection(
         (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -451,7 +645,7 @@ def build_server(
             *(name for name, _ in services),
             reflection.SERVICE_NAME,
         ),
-        server,
+        server.server,
         pool=_reflection_pool(),
     )
     return server, health

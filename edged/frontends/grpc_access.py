@@ -9,10 +9,8 @@ the code of its domain error (``edged.core.status``): UNAUTHENTICATED or PERMISS
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -65,9 +63,10 @@ def bearer(metadata: Any) -> str | None:
     return None
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Checks each call against ``access``; ``verified_certs``: this listener verifies client
-    certificates, so their names may be trusted."""
+class AccessInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Checks each call against ``access`` on the handler thread that answers it (grpcio's
+    threaded server, ``edged.frontends.grpc_server``); ``verified_certs``: this listener
+    verifies client certificates, so their names may be trusted."""
 
     def __init__(self, access: AccessControl, *, verified_certs: bool) -> None:
         self._access = access
@@ -75,7 +74,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         #: method -> (the service's handler, its checked wrapper): built once per method
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def _credentials(self, context: grpc.aio.ServicerContext) -> Credentials:
+    def _credentials(self, context: grpc.ServicerContext) -> Credentials:
         peer = context.peer()
         names: tuple[str, ...] = ()
         if self._verified_certs:
@@ -88,18 +87,18 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             names=names,
         )
 
-    async def _check(
-        self, method: str, request: object, context: grpc.aio.ServicerContext
+    def _check(
+        self, method: str, request: object, context: grpc.ServicerContext
     ) -> tuple[Decision, dict[str, Any] | None]:
         args = request_args(request) if audited(method) else None
         try:
             return self._access.check(method, self._credentials(context), args), args
         except EdgedError as e:
-            await context.abort(status_of(e), str(e))
+            context.abort(status_of(e), str(e))
             raise AssertionError("unreachable: abort raises") from e
 
     def _record(
-        self, decision: Decision, context: grpc.aio.ServicerContext, args: dict[str, Any] | None
+        self, decision: Decision, context: grpc.ServicerContext, args: dict[str, Any] | None
     ) -> None:
         if not decision.audited:
             return
@@ -107,22 +106,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         if code is not None:
             outcome = getattr(code, "name", str(code))
         else:
-            failed = sys.exc_info()[0]
-            outcome = (
-                "OK"
-                if failed is None
-                else "CANCELLED"
-                if issubclass(failed, asyncio.CancelledError)
-                else "INTERNAL"
-            )
+            outcome = "OK" if sys.exc_info()[0] is None else "INTERNAL"
         self._access.record(decision, outcome, args)
 
-    async def intercept_service(
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
@@ -135,63 +127,48 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._stream_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            return handler._replace(stream_unary=self._unary(method, handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(
+                unary_stream=self._streaming(method, handler.unary_stream, request_is_message=True)
             )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream_stream(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return handler._replace(
+            stream_stream=self._streaming(method, handler.stream_stream, request_is_message=False)
         )
 
     def _unary(self, method: str, behavior: Any) -> Any:
-        async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
-            decision, args = await self._check(method, request, context)
+        def checked(request: object, context: grpc.ServicerContext) -> object:
+            decision, args = self._check(method, request, context)
             try:
-                return await behavior(request, context)
+                return behavior(request, context)
             finally:
                 self._record(decision, context, args)
 
         return checked
 
-    def _unary_stream(self, method: str, behavior: Any) -> Any:
-        return self._streaming(method, behavior, request_is_message=True)
-
-    def _stream_unary(self, method: str, behavior: Any) -> Any:
-        return self._unary(method, behavior)
-
-    def _stream_stream(self, method: str, behavior: Any) -> Any:
-        return self._streaming(method, behavior, request_is_message=False)
-
     def _streaming(self, method: str, behavior: Any, *, request_is_message: bool) -> Any:
-        """A handler answering with a stream: an async generator, or a coroutine that writes
-        with ``context.write`` (grpc.health's Watch)."""
-        if not inspect.isasyncgenfunction(behavior):
-            return self._unary(method, behavior)
+        """A handler answering with a stream: a generator, or (grpc.health's Watch) a
+        non-blocking one that answers through a callback, which stays non-blocking."""
+        if getattr(behavior, "experimental_non_blocking", False):
 
-        async def checked(
-            request: object, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[object]:
-            decision, args = await self._check(
-                method, request if request_is_message else None, context
-            )
+            def checked_callback(request: object, context: grpc.ServicerContext, send: Any) -> Any:
+                decision, args = self._check(
+                    method, request if request_is_message else None, context
+                )
+                try:
+                    return behavior(request, context, send)
+                finally:
+                    self._record(decision, context, args)
+
+            checked_callback.experimental_non_blocking = True  # type: ignore[attr-defined]
+            return checked_callback
+
+        def checked(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+            decision, args = self._check(method, request if request_is_message else None, context)
             try:
-                async for item in behavior(request, context):
-                    yield item
+                yield from behavior(request, context)
             finally:
                 self._record(decision, context, args)
 

@@ -23,6 +23,7 @@ from edged.core.control import FineTuneJob, MetricValue, SampleCounts, UpdateSta
 from edged.core.errors import InvalidInputError
 from edged.core.limits import RequestLimits
 from edged.frontends.grpc import handle_errors
+from edged.frontends.grpc_server import Services
 from edged.frontends.kserve_codec import (
     check_input_limits,
     inputs_decode_inline,
@@ -123,10 +124,10 @@ def job_to_proto(job: FineTuneJob) -> pb.Job:
 def service(
     control: ControlPlane,
     limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen
-) -> tuple[str, Callable[[grpc.aio.Server], None]]:
+) -> tuple[str, Callable[[Services], None]]:
     """The Management service for ``build_server(services=...)``."""
 
-    def add_to_server(server: grpc.aio.Server) -> None:
+    def add_to_server(server: Services) -> None:
         pb_grpc.add_ManagementServicer_to_server(  # type: ignore[no-untyped-call]
             ManagementServicer(control, limits), server
         )

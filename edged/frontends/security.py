@@ -12,12 +12,12 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import structlog
 
 from edged.config import Config
 from edged.core.errors import ConfigError
 from edged.frontends.grpc_access import AccessInterceptor
+from edged.frontends.grpc_server import GrpcServer
 from edged.security.access import AccessControl
 from edged.security.curve import CurveServer
 from edged.security.roles import parse_identities, parse_roles
@@ -96,7 +96,7 @@ class Security:
         )
         return AccessInterceptor(self.access, verified_certs=verified)
 
-    def bind(self, server: grpc.aio.Server, address: str, key: str, *, management: bool) -> int:
+    def bind(self, server: GrpcServer, address: str, key: str, *, management: bool) -> int:
         """Add the listener at ``address`` (TLS or not); return its port.
 
         Raises:

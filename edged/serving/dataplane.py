@@ -243,11 +243,13 @@ class DataPlane:
         reply: Callable[[InferResponse | errors.EdgedError], None],
         *,
         inline: bool = False,
-    ) -> None:
-        """``infer`` for a frontend on its own thread (ZeroMQ's I/O thread): route
-        ``request`` here, then ``reply`` is called once, on whichever thread answers it,
-        with the response or the error. With ``inline``, a lone request on an idle model
-        runs on this thread before ``submit`` returns (see ``Scheduler.post``).
+    ) -> Callable[[], bool]:
+        """``infer`` for a frontend on its own thread (ZeroMQ's I/O thread, gRPC's handler
+        threads): route ``request`` here, then ``reply`` is called once, on whichever thread
+        answers it, with the response or the error. With ``inline``, a lone request on an
+        idle model runs on this thread before ``submit`` returns (see ``Scheduler.post``).
+        Returns ``withdraw``: called when the caller went away, it drops the request if it
+        is still queued (True; ``reply`` is then never called).
 
         Raises:
             UnavailableError, ModelNotFoundError, ModelNotReadyError, InvalidInputError:
@@ -263,7 +265,7 @@ class DataPlane:
             again = manager.get(request.model_name, request.model_version)
             again.enter(force=True)
             mv = again
-        mv.submit(request, reply, inline=inline)
+        return mv.submit(request, reply, inline=inline)
 
     # -- repository ------------------------------------------------------------------------
 

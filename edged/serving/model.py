@@ -131,11 +131,13 @@ class ModelVersion:
         reply: Callable[[InferResponse | EdgedError], None],
         *,
         inline: bool = False,
-    ) -> None:
-        """``infer`` for a caller on any thread (the ZeroMQ I/O thread), counted in by
-        ``enter`` first: validate, queue, and call ``reply`` once with the response or the
-        error (on the thread that settled it; with ``inline``, a lone request on an idle
-        version runs and is answered on this thread before ``submit`` returns)."""
+    ) -> Callable[[], bool]:
+        """``infer`` for a caller on any thread (the ZeroMQ I/O thread, gRPC's handler
+        threads), counted in by ``enter`` first: validate, queue, and call ``reply`` once with
+        the response or the error (on the thread that settled it; with ``inline``, a lone
+        request on an idle version runs and is answered on this thread before ``submit``
+        returns). Returns ``withdraw``: for a caller that went away, it drops the request if
+        it is still queued (True; ``reply`` is then never called)."""
         start = time.monotonic_ns()
 
         def done(outcome: Result | EdgedError) -> None:
@@ -151,9 +153,20 @@ class ModelVersion:
         try:
             size = validate_request(request, self.signature)
             priority, timeout_ns = request_options(request.parameters)
-            self.scheduler.post(request.inputs, size, priority, timeout_ns, done, inline=inline)
+            pending = self.scheduler.post(
+                request.inputs, size, priority, timeout_ns, done, inline=inline
+            )
         except EdgedError as e:
             done(e)
+            return _answered_already
+
+        def withdraw() -> bool:
+            if self.scheduler.withdraw(pending):
+                self._leave()
+                return True
+            return False
+
+        return withdraw
 
     def _answered(
         self, request: InferRequest, start: int, outcome: Result | EdgedError, *, on_loop: bool
@@ -261,6 +274,11 @@ class ModelVersion:
         for instance in self._instances:
             if instance not in stuck:
                 await asyncio.to_thread(instance.close)
+
+
+def _answered_already() -> bool:
+    """``withdraw`` of a request answered before ``submit`` returned: nothing to drop."""
+    return False
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -328,6 +328,23 @@ class Scheduler:
             self._execute(run)
         return pending
 
+    def withdraw(self, pending: Pending) -> bool:
+        """Drop ``pending`` if it is still queued here (its caller went away): True if it
+        was, and then its reply is never called; False if it already runs, was answered, or
+        was handed over (its reply comes as usual)."""
+        with self._lock:
+            if pending.finished:
+                return False
+            for q in self._queues:
+                try:
+                    q.remove(pending)
+                except ValueError:
+                    continue
+                pending.finished = True
+                self._waiting -= 1
+                return True
+        return False
+
     async def submit(
         self, inputs: Mapping[str, Array], size: int, priority: int = 0, timeout_ns: int = 0
     ) -> Result:

@@ -19,6 +19,7 @@ ALL_KEYS = {
     "server.shutdown_grace_s",
     "server.shared_memory",
     "server.stream_max_in_flight",
+    "server.grpc_threads",
     "server.management_address",
     "limits.max_inputs",
     "limits.max_outputs",
@@ -358,6 +359,12 @@ BUILD_ERRORS = [
         {},
         "server.stream_max_in_flight",
         id="zero-stream-max-in-flight",
+    ),
+    pytest.param(
+        {"server": {"grpc_threads": 0}}, {}, "server.grpc_threads", id="zero-grpc-threads"
+    ),
+    pytest.param(
+        {"server": {"grpc_threads": 5000}}, {}, "server.grpc_threads", id="too-many-grpc-threads"
     ),
     pytest.param(
         {"server": {"shutdown_grace_s": -0.1}}, {}, "server.shutdown_grace_s", id="negative-grace"
