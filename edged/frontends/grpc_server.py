@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -95,9 +96,26 @@ class LoopBridge:
                 if getattr(handler, k) is not None
             )
             return handler._replace(**{kind: override})
-        if handler.unary_unary is None:
+        behavior = handler.unary_unary
+        if behavior is None:
             raise TypeError("only unary calls are bridged to the event loop; give an override")
-        return handler._replace(unary_unary=self.unary(handler.unary_unary))
+        if not inspect.iscoroutinefunction(behavior):  # the generated stub of a call not served
+            return handler._replace(unary_unary=_unimplemented(behavior))
+        return handler._replace(unary_unary=self.unary(behavior))
+
+
+def _unimplemented(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A generated servicer's method a servicer does not override: answered UNIMPLEMENTED,
+    on the handler thread."""
+
+    def on_thread(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except NotImplementedError as e:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e) or "not implemented")
+        raise AssertionError("unreachable: abort raises")
+
+    return on_thread
 
 
 class _BridgedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
