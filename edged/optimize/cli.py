@@ -61,6 +61,17 @@ def add_command(commands: Any) -> None:
         "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
         "prune-magnitude, prune-structured, and for [learn] models head-prune, distil, qat)",
     )
+    add_budget_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per variant instead of the table"
+    )
+
+
+def add_budget_arguments(p: argparse._ActionsContainer) -> None:
+    """The budget options (``--max-accuracy-drop`` or ``--min-agreement``), shared with
+    ``edged-fleet bundle --optimize``."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--max-accuracy-drop",
@@ -74,6 +85,11 @@ def add_command(commands: Any) -> None:
         metavar="F",
         help=f"at least F top-1 agreement (default {DEFAULT_MIN_AGREEMENT})",
     )
+
+
+def add_data_arguments(p: argparse._ActionsContainer) -> None:
+    """How variants are made and judged (held-out data, output, calibration size, sparsity,
+    timing), shared with ``edged-fleet bundle --optimize``."""
     p.add_argument(
         "--holdout",
         type=Path,
@@ -118,41 +134,46 @@ def add_command(commands: Any) -> None:
         metavar="N",
         help="intra-op threads while timing (1, as the daemon on a small gateway)",
     )
-    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
-    p.add_argument(
-        "--json", action="store_true", help="print one JSON object per variant instead of the table"
+
+
+def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) -> Any:
+    """``edged.optimize.run.Settings`` from the options ``add_budget_arguments`` and
+    ``add_data_arguments`` added; ``methods``: comma-separated (None: the defaults).
+
+    Raises:
+        OptimizeError: a bad budget (named).
+        ImportError: the optimize extra is not installed.
+    """
+    from edged.optimize.methods import DEFAULT_METHODS, Options  # noqa: PLC0415 - onnx, onnxruntime.quantization
+    from edged.optimize.run import Settings  # noqa: PLC0415 - onnx, onnxruntime.quantization
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else ()
+    return Settings(
+        methods=chosen or DEFAULT_METHODS,
+        budget=gate.Budget.of(args.max_accuracy_drop, args.min_agreement),
+        holdout=args.holdout,
+        holdout_share=args.holdout_share,
+        output=args.output,
+        options=Options(
+            calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
+        ),
+        runs=max(1, args.runs),
+        threads=max(1, args.threads),
+        plot=plot,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``edged optimize``; 0 when at least one variant was accepted, 1 when none was,
     2 on an unusable model, folder or option (named on stderr)."""
-    from edged.optimize.methods import DEFAULT_METHODS, Options  # noqa: PLC0415 - onnx, onnxruntime.quantization
-    from edged.optimize.run import Settings, optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
+    from edged.optimize.run import optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
 
     def say(line: str) -> None:
         if not args.json:
             sys.stderr.write(f"edged optimize: {line}\n")
 
     try:
-        methods = (
-            tuple(m.strip() for m in args.methods.split(",") if m.strip())
-            if args.methods
-            else DEFAULT_METHODS
-        )
-        settings = Settings(
-            methods=methods,
-            budget=gate.Budget.of(args.max_accuracy_drop, args.min_agreement),
-            holdout=args.holdout,
-            holdout_share=args.holdout_share,
-            output=args.output,
-            options=Options(
-                calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
-            ),
-            runs=max(1, args.runs),
-            threads=max(1, args.threads),
-            plot=not args.no_plot,
-        )
+        settings = settings_of(args, args.methods, plot=not args.no_plot)
         result = optimize(args.model, args.calibration, args.out, settings, say)
     except EdgedError as e:
         sys.stderr.write(f"edged optimize: {e}\n")

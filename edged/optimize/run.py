@@ -66,6 +66,19 @@ class Result:
     reports: list[VariantReport]
     report_path: Path
     plot_path: Path | None
+    name: str = ""
+    """The model's name (each accepted variant is ``OUT/<method>/<name>/``)."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """What every accepted variant's optimize.json shares: parent, calibration, held-out
+    and budget."""
+    held: Samples | None = None
+    """The held-out samples the variants were judged on (never used for calibration)."""
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    """The original's outputs on ``held``."""
+    primary: str = ""
+    """The output quality was judged on."""
+    batch: int = 1
+    """Rows per inference the model takes (1 when its batch axis is fixed)."""
 
 
 def optimize(
@@ -162,7 +175,17 @@ def optimize(
         plot_path = plot(
             reports, out / PLOT_FILE, f"{source.name}: {settings.budget.describe()}", kind
         )
-    return Result(reports, report_path, plot_path)
+    return Result(
+        reports,
+        report_path,
+        plot_path,
+        name=source.name,
+        lineage=lineage,
+        held=held,
+        reference=reference,
+        primary=primary,
+        batch=batch,
+    )
 
 
 def _signature(path: Path) -> Any:
