@@ -296,6 +296,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = BUNDLE_TOML) -> Manifes
         raise _fail(where, "'signature' must be a table of 'inputs' and 'outputs'")
     optimize = None
     if "optimize" in data:
+        if not selftest_file:
+            raise _fail(where, "an [optimize] bundle needs its self-test ('selftest.file')")
         taken = {BUNDLE_TOML, MODEL_TOML, selftest_file, *artifacts}
         optimize = _evidence(where, data["optimize"], artifacts, taken)
     return Manifest(
