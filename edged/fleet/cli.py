@@ -161,7 +161,7 @@ def _add_expiry(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
 def _add_optimize(build: argparse.ArgumentParser) -> None:
     opt = build.add_argument_group(
         "optimised bundles",
-        "With --optimize, MODEL_DIR (or --source) is the parent: `edged optimize` runs the "
+        "With --optimize, MODEL_DIR (or --source) is the parent: edged optimize runs the "
         "METHODS on it with the --calibration samples and bundles the accepted variant "
         "--pick prefers; with no variant within the budget nothing is written and the "
         "command exits 2 with each method's reason. The bundle carries the evidence: "
@@ -173,14 +173,15 @@ def _add_optimize(build: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--optimize",
         metavar="M[,M...]",
-        help="methods to try, comma-separated, as `edged optimize --methods` "
+        help="methods to try, comma-separated, as edged optimize --methods "
         "(e.g. int8-static-minmax,int8-static-entropy,fp16)",
     )
     opt.add_argument(
         "--calibration",
         type=Path,
         metavar="DIR",
-        help="calibration samples (.npy/.npz keyed by input name; needed with --optimize)",
+        help="calibration samples (.npy/.npz keyed by input name); --optimize needs this or "
+        "--calibration-store",
     )
     add_budget_arguments(opt)
     add_data_arguments(opt)
@@ -202,7 +203,7 @@ def _add_optimize(build: argparse.ArgumentParser) -> None:
         "--optimize-out",
         type=Path,
         metavar="DIR",
-        help="keep the optimiser's output (variants, report.json, pareto.png) in DIR",
+        help="keep the optimiser's output (every accepted variant, report.json) in DIR",
     )
 
 
@@ -669,8 +670,8 @@ def _bundle(args: argparse.Namespace) -> int:
     expected = _load_tensors(args.selftest_output, "--selftest-output")
     evidence: dict[str, Any] | None = None
     if args.optimize is None:
-        if args.calibration is not None:
-            args.usage_error("argument --calibration: only with --optimize")
+        if args.calibration is not None or args.calibration_store is not None:
+            args.usage_error("--calibration and --calibration-store go only with --optimize")
         path = build_bundle(
             args.model_dir,
             args.model_version,
@@ -707,8 +708,8 @@ def _bundle_optimized(
 ) -> tuple[Path, dict[str, Any]] | int:
     """``bundle --optimize``: the bundle and its evidence, or the exit status (2: no variant
     within the budget, or an unusable model, folder or option)."""
-    if args.calibration is None:
-        args.usage_error("argument --calibration: required with --optimize")
+    if (args.calibration is None) == (args.calibration_store is None):
+        args.usage_error("--optimize needs one of --calibration DIR and --calibration-store")
     if args.no_selftest or expected is not None:
         args.usage_error(
             "--no-selftest and --selftest-output do not go with --optimize (the variant's "

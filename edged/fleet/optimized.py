@@ -122,7 +122,7 @@ def _variant_outputs(path: Path, inputs: dict[str, np.ndarray], batch: int) -> d
 
 def bundle_optimized(
     model: Path,
-    calibration: Path,
+    calibration: Path | None,
     version: int,
     out_path: Path,
     settings: Any,
@@ -133,10 +133,11 @@ def bundle_optimized(
     progress: Callable[[str], None] = lambda _: None,
     bundle_options: dict[str, Any] | None = None,
 ) -> tuple[Optimized, Any]:
-    """Run ``edged optimize`` on ``model`` with ``calibration`` and ``settings``
-    (``edged.optimize.run.Settings``), choose an accepted variant by ``pick``, and bundle it
-    as ``version`` at ``out_path`` with its evidence (the module docstring). ``work``: keep
-    the optimiser's output there (default: a temporary folder). ``bundle_options``: passed
+    """Run ``edged optimize`` on ``model`` with ``calibration`` (None: from
+    ``settings.calibration_store``) and ``settings`` (``edged.optimize.run.Settings``),
+    choose an accepted variant by ``pick``, and bundle it as ``version`` at ``out_path``
+    with its evidence (the module docstring). ``work``: keep the optimiser's output there
+    (default: a temporary folder). ``bundle_options``: passed
     to ``build_bundle`` (self-test inputs, tolerances). Returns what was bundled and the
     optimiser's result (every variant's report).
 
@@ -150,7 +151,7 @@ def bundle_optimized(
         raise BundleError(f"--pick {pick!r} is not one of {', '.join(PICKS)}")
     with tempfile.TemporaryDirectory(prefix="edged-fleet-optimize-") as tmp:
         folder = Path(work) if work is not None else Path(tmp) / "optimized"
-        result = optimize(Path(model), Path(calibration), folder, settings, progress)
+        result = optimize(Path(model), calibration, folder, settings, progress)
         chosen = choose(result.reports, pick)
         if chosen is None:
             reasons = [(r.method, r.reason) for r in result.reports[1:]]

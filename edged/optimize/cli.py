@@ -27,6 +27,9 @@ written. OUT/report.json and OUT/pareto.png hold every variant.
 
 DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
 by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).
+--calibration-store PATH takes the samples a device's learning store keeps instead (its
+backbone features and labels, held-out rows excluded; which rows are used is printed and
+recorded in optimize.json); variants are then judged on --holdout DIR.
 Default budget: --min-agreement 0.99. docs/optimize.md has the methods and figures."""
 
 
@@ -42,9 +45,9 @@ def add_command(commands: Any) -> None:
     p.add_argument(
         "--calibration",
         type=Path,
-        required=True,
         metavar="DIR",
-        help="calibration samples (a share is held out unless --holdout is given)",
+        help="calibration samples (a share is held out unless --holdout is given); or "
+        "--calibration-store",
     )
     p.add_argument(
         "--out",
@@ -94,7 +97,22 @@ def add_data_arguments(p: argparse._ActionsContainer) -> None:
         "--holdout",
         type=Path,
         metavar="DIR",
-        help="held-out samples to judge with (default: a share of --calibration)",
+        help="held-out samples to judge with (default: a share of --calibration; needed "
+        "with --calibration-store)",
+    )
+    p.add_argument(
+        "--calibration-store",
+        type=Path,
+        metavar="PATH",
+        help="calibrate with a device's learning store instead (learn.sqlite3, or the state "
+        "folder holding it; read-only): every sample of the model it does not hold out. It "
+        "keeps backbone features, not inputs: head-prune and distil train on them, "
+        "int8-dynamic, fp16 and the pruning methods need no data, the others are refused",
+    )
+    p.add_argument(
+        "--store-model",
+        metavar="NAME",
+        help="whose samples in --calibration-store (default: the model's name)",
     )
     p.add_argument(
         "--holdout-share",
@@ -160,6 +178,8 @@ def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) ->
         runs=max(1, args.runs),
         threads=max(1, args.threads),
         plot=plot,
+        calibration_store=args.calibration_store,
+        store_model=args.store_model,
     )
 
 
@@ -169,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     from edged.optimize.run import optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
 
     def say(line: str) -> None:
-        if not args.json:
+        # which store rows calibrate is said even with --json (stdout stays JSON)
+        if not args.json or line.startswith("learning store"):
             sys.stderr.write(f"edged optimize: {line}\n")
 
     try:

@@ -97,10 +97,10 @@ def test_optimize_options_are_checked(
     with pytest.raises(SystemExit) as info:
         main([*base, "--calibration", str(calibration)])
     assert info.value.code == 2
-    assert "--calibration: only with --optimize" in capsys.readouterr().err
+    assert "--calibration-store go only with --optimize" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--optimize", "fp16"])
-    assert "--calibration: required with --optimize" in capsys.readouterr().err
+    assert "needs one of --calibration DIR and --calibration-store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--optimize", "fp16", "--calibration", str(calibration), "--no-selftest"])
     assert "do not go with --optimize" in capsys.readouterr().err
