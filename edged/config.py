@@ -547,6 +547,25 @@ class OtaConfig:
             _non_negative,
         ),
     )
+    optimize_agreement_slack: float = field(
+        default=0.01,
+        metadata=_key(
+            "For a bundle of an edged optimize variant: how far (0 to 1) the variant's "
+            "top-1 agreement with its parent on the bundle's held-out check set may fall "
+            "below the agreement recorded when it was optimised before its self-test "
+            "refuses it (the device's executor may round differently from the fleet's).",
+            _rate,
+        ),
+    )
+    optimize_error_slack: float = field(
+        default=0.05,
+        metadata=_key(
+            "For a bundle of an edged optimize variant: how far its relative output error "
+            "against its parent on the check set (||variant - parent|| / ||parent||) may rise "
+            "above the error recorded when it was optimised before its self-test refuses it.",
+            _non_negative,
+        ),
+    )
     min_free_bytes: int = field(
         default=256 * 1024 * 1024,
         metadata=_key(

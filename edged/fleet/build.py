@@ -20,6 +20,7 @@ import tarfile
 import tomllib
 import zipfile
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +37,7 @@ from edged.ota.bundle import (
     OUTPUT_PREFIX,
     SELFTEST_FILE,
     Manifest,
+    OptimizeEvidence,
     check_model_toml,
     parse_manifest,
 )
@@ -77,6 +79,12 @@ def manifest_toml(manifest: Manifest) -> str:
         f"rtol = {manifest.rtol!r}",
         f"atol = {manifest.atol!r}",
     ]
+    if (evidence := manifest.optimize) is not None:
+        lines += ["", "[optimize]"]
+        for key in OptimizeEvidence.__dataclass_fields__:
+            value = getattr(evidence, key)
+            text = _toml_string(value) if isinstance(value, str) else repr(value)
+            lines.append(f"{key} = {text}")
     for key, specs in (("inputs", manifest.inputs), ("outputs", manifest.outputs)):
         for spec in specs:
             lines += [
@@ -227,11 +235,14 @@ def write_bundle(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     signature: Signature | None = None,
+    optimize: tuple[OptimizeEvidence, bytes] | None = None,
 ) -> Path:
     """Write a bundle from its parts, running nothing: the expected ``outputs`` are taken as
     given; ``inputs`` and ``outputs`` None: no test vectors (the device tests the version
     with its reference sample). ``signature`` (as served) is recorded in bundle.toml;
-    without it, model.toml's full declarations, else the self-test tensors. Returns
+    without it, model.toml's full declarations, else the self-test tensors. ``optimize``:
+    an optimised variant's evidence (bundle.toml ``[optimize]``) and its check set's bytes
+    (``selftest_npz`` of the held-out inputs and the parent's outputs). Returns
     ``out_path`` (written atomically).
 
     Raises:
@@ -249,6 +260,7 @@ def write_bundle(
                 "atol": atol,
                 **({} if inputs is not None else {"file": ""}),
             },
+            **({} if optimize is None else {"optimize": asdict(optimize[0])}),
         },
         where=str(out_path),
     )
@@ -273,6 +285,7 @@ def write_bundle(
         atol=provisional.atol,
         inputs=tensors[0],
         outputs=tensors[1],
+        optimize=provisional.optimize,
     )
     text = manifest_toml(manifest)
     assert parse_manifest(tomllib.loads(text)) == manifest  # the writer and the reader agree
@@ -283,6 +296,8 @@ def write_bundle(
     }
     if inputs is not None and outputs is not None:
         files[SELFTEST_FILE] = selftest_npz(inputs, outputs)
+    if optimize is not None:
+        files[optimize[0].file] = optimize[1]
     _atomic_write(out_path, lambda f: _write_tar(f, files))
     return out_path
 
@@ -312,13 +327,14 @@ def build_bundle(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     selftest: bool = True,
+    optimize: tuple[OptimizeEvidence, bytes] | None = None,
 ) -> Path:
     """Bundle ``model_dir`` (its model.toml, empty when it has none, and every file of its
     version folder ``source``, by default ``model_dir``/``version``) as ``version``.
     Without model.toml (or its ``format``) the artifact in the folder decides the format.
     ``selftest`` False: no test vectors; the device tests the new version with the
     reference sample of the version it serves (its first warm-up sample that ran, or its
-    first request that succeeded).
+    first request that succeeded). ``optimize``: as ``write_bundle``'s.
 
     For formats a CPU executor runs (onnx: cpu-onnx, tflite: cpu-litert) the artifact is
     loaded in-process through the HAL: its signature, narrowed by model.toml as the daemon
@@ -402,4 +418,5 @@ def build_bundle(
         rtol=rtol,
         atol=atol,
         signature=signature,
+        optimize=optimize,
     )

@@ -3,7 +3,10 @@ repository, and roll them out to devices (docs/ota.md); federate a trainable mod
 across devices with Flower (docs/federated.md).
 
     edged-fleet init DIR                      new repository and keys
-    edged-fleet bundle MODEL_DIR --version V --out FILE
+    edged-fleet bundle MODEL_DIR --version V --out FILE [--json]
+    edged-fleet bundle MODEL_DIR --version V --out FILE --optimize METHODS --calibration DIR
+                [--holdout DIR] [--min-agreement F | --max-accuracy-drop P] [--pick HOW]
+    edged-fleet inspect BUNDLE [--json]       a bundle's manifest, self-test and evidence
     edged-fleet publish DIR BUNDLE [--force]  sign a bundle in as models/<model>/<V>.tar.gz
     edged-fleet refresh DIR                   re-sign snapshot and timestamp (run from cron)
     edged-fleet status DIR [--json]
@@ -17,6 +20,7 @@ verdict): StartUpdate and GetUpdateStatus on each device's edged.v1.Management s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -35,10 +39,12 @@ from edged._proto.edged.v1 import management_pb2_grpc as mpb_grpc
 from edged.cli import load_npy, stdout_closed
 from edged.core.errors import EdgedError
 from edged.core.types import Array
-from edged.fleet import federate, publish
+from edged.fleet import federate, optimized, publish
 from edged.fleet import rollout as plan
 from edged.fleet.build import build_bundle
-from edged.ota import bundle
+from edged.optimize import cli as optimize_cli
+from edged.optimize.cli import add_budget_arguments, add_data_arguments
+from edged.ota import archive, bundle
 from edged.ota.errors import BundleError
 from edged.security.client import ClientAuth, add_arguments
 from edged.serving.versions import parse_version
@@ -152,6 +158,55 @@ def _add_expiry(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
         )
 
 
+def _add_optimize(build: argparse.ArgumentParser) -> None:
+    opt = build.add_argument_group(
+        "optimised bundles",
+        "With --optimize, MODEL_DIR (or --source) is the parent: edged optimize runs the "
+        "METHODS on it with the --calibration samples and bundles the accepted variant "
+        "--pick prefers; with no variant within the budget nothing is written and the "
+        "command exits 2 with each method's reason. The bundle carries the evidence: "
+        "optimize.json (lineage: parent model and SHA-256, method, calibration set SHA-256, "
+        "budget; every variant's figures), bundle.toml [optimize] (the figures the device "
+        "must reproduce), and optimize.npz (held-out inputs and the parent's outputs, which "
+        "the device's self-test runs the variant on: docs/optimize.md).",
+    )
+    opt.add_argument(
+        "--optimize",
+        metavar="M[,M...]",
+        help="methods to try, comma-separated, as edged optimize --methods "
+        "(e.g. int8-static-minmax,int8-static-entropy,fp16)",
+    )
+    opt.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="calibration samples (.npy/.npz keyed by input name); --optimize needs this or "
+        "--calibration-store",
+    )
+    add_budget_arguments(opt)
+    add_data_arguments(opt)
+    opt.add_argument(
+        "--pick",
+        choices=optimized.PICKS,
+        default="smallest",
+        help="which accepted variant becomes the bundle (default smallest)",
+    )
+    opt.add_argument(
+        "--check-samples",
+        type=_positive_int,
+        default=optimized.DEFAULT_CHECK_SAMPLES,
+        metavar="N",
+        help="held-out samples the bundle carries for the device's check (default "
+        f"{optimized.DEFAULT_CHECK_SAMPLES}; fewer past {optimized.MAX_CHECK_BYTES} bytes)",
+    )
+    opt.add_argument(
+        "--optimize-out",
+        type=Path,
+        metavar="DIR",
+        help="keep the optimiser's output (every accepted variant, report.json) in DIR",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged-fleet",
@@ -234,6 +289,19 @@ def _parser() -> argparse.ArgumentParser:
         default=bundle.DEFAULT_ATOL,
         help=f"self-test absolute tolerance (default {bundle.DEFAULT_ATOL:g})",
     )
+    build.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_optimize(build)
+    build.set_defaults(usage_error=build.error)
+
+    ins = commands.add_parser(
+        "inspect",
+        help="show a bundle: manifest, self-test, and an optimised variant's evidence",
+        description="Check BUNDLE as a device will and show its manifest, self-test and, for "
+        "a bundle made with --optimize, its evidence: bundle.toml [optimize] and the lineage "
+        "and every variant's figures from optimize.json.",
+    )
+    ins.add_argument("bundle", type=Path, metavar="BUNDLE")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
 
     pub = commands.add_parser(
         "publish",
@@ -597,6 +665,166 @@ def _rollout(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
+def _bundle(args: argparse.Namespace) -> int:
+    selftest_inputs = _load_tensors(args.selftest_input, "--selftest-input")
+    expected = _load_tensors(args.selftest_output, "--selftest-output")
+    evidence: dict[str, Any] | None = None
+    if args.optimize is None:
+        if args.calibration is not None or args.calibration_store is not None:
+            args.usage_error("--calibration and --calibration-store go only with --optimize")
+        path = build_bundle(
+            args.model_dir,
+            args.model_version,
+            args.out,
+            selftest_inputs,
+            source=args.source,
+            expected=expected,
+            rtol=args.rtol,
+            atol=args.atol,
+            selftest=not args.no_selftest,
+        )
+    else:
+        made = _bundle_optimized(args, selftest_inputs, expected)
+        if isinstance(made, int):
+            return made
+        path, evidence = made
+    manifest = bundle.read_manifest(path)
+    if args.json:
+        _out(json.dumps(_bundle_json(path, manifest, evidence), indent=2, default=str))
+    else:
+        _out(
+            f"{path}: {manifest.name} version {manifest.version} ({manifest.format}; "
+            f"{', '.join(manifest.artifacts)}; {path.stat().st_size} bytes)"
+        )
+        if manifest.optimize is not None:
+            _print_evidence(manifest.optimize)
+    return 0
+
+
+def _bundle_optimized(
+    args: argparse.Namespace,
+    selftest_inputs: dict[str, Array] | None,
+    expected: dict[str, Array] | None,
+) -> tuple[Path, dict[str, Any]] | int:
+    """``bundle --optimize``: the bundle and its evidence, or the exit status (2: no variant
+    within the budget, or an unusable model, folder or option)."""
+    if (args.calibration is None) == (args.calibration_store is None):
+        args.usage_error("--optimize needs one of --calibration DIR and --calibration-store")
+    if args.no_selftest or expected is not None:
+        args.usage_error(
+            "--no-selftest and --selftest-output do not go with --optimize (the variant's "
+            "expected outputs are computed from it)"
+        )
+    try:
+        settings = optimize_cli.settings_of(args, args.optimize, plot=False)
+        done, result = optimized.bundle_optimized(
+            args.source or args.model_dir,
+            args.calibration,
+            args.model_version,
+            args.out,
+            settings,
+            pick=args.pick,
+            check_samples=args.check_samples,
+            work=args.optimize_out,
+            progress=_progress,
+            bundle_options={
+                "selftest_inputs": selftest_inputs,
+                "rtol": args.rtol,
+                "atol": args.atol,
+            },
+        )
+    except optimized.NoVariantError as e:
+        sys.stderr.write(f"edged-fleet: no bundle written: {e}\n")
+        if args.json:
+            _out(json.dumps({"bundle": None, "refused": dict(e.reasons)}, indent=2))
+        return 2
+    except ImportError as e:
+        sys.stderr.write(f"edged-fleet: {e}: install the optimize extra (edged[optimize])\n")
+        return 2
+    except EdgedError as e:
+        if isinstance(e, BundleError):
+            raise
+        sys.stderr.write(f"edged-fleet: error: {e}\n")
+        return 2
+    if not args.json:
+        from edged.optimize.report import table  # noqa: PLC0415
+
+        sys.stderr.write(table(result.reports))
+    return done.bundle, optimized.summary(done)
+
+
+def _bundle_json(
+    path: Path, manifest: bundle.Manifest, evidence: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "bundle": str(path),
+        "name": manifest.name,
+        "version": manifest.version,
+        "format": manifest.format,
+        "artifacts": list(manifest.artifacts),
+        "bytes": path.stat().st_size,
+        "selftest": manifest.selftest_file or None,
+        "signature": bundle.signature_table(manifest),
+        "optimize": evidence,
+    }
+
+
+def _print_evidence(e: bundle.OptimizeEvidence) -> None:
+    _out(f"  optimised: {e.method} of {e.parent} (sha256 {e.parent_sha256})")
+    _out(f"  calibration set sha256 {e.calibration_sha256}")
+    _out(
+        f"  check: {e.samples} held-out samples in {e.file}, output {e.output!r}: agreement "
+        f"{e.agreement:.4f}, relative error {e.rel_l2_error:.4g}; lineage and figures in "
+        f"{e.lineage}"
+    )
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = bundle.inspect_bundle(args.bundle)
+    manifest = info.manifest
+    evidence: dict[str, Any] | None = None
+    if manifest.optimize is not None:
+        name = manifest.optimize.lineage
+        raw = archive.read_files(args.bundle, [name], bundle.MAX_TOML_BYTES * 16)[name]
+        try:
+            lineage = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BundleError(f"{args.bundle}/{name}: not valid JSON: {e}") from e
+        evidence = {"evidence": dataclasses.asdict(manifest.optimize), "lineage": lineage}
+    if args.json:
+        report = _bundle_json(args.bundle, manifest, evidence)
+        report["selftest_inputs"] = list(info.selftest_inputs)
+        report["selftest_outputs"] = list(info.selftest_outputs)
+        _out(json.dumps(report, indent=2, default=str))
+        return 0
+    _out(
+        f"{args.bundle}: {manifest.name} version {manifest.version} ({manifest.format}; "
+        f"{', '.join(manifest.artifacts)}; {info.archive_bytes} bytes)"
+    )
+    if manifest.selftest_file:
+        _out(
+            f"  self-test: inputs {', '.join(info.selftest_inputs)}; expected "
+            f"{', '.join(info.selftest_outputs)} (rtol {manifest.rtol:g}, atol {manifest.atol:g})"
+        )
+    else:
+        _out("  self-test: none (the device tests it with its reference sample)")
+    if manifest.optimize is not None:
+        assert evidence is not None
+        _print_evidence(manifest.optimize)
+        from edged.optimize.report import VariantReport, table  # noqa: PLC0415
+
+        fields = set(VariantReport.__dataclass_fields__)
+        variants = evidence["lineage"].get("variants", [])
+        reports = [
+            VariantReport(**{"path": None, **{k: v for k, v in item.items() if k in fields}})
+            for item in variants
+            if isinstance(item, dict)
+        ]
+        if reports:
+            _out(table(reports).rstrip("\n"))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "init":
         publish.init(args.dir, keys_dir=args.keys, expiry=_expiry(args))
@@ -607,22 +835,9 @@ def _run(args: argparse.Namespace) -> int:
         _out(f"  online keys:    {keys / 'online'} (snapshot, timestamp: for refresh)")
         _out(f"  serve only:     {args.dir / publish.METADATA_DIR}, {args.dir / 'targets'}")
     elif args.command == "bundle":
-        path = build_bundle(
-            args.model_dir,
-            args.model_version,
-            args.out,
-            _load_tensors(args.selftest_input, "--selftest-input"),
-            source=args.source,
-            expected=_load_tensors(args.selftest_output, "--selftest-output"),
-            rtol=args.rtol,
-            atol=args.atol,
-            selftest=not args.no_selftest,
-        )
-        manifest = bundle.read_manifest(path)
-        _out(
-            f"{path}: {manifest.name} version {manifest.version} ({manifest.format}; "
-            f"{', '.join(manifest.artifacts)}; {path.stat().st_size} bytes)"
-        )
+        return _bundle(args)
+    elif args.command == "inspect":
+        return _inspect(args)
     elif args.command == "publish":
         done = publish.publish(
             args.dir,

@@ -27,6 +27,9 @@ written. OUT/report.json and OUT/pareto.png hold every variant.
 
 DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
 by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).
+--calibration-store PATH takes the samples a device's learning store keeps instead (its
+backbone features and labels, held-out rows excluded; which rows are used is printed and
+recorded in optimize.json); variants are then judged on --holdout DIR.
 Default budget: --min-agreement 0.99. docs/optimize.md has the methods and figures."""
 
 
@@ -42,9 +45,9 @@ def add_command(commands: Any) -> None:
     p.add_argument(
         "--calibration",
         type=Path,
-        required=True,
         metavar="DIR",
-        help="calibration samples (a share is held out unless --holdout is given)",
+        help="calibration samples (a share is held out unless --holdout is given); or "
+        "--calibration-store",
     )
     p.add_argument(
         "--out",
@@ -61,6 +64,17 @@ def add_command(commands: Any) -> None:
         "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
         "prune-magnitude, prune-structured, and for [learn] models head-prune, distil, qat)",
     )
+    add_budget_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per variant instead of the table"
+    )
+
+
+def add_budget_arguments(p: argparse._ActionsContainer) -> None:
+    """The budget options (``--max-accuracy-drop`` or ``--min-agreement``), shared with
+    ``edged-fleet bundle --optimize``."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--max-accuracy-drop",
@@ -74,11 +88,31 @@ def add_command(commands: Any) -> None:
         metavar="F",
         help=f"at least F top-1 agreement (default {DEFAULT_MIN_AGREEMENT})",
     )
+
+
+def add_data_arguments(p: argparse._ActionsContainer) -> None:
+    """How variants are made and judged (held-out data, output, calibration size, sparsity,
+    timing), shared with ``edged-fleet bundle --optimize``."""
     p.add_argument(
         "--holdout",
         type=Path,
         metavar="DIR",
-        help="held-out samples to judge with (default: a share of --calibration)",
+        help="held-out samples to judge with (default: a share of --calibration; needed "
+        "with --calibration-store)",
+    )
+    p.add_argument(
+        "--calibration-store",
+        type=Path,
+        metavar="PATH",
+        help="calibrate with a device's learning store instead (learn.sqlite3, or the state "
+        "folder holding it; read-only): every sample of the model it does not hold out. It "
+        "keeps backbone features, not inputs: head-prune and distil train on them, "
+        "int8-dynamic, fp16 and the pruning methods need no data, the others are refused",
+    )
+    p.add_argument(
+        "--store-model",
+        metavar="NAME",
+        help="whose samples in --calibration-store (default: the model's name)",
     )
     p.add_argument(
         "--holdout-share",
@@ -118,41 +152,49 @@ def add_command(commands: Any) -> None:
         metavar="N",
         help="intra-op threads while timing (1, as the daemon on a small gateway)",
     )
-    p.add_argument("--no-plot", action="store_true", help="do not draw pareto.png")
-    p.add_argument(
-        "--json", action="store_true", help="print one JSON object per variant instead of the table"
+
+
+def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) -> Any:
+    """``edged.optimize.run.Settings`` from the options ``add_budget_arguments`` and
+    ``add_data_arguments`` added; ``methods``: comma-separated (None: the defaults).
+
+    Raises:
+        OptimizeError: a bad budget (named).
+        ImportError: the optimize extra is not installed.
+    """
+    from edged.optimize.methods import DEFAULT_METHODS, Options  # noqa: PLC0415 - onnx, onnxruntime.quantization
+    from edged.optimize.run import Settings  # noqa: PLC0415 - onnx, onnxruntime.quantization
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else ()
+    return Settings(
+        methods=chosen or DEFAULT_METHODS,
+        budget=gate.Budget.of(args.max_accuracy_drop, args.min_agreement),
+        holdout=args.holdout,
+        holdout_share=args.holdout_share,
+        output=args.output,
+        options=Options(
+            calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
+        ),
+        runs=max(1, args.runs),
+        threads=max(1, args.threads),
+        plot=plot,
+        calibration_store=args.calibration_store,
+        store_model=args.store_model,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``edged optimize``; 0 when at least one variant was accepted, 1 when none was,
     2 on an unusable model, folder or option (named on stderr)."""
-    from edged.optimize.methods import DEFAULT_METHODS, Options  # noqa: PLC0415 - onnx, onnxruntime.quantization
-    from edged.optimize.run import Settings, optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
+    from edged.optimize.run import optimize  # noqa: PLC0415 - onnx, onnxruntime.quantization
 
     def say(line: str) -> None:
-        if not args.json:
+        # which store rows calibrate is said even with --json (stdout stays JSON)
+        if not args.json or line.startswith("learning store"):
             sys.stderr.write(f"edged optimize: {line}\n")
 
     try:
-        methods = (
-            tuple(m.strip() for m in args.methods.split(",") if m.strip())
-            if args.methods
-            else DEFAULT_METHODS
-        )
-        settings = Settings(
-            methods=methods,
-            budget=gate.Budget.of(args.max_accuracy_drop, args.min_agreement),
-            holdout=args.holdout,
-            holdout_share=args.holdout_share,
-            output=args.output,
-            options=Options(
-                calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
-            ),
-            runs=max(1, args.runs),
-            threads=max(1, args.threads),
-            plot=not args.no_plot,
-        )
+        settings = settings_of(args, args.methods, plot=not args.no_plot)
         result = optimize(args.model, args.calibration, args.out, settings, say)
     except EdgedError as e:
         sys.stderr.write(f"edged optimize: {e}\n")

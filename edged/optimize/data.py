@@ -9,21 +9,30 @@ Samples are a folder of ``.npy`` files named after the model's inputs (``input.n
 ``.npz`` archives keyed by input name; every array has the samples on axis 0, and files of
 one input are concatenated in name order. A ``labels`` (or ``label``) array, integers of
 shape ``(N,)``, makes quality the task accuracy rather than agreement with the original.
+
+Or a device's learning store (``learn.sqlite3`` and its feature files, edged.learn.store),
+read without writing (``load_store``): it keeps the backbone's *features* of each sample of
+a ``[learn]`` model and its label, never the raw inputs (docs/learning.md), so those
+samples calibrate what the features feed (the head) and carry no model inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edged.core.errors import EdgedError
+from edged.learn.store import FILE_NAME as STORE_FILE
+from edged.learn.store import SAMPLES_DIR
 from edged.optimize.errors import OptimizeError
 from edged.ota.archive import extract
 from edged.serving.repository import MODEL_TOML
@@ -54,14 +63,20 @@ class Samples:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    features: np.ndarray | None = None
+    """The backbone's features of each row, when the samples came from a learning store
+    (``inputs`` is then empty: the store keeps no model inputs)."""
 
     def __len__(self) -> int:
+        if not self.inputs and self.features is not None:
+            return int(self.features.shape[0])
         return int(next(iter(self.inputs.values())).shape[0])
 
     def rows(self, index: slice | np.ndarray) -> Samples:
         """The samples ``index`` selects (a slice or integer indices)."""
         labels = None if self.labels is None else self.labels[index]
-        return Samples({k: v[index] for k, v in self.inputs.items()}, labels)
+        features = None if self.features is None else self.features[index]
+        return Samples({k: v[index] for k, v in self.inputs.items()}, labels, features)
 
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
         """The inputs in consecutive batches of at most ``size`` rows."""
@@ -75,6 +90,8 @@ class Samples:
         arrays = dict(self.inputs)
         if self.labels is not None:
             arrays["labels"] = self.labels
+        if self.features is not None:
+            arrays["features"] = self.features
         for name in sorted(arrays):
             a = np.ascontiguousarray(arrays[name])
             digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
@@ -209,6 +226,125 @@ def load_samples(folder: Path, inputs: Sequence[str], what: str = "--calibration
                 f"got {labels.dtype} {labels.shape}"
             )
     return Samples(arrays, labels)
+
+
+@dataclass(frozen=True)
+class StoreRows:
+    """Which rows of a learning store became calibration samples."""
+
+    path: Path
+    model: str
+    ids: tuple[int, ...]
+    """The ``samples.id`` of every row used, in order."""
+    by_status: dict[str, int]
+    """Rows used per status (pending, learned, rejected)."""
+    held_out: int
+    """The model's rows the device holds out (judging its fine-tunes), never used here."""
+
+    def describe(self) -> str:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.by_status.items()))
+        return (
+            f"learning store {self.path}: model {self.model}: {len(self.ids)} rows used "
+            f"(ids {id_ranges(self.ids)}; {statuses or 'none'}), {self.held_out} held-out "
+            "rows excluded"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "model": self.model,
+            "rows": len(self.ids),
+            "ids": id_ranges(self.ids),
+            "by_status": dict(self.by_status),
+            "held_out_excluded": self.held_out,
+        }
+
+
+def id_ranges(ids: Sequence[int]) -> str:
+    """``1-3,7,9-10`` for ids 1, 2, 3, 7, 9, 10 (sorted)."""
+    parts: list[str] = []
+    ordered = sorted(ids)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def load_store(path: Path, model: str) -> tuple[Samples, StoreRows]:
+    """The samples of ``model`` in the learning store at ``path`` (``learn.sqlite3``, or the
+    state folder holding it), opened read-only: every row the device does not hold out
+    (pending, learned or rejected), in id order, as ``Samples`` with ``features`` and
+    ``labels`` and no inputs.
+
+    Raises:
+        OptimizeError: no store there, one that cannot be read, a missing feature file, or
+            no usable row of ``model`` (named, with the models the store has).
+    """
+    path = Path(path)
+    db_path = path / STORE_FILE if path.is_dir() else path
+    what = f"--calibration-store {db_path}"
+    if not db_path.is_file():
+        raise OptimizeError(f"{what}: no such file (a device's learn.sqlite3 or its folder)")
+    try:
+        rows, models = _store_rows(db_path, model, "mode=ro")
+    except sqlite3.OperationalError:
+        # a WAL database in a folder this user may not write, with no -shm index yet: read
+        # it as it is on disk (what a device that is not running leaves)
+        try:
+            rows, models = _store_rows(db_path, model, "immutable=1")
+        except sqlite3.Error as e:
+            raise OptimizeError(f"{what}: not a readable learning store: {e}") from e
+    except sqlite3.Error as e:
+        raise OptimizeError(f"{what}: not a readable learning store: {e}") from e
+    used = [r for r in rows if not r[3]]
+    if not used:
+        raise OptimizeError(
+            f"{what}: no sample of model {model!r} that is not held out "
+            f"({len(rows)} rows; models in the store: {', '.join(models) or 'none'}; "
+            "--store-model names another)"
+        )
+    folder = db_path.parent / SAMPLES_DIR / model
+    files: dict[str, np.ndarray] = {}
+    features = []
+    for _, row, _, _, _, file in used:
+        if file not in files:
+            try:
+                files[file] = np.load(folder / file, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise OptimizeError(f"{what}: feature file {folder / file}: {e}") from e
+        features.append(files[file][row])
+    by_status: dict[str, int] = {}
+    for r in used:
+        by_status[r[4]] = by_status.get(r[4], 0) + 1
+    samples = Samples(
+        {},
+        labels=np.array([r[2] for r in used], dtype=np.int64),
+        features=np.stack(features).astype(np.float32),
+    )
+    described = StoreRows(
+        db_path, model, tuple(int(r[0]) for r in used), by_status, len(rows) - len(used)
+    )
+    return samples, described
+
+
+def _store_rows(db_path: Path, model: str, mode: str) -> tuple[list[Any], list[str]]:
+    """``model``'s sample rows (id, row, label, holdout, status, file) and every model in
+    the store, through a read-only connection (``mode``: SQLite URI parameters)."""
+    db = sqlite3.connect(f"{db_path.resolve().as_uri()}?{mode}", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT s.id, s.row, s.label, s.holdout, s.status, b.file FROM samples s "
+            "JOIN batches b ON b.id = s.batch_id WHERE s.model = ? ORDER BY s.id",
+            (model,),
+        ).fetchall()
+        models = [r[0] for r in db.execute("SELECT DISTINCT model FROM samples ORDER BY model")]
+    finally:
+        db.close()
+    return rows, models
 
 
 def split(samples: Samples, holdout_share: float, seed: int = 0) -> tuple[Samples, Samples]:

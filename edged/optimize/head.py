@@ -123,7 +123,15 @@ class HeadModel:
         return cls(spec, folder, backbone, head)
 
     def features(self, samples: Samples) -> np.ndarray:
-        """The backbone's ``features`` output on ``samples`` (through cpu-onnx)."""
+        """The backbone's ``features`` output on ``samples`` (through cpu-onnx), or the
+        features they carry (from a learning store)."""
+        if samples.features is not None:
+            if samples.features.ndim != 2 or samples.features.shape[1] != self.head.in_dim:
+                raise Refused(
+                    f"the stored samples have features of shape {samples.features.shape[1:]}; "
+                    f"the head takes {self.head.in_dim}"
+                )
+            return samples.features.astype(np.float32)
         path = self.folder / self.spec.backbone
         try:
             loaded = get_executor("cpu-onnx").load(ModelArtifact(path, "onnx"), ExecutorOptions())

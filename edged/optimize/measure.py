@@ -29,6 +29,7 @@ import numpy as np
 
 from edged.optimize.data import Samples
 from edged.optimize.errors import OptimizeError
+from edged.ota import bundle
 from hal import ExecutorOptions, ModelArtifact, get_executor, probe
 
 
@@ -57,6 +58,11 @@ class Speed:
 def gzip_size(path: Path) -> int:
     """Bytes of ``path`` gzip-compressed at level 6 (what a .tar.gz bundle stores)."""
     return len(gzip.compress(path.read_bytes(), compresslevel=6, mtime=0))
+
+
+decisions = bundle.decisions
+"""The decision per element the module docstring describes: edged.ota.bundle's rule, the one
+the device's check of an optimised variant uses too."""
 
 
 def measure_speed(
@@ -120,17 +126,6 @@ def run_outputs(path: Path, samples: Samples, batch: int) -> dict[str, np.ndarra
     finally:
         loaded.close()
     return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def decisions(output: np.ndarray) -> np.ndarray:
-    """The decision per element the module docstring describes."""
-    if np.issubdtype(output.dtype, np.integer) or output.dtype == np.bool_:
-        return output
-    if output.ndim >= 2 and output.shape[1] > 1:
-        top: np.ndarray = np.argmax(output, axis=1)
-        return top
-    threshold = 0.5 if output.size and output.min() >= 0 and output.max() <= 1 else 0.0
-    return output > threshold
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,15 @@ import numpy as np
 from edged.core.errors import EdgedError
 from edged.optimize import gate, measure
 from edged.optimize import head as head_methods
-from edged.optimize.data import ModelSource, Samples, load_samples, open_model, split
+from edged.optimize.data import (
+    ModelSource,
+    Samples,
+    StoreRows,
+    load_samples,
+    load_store,
+    open_model,
+    split,
+)
 from edged.optimize.errors import OptimizeError
 from edged.optimize.methods import DEFAULT_METHODS, METHODS, Options, Produced, Refused
 from edged.optimize.report import VariantReport, plot
@@ -36,6 +44,13 @@ from edged.storage import write_atomic
 from hal import ExecutorOptions, ModelArtifact, get_executor
 
 LINEAGE_FILE = "optimize.json"
+DATA_FREE = frozenset(
+    {"int8-dynamic", "fp16", "litert-int8", "prune-magnitude", "prune-structured"}
+)
+"""Graph methods that need no calibration inputs: with samples from a learning store (which
+keeps features, not model inputs) only these and the head methods that train on features
+(``head-prune``, ``distil``) run; the others are refused, naming why."""
+FEATURE_METHODS = frozenset({"head-prune", "distil"})
 REPORT_FILE = "report.json"
 PLOT_FILE = "pareto.png"
 
@@ -59,6 +74,11 @@ class Settings:
     """Executor kinds to time on (default: every present one that runs ONNX)."""
     plot: bool = True
     seed: int = 0
+    calibration_store: Path | None = None
+    """A device's learning store (learn.sqlite3) to calibrate with instead of a folder: its
+    backbone features train the head methods; --holdout judges every variant."""
+    store_model: str | None = None
+    """Whose rows of the store (default: the model's name)."""
 
 
 @dataclass
@@ -66,20 +86,40 @@ class Result:
     reports: list[VariantReport]
     report_path: Path
     plot_path: Path | None
+    name: str = ""
+    """The model's name (each accepted variant is ``OUT/<method>/<name>/``)."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """What every accepted variant's optimize.json shares: parent, calibration, held-out
+    and budget."""
+    held: Samples | None = None
+    """The held-out samples the variants were judged on (never used for calibration)."""
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    """The original's outputs on ``held``."""
+    primary: str = ""
+    """The output quality was judged on."""
+    batch: int = 1
+    """Rows per inference the model takes (1 when its batch axis is fixed)."""
 
 
 def optimize(
     model: Path,
-    calibration: Path,
+    calibration: Path | None,
     out: Path,
     settings: Settings,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Result:
     """Run ``settings.methods`` on ``model`` and write what passes the budget into ``out``.
+    ``calibration``: the sample folder; None with ``settings.calibration_store``.
 
     Raises:
-        OptimizeError: an unknown method, an unusable model or sample folder (named).
+        OptimizeError: an unknown method, an unusable model, sample folder or store, or
+            neither or both of a folder and a store (named).
     """
+    if (calibration is None) == (settings.calibration_store is None):
+        raise OptimizeError(
+            "give one of --calibration DIR and --calibration-store PATH (the samples to "
+            "calibrate with)"
+        )
     unknown = [m for m in settings.methods if m not in METHODS and m not in head_methods.METHODS]
     if unknown:
         known = sorted([*METHODS, *head_methods.METHODS])
@@ -88,11 +128,7 @@ def optimize(
     with open_model(model) as source:
         signature = _signature(source.path)
         names = [spec.name for spec in signature.inputs]
-        samples = load_samples(calibration, names)
-        if settings.holdout is not None:
-            calib, held = samples, load_samples(settings.holdout, names, "--holdout")
-        else:
-            calib, held = split(samples, settings.holdout_share, settings.seed)
+        calib, held, store = _data(calibration, names, source.name, settings, progress)
         dynamic = all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs)
         batch = 16 if dynamic else 1
         primary = measure.primary_output([s.name for s in signature.outputs], settings.output)
@@ -115,7 +151,11 @@ def optimize(
         reports = [base]
         lineage = {
             "parent": {"name": source.name, "sha256": source.sha256(), "path": str(source.path)},
-            "calibration": {"sha256": calib.sha256(), "samples": len(calib)},
+            "calibration": {
+                "sha256": calib.sha256(),
+                "samples": len(calib),
+                **({} if store is None else {"store": store.to_json()}),
+            },
             "holdout": {"sha256": held.sha256(), "samples": len(held)},
             "budget": settings.budget.describe(),
         }
@@ -162,7 +202,42 @@ def optimize(
         plot_path = plot(
             reports, out / PLOT_FILE, f"{source.name}: {settings.budget.describe()}", kind
         )
-    return Result(reports, report_path, plot_path)
+    return Result(
+        reports,
+        report_path,
+        plot_path,
+        name=source.name,
+        lineage=lineage,
+        held=held,
+        reference=reference,
+        primary=primary,
+        batch=batch,
+    )
+
+
+def _data(
+    calibration: Path | None,
+    names: list[str],
+    model: str,
+    settings: Settings,
+    progress: Callable[[str], None],
+) -> tuple[Samples, Samples, StoreRows | None]:
+    """(calibration, held-out, the store rows used when they came from a learning store)."""
+    if settings.calibration_store is not None:
+        if settings.holdout is None:
+            raise OptimizeError(
+                "--calibration-store needs --holdout DIR: the learning store keeps backbone "
+                "features, not model inputs, and variants are judged on inputs"
+            )
+        calib, store = load_store(settings.calibration_store, settings.store_model or model)
+        progress(store.describe())
+        return calib, load_samples(settings.holdout, names, "--holdout"), store
+    assert calibration is not None
+    samples = load_samples(calibration, names)
+    if settings.holdout is not None:
+        return samples, load_samples(settings.holdout, names, "--holdout"), None
+    calib, held = split(samples, settings.holdout_share, settings.seed)
+    return calib, held, None
 
 
 def _signature(path: Path) -> Any:
@@ -223,6 +298,12 @@ def _variant(
     settings: Settings,
 ) -> tuple[VariantReport, dict[str, bytes | Path]]:
     target = tmp / f"{method}.onnx"
+    if not calib.inputs and method not in DATA_FREE | FEATURE_METHODS:
+        reason = (
+            "needs the model's inputs to calibrate, and the learning store keeps backbone "
+            "features only (docs/learning.md): calibrate it with --calibration DIR"
+        )
+        return VariantReport(method, None, False, reason), {}
     # onnxruntime.quantization print()s its progress: keep stdout for --json
     try:
         with contextlib.redirect_stdout(sys.stderr):

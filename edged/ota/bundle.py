@@ -11,15 +11,23 @@ installs.
                     no pickles; BYTES tensors as fixed-width 'S' arrays); optional: a bundle
                     built without test vectors says ``[selftest] file = ""``, and the device
                     tests the new version with its reference sample instead
+    optimize.npz    only in a bundle of an ``edged optimize`` variant (bundle.toml
+                    ``[optimize]``): held-out inputs never used for calibration and the
+                    *parent* model's outputs to them ("in:"/"out:" as selftest.npz); the
+                    device runs the variant on them and refuses it when its top-1 agreement
+                    with the parent or its output error drifts beyond what the fleet
+                    recorded (``check_optimized``). ``[optimize] lineage`` names the
+                    artifact (optimize.json) holding the lineage and every variant's figures
 
 The fleet builds bundles (``edged.fleet.build``, which runs the artifact through the HAL to
 compute the expected outputs); this module is the format and its checks, as a device needs
 them, and imports nothing of the HAL.
 
 Rules without I/O: ``parse_manifest``, ``check_model_toml``, ``check_for_model``,
-``check_selftest``, ``check_like_reference``. I/O around them: ``read_manifest``,
-``inspect_bundle`` (a whole archive checked in memory, as a device will and as ``edged-fleet
-publish`` does first), ``load_selftest``.
+``check_selftest``, ``check_like_reference``, ``compare_outputs``, ``check_optimized``. I/O
+around them: ``read_manifest``, ``inspect_bundle`` (a whole archive checked in memory, as a
+device will and as ``edged-fleet publish`` does first), ``load_selftest``,
+``load_optimize_check``.
 """
 
 from __future__ import annotations
@@ -57,6 +65,11 @@ MAX_SELFTEST_BYTES = 64 * 1024 * 1024
 """Largest unpacked selftest.npz read."""
 MAX_TOML_BYTES = 1024 * 1024
 """Largest bundle.toml or model.toml read from an archive into memory."""
+OPTIMIZE_FILE = "optimize.npz"
+"""The held-out check set of an optimised variant (``[optimize] file``)."""
+MAX_OPTIMIZE_BYTES = 16 * 1024 * 1024
+"""Largest unpacked optimize.npz read: the check set is a few dozen samples, bounded by
+``edged-fleet bundle --optimize`` to 4 MiB."""
 
 
 INPUT_PREFIX, OUTPUT_PREFIX = "in:", "out:"
@@ -64,7 +77,43 @@ INPUT_PREFIX, OUTPUT_PREFIX = "in:", "out:"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
-_MANIFEST_KEYS = {"edged_bundle", "name", "version", "format", "artifacts", "selftest", "signature"}
+_MANIFEST_KEYS = {
+    "edged_bundle",
+    "name",
+    "version",
+    "format",
+    "artifacts",
+    "selftest",
+    "signature",
+    "optimize",
+}
+
+
+@dataclass(frozen=True)
+class OptimizeEvidence:
+    """bundle.toml ``[optimize]``: where a bundle of an ``edged optimize`` variant came from,
+    and the quality the fleet recorded for it on the held-out check set (``file``), which
+    the device's self-test must reproduce on its own executor."""
+
+    file: str
+    """The check set: held-out inputs and the parent's outputs to them."""
+    lineage: str
+    """The artifact holding the lineage and every variant's figures (optimize.json)."""
+    method: str
+    parent: str
+    """The parent model's name."""
+    parent_sha256: str
+    """SHA-256 of the parent's model file."""
+    calibration_sha256: str
+    """SHA-256 of the calibration set (edged.optimize.data.Samples.sha256)."""
+    output: str
+    """The output quality is judged on (top-1 decisions, output error)."""
+    samples: int
+    """Rows in the check set."""
+    agreement: float
+    """Top-1 agreement with the parent on the check set, as recorded on the fleet."""
+    rel_l2_error: float
+    """``||variant - parent|| / ||parent||`` of ``output`` on the check set, as recorded."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +130,15 @@ class Manifest:
     inputs: tuple[TensorSpec, ...] = ()
     """The model's inputs as served (-1: a dynamic axis), recorded when the bundle was built."""
     outputs: tuple[TensorSpec, ...] = ()
+    optimize: OptimizeEvidence | None = None
+    """Set in a bundle of an ``edged optimize`` variant."""
 
     @property
     def files(self) -> tuple[str, ...]:
         """Every file the archive holds, sorted."""
         selftest = {self.selftest_file} if self.selftest_file else set()
-        return tuple(sorted({BUNDLE_TOML, MODEL_TOML, *selftest, *self.artifacts}))
+        check = {self.optimize.file} if self.optimize is not None else set()
+        return tuple(sorted({BUNDLE_TOML, MODEL_TOML, *selftest, *check, *self.artifacts}))
 
 
 @dataclass(frozen=True)
@@ -111,12 +163,12 @@ def _plain_name(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 128 and _NAME.fullmatch(value) is not None
 
 
-def _tolerance(where: str, key: str, value: object) -> float:
+def _tolerance(where: str, key: str, value: object, table: str = "selftest") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(where, f"'selftest.{key}' must be a number")
+        raise _fail(where, f"'{table}.{key}' must be a number")
     number = float(value)
     if not (math.isfinite(number) and number >= 0):
-        raise _fail(where, f"'selftest.{key}' must be finite and >= 0, not {value!r}")
+        raise _fail(where, f"'{table}.{key}' must be finite and >= 0, not {value!r}")
     return number
 
 
@@ -171,6 +223,45 @@ def _artifacts(where: str, fmt: str, artifacts: object, selftest_file: str) -> t
     return tuple(sorted(artifacts))
 
 
+_EVIDENCE_STRINGS = ("method", "parent", "parent_sha256", "calibration_sha256", "output")
+
+
+def _evidence(
+    where: str, raw: object, artifacts: tuple[str, ...], taken: set[str]
+) -> OptimizeEvidence:
+    if not isinstance(raw, dict):
+        raise _fail(where, "'optimize' must be a table")
+    fields = set(OptimizeEvidence.__dataclass_fields__)
+    unknown = set(raw) - fields
+    if unknown:
+        raise _fail(where, f"unknown key 'optimize.{sorted(unknown)[0]}'")
+    missing = fields - set(raw)
+    if missing:
+        raise _fail(where, f"'optimize.{sorted(missing)[0]}' is missing")
+    file, lineage = raw["file"], raw["lineage"]
+    if not _plain_name(file) or not str(file).endswith(".npz") or file in taken:
+        raise _fail(where, f"'optimize.file' {file!r} is not a plain .npz file name of its own")
+    if lineage not in artifacts:
+        raise _fail(where, f"'optimize.lineage' {lineage!r} is not one of the artifacts")
+    for key in _EVIDENCE_STRINGS:
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise _fail(where, f"'optimize.{key}' must be a non-empty string")
+    samples = raw["samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise _fail(where, f"'optimize.samples' must be an integer >= 1, not {samples!r}")
+    agreement = _tolerance(where, "agreement", raw["agreement"], "optimize")
+    if agreement > 1:
+        raise _fail(where, f"'optimize.agreement' must be within [0, 1], not {agreement!r}")
+    return OptimizeEvidence(
+        file=str(file),
+        lineage=str(lineage),
+        samples=samples,
+        agreement=agreement,
+        rel_l2_error=_tolerance(where, "rel_l2_error", raw["rel_l2_error"], "optimize"),
+        **{key: str(raw[key]) for key in _EVIDENCE_STRINGS},
+    )
+
+
 def parse_manifest(data: Mapping[str, Any], where: str = BUNDLE_TOML) -> Manifest:
     """Validate bundle.toml's ``data``.
 
@@ -203,6 +294,12 @@ def parse_manifest(data: Mapping[str, Any], where: str = BUNDLE_TOML) -> Manifes
     signature = data.get("signature", {})
     if not isinstance(signature, dict) or set(signature) - {"inputs", "outputs"}:
         raise _fail(where, "'signature' must be a table of 'inputs' and 'outputs'")
+    optimize = None
+    if "optimize" in data:
+        if not selftest_file:
+            raise _fail(where, "an [optimize] bundle needs its self-test ('selftest.file')")
+        taken = {BUNDLE_TOML, MODEL_TOML, selftest_file, *artifacts}
+        optimize = _evidence(where, data["optimize"], artifacts, taken)
     return Manifest(
         name=name,
         version=version,
@@ -213,6 +310,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = BUNDLE_TOML) -> Manifes
         atol=_tolerance(where, "atol", selftest.get("atol", DEFAULT_ATOL)),
         inputs=_tensors(where, "inputs", signature.get("inputs", [])),
         outputs=_tensors(where, "outputs", signature.get("outputs", [])),
+        optimize=optimize,
     )
 
 
@@ -303,6 +401,104 @@ def check_like_reference(reference: Mapping[str, Array], outputs: Mapping[str, A
                 f"self-test (reference sample): output {name!r} has {bad} of {got.size} "
                 "values that are not finite"
             )
+
+
+def decisions(output: Array) -> Array:
+    """The decision per element that top-1 agreement counts: an integer (or bool) output
+    as it is; a float output whose axis 1 has more than one entry (class scores ``[N, C]``,
+    or a ``[N, C, H, W]`` map) its argmax over axis 1; otherwise (one score, a one-channel
+    map) which side of 0.5 (values in [0, 1]) or of 0 each element lies on. The same rule
+    judges a variant in ``edged optimize`` and on the device."""
+    output = np.asarray(output)
+    if np.issubdtype(output.dtype, np.integer) or output.dtype == np.bool_:
+        return output
+    if output.ndim >= 2 and output.shape[1] > 1:
+        top: Array = np.argmax(output, axis=1)
+        return top
+    threshold = 0.5 if output.size and output.min() >= 0 and output.max() <= 1 else 0.0
+    decided: Array = output > threshold
+    return decided
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A variant's ``output`` against its parent's on the same inputs."""
+
+    agreement: float
+    """Share of equal decisions (``decisions``), in [0, 1]."""
+    rel_l2_error: float
+    """``||variant - parent|| / ||parent||`` (0 for a non-float output)."""
+    max_abs_error: float
+
+
+def compare_outputs(parent: Array, variant: Array) -> Drift:
+    """How far ``variant`` (one output) drifts from ``parent`` (the same output of the parent
+    model on the same inputs).
+
+    Raises:
+        SelfTestError: the shapes differ.
+    """
+    want, got = np.asarray(parent), np.asarray(variant)
+    if want.shape != got.shape:
+        raise SelfTestError(
+            f"optimize check: the output has shape {list(got.shape)}, the parent's "
+            f"{list(want.shape)}"
+        )
+    a, b = decisions(want), decisions(got)
+    agreement = float(np.mean(a == b)) if a.size else 1.0
+    if want.dtype.kind != "f":
+        return Drift(agreement, 0.0, 0.0)
+    d = got.astype(np.float64) - want.astype(np.float64)
+    norm = float(np.sqrt(np.sum(want.astype(np.float64) ** 2)))
+    rel = float(np.sqrt(np.sum(d * d))) / max(norm, 1e-30)
+    worst = float(np.max(np.abs(d))) if d.size else 0.0
+    if not (math.isfinite(rel) and math.isfinite(worst)):
+        rel = worst = math.inf
+    return Drift(agreement, rel, worst)
+
+
+def check_optimized(
+    evidence: OptimizeEvidence,
+    parent: Mapping[str, Array],
+    outputs: Mapping[str, Array],
+    agreement_slack: float,
+    error_slack: float,
+) -> Drift:
+    """The device's check of an optimised variant: its ``outputs`` on the check set against
+    the ``parent``'s outputs stored with it. The top-1 agreement may fall at most
+    ``agreement_slack`` below the recorded one, the relative output error rise at most
+    ``error_slack`` above it (ota.optimize_agreement_slack, ota.optimize_error_slack).
+    Returns the drift measured.
+
+    Raises:
+        SelfTestError: naming the figure, the value measured, what was recorded and the
+            tolerance.
+    """
+    name = evidence.output
+    if name not in parent:
+        raise SelfTestError(f"optimize check: {evidence.file} holds no parent output {name!r}")
+    if name not in outputs:
+        returned = ", ".join(outputs) or "nothing"
+        raise SelfTestError(f"optimize check: the model returned no output {name!r} ({returned})")
+    drift = compare_outputs(parent[name], outputs[name])
+    rows = int(np.asarray(parent[name]).shape[0]) if np.asarray(parent[name]).ndim else 1
+    floor = evidence.agreement - agreement_slack
+    if drift.agreement < floor - 1e-12:
+        raise SelfTestError(
+            f"optimize check: {evidence.method} variant's top-1 agreement with its parent "
+            f"{evidence.parent} on output {name!r} is {drift.agreement:.4f} on {rows} held-out "
+            f"samples, below the {evidence.agreement:.4f} recorded when it was optimised minus "
+            f"ota.optimize_agreement_slack {agreement_slack:g}"
+        )
+    ceiling = evidence.rel_l2_error + error_slack
+    if drift.rel_l2_error > ceiling + 1e-12:
+        raise SelfTestError(
+            f"optimize check: {evidence.method} variant's relative output error against its "
+            f"parent {evidence.parent} on output {name!r} is {drift.rel_l2_error:.4g} on "
+            f"{rows} held-out samples, above the {evidence.rel_l2_error:.4g} recorded when it "
+            f"was optimised plus ota.optimize_error_slack {error_slack:g}"
+        )
+    return drift
 
 
 def _check_bytes(name: str, want: Array, got: Array) -> None:
@@ -441,6 +637,17 @@ def load_selftest(
     return _load_npz(Path(path), str(path), max_bytes)
 
 
+def load_optimize_check(
+    path: Path, max_bytes: int = MAX_OPTIMIZE_BYTES
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """An unpacked bundle's optimize check set: (held-out inputs, the parent's outputs).
+
+    Raises:
+        BundleError: as ``load_selftest``.
+    """
+    return _load_npz(Path(path), str(path), max_bytes)
+
+
 def inspect_bundle(
     bundle: Path,
     limits: archive.Limits = archive.Limits(),  # noqa: B008
@@ -485,6 +692,8 @@ def inspect_bundle(
                 where,
                 f"the self-test gives inputs {sorted(inputs)}; the model takes {declared}",
             )
+    if manifest.optimize is not None:
+        _inspect_check(bundle, manifest, manifest.optimize, limits)
     return BundleInfo(
         manifest=manifest,
         model=spec,
@@ -492,3 +701,22 @@ def inspect_bundle(
         selftest_outputs=tuple(sorted(outputs)),
         archive_bytes=listing.archive_bytes,
     )
+
+
+def _inspect_check(
+    bundle: Path, manifest: Manifest, evidence: OptimizeEvidence, limits: archive.Limits
+) -> None:
+    where = f"{bundle}/{evidence.file}"
+    npz = archive.read_files(bundle, [evidence.file], MAX_OPTIMIZE_BYTES, limits)
+    inputs, parent = _load_npz(io.BytesIO(npz[evidence.file]), where, MAX_OPTIMIZE_BYTES)
+    if manifest.inputs and sorted(inputs) != sorted(s.name for s in manifest.inputs):
+        raise _fail(
+            where,
+            f"gives inputs {sorted(inputs)}; the model takes "
+            f"{sorted(s.name for s in manifest.inputs)}",
+        )
+    if evidence.output not in parent:
+        raise _fail(where, f"holds no parent output {evidence.output!r} ('optimize.output')")
+    rows = {int(np.asarray(a).shape[0]) if np.asarray(a).ndim else 1 for a in inputs.values()}
+    if rows != {evidence.samples}:
+        raise _fail(where, f"holds {sorted(rows)} rows; 'optimize.samples' says {evidence.samples}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edged.core.types import Array
+from edged.ota.bundle import OptimizeEvidence
 from edged.ota.state import State, UpdateRecord
 
 
@@ -39,3 +40,17 @@ class SelfTest:
     expected: dict[str, Array]
     rtol: float
     atol: float
+    optimize: OptimizeCheck | None = None
+    """A bundle of an ``edged optimize`` variant: its held-out check, run after the
+    self-test."""
+
+
+@dataclass(frozen=True)
+class OptimizeCheck:
+    """An optimised variant's check set (optimize.npz) and the evidence it must reproduce
+    (bundle.toml ``[optimize]``): ``inputs`` held out from calibration, ``parent`` the parent
+    model's outputs to them."""
+
+    inputs: dict[str, Array]
+    parent: dict[str, Array]
+    evidence: OptimizeEvidence

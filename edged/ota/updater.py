@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from edged.config import OtaConfig
@@ -73,7 +74,7 @@ from edged.ota.state import (
 )
 from edged.ota.store import UpdateStore
 from edged.ota.tuf_client import BundleSource
-from edged.ota.types import ModelStatus, SelfTest, StartResult
+from edged.ota.types import ModelStatus, OptimizeCheck, SelfTest, StartResult
 from edged.serving.manager import ModelManager
 from edged.serving.model import ModelVersion, Sample
 from edged.serving.repository import read_model_spec
@@ -134,11 +135,15 @@ class _SelfTestGate:
         version: int,
         test: SelfTest | None,
         reference: tuple[Sample, dict[str, Array]] | None,
+        slack: tuple[float, float] = (0.0, 0.0),
     ) -> None:
+        """``slack``: ota.optimize_agreement_slack and ota.optimize_error_slack, for the
+        check of an optimised variant (``test.optimize``)."""
         self.record = record
         self.version = version
         self.test = test
         self.reference = reference
+        self.slack = slack
         self.refusal: BaseException | None = None
 
     async def __call__(self, mv: ModelVersion) -> None:
@@ -160,6 +165,8 @@ class _SelfTestGate:
             )
             if test is not None:
                 bundle.check_selftest(test.expected, response.outputs, test.rtol, test.atol)
+                if test.optimize is not None:
+                    await self._check_optimized(mv, test.optimize)
             else:
                 assert reference is not None
                 bundle.check_like_reference(reference[1], response.outputs)
@@ -167,6 +174,45 @@ class _SelfTestGate:
             if self.refusal is None:
                 self.refusal = e
             raise ModelLoadError(f"self-test failed: {describe_error(e)}") from e
+
+    async def _check_optimized(self, mv: ModelVersion, check: OptimizeCheck) -> None:
+        """Run the variant on the check set through its own executor (as many rows per
+        request as the model batches) and hold its outputs against the parent's."""
+        evidence = check.evidence
+        rows = int(next(iter(check.inputs.values())).shape[0])
+        step = mv.signature.max_batch_size if mv.signature.max_batch_size > 0 else 1
+        parts: list[Array] = []
+        complete = True
+        for start in range(0, rows, step):
+            response = await mv.infer(
+                InferRequest(
+                    model_name=self.record.model,
+                    inputs={k: v[start : start + step] for k, v in check.inputs.items()},
+                    model_version=str(self.version),
+                    id=f"ota-optimize-check-{self.record.id}-{start}",
+                    requested_outputs=(evidence.output,),
+                )
+            )
+            if evidence.output not in response.outputs:
+                complete = False  # check_optimized names what is missing
+                break
+            parts.append(response.outputs[evidence.output])
+        outputs = {evidence.output: np.concatenate(parts)} if complete and parts else {}
+        labels = {"model": self.record.model, "version": self.version, "method": evidence.method}
+        try:
+            drift = bundle.check_optimized(evidence, check.parent, outputs, *self.slack)
+        except Exception as e:
+            log.warning("ota_optimize_check_failed", **labels, reason=describe_error(e))
+            raise
+        log.info(
+            "ota_optimize_check",
+            **labels,
+            samples=rows,
+            agreement=round(drift.agreement, 6),
+            recorded_agreement=evidence.agreement,
+            rel_l2_error=round(drift.rel_l2_error, 6),
+            recorded_rel_l2_error=evidence.rel_l2_error,
+        )
 
 
 class _Aborted(Exception):
@@ -796,7 +842,11 @@ class UpdateManager:
         test = None  # no test vectors: the reference sample of the served version
         if manifest.selftest_file:
             inputs, expected = bundle.load_selftest(folder / manifest.selftest_file)
-            test = SelfTest(inputs, expected, manifest.rtol, manifest.atol)
+            check = None
+            if (evidence := manifest.optimize) is not None:
+                held, parent = bundle.load_optimize_check(folder / evidence.file)
+                check = OptimizeCheck(held, parent, evidence)
+            test = SelfTest(inputs, expected, manifest.rtol, manifest.atol, check)
         pin_active(model_dir, _versions(record.from_version))
         files = {name: folder / name for name in manifest.artifacts}
         return install_version(model_dir, version, files), test
@@ -826,7 +876,8 @@ class UpdateManager:
             )
         elif test is None and reference is not None:
             log.info("ota_selftest_reference", **labels, sample=reference[0].source)
-        selftest = _SelfTestGate(record, version, test, reference)
+        slack = (self.config.optimize_agreement_slack, self.config.optimize_error_slack)
+        selftest = _SelfTestGate(record, version, test, reference, slack)
         started = time.monotonic()
         try:
             # serving loads it beside, runs the gate, writes ACTIVE, switches, drains

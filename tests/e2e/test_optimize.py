@@ -116,3 +116,152 @@ def test_an_optimised_model_is_bundled_rolled_out_over_tuf_and_served(tmp_path: 
             assert np.mean(labels == data.target[1500:1532]) > 0.9
         finally:
             assert daemon.stop() == 0, daemon.stderr
+
+
+def _perturbed(bundle: Path, version: int, out: Path, work: Path) -> Path:
+    """``bundle`` with its variant's weights shuffled after it was optimised, re-bundled as
+    ``version`` the way a careless pipeline would: the self-test's expected outputs are
+    recomputed from the broken model (so that check passes), the optimize evidence and its
+    held-out check set are carried over unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edged.fleet.build import build_bundle
+    from edged.ota import archive
+    from edged.ota.bundle import read_manifest
+
+    (work / "unpacked").mkdir()
+    root = archive.extract(bundle, work / "unpacked")
+    manifest = read_manifest(root)
+    assert manifest.optimize is not None
+    model_dir = work / manifest.name
+    source = model_dir / "source"
+    source.mkdir(parents=True)
+    shutil.copyfile(root / "model.toml", model_dir / "model.toml")
+    for name in manifest.artifacts:
+        shutil.copyfile(root / name, source / name)
+    model = onnx.load(str(source / "model.onnx"))
+    rng = np.random.default_rng(7)
+    shuffled = 0
+    for i, tensor in enumerate(model.graph.initializer):
+        values = numpy_helper.to_array(tensor)
+        if values.size >= 64:
+            broken = rng.permutation(values.reshape(-1)).reshape(values.shape)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(broken, tensor.name))
+            shuffled += 1
+    assert shuffled
+    onnx.save(model, str(source / "model.onnx"))
+    check = (root / manifest.optimize.file).read_bytes()
+    return build_bundle(model_dir, version, out, source=source, optimize=(manifest.optimize, check))
+
+
+def test_bundle_optimize_rolls_out_with_its_evidence_and_the_device_refuses_a_drifted_variant(
+    tmp_path: Path,
+) -> None:
+    data = load_digits()
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.savez(
+        calibration / "digits.npz",
+        input=data.data[:600].astype(np.float32),
+        labels=data.target[:600].astype(np.int64),
+    )
+    good = tmp_path / "digits-3.tar.gz"
+    run = _cli(
+        "-m", "edged.fleet", "bundle", str(EXAMPLE_MODELS / "digits"), "--version", "3",
+        "--out", str(good), "--optimize", f"{METHOD},prune-magnitude",
+        "--calibration", str(calibration), "--max-accuracy-drop", "1.0", "--sparsity", "0.95",
+        "--pick", "best-quality", "--runs", "3", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    made = json.loads(run.stdout)
+    evidence = made["optimize"]
+    assert evidence["method"] == METHOD  # the pruned variant was over budget
+    assert {v["method"]: v["accepted"] for v in evidence["variants"]} == {
+        "original": True,
+        METHOD: True,
+        "prune-magnitude": False,
+    }
+    assert evidence["evidence"]["parent"] == "digits"
+    assert evidence["evidence"]["agreement"] >= 0.99
+    # the report travels in the bundle; inspect reads it back
+    run = _cli("-m", "edged.fleet", "inspect", str(good), "--json")
+    assert run.returncode == 0, run.stderr
+    inspected = json.loads(run.stdout)["optimize"]
+    assert inspected["evidence"] == evidence["evidence"]
+    assert inspected["lineage"]["parent"]["sha256"] == evidence["evidence"]["parent_sha256"]
+    assert len(inspected["lineage"]["variants"]) == 3
+
+    broken = _perturbed(good, 2, tmp_path / "digits-2.tar.gz", tmp_path)
+
+    models = tmp_path / "models"
+    shutil.copytree(EXAMPLE_MODELS / "digits", models / "digits")
+    x = data.data[1500:1532].astype(np.float32)
+    with ServedFleetRepo(tmp_path / "fleet") as fleet:
+        fleet.publish(broken)
+        fleet.publish(good)
+        env = {
+            "EDGED_OTA_REPOSITORY_URL": fleet.url,
+            "EDGED_OTA_ROOT": str(fleet.root_path),
+            "EDGED_OTA_STATE_DIR": str(tmp_path / "state"),
+            "EDGED_OTA_HEALTH_WINDOW_S": "0.5",
+            "EDGED_OTA_HEALTH_MIN_REQUESTS": "0",
+            "EDGED_OTA_MIN_FREE_BYTES": str(1024 * 1024),
+            "EDGED_MODELS_INSTANCES": "1",
+        }
+        daemon = DaemonProcess(["--models", str(models), "--grpc-address", "127.0.0.1:0"], env=env)
+        try:
+            daemon.wait_live()
+            daemon.wait_for("server_ready", timeout=60)
+            import grpc
+
+            client = triton.InferenceServerClient(daemon.address)
+
+            def infer() -> tuple[str, np.ndarray]:
+                tensor = triton.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                result = client.infer("digits", [tensor])
+                return result.get_response().model_version, result.as_numpy("probabilities")
+
+            before_version, before = infer()
+            with grpc.insecure_channel(daemon.address) as channel:
+                stub = mpb_grpc.ManagementStub(channel)  # type: ignore[no-untyped-call]
+                reply = stub.StartUpdate(
+                    mpb.StartUpdateRequest(model="digits", version="2", wait=True), timeout=120
+                )
+                assert reply.started, reply.reason
+                assert mpb.UpdateState.Name(reply.status.state) == "UPDATE_STATE_FAILED"
+                reason = reply.status.last_error
+                assert "optimize check" in reason, reason
+                assert "agreement" in reason
+                assert "ota.optimize_agreement_slack" in reason
+                failed = daemon.wait_for("ota_optimize_check_failed", model="digits")
+                assert failed["method"] == METHOD
+                # the version it served never stopped, and still answers the same
+                still_version, still = infer()
+                assert still_version == before_version == "1"
+                np.testing.assert_array_equal(still, before)
+                assert not (models / "digits" / "2").exists()
+
+                reply = stub.StartUpdate(
+                    mpb.StartUpdateRequest(model="digits", version="3", wait=True), timeout=120
+                )
+                assert reply.started, reply.reason
+                state = mpb.UpdateState.Name(reply.status.state)
+                assert state == "UPDATE_STATE_COMMITTED", reply.status.last_error
+            passed = daemon.wait_for("ota_optimize_check", model="digits")
+            assert passed["agreement"] >= evidence["evidence"]["agreement"] - 0.01
+            version, served = infer()
+            assert version == "3"
+            client.close()
+            assert read_active(models / "digits") == [3]
+            session = ort.InferenceSession(str(models / "digits" / "3" / "model.onnx"))
+            (expected,) = session.run(["probabilities"], {"input": x})
+            np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+            # the evidence is installed beside the model it describes
+            lineage = json.loads((models / "digits" / "3" / "optimize.json").read_text())
+            assert lineage["method"] == METHOD
+            assert lineage["pick"] == "best-quality"
+            assert lineage["check"]["agreement"] == evidence["evidence"]["agreement"]
+        finally:
+            assert daemon.stop() == 0, daemon.stderr

@@ -65,6 +65,8 @@ ALL_KEYS = {
     "ota.health_min_requests",
     "ota.max_error_rate",
     "ota.max_p99_ms",
+    "ota.optimize_agreement_slack",
+    "ota.optimize_error_slack",
     "ota.min_free_bytes",
     "ota.max_bundle_bytes",
     "ota.max_unpacked_bytes",

@@ -113,7 +113,7 @@ ALLOWED: dict[str, set[str]] = {
     "edged.fleet": _BASE
     | {"edged._proto", "edged.cli", "edged.ota", "edged.security", "edged.serving"}
     | {"edged.storage", "hal"}
-    | {"edged.federated", "edged.learn"},
+    | {"edged.federated", "edged.learn", "edged.optimize"},
 }
 
 

@@ -348,3 +348,115 @@ def test_edged_fleet_bundle_no_selftest(tmp_path: Path, capsys: pytest.CaptureFi
     assert fleet.main([*args, "--no-selftest"]) == 0
     assert "strict version 1 (onnx; model.onnx;" in capsys.readouterr().out
     assert bundle.inspect_bundle(out).manifest.selftest_file == ""
+
+
+# -- an optimised variant's evidence: bundle.toml [optimize], optimize.npz, check_optimized --
+
+EVIDENCE = {
+    "file": "optimize.npz",
+    "lineage": "optimize.json",
+    "method": "int8-static-minmax",
+    "parent": "digits",
+    "parent_sha256": "ab" * 32,
+    "calibration_sha256": "cd" * 32,
+    "output": "probabilities",
+    "samples": 4,
+    "agreement": 1.0,
+    "rel_l2_error": 0.01,
+}
+OPTIMIZED = {**GOOD, "artifacts": ["model.onnx", "optimize.json"], "optimize": EVIDENCE}
+
+
+def test_optimize_evidence_parses_and_round_trips_through_the_writer() -> None:
+    manifest = bundle.parse_manifest(OPTIMIZED)
+    assert manifest.optimize == bundle.OptimizeEvidence(**EVIDENCE)  # type: ignore[arg-type]
+    assert "optimize.npz" in manifest.files
+    assert bundle.parse_manifest(tomllib.loads(build.manifest_toml(manifest))) == manifest
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param({"extra": 1}, "unknown key 'optimize.extra'", id="unknown"),
+        pytest.param({"method": ""}, "'optimize.method' must be a non-empty string", id="method"),
+        pytest.param({"samples": 0}, "'optimize.samples' must be an integer >= 1", id="samples"),
+        pytest.param({"agreement": 1.5}, "'optimize.agreement' must be within", id="agreement"),
+        pytest.param({"rel_l2_error": -1}, "'optimize.rel_l2_error' must be finite", id="error"),
+        pytest.param({"file": "selftest.npz"}, "'optimize.file'", id="file-taken"),
+        pytest.param({"lineage": "x.json"}, "'optimize.lineage' 'x.json'", id="lineage"),
+    ],
+)
+def test_bad_optimize_evidence_is_refused_naming_the_key(
+    change: dict[str, Any], message: str
+) -> None:
+    data = {**OPTIMIZED, "optimize": {**EVIDENCE, **change}}
+    with pytest.raises(BundleError, match=message):
+        bundle.parse_manifest(data, "x/bundle.toml")
+    missing = {k: v for k, v in EVIDENCE.items() if k != "output"}
+    with pytest.raises(BundleError, match=r"'optimize\.output' is missing"):
+        bundle.parse_manifest({**OPTIMIZED, "optimize": missing})
+    no_selftest = {**OPTIMIZED, "selftest": {"file": ""}}
+    with pytest.raises(BundleError, match="needs its self-test"):
+        bundle.parse_manifest(no_selftest)
+
+
+def _scores(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((rows, 10)).astype(np.float32)
+
+
+def test_check_optimized_passes_within_the_recorded_figures_and_slack() -> None:
+    evidence = bundle.OptimizeEvidence(**{**EVIDENCE, "agreement": 0.75, "samples": 4})  # type: ignore[arg-type]
+    parent = _scores(4)
+    variant = parent.copy()
+    variant[0] = np.roll(variant[0], 1)  # one of four rows decides differently: 0.75
+    variant *= 1.001
+    drift = bundle.check_optimized(
+        evidence, {"probabilities": parent}, {"probabilities": variant}, 0.0, 1.0
+    )
+    assert drift.agreement == 0.75
+    assert 0 < drift.rel_l2_error < 1
+    # a second differing row: 0.5 < 0.75 - 0.2 refused, within 0.25 of slack accepted
+    variant[1] = np.roll(variant[1], 3)
+    with pytest.raises(
+        SelfTestError, match=r"agreement .* is 0\.5000 on 4 held-out samples, below the 0\.7500"
+    ):
+        bundle.check_optimized(
+            evidence, {"probabilities": parent}, {"probabilities": variant}, 0.2, 1.0
+        )
+    bundle.check_optimized(
+        evidence, {"probabilities": parent}, {"probabilities": variant}, 0.25, 1.0
+    )
+
+
+def test_check_optimized_refuses_an_output_error_beyond_the_recorded_one() -> None:
+    evidence = bundle.OptimizeEvidence(**{**EVIDENCE, "rel_l2_error": 0.01})  # type: ignore[arg-type]
+    parent = _scores(4)
+    scaled = parent * 1.2  # same decisions, 20 % output error
+    with pytest.raises(SelfTestError, match=r"ota\.optimize_error_slack 0\.05"):
+        bundle.check_optimized(
+            evidence, {"probabilities": parent}, {"probabilities": scaled}, 0.0, 0.05
+        )
+    drift = bundle.check_optimized(
+        evidence, {"probabilities": parent}, {"probabilities": scaled}, 0.0, 0.2
+    )
+    assert drift.agreement == 1.0
+    assert drift.rel_l2_error == pytest.approx(0.2, rel=1e-5)
+    with pytest.raises(SelfTestError, match="returned no output 'probabilities'"):
+        bundle.check_optimized(evidence, {"probabilities": parent}, {"label": parent}, 0.0, 1.0)
+    with pytest.raises(SelfTestError, match="has shape"):
+        bundle.check_optimized(
+            evidence, {"probabilities": parent}, {"probabilities": parent[:2]}, 0.0, 1.0
+        )
+    nan = parent.copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(SelfTestError, match="relative output error"):
+        bundle.check_optimized(
+            evidence, {"probabilities": parent}, {"probabilities": nan}, 1.0, 1.0
+        )
+
+
+def test_decisions_are_top1_labels_or_sides() -> None:
+    assert bundle.decisions(np.array([[0.1, 0.9], [0.8, 0.2]])).tolist() == [1, 0]
+    assert bundle.decisions(np.array([3, 4])).tolist() == [3, 4]
+    assert bundle.decisions(np.array([[0.2], [0.7]])).ravel().tolist() == [False, True]
+    assert bundle.decisions(np.array([-1.0, 2.0])).tolist() == [False, True]

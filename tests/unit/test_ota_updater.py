@@ -412,3 +412,72 @@ async def test_restart_recovers_from_each_state(tmp_path: Path, stopped_in: str)
         assert not (rig.repo / "digits" / STAGING_DIR).exists()
     finally:
         await _close(rig)
+
+
+# -- (b2) the check of an optimised variant (bundle.toml [optimize]) ------------------------
+
+
+def _publish_optimized(rig: Rig, version: int, disagree: int) -> None:
+    """Sign digits ``version`` as an optimised variant whose check set holds 40 held-out
+    samples (more than max_batch_size 32: two requests) and "parent" outputs that decide
+    ``disagree`` rows differently from what the variant answers; recorded agreement 1.0."""
+    from sklearn.datasets import load_digits
+
+    from edged.fleet.build import build_bundle, selftest_npz
+    from edged.ota.bundle import OptimizeEvidence
+
+    x = load_digits().data[1000:1040].astype(np.float32)
+    parent = run_onnx(DIGITS_V1, x)["probabilities"].copy()
+    parent[:disagree] = np.roll(parent[:disagree], 1, axis=1)  # other top-1 on those rows
+    model_dir = rig.tuf.downloads.parent / "variant" / "digits"
+    source = model_dir / "src"
+    source.mkdir(parents=True)
+    shutil.copyfile(EXAMPLE_MODELS / "digits" / "model.toml", model_dir / "model.toml")
+    (source / "model.onnx").write_bytes(DIGITS_V1)
+    (source / "optimize.json").write_text("{}\n")
+    evidence = OptimizeEvidence(
+        file="optimize.npz",
+        lineage="optimize.json",
+        method="int8-static-minmax",
+        parent="digits",
+        parent_sha256="0" * 64,
+        calibration_sha256="1" * 64,
+        output="probabilities",
+        samples=40,
+        agreement=1.0,
+        rel_l2_error=0.5,
+    )
+    check = selftest_npz({"input": x}, {"probabilities": parent})
+    out = rig.tuf.downloads.parent / "bundles" / f"digits-{version}-optimized.tar.gz"
+    built = build_bundle(
+        model_dir, version, out, {"input": SAMPLE}, source=source, optimize=(evidence, check)
+    )
+    rig.tuf.bundles[("digits", version)] = built
+
+
+async def test_an_optimised_variant_drifting_from_its_evidence_is_refused(rig: Rig) -> None:
+    _publish_optimized(rig, 2, disagree=4)
+    await rig.updates.start_update("digits", "2", wait=True)
+
+    status = (await rig.updates.status("digits"))[0]
+    assert status.state is State.FAILED
+    assert status.record is not None
+    error = status.record.error
+    assert error.startswith("self-test failed: SelfTestError: optimize check"), error
+    assert "is 0.9000 on 40 held-out samples, below the 1.0000 recorded" in error
+    assert "ota.optimize_agreement_slack 0.01" in error
+    assert State.ACTIVE_TRIAL not in await _states_passed(rig, status.record)
+    assert await _served(rig) == "1"
+    assert not (rig.repo / "digits" / "2").exists()
+
+
+@pytest.mark.parametrize("rig", [{"optimize_agreement_slack": 0.15}], indirect=True)
+async def test_the_agreement_slack_lets_a_small_drift_through(rig: Rig) -> None:
+    _publish_optimized(rig, 2, disagree=4)  # 0.90 >= 1.0 - 0.15
+    start = asyncio.create_task(rig.updates.start_update("digits", "2", wait=True))
+    await _until(lambda: _state(rig) is State.ACTIVE_TRIAL)
+    rig.clock.advance(rig.config.health_window_s)
+    result = await start
+    assert result.status.state is State.COMMITTED, result.status
+    assert await _served(rig) == "2"
+    assert (rig.repo / "digits" / "2" / "optimize.json").is_file()  # the evidence installed
