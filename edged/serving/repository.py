@@ -375,7 +375,7 @@ def _remote(path: Path, name: str, raw: Any) -> RemoteTarget:
     """model.toml's ``[remote]`` (hal.remote_target.RemoteTarget, whose fields it names)."""
     if not isinstance(raw, dict):
         raise _fail(path, "'remote' must be a table")
-    keys = ({f.name for f in fields(RemoteTarget)} - {"timeout_s"}) | {"timeout_ms"}
+    keys = ({f.name for f in fields(RemoteTarget)} - {"timeout_s", "server_s"}) | {"timeout_ms"}
     unknown = set(raw) - keys
     if unknown:
         raise _fail(path, f"unknown key 'remote.{sorted(unknown)[0]}'")
