@@ -48,9 +48,8 @@ def _binary_request(name: str, array: np.ndarray) -> tuple[dict[str, Any], memor
 def test_binary_and_json_inputs_decode_to_the_same_array(data: Any, datatype: DataType) -> None:
     dtype = datatype.numpy_dtype
     array = data.draw(
-        hnp.arrays(dtype, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4)).filter(
-            lambda a: dtype.kind != "f" or bool(np.isfinite(a).all())
-        )
+        hnp.arrays(dtype, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4))
+        .filter(lambda a: dtype.kind != "f" or bool(np.isfinite(a).all()))
     )
     header, binary = _binary_request("x", array)
     got, _, _ = kserve_json.request_from_json("m", "", header, binary)
