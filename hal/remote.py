@@ -78,6 +78,18 @@ def channel_for(target: RemoteTarget) -> grpc.Channel:
     return grpc.secure_channel(target.address, credentials, options=options)
 
 
+def token_metadata(target: RemoteTarget) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying ``token_file``'s bearer token (none without one).
+
+    Raises:
+        ModelLoadError: the token file cannot be read.
+    """
+    if not target.token_file:
+        return ()
+    token = _read(target.token_file, "token_file").decode("utf-8", "replace").strip()
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _spec(tensor: Any, where: str) -> TensorSpec:
     try:
         datatype = DataType(tensor.datatype)
@@ -187,10 +199,7 @@ class RemoteExecutor(Executor):
             raise ModelLoadError(
                 "remote: model.toml has no [remote] table (address and model of the server)"
             )
-        metadata: tuple[tuple[str, str], ...] = ()
-        if target.token_file:
-            token = _read(target.token_file, "token_file").decode("utf-8", "replace").strip()
-            metadata = (("authorization", f"Bearer {token}"),)
+        metadata = token_metadata(target)
         head = None
         if target.head:
             head = OnnxCpuExecutor().load(
