@@ -19,8 +19,10 @@ import onnxruntime as ort
 import pytest
 
 from edged.core.types import InferRequest
+from edged.frontends.metrics import ServingCollector
 from edged.partition.graph import INPUTS_CUT
 from edged.partition.planner import ALL_LOCAL, CutCost, Link
+from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 from edged.serving.partition_spec import CutTarget, PartitionSpec
 from edged.serving.replan import cut_of, decide
@@ -235,9 +237,28 @@ async def test_the_cut_follows_the_link_through_the_swap_with_no_failed_request(
     replans = rig.manager.failover.replanner.replans
     assert replans[("digits", "1", INPUTS_CUT, "hidden")] == 1
     assert replans[("digits", "1", "hidden", ALL_LOCAL)] == 1
-    assert replans[("digits", "1", ALL_LOCAL, "hidden")] + replans[
-        ("digits", "1", ALL_LOCAL, INPUTS_CUT)
-    ] == 1
+    assert (
+        replans[("digits", "1", ALL_LOCAL, "hidden")]
+        + replans[("digits", "1", ALL_LOCAL, INPUTS_CUT)]
+        == 1
+    )
     # the version's statistics survived every switch (carried over, as in a failover)
     stats = rig.manager.get("digits").stats.snapshot("digits", 1)
     assert stats.success.count == answers
+    # and the metrics say where it runs, how often it moved, and what the link carried
+    metrics = _scrape(rig.manager)
+    assert metrics[("edged_partition_cut", ("digits", "1", INPUTS_CUT))] == 1
+    assert metrics[("edged_partition_replans_total", ("digits", "1", INPUTS_CUT, "hidden"))] == 1
+    address = rig.manager.get("digits").spec.remote.address  # type: ignore[union-attr]
+    assert metrics[("edged_remote_calls_total", (address,))] > 0  # the real calls
+    assert metrics[("edged_remote_sent_bytes_total", (address,))] > 0
+    assert metrics[("edged_remote_link_rtt_seconds", (address,))] > 0
+
+
+def _scrape(manager: ModelManager) -> dict[tuple[str, tuple[str, ...]], float]:
+    plane = DataPlane(manager, is_ready=lambda: True)
+    return {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in ServingCollector(plane).collect()
+        for sample in family.samples
+    }
