@@ -62,6 +62,8 @@ class LinkSnapshot:
     """Time those calls took, summed."""
     updated_at: float | None
     """Monotonic time of the last sample (None: none yet)."""
+    bandwidth_at: float | None = None
+    """Monotonic time of the last payload sample (None: none yet)."""
 
 
 class _Ewma:
@@ -104,6 +106,7 @@ class LinkEstimator:
         self._received = 0
         self._seconds = 0.0
         self._updated: float | None = None
+        self._bandwidth_at: float | None = None
 
     def record(self, sent: int, received: int, seconds: float, server_s: float = 0.0) -> None:
         """One call: ``sent`` and ``received`` tensor bytes, ``seconds`` from send to answer,
@@ -125,6 +128,7 @@ class LinkEstimator:
             rtt = self._rtt.value or 0.0
             transfer = max(_MIN_TRANSFER_S, wire_s - rtt)
             self._seconds_per_bit.add(transfer / (payload * 8), now)
+            self._bandwidth_at = now
 
     def snapshot(self) -> LinkSnapshot:
         """The estimate now (a copy)."""
@@ -139,6 +143,7 @@ class LinkEstimator:
                 bytes_received=self._received,
                 seconds=self._seconds,
                 updated_at=self._updated,
+                bandwidth_at=self._bandwidth_at,
             )
 
 

@@ -3,8 +3,9 @@ partitioning), each change one zero-downtime swap.
 
 For every served version of a model whose model.toml has ``[partition] replan = true``, a
 task probes the link to the server every ``probe_interval_ms`` (an empty call: the round
-trip; while the model runs all local, also a ``probe_bytes`` call: the bandwidth, as no real
-traffic crosses the link then) and reads the link's estimate, which the ``remote`` executor
+trip; also a ``probe_bytes`` call, the bandwidth, when no real call carried a payload in the
+last four intervals: always while the model runs all local, as no traffic crosses the link
+then) and reads the link's estimate, which the ``remote`` executor
 feeds from every real call (hal.remote_link). When the bandwidth, or the round trip, has moved
 by more than ``threshold`` since the last plan, the pure planner (edged.partition.planner)
 runs again on the cost table of ``[partition]``'s profiles; if it picks another cut, and
@@ -50,6 +51,8 @@ from hal.remote_target import RemoteTarget
 log = structlog.get_logger("edged.serving")
 
 REMOTE = "remote"
+#: probe the bandwidth when no real call carried a payload in this many probe intervals
+STALE_PROBES = 4
 
 #: moves one version onto the copy a load makes, gated (the failover's ``_move``)
 Move = Callable[
@@ -238,7 +241,10 @@ class Replanner:
     ) -> None:
         """One probe, one look at the link, and the switch it calls for."""
         cut = cut_of(current)
-        sizes = [0] if cut != ALL_LOCAL else [0, partition.probe_bytes]
+        # a payload probe when no real call carried one lately (all local: none at all)
+        seen = link.snapshot().bandwidth_at
+        stale = seen is None or self._clock() - seen > STALE_PROBES * partition.probe_interval_s
+        sizes = [0, partition.probe_bytes] if cut == ALL_LOCAL or stale else [0]
         timeout_s = max(remote.timeout_s, partition.probe_interval_s)
         for size in sizes:
             try:

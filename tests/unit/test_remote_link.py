@@ -55,6 +55,10 @@ def test_small_calls_give_the_round_trip_and_payloads_the_bandwidth() -> None:
     assert (snap.calls, snap.bytes_sent, snap.bytes_received) == (10, 500_000, 10_000)
     assert snap.seconds == pytest.approx(5 * 0.004 + 5 * call_s(102_000, 0.004, 10))
     assert snap.updated_at == clock.now
+    assert snap.bandwidth_at == clock.now
+    clock.now += 1
+    link.record(0, 0, 0.004)  # a round-trip sample says nothing new of the bandwidth
+    assert link.snapshot().bandwidth_at == clock.now - 1
 
 
 def test_the_servers_time_is_not_link_time() -> None:
