@@ -15,7 +15,7 @@ import numpy as np
 from edged.core.errors import ConfigError
 from edged.core.types import Array
 from edged.partition import graph
-from edged.partition.planner import Link, Plan, plan
+from edged.partition.planner import OBJECTIVES, Link, Plan, plan
 from edged.partition.profile import DEFAULT_RUNS, Profile, cost_table, measure_link, profile
 from edged.security import client as client_auth
 from edged.storage import write_atomic
@@ -31,7 +31,9 @@ Split execution of one ONNX model between this device and a server (docs/partiti
   --explain                   the per-cut estimate table and the chosen cut, from this
                               machine's profile, --server-profile FILE (else this machine's
                               own figures stand in for the server's: say so), and the link:
-                              --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT
+                              --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT;
+                              --objective device_cpu (--byte-cost-ns N) minimises the device's
+                              CPU time instead of the latency
 """
 
 
@@ -64,6 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs per part")
     parser.add_argument("--every", type=int, default=1, help="profile every N-th cut only")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="latency",
+        help="what the plan minimises: end-to-end latency (default) or the device's CPU time",
+    )
+    parser.add_argument(
+        "--byte-cost-ns",
+        type=float,
+        default=0.0,
+        help="device_cpu: the device's CPU nanoseconds per byte sent or answered",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
 
@@ -147,32 +161,48 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
                 "tail_ms": e.tail_s * 1000,
                 "sent_bytes": e.sent_bytes,
                 "total_ms": e.total_s * 1000,
+                **({"device_cpu_ms": e.objective_s * 1000} if e.cost_s is not None else {}),
             }
             for e in result.estimates
         ],
+        "objective": result.objective,
         "choice": result.choice.cut,
         "choice_total_ms": result.choice.total_s * 1000,
+        **(
+            {"choice_device_cpu_ms": result.choice.objective_s * 1000}
+            if result.objective == "device_cpu"
+            else {}
+        ),
     }
 
 
 def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str:
     """The plan as a table, the chosen row marked."""
     width = max(len(e.cut) for e in result.estimates)
+    cpu = result.objective == "device_cpu"
     lines = [
         f"{'cut':{width}}  {'head ms':>9}  {'link ms':>9}  {'tail ms':>9}  "
-        f"{'sent KiB':>9}  {'total ms':>9}"
+        f"{'sent KiB':>9}  {'total ms':>9}" + ("  device CPU ms" if cpu else "")
     ]
     for e in result.estimates:
         mark = "  <- chosen" if e is result.choice else ""
+        extra = f"  {e.objective_s * 1000:13.3f}" if cpu else ""
         lines.append(
             f"{e.cut:{width}}  {e.head_s * 1000:9.3f}  {e.transfer_s * 1000:9.3f}  "
-            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}{mark}"
+            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}"
+            f"{extra}{mark}"
         )
+    what = (
+        f"{result.choice.objective_s * 1000:.3f} ms of device CPU, "
+        f"{result.choice.total_s * 1000:.3f} ms end to end estimated"
+        if cpu
+        else f"{result.choice.total_s * 1000:.3f} ms estimated"
+    )
     lines += [
         f"link: rtt {link.rtt_s * 1000:.3f} ms, {link.bandwidth_bps / 1e6:.3f} Mbit/s "
         f"({link_source})",
         f"server: {server}",
-        f"choice: {result.choice.cut} ({result.choice.total_s * 1000:.3f} ms estimated)",
+        f"choice: {result.choice.cut} ({what})",
     ]
     return "\n".join(lines) + "\n"
 
@@ -234,7 +264,7 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
-    result = plan(cost_table(mine, theirs), link)
+    result = plan(cost_table(mine, theirs), link, args.objective, args.byte_cost_ns * 1e-9)
     if args.json:
         _write(explain_json(result, link, source, server), True)
     else:

@@ -68,10 +68,33 @@ def test_explain_prints_every_cut_and_chooses_the_least_total(tmp_path: Path) ->
     assert f"server: profile {profile} (cpu-onnx, 2 threads)" in table.stdout
 
 
+def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
+    args = ["partition", str(DIGITS), "--explain", "--rtt-ms", "1", "--bandwidth-mbit", "100"]
+    # a byte on the wire costs the device 1 ms: only all local sends none
+    done = run_cli(
+        *args, "--runs", "3", "--objective", "device_cpu", "--byte-cost-ns", "1e6", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["objective"] == "device_cpu"
+    assert result["choice"] == ALL_LOCAL
+    rows = {r["cut"]: r for r in result["estimates"]}
+    inputs = rows["<inputs>"]
+    # the inputs cut: no head; its CPU cost is its bytes (sent and answered) at 1 ms a byte
+    assert inputs["head_ms"] == 0.0
+    assert inputs["device_cpu_ms"] > inputs["sent_bytes"]
+    assert result["choice_device_cpu_ms"] == rows[ALL_LOCAL]["device_cpu_ms"]
+    table = run_cli(*args, "--runs", "3", "--objective", "device_cpu")
+    assert table.returncode == 0, table.stderr
+    assert "device CPU ms" in table.stdout.splitlines()[0]
+    assert "ms of device CPU" in table.stdout
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         ([], "say what to do"),
+        (["--explain", "--objective", "energy"], "invalid choice: 'energy'"),
         (["--cut", "hidden"], "--cut needs --out DIR"),
         (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
         (["--explain"], "--explain needs the link"),
