@@ -10,7 +10,7 @@ than ``MIN_TRANSFER_BYTES``), and a call that carries a payload gives the bandwi
 round trip (the estimate so far) and the server's time (``server_s``: the tail's profiled
 latency when the daemon's re-planner knows it, else 0, so the bandwidth then reads low by the
 tail's share) are taken off. Both are exponentially weighted moving averages over *time*
-(``half_life_s``), not over samples: the estimate reflects the last second or so whether ten
+(``half_life_s``), not over samples: the estimate reflects the last half second or so whether ten
 calls or a thousand came in it. The bandwidth is averaged as seconds per bit (a call whose
 transfer rounds to nothing does not make it infinite).
 
@@ -36,7 +36,7 @@ from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc
 #: a call carrying fewer bytes than this measures the round trip, not the bandwidth
 MIN_TRANSFER_BYTES = 4096
 #: the weight of what an estimate knew halves every this many seconds
-DEFAULT_HALF_LIFE_S = 0.5
+DEFAULT_HALF_LIFE_S = 0.25
 #: the model name a probe asks for: no server has it, so it answers NOT_FOUND at once
 PROBE_MODEL = "edged-link-probe"
 #: a transfer shorter than this is counted as this (a bandwidth sample is never infinite)
