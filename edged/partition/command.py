@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,9 @@ Split execution of one ONNX model between this device and a server (docs/partiti
   --list                      the candidate cuts (tensors that separate the graph)
   --cut TENSOR --out DIR      write DIR/head.onnx (runs here) and DIR/tail.onnx (serve it on
                               the server, edged or Triton); --cut '<inputs>': no head
+  --cut A --cut B .. --out DIR  several cuts for re-planning: DIR/device/head_<cut>.onnx,
+                              DIR/server/<name>_<cut>/1/model.onnx (--name, default the
+                              file's stem), and model.toml's [partition.cuts] on stdout
   --profile-out FILE          time every cut's head and tail on this machine (run it on the
                               server too: its tails are the plan's tail latencies)
   --explain                   the per-cut estimate table and the chosen cut, from this
@@ -41,7 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``edged partition``."""
     parser.add_argument("model", type=Path, help="the whole model (.onnx)")
     parser.add_argument("--list", action="store_true", help="list the candidate cuts")
-    parser.add_argument("--cut", metavar="TENSOR", help="write the head and tail cut here")
+    parser.add_argument(
+        "--cut",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="write the head and tail cut here (repeat it for several cuts)",
+    )
+    parser.add_argument(
+        "--name", help="several cuts: the model's name on the server (default: the file's stem)"
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="where --cut writes them")
     parser.add_argument("--explain", action="store_true", help="print the plan and its choice")
     parser.add_argument("--profile-out", type=Path, metavar="FILE", help="write this profile")
@@ -236,11 +249,42 @@ def run(args: argparse.Namespace) -> int:
 def _cut(model: Any, args: argparse.Namespace) -> None:
     if args.out is None:
         raise ConfigError("--cut needs --out DIR")
-    parts = graph.split(model, args.cut)
+    if len(args.cut) > 1:
+        _cuts(model, args)
+        return
+    parts = graph.split(model, args.cut[0])
     args.out.mkdir(parents=True, exist_ok=True)
     if parts.head is not None:
         graph.save(parts.head, args.out / graph.HEAD_FILE)
     graph.save(parts.tail, args.out / graph.TAIL_FILE)
+
+
+def _file_part(tensor: str) -> str:
+    """``tensor`` as part of a file or model name (letters, digits, ``_.-``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", tensor).lstrip(".") or "_"
+
+
+def _cuts(model: Any, args: argparse.Namespace) -> None:
+    """Heads (device/) and tails (server/, a model repository) of every cut, and the
+    ``[partition.cuts]`` table naming them (docs/partition.md "Re-planning")."""
+    name = args.name or args.model.stem
+    if len(set(args.cut)) != len(args.cut):
+        raise ConfigError("--cut: a cut is given twice")
+    device, server = args.out / "device", args.out / "server"
+    device.mkdir(parents=True, exist_ok=True)
+    lines = ["[partition.cuts]"]
+    for tensor in args.cut:
+        parts = graph.split(model, tensor)
+        tail = name if parts.head is None else f"{name}_{_file_part(tensor)}"
+        (server / tail / "1").mkdir(parents=True, exist_ok=True)
+        graph.save(parts.tail, server / tail / "1" / "model.onnx")
+        entry = f'model = "{tail}"'
+        if parts.head is not None:
+            head = f"head_{_file_part(tensor)}.onnx"
+            graph.save(parts.head, device / head)
+            entry = f'head = "{head}", {entry}'
+        lines.append(f"{json.dumps(tensor)} = {{ {entry} }}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
