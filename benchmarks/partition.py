@@ -459,6 +459,20 @@ class Clients:
             t.join(timeout=120)
 
 
+def drain(daemon: Daemon) -> list[dict[str, Any]]:
+    """The partition_replanned events logged and not read yet."""
+    found = []
+    while True:
+        try:
+            line = daemon.lines.get_nowait()
+        except queue.Empty:
+            return found
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "partition_replanned":
+                found.append(event)
+
+
 def wait_event(daemon: Daemon, event: str, timeout: float, **fields: str) -> tuple[float, dict]:
     """The next log event named ``event`` (with ``fields``) and when it was read."""
     deadline = time.monotonic() + timeout
@@ -521,9 +535,11 @@ def replan_step(
 ) -> dict[str, Any]:
     """Change the link; wait for the first switch it causes and, on the fast link, for the
     inputs cut (the best there); count the requests meanwhile."""
+    step: dict[str, Any] = {"mbit": mbit, "replanned": False}
+    # switches since the last step settled, with the link unchanged: flapping
+    step["unprompted"] = [f"{e['from']} -> {e['to']}" for e in drain(device)]
     changed = time.monotonic()
     set_link(mbit)
-    step: dict[str, Any] = {"mbit": mbit, "replanned": False}
     try:
         fields = {"to": "<local>"} if slow else {"from": "<local>"}
         at, event = wait_event(device, "partition_replanned", 60, **fields)
@@ -551,6 +567,7 @@ def replan_step(
         f"{mbit:g} Mbit/s: {event['from']} -> {event['to']} after {step['seconds_to_replan']} s"
         f" (settled {step['seconds_to_settle']} s; link seen: rtt {event.get('rtt_ms')} ms, "
         f"{event.get('bandwidth_mbit')} Mbit/s); {answered} answered, {failed} failed"
+        + (f"; before the change: {step['unprompted']}" if step["unprompted"] else "")
     )
     return step
 
@@ -581,7 +598,8 @@ def replan_main(args: argparse.Namespace) -> int:
         stack.callback(device.stop)
         clients = Clients(device.address, args.clients)
         stack.callback(clients.stop)
-        time.sleep(2)  # the first plan on the fast link
+        time.sleep(3)  # the first plans on the fast link
+        results["startup"] = [f"{e['from']} -> {e['to']}" for e in drain(device)]
         for i in range(args.rounds):
             for mbit, slow in ((args.slow, True), (args.fast, False)):
                 step = replan_step(device, clients, set_link, mbit, slow)

@@ -94,6 +94,7 @@ def test_tls_is_the_default_so_a_plaintext_server_is_refused(daemon: DaemonProce
     try:
         assert [t.name for t in loaded.signature.outputs] == ["probabilities", "label"]
         sample = np.load(EXAMPLE_MODELS / "digits" / "sample.npy").astype(np.float32)
+        loaded.infer({"input": sample})  # the first call: the connection, not the link
         before = estimator_for(daemon.address).snapshot()
         assert loaded.infer({"input": sample})["label"].shape == (2,)
         after = estimator_for(daemon.address).snapshot()
