@@ -262,3 +262,21 @@ def _scrape(manager: ModelManager) -> dict[tuple[str, tuple[str, ...]], float]:
         for family in ServingCollector(plane).collect()
         for sample in family.samples
     }
+
+
+@pytest.mark.slow
+async def test_no_re_planning_while_a_breaker_is_open(rig: Rig) -> None:
+    await rig.link_becomes(100)
+    await _until(lambda: rig.cut() == INPUTS_CUT, rig)
+    # the state a failing link leaves (failover's breaker open; tests/unit/test_failover.py
+    # drives the real thing): failover and recovery own the placement then
+    health = rig.manager.failover._health["digits"][1]  # private: the breakers themselves
+    health.breaker("remote").trip(rig.clock())
+    await rig.link_becomes(0.1)
+    for _ in range(20):
+        rig.clock.advance(0.1)
+        await asyncio.sleep(0.01)
+    assert rig.cut() == INPUTS_CUT
+    assert not rig.manager.failover.replanner.replans
+    del health.breakers["remote"]  # as if it had never failed
+    await _until(lambda: rig.cut() == ALL_LOCAL, rig)
