@@ -128,6 +128,10 @@ def _number(
     return float(value)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _profile(path: Path, key: str, file: str) -> Profile:
     where = path.parent / file
     try:
@@ -170,6 +174,34 @@ def _cuts(path: Path, raw: Any) -> tuple[CutTarget, ...]:
     return tuple(cuts)
 
 
+def _costs(path: Path, raw: dict[str, Any], cuts: tuple[CutTarget, ...]) -> dict[str, CutCost]:
+    """The profiles' cost table by cut; every listed cut must be in it."""
+    for key in ("profile", "server_profile"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key]):
+            raise _fail(path, f"'partition.{key}' must be a file name (in the model folder)")
+    if "profile" not in raw:
+        raise _fail(
+            path,
+            "'partition.profile' is missing: this device's profile "
+            "(edged partition MODEL --profile-out FILE)",
+        )
+    device = _profile(path, "profile", raw["profile"])
+    server = (
+        _profile(path, "server_profile", raw["server_profile"])
+        if "server_profile" in raw
+        else device
+    )
+    try:
+        table = cost_table(device, server)
+    except ConfigError as e:
+        raise _fail(path, f"'partition.server_profile': {e}") from e
+    by_cut = {c.cut: c for c in table}
+    for c in cuts:
+        if c.cut not in by_cut:
+            raise _fail(path, f"'partition.cuts.{c.cut}': not a cut both profiles measured")
+    return by_cut
+
+
 def parse_partition(path: Path, raw: Any, remote: RemoteTarget | None) -> PartitionSpec:
     """model.toml's ``[partition]`` (``path``: the model.toml), reading its profiles.
 
@@ -189,30 +221,10 @@ def parse_partition(path: Path, raw: Any, remote: RemoteTarget | None) -> Partit
     objective = raw.get("objective", "latency")
     if objective not in OBJECTIVES:
         raise _fail(path, f"'partition.objective' must be one of {', '.join(OBJECTIVES)}")
-    for key in ("profile", "server_profile"):
-        if key in raw and not (isinstance(raw[key], str) and raw[key]):
-            raise _fail(path, f"'partition.{key}' must be a file name (in the model folder)")
-    if "profile" not in raw:
-        raise _fail(
-            path,
-            "'partition.profile' is missing: this device's profile "
-            "(edged partition MODEL --profile-out FILE)",
-        )
+    if not _is_int(raw.get("probe_bytes", 65536)):
+        raise _fail(path, "'partition.probe_bytes' must be an integer from 4096 to 16777216")
     cuts = _cuts(path, raw.get("cuts"))
-    device = _profile(path, "profile", raw["profile"])
-    server = (
-        _profile(path, "server_profile", raw["server_profile"])
-        if "server_profile" in raw
-        else device
-    )
-    try:
-        table = cost_table(device, server)
-    except ConfigError as e:
-        raise _fail(path, f"'partition.server_profile': {e}") from e
-    by_cut = {c.cut: c for c in table}
-    for c in cuts:
-        if c.cut not in by_cut:
-            raise _fail(path, f"'partition.cuts.{c.cut}': not a cut both profiles measured")
+    by_cut = _costs(path, raw, cuts)
     served = [
         c.cut
         for c in cuts

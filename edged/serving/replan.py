@@ -44,7 +44,6 @@ from edged.serving.model import ModelVersion
 from edged.serving.partition_spec import PartitionSpec
 from edged.serving.swap import Gate, ServedModel, Swapped, VersionLoader
 from hal.placement import BreakerState, CircuitBreaker, outputs_disagree
-from hal.remote import channel_for, token_metadata
 from hal.remote_link import LinkEstimator, ProbeError, estimator_for, probe
 from hal.remote_target import RemoteTarget
 
@@ -209,6 +208,9 @@ class Replanner:
     async def _watch(
         self, model: ServedModel, version: int, partition: PartitionSpec, remote: RemoteTarget
     ) -> None:
+        # deferred: the remote executor loads ONNX Runtime (the head), needed with a split model
+        from hal.remote import channel_for, token_metadata  # noqa: PLC0415
+
         key = (model.name, version)
         link = self.link_for(remote.address)
         try:

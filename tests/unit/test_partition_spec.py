@@ -95,6 +95,7 @@ def test_the_cpu_objective_and_its_byte_cost(model_dir: Path) -> None:
         (("replan = true", "min_interval_ms = -1"), "'partition.min_interval_ms'"),
         (("replan = true", "probe_interval_ms = 1"), "'partition.probe_interval_ms'"),
         (("replan = true", "probe_bytes = 10"), "'partition.probe_bytes'"),
+        (("replan = true", "probe_bytes = 4096.5"), "'partition.probe_bytes' must be an integer"),
         (("replan = true", "byte_cost_ns = true"), "'partition.byte_cost_ns'"),
         (('profile = "device.json"', 'profile = "nowhere.json"'), "'partition.profile'"),
         (('profile = "device.json"\n', ""), "'partition.profile' is missing"),
