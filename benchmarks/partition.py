@@ -21,6 +21,19 @@ veth's own round trip and only the bandwidth is shaped: the output says which.
 
 Needs root (network namespaces, tc, cgroup v1 cpu). Prints a table on stderr, JSON on stdout.
 Never pass/fail.
+
+``--replan``: the daemon's re-planning instead (docs/partition.md "Re-planning"). The same
+namespace and veth, the server in the namespace serving the digits model's tails, the device
+on the host serving digits with ``[partition] replan = true`` over *simulated* cost profiles
+(tests/split_models.py: inputs cut on a fast link, all local below ~0.17 Mbit/s); clients
+send requests all along while tc steps the link between ``--fast`` and ``--slow`` Mbit/s
+``--rounds`` times. Reports, per step, the seconds from the tc change to the daemon's
+``partition_replanned`` event and the requests that failed. Without root or network
+namespaces it says why and uses a throttling TCP proxy on loopback instead (a simulation,
+tests/throttle_proxy.py), as does ``--proxy``:
+
+    sudo .venv/bin/python benchmarks/partition.py --replan [--rounds 5] [--fast 100]
+        [--slow 0.1] [--clients 2] [--proxy] [--out FILE]
 """
 
 from __future__ import annotations
@@ -262,6 +275,12 @@ def end_to_end_ms(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replan", action="store_true", help="benchmark re-planning instead")
+    parser.add_argument("--rounds", type=int, default=5, help="--replan: slow/fast rounds")
+    parser.add_argument("--fast", type=float, default=100.0, help="--replan: fast Mbit/s")
+    parser.add_argument("--slow", type=float, default=0.1, help="--replan: slow Mbit/s")
+    parser.add_argument("--clients", type=int, default=2, help="--replan: client threads")
+    parser.add_argument("--proxy", action="store_true", help="--replan: a TCP proxy, not tc")
     parser.add_argument("--bandwidths", default="1,10,100", help="Mbit/s, comma-separated")
     parser.add_argument("--quotas", default="50,20", help="device CPU quota, % of one core")
     parser.add_argument("--every", type=int, default=6, help="every N-th cut")
@@ -271,6 +290,8 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=2.0, help="RTT added with netem")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.replan:
+        return replan_main(args)
     if os.geteuid() != 0:
         log("needs root: network namespaces, tc and the cpu cgroup")
         return 2
@@ -388,6 +409,215 @@ def measure_setting(
         f"best split {row['best_split_ms']} ms"
     )
     return row
+
+
+# -- re-planning ---------------------------------------------------------------------------
+
+
+class Clients:
+    """Threads sending the digits sample to the device in a loop, every outcome timed."""
+
+    def __init__(self, address: str, count: int) -> None:
+        self.outcomes: list[tuple[float, bool]] = []  # (monotonic time, succeeded)
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(address,), daemon=True) for _ in range(count)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, address: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        from tests.digits_variants import SAMPLE
+
+        with grpcclient.InferenceServerClient(address) as client:
+            tensor = grpcclient.InferInput("input", [2, 64], "FP32")
+            tensor.set_data_from_numpy(SAMPLE.astype(np.float32))
+            while not self._stop.is_set():
+                try:
+                    client.infer("digits", [tensor], client_timeout=60)
+                    ok = True
+                except grpcclient.InferenceServerException as e:
+                    ok = False
+                    with self._lock:
+                        self.errors.append(f"{e.status()}: {e.message()}")
+                with self._lock:
+                    self.outcomes.append((time.monotonic(), ok))
+
+    def between(self, start: float, end: float) -> tuple[int, int]:
+        """(requests answered, requests failed) that ended in [start, end)."""
+        with self._lock:
+            window = [ok for at, ok in self.outcomes if start <= at < end]
+        return sum(window), len(window) - sum(window)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+def drain(daemon: Daemon) -> list[dict[str, Any]]:
+    """The partition_replanned events logged and not read yet."""
+    found = []
+    while True:
+        try:
+            line = daemon.lines.get_nowait()
+        except queue.Empty:
+            return found
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "partition_replanned":
+                found.append(event)
+
+
+def wait_event(daemon: Daemon, event: str, timeout: float, **fields: str) -> tuple[float, dict]:
+    """The next log event named ``event`` (with ``fields``) and when it was read."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = daemon.lines.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        with contextlib.suppress(ValueError):
+            found = json.loads(line)
+            if found.get("event") == event and all(found.get(k) == v for k, v in fields.items()):
+                return time.monotonic(), found
+    raise TimeoutError(f"no {event} {fields} within {timeout}s")
+
+
+def replan_link(args: argparse.Namespace) -> tuple[str, str]:
+    """How the link is shaped ("" reason: tc in a namespace), and why not when not."""
+    if args.proxy:
+        return "--proxy", "a throttling TCP proxy on loopback (simulated; --proxy)"
+    if os.geteuid() != 0:
+        reason = "not root: no network namespace"
+    else:
+        probe = sh("ip", "netns", "add", NS + "-probe", check=False)
+        sh("ip", "netns", "del", NS + "-probe", check=False)
+        if probe.returncode == 0:
+            return "", "tc tbf on a veth pair into a network namespace"
+        reason = f"cannot create a network namespace: {probe.stderr.strip()}"
+    return reason, f"a throttling TCP proxy on loopback (simulated; {reason})"
+
+
+def start_server(
+    stack: contextlib.ExitStack, args: argparse.Namespace, repo: Path, proxied: bool
+) -> tuple[str, Any]:
+    """The server daemon behind the shaped link: its address from the device, and a
+    function setting the link's Mbit/s."""
+    env = {"EDGED_MODELS_INSTANCES": "1"}
+    if proxied:
+        from tests.throttle_proxy import ThrottleProxy
+
+        server = Daemon([], repo, "127.0.0.1:0", env)
+        server.wait_ready()
+        stack.callback(server.stop)
+        proxy = ThrottleProxy(server.address)
+        stack.callback(proxy.close)
+
+        def set_proxy(mbit: float) -> None:
+            proxy.rate_bps = mbit * 1e6
+
+        return proxy.address, set_proxy
+    stack.enter_context(namespace())
+    shape(args.fast, 0)
+    server = Daemon(["ip", "netns", "exec", NS], repo, f"{NS_IP}:{SERVER_PORT}", env)
+    server.wait_ready()
+    stack.callback(server.stop)
+    return f"{NS_IP}:{SERVER_PORT}", lambda mbit: shape(mbit, 0)
+
+
+def replan_step(
+    device: Daemon, clients: Clients, set_link: Any, mbit: float, slow: bool
+) -> dict[str, Any]:
+    """Change the link; wait for the first switch it causes and, on the fast link, for the
+    inputs cut (the best there); count the requests meanwhile."""
+    step: dict[str, Any] = {"mbit": mbit, "replanned": False}
+    # switches since the last step settled, with the link unchanged: flapping
+    step["unprompted"] = [f"{e['from']} -> {e['to']}" for e in drain(device)]
+    changed = time.monotonic()
+    set_link(mbit)
+    try:
+        fields = {"to": "<local>"} if slow else {"from": "<local>"}
+        at, event = wait_event(device, "partition_replanned", 60, **fields)
+        settled = at
+        if not slow and event["to"] != "<inputs>":
+            settled, _ = wait_event(device, "partition_replanned", 60, to="<inputs>")
+    except TimeoutError as e:
+        log(str(e))
+        return step
+    time.sleep(1.0)  # requests after the switch count too
+    answered, failed = clients.between(changed, time.monotonic())
+    step.update(
+        replanned=True,
+        to=event["to"],
+        seconds_to_replan=round(at - changed, 3),
+        seconds_to_settle=round(settled - changed, 3),
+        swap_seconds=event.get("seconds"),
+        measured_rtt_ms=event.get("rtt_ms"),
+        measured_bandwidth_mbit=event.get("bandwidth_mbit"),
+        requests_answered=answered,
+        requests_failed=failed,
+    )
+    step["from"] = event["from"]
+    log(
+        f"{mbit:g} Mbit/s: {event['from']} -> {event['to']} after {step['seconds_to_replan']} s"
+        f" (settled {step['seconds_to_settle']} s; link seen: rtt {event.get('rtt_ms')} ms, "
+        f"{event.get('bandwidth_mbit')} Mbit/s); {answered} answered, {failed} failed"
+        + (f"; before the change: {step['unprompted']}" if step["unprompted"] else "")
+    )
+    return step
+
+
+def replan_main(args: argparse.Namespace) -> int:
+    from tests.split_models import device_repo, server_repo
+
+    reason, how = replan_link(args)
+    log(f"link: {how}")
+    results: dict[str, Any] = {
+        "model": "digits (example MLP), split at the inputs cut / hidden / all local",
+        "profiles": "simulated (tests/split_models.py)",
+        "link": how,
+        "fast_mbit": args.fast,
+        "slow_mbit": args.slow,
+        "clients": args.clients,
+        "steps": [],
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="edged-replan-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        work = Path(tmp)
+        address, set_link = start_server(stack, args, server_repo(work), bool(reason))
+        keys = "min_interval_ms = 500\nprobe_interval_ms = 100\nprobe_bytes = 4096\n"
+        device = Daemon([], device_repo(work, address, partition=keys), "127.0.0.1:0", {})
+        device.wait_ready()
+        stack.callback(device.stop)
+        clients = Clients(device.address, args.clients)
+        stack.callback(clients.stop)
+        time.sleep(3)  # the first plans on the fast link
+        results["startup"] = [f"{e['from']} -> {e['to']}" for e in drain(device)]
+        for i in range(args.rounds):
+            for mbit, slow in ((args.slow, True), (args.fast, False)):
+                step = replan_step(device, clients, set_link, mbit, slow)
+                results["steps"].append({"round": i + 1, **step})
+        clients.stop()
+        results["requests_total"] = len(clients.outcomes)
+        results["requests_failed_total"] = sum(1 for _, ok in clients.outcomes if not ok)
+        results["errors"] = clients.errors[:10]
+    done = [s for s in results["steps"] if s["replanned"]]
+    for key in ("seconds_to_replan", "seconds_to_settle"):
+        if done:
+            results[f"{key}_median"] = round(statistics.median(s[key] for s in done), 3)
+            results[f"{key}_max"] = round(max(s[key] for s in done), 3)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ imports ``edged.core`` (tests/unit/test_layers.py).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +35,7 @@ from edged.core.tensors import decode_raw, encode_raw
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
+from hal.remote_link import estimator_for
 from hal.remote_target import RemoteTarget
 
 #: the largest answer accepted from the server (gRPC's default is 4 MiB)
@@ -78,6 +78,18 @@ def channel_for(target: RemoteTarget) -> grpc.Channel:
     return grpc.secure_channel(target.address, credentials, options=options)
 
 
+def token_metadata(target: RemoteTarget) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying ``token_file``'s bearer token (none without one).
+
+    Raises:
+        ModelLoadError: the token file cannot be read.
+    """
+    if not target.token_file:
+        return ()
+    token = _read(target.token_file, "token_file").decode("utf-8", "replace").strip()
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _spec(tensor: Any, where: str) -> TensorSpec:
     try:
         datatype = DataType(tensor.datatype)
@@ -109,9 +121,11 @@ class RemoteModel(LoadedModel):
         """The remote model's inputs: what is sent (head outputs, or the request's inputs)."""
         self._metadata = metadata
         self._where = f"remote {target.address} model '{target.model}'"
-        self.bytes_sent = 0
-        """Tensor bytes sent so far (the link's load, for the planner's measurements)."""
-        self._counter_lock = threading.Lock()
+        self.link = estimator_for(target.address)
+        """The link to the server, measured from every call but the first (hal.remote_link)."""
+        self._measuring = False
+        """The first call (a warm-up) also pays for the channel's connection and the server's
+        first run of the model: not a figure of the link."""
 
     def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         values = self._head.infer(inputs) if self._head is not None else inputs
@@ -129,19 +143,23 @@ class RemoteModel(LoadedModel):
             raw = encode_raw(array)
             size += len(raw)
             message.raw_input_contents.append(raw)
-        response = self._call(message)
-        with self._counter_lock:
-            self.bytes_sent += size
+        response, took = self._call(message)
+        received = sum(len(r) for r in response.raw_output_contents)
+        if self._measuring:
+            self.link.record(size, received, took, self.target.server_s)
+        self._measuring = True
         return self._decode(response)
 
-    def _call(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def _call(self, message: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, float]:
+        """The server's answer and the seconds of the attempt that got it."""
         attempts = 1 + max(0, self.target.retries)
         for attempt in range(attempts):
+            started = time.perf_counter()
             try:
                 response: pb.ModelInferResponse = self._stub.ModelInfer(
                     message, timeout=self.target.timeout_s, metadata=self._metadata
                 )
-                return response
+                return response, time.perf_counter() - started
             except grpc.RpcError as e:
                 code = e.code()
                 details = e.details() or ""
@@ -186,10 +204,7 @@ class RemoteExecutor(Executor):
             raise ModelLoadError(
                 "remote: model.toml has no [remote] table (address and model of the server)"
             )
-        metadata: tuple[tuple[str, str], ...] = ()
-        if target.token_file:
-            token = _read(target.token_file, "token_file").decode("utf-8", "replace").strip()
-            metadata = (("authorization", f"Bearer {token}"),)
+        metadata = token_metadata(target)
         head = None
         if target.head:
             head = OnnxCpuExecutor().load(

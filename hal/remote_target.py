@@ -42,3 +42,7 @@ class RemoteTarget:
     server_name: str = ""
     """The name the server's certificate must carry when it differs from the address's host
     (gRPC's ssl_target_name_override); "": the host."""
+    server_s: float = 0.0
+    """The server's own time per call on ``model`` (the tail's profiled latency), taken off a
+    call's time before it counts as link time (hal.remote_link); 0: unknown. Not a model.toml
+    key: the daemon's re-planner sets it from the server's profile."""

@@ -118,3 +118,30 @@ class PlacementCounters:
     failovers: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
     recoveries: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
     executor_failures: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    replans: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    """(model, version, from cut, to cut) -> switches of a split model's cut."""
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """The link to one remote server, as the ``remote`` executor measured it."""
+
+    address: str
+    rtt_s: float | None
+    """Estimated round trip (None: not measured yet)."""
+    bandwidth_bps: float | None
+    """Estimated bandwidth, bits per second (None: not measured yet)."""
+    calls: int
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    """Time the calls took, summed."""
+
+
+@dataclass(frozen=True)
+class CutView:
+    """The cut a re-planned split model version serves (``<local>``: all local)."""
+
+    model: str
+    version: int
+    cut: str

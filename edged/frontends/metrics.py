@@ -148,6 +148,61 @@ class ServingCollector(Collector):
                     int(status.state == state),
                 )
         yield from (failovers, recoveries, failures, breaker)
+        yield from self._split(counters.replans)
+
+    def _split(self, replans: dict[tuple[str, str, str, str], int]) -> Iterator[Metric]:
+        """Split execution: each remote server's measured link, each re-planned model's cut
+        and its switches."""
+        address = ["address"]
+        rtt = GaugeMetricFamily(
+            "edged_remote_link_rtt_seconds",
+            "Round trip to a remote server, estimated from probes and small calls.",
+            labels=address,
+        )
+        bandwidth = GaugeMetricFamily(
+            "edged_remote_link_bandwidth_bits_per_second",
+            "Bandwidth to a remote server, estimated from the calls' payloads.",
+            labels=address,
+        )
+        calls = CounterMetricFamily(
+            "edged_remote_calls", "Calls made to a remote server (probes included).", labels=address
+        )
+        sent = CounterMetricFamily(
+            "edged_remote_sent_bytes", "Tensor bytes sent to a remote server.", labels=address
+        )
+        received = CounterMetricFamily(
+            "edged_remote_received_bytes",
+            "Tensor bytes answered by a remote server.",
+            labels=address,
+        )
+        seconds = CounterMetricFamily(
+            "edged_remote_call_seconds", "Time the calls to a remote server took.", labels=address
+        )
+        for link in self._plane.links():
+            values = [link.address]
+            if link.rtt_s is not None:
+                rtt.add_metric(values, link.rtt_s)
+            if link.bandwidth_bps is not None:
+                bandwidth.add_metric(values, link.bandwidth_bps)
+            calls.add_metric(values, link.calls)
+            sent.add_metric(values, link.bytes_sent)
+            received.add_metric(values, link.bytes_received)
+            seconds.add_metric(values, link.seconds)
+        cut = GaugeMetricFamily(
+            "edged_partition_cut",
+            "The cut a re-planned split model version serves (value 1; <local>: all local).",
+            labels=[*LABELS, "cut"],
+        )
+        for view in self._plane.cuts():
+            cut.add_metric([view.model, str(view.version), view.cut], 1)
+        switches = CounterMetricFamily(
+            "edged_partition_replans",
+            "Switches of a split model version's cut as the measured link changed.",
+            labels=[*LABELS, "from", "to"],
+        )
+        for key, count in sorted(replans.items()):
+            switches.add_metric(list(key), count)
+        yield from (rtt, bandwidth, calls, sent, received, seconds, cut, switches)
 
 
 class MetricsEndpoint:

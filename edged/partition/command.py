@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from edged.core.errors import ConfigError
 from edged.core.types import Array
 from edged.partition import graph
-from edged.partition.planner import Link, Plan, plan
+from edged.partition.planner import OBJECTIVES, Link, Plan, plan
 from edged.partition.profile import DEFAULT_RUNS, Profile, cost_table, measure_link, profile
 from edged.security import client as client_auth
 from edged.storage import write_atomic
@@ -26,12 +27,17 @@ Split execution of one ONNX model between this device and a server (docs/partiti
   --list                      the candidate cuts (tensors that separate the graph)
   --cut TENSOR --out DIR      write DIR/head.onnx (runs here) and DIR/tail.onnx (serve it on
                               the server, edged or Triton); --cut '<inputs>': no head
+  --cut A --cut B .. --out DIR  several cuts for re-planning: DIR/device/head_<cut>.onnx,
+                              DIR/server/<name>_<cut>/1/model.onnx (--name, default the
+                              file's stem), and model.toml's [partition.cuts] on stdout
   --profile-out FILE          time every cut's head and tail on this machine (run it on the
                               server too: its tails are the plan's tail latencies)
   --explain                   the per-cut estimate table and the chosen cut, from this
                               machine's profile, --server-profile FILE (else this machine's
                               own figures stand in for the server's: say so), and the link:
-                              --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT
+                              --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT;
+                              --objective device_cpu (--byte-cost-ns N) minimises the device's
+                              CPU time instead of the latency
 """
 
 
@@ -39,7 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``edged partition``."""
     parser.add_argument("model", type=Path, help="the whole model (.onnx)")
     parser.add_argument("--list", action="store_true", help="list the candidate cuts")
-    parser.add_argument("--cut", metavar="TENSOR", help="write the head and tail cut here")
+    parser.add_argument(
+        "--cut",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="write the head and tail cut here (repeat it for several cuts)",
+    )
+    parser.add_argument(
+        "--name", help="several cuts: the model's name on the server (default: the file's stem)"
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="where --cut writes them")
     parser.add_argument("--explain", action="store_true", help="print the plan and its choice")
     parser.add_argument("--profile-out", type=Path, metavar="FILE", help="write this profile")
@@ -64,6 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs per part")
     parser.add_argument("--every", type=int, default=1, help="profile every N-th cut only")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="latency",
+        help="what the plan minimises: end-to-end latency (default) or the device's CPU time",
+    )
+    parser.add_argument(
+        "--byte-cost-ns",
+        type=float,
+        default=0.0,
+        help="device_cpu: the device's CPU nanoseconds per byte sent or answered",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
 
@@ -147,32 +174,48 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
                 "tail_ms": e.tail_s * 1000,
                 "sent_bytes": e.sent_bytes,
                 "total_ms": e.total_s * 1000,
+                **({"device_cpu_ms": e.objective_s * 1000} if e.cost_s is not None else {}),
             }
             for e in result.estimates
         ],
+        "objective": result.objective,
         "choice": result.choice.cut,
         "choice_total_ms": result.choice.total_s * 1000,
+        **(
+            {"choice_device_cpu_ms": result.choice.objective_s * 1000}
+            if result.objective == "device_cpu"
+            else {}
+        ),
     }
 
 
 def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str:
     """The plan as a table, the chosen row marked."""
     width = max(len(e.cut) for e in result.estimates)
+    cpu = result.objective == "device_cpu"
     lines = [
         f"{'cut':{width}}  {'head ms':>9}  {'link ms':>9}  {'tail ms':>9}  "
-        f"{'sent KiB':>9}  {'total ms':>9}"
+        f"{'sent KiB':>9}  {'total ms':>9}" + ("  device CPU ms" if cpu else "")
     ]
     for e in result.estimates:
         mark = "  <- chosen" if e is result.choice else ""
+        extra = f"  {e.objective_s * 1000:13.3f}" if cpu else ""
         lines.append(
             f"{e.cut:{width}}  {e.head_s * 1000:9.3f}  {e.transfer_s * 1000:9.3f}  "
-            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}{mark}"
+            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}"
+            f"{extra}{mark}"
         )
+    what = (
+        f"{result.choice.objective_s * 1000:.3f} ms of device CPU, "
+        f"{result.choice.total_s * 1000:.3f} ms end to end estimated"
+        if cpu
+        else f"{result.choice.total_s * 1000:.3f} ms estimated"
+    )
     lines += [
         f"link: rtt {link.rtt_s * 1000:.3f} ms, {link.bandwidth_bps / 1e6:.3f} Mbit/s "
         f"({link_source})",
         f"server: {server}",
-        f"choice: {result.choice.cut} ({result.choice.total_s * 1000:.3f} ms estimated)",
+        f"choice: {result.choice.cut} ({what})",
     ]
     return "\n".join(lines) + "\n"
 
@@ -206,11 +249,42 @@ def run(args: argparse.Namespace) -> int:
 def _cut(model: Any, args: argparse.Namespace) -> None:
     if args.out is None:
         raise ConfigError("--cut needs --out DIR")
-    parts = graph.split(model, args.cut)
+    if len(args.cut) > 1:
+        _cuts(model, args)
+        return
+    parts = graph.split(model, args.cut[0])
     args.out.mkdir(parents=True, exist_ok=True)
     if parts.head is not None:
         graph.save(parts.head, args.out / graph.HEAD_FILE)
     graph.save(parts.tail, args.out / graph.TAIL_FILE)
+
+
+def _file_part(tensor: str) -> str:
+    """``tensor`` as part of a file or model name (letters, digits, ``_.-``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", tensor).lstrip(".") or "_"
+
+
+def _cuts(model: Any, args: argparse.Namespace) -> None:
+    """Heads (device/) and tails (server/, a model repository) of every cut, and the
+    ``[partition.cuts]`` table naming them (docs/partition.md "Re-planning")."""
+    name = args.name or args.model.stem
+    if len(set(args.cut)) != len(args.cut):
+        raise ConfigError("--cut: a cut is given twice")
+    device, server = args.out / "device", args.out / "server"
+    device.mkdir(parents=True, exist_ok=True)
+    lines = ["[partition.cuts]"]
+    for tensor in args.cut:
+        parts = graph.split(model, tensor)
+        tail = name if parts.head is None else f"{name}_{_file_part(tensor)}"
+        (server / tail / "1").mkdir(parents=True, exist_ok=True)
+        graph.save(parts.tail, server / tail / "1" / "model.onnx")
+        entry = f'model = "{tail}"'
+        if parts.head is not None:
+            head = f"head_{_file_part(tensor)}.onnx"
+            graph.save(parts.head, device / head)
+            entry = f'head = "{head}", {entry}'
+        lines.append(f"{json.dumps(tensor)} = {{ {entry} }}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
@@ -234,7 +308,7 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
-    result = plan(cost_table(mine, theirs), link)
+    result = plan(cost_table(mine, theirs), link, args.objective, args.byte_cost_ns * 1e-9)
     if args.json:
         _write(explain_json(result, link, source, server), True)
     else:

@@ -1,11 +1,23 @@
 """Pick where to cut a model (Neurosurgeon, Kang et al., ASPLOS 2017): the cut whose
-estimated end-to-end latency is least, "all local" and "all remote" included.
+estimated cost is least, "all local" and "all remote" included, and say when a measured link
+has moved enough to plan again.
 
-Pure: no I/O, no clock. The estimate of a split at a cut is
+Pure: no I/O, no clock. Two objectives:
 
-    head here + round trip + (bytes sent + bytes answered) / bandwidth + tail on the server
+- ``latency`` (the default): the end-to-end latency of a split at a cut,
 
-all local is the whole model here, and all remote is the inputs cut (no head). The costs come
+      head here + round trip + (bytes sent + bytes answered) / bandwidth + tail on the server
+
+- ``device_cpu``: what the device spends (CPU time, a stand-in for its energy),
+
+      head here + (bytes sent + bytes answered) * byte_cost_s
+
+  where ``byte_cost_s`` is the device's CPU time per byte put on or taken off the wire
+  (serialisation, the gRPC stack, the network driver); the link's speed does not enter, the
+  server's time does not either. Neurosurgeon's energy objective has the same shape (compute
+  energy of the head plus a per-byte transmission energy).
+
+All local is the whole model here, and all remote is the inputs cut (no head). The costs come
 from :mod:`edged.partition.profile` (measured on each side) and the link from measurements
 (or the operator's figures).
 """
@@ -15,11 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from edged.core.errors import ConfigError
 
 #: the cut that sends nothing: the whole model runs here
 ALL_LOCAL = "<local>"
+
+#: what the planner minimises
+Objective = Literal["latency", "device_cpu"]
+OBJECTIVES: tuple[Objective, ...] = ("latency", "device_cpu")
+#: a round-trip change smaller than this never counts as the link moving (loopback jitter)
+RTT_FLOOR_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -68,10 +87,19 @@ class Estimate:
     """Round trip plus both transfers (0 for ALL_LOCAL)."""
     tail_s: float
     sent_bytes: int
+    cost_s: float | None = None
+    """What the objective minimises, when it is not the latency (device_cpu: the device's
+    CPU seconds); None: the latency, ``total_s``."""
 
     @property
     def total_s(self) -> float:
+        """The estimated end-to-end latency."""
         return self.head_s + self.transfer_s + self.tail_s
+
+    @property
+    def objective_s(self) -> float:
+        """What the plan minimised for this row."""
+        return self.total_s if self.cost_s is None else self.cost_s
 
 
 @dataclass(frozen=True)
@@ -80,23 +108,43 @@ class Plan:
 
     estimates: tuple[Estimate, ...]
     choice: Estimate
+    objective: Objective = "latency"
 
 
-def estimate(cost: CutCost, link: Link) -> Estimate:
-    """The end-to-end latency of ``cost``'s cut over ``link``."""
+def estimate(
+    cost: CutCost, link: Link, objective: Objective = "latency", byte_cost_s: float = 0.0
+) -> Estimate:
+    """The end-to-end latency of ``cost``'s cut over ``link``, and with ``device_cpu`` the
+    device's CPU time (head plus ``byte_cost_s`` per byte sent or answered)."""
     if cost.cut == ALL_LOCAL:
-        return Estimate(cost.cut, cost.head_s, 0.0, 0.0, 0)
+        cpu_here = None if objective == "latency" else cost.head_s
+        return Estimate(cost.cut, cost.head_s, 0.0, 0.0, 0, cpu_here)
     transfer = link.rtt_s + link.transfer_s(cost.sent_bytes + cost.answer_bytes)
-    return Estimate(cost.cut, cost.head_s, transfer, cost.tail_s, cost.sent_bytes)
+    cpu = None
+    if objective == "device_cpu":
+        cpu = cost.head_s + (cost.sent_bytes + cost.answer_bytes) * byte_cost_s
+    return Estimate(cost.cut, cost.head_s, transfer, cost.tail_s, cost.sent_bytes, cpu)
 
 
-def plan(costs: Sequence[CutCost], link: Link) -> Plan:
-    """The cut of least estimated latency among ``costs``. Ties go to the cut that needs the
-    link least: all local, else the one sending fewer bytes, else the later (more local) one.
+def plan(
+    costs: Sequence[CutCost],
+    link: Link,
+    objective: Objective = "latency",
+    byte_cost_s: float = 0.0,
+) -> Plan:
+    """The cut of least estimated cost among ``costs``: latency, or with ``device_cpu`` the
+    device's CPU time (``byte_cost_s``: CPU seconds per byte on the wire). Ties go to the cut
+    that needs the link least: all local, else the one sending fewer bytes, else the later
+    (more local) one.
 
     Raises:
-        ConfigError: ``costs`` is empty, names a cut twice, or holds a negative cost.
+        ConfigError: ``costs`` is empty, names a cut twice, holds a negative cost, or the
+            objective is unknown or its byte cost negative.
     """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if not (byte_cost_s >= 0 and math.isfinite(byte_cost_s)):
+        raise ConfigError(f"byte cost {byte_cost_s!r} must be a number >= 0")
     if not costs:
         raise ConfigError("no cut to choose from")
     seen: set[str] = set()
@@ -106,10 +154,21 @@ def plan(costs: Sequence[CutCost], link: Link) -> Plan:
         seen.add(cost.cut)
         if min(cost.head_s, cost.tail_s, cost.sent_bytes, cost.answer_bytes) < 0:
             raise ConfigError(f"cut '{cost.cut}' has a negative cost")
-    estimates = tuple(estimate(c, link) for c in costs)
+    estimates = tuple(estimate(c, link, objective, byte_cost_s) for c in costs)
     order = {e.cut: i for i, e in enumerate(estimates)}
     choice = min(
         estimates,
-        key=lambda e: (e.total_s, e.cut != ALL_LOCAL, e.sent_bytes, -order[e.cut]),
+        key=lambda e: (e.objective_s, e.cut != ALL_LOCAL, e.sent_bytes, -order[e.cut]),
     )
-    return Plan(estimates, choice)
+    return Plan(estimates, choice, objective)
+
+
+def moved(planned: Link, measured: Link, threshold: float) -> bool:
+    """Whether the link has moved enough since ``planned`` to plan again: its bandwidth by
+    more than ``threshold`` (a fraction) of the planned one, up or down, or its round trip by
+    more than ``threshold`` of the planned one and more than :data:`RTT_FLOOR_S`."""
+    ratio = measured.bandwidth_bps / planned.bandwidth_bps
+    if abs(ratio - 1.0) > threshold:
+        return True
+    change = abs(measured.rtt_s - planned.rtt_s)
+    return change > RTT_FLOOR_S and change > threshold * planned.rtt_s

@@ -236,29 +236,13 @@ def measure_link(
     Raises:
         ConfigError: the server cannot be reached, or answered the probe unexpectedly.
     """
-    import grpc  # noqa: PLC0415
-
-    from edged._proto.inference import grpc_service_pb2 as pb  # noqa: PLC0415
-    from edged._proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: PLC0415
-
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+    from hal.remote_link import ProbeError, probe  # noqa: PLC0415
 
     def call(size: int) -> float:
-        message = pb.ModelInferRequest(model_name="edged-link-probe")
-        if size:
-            message.inputs.add(name="probe", datatype="UINT8", shape=[size])
-            message.raw_input_contents.append(bytes(size))
-        started = time.perf_counter()
         try:
-            stub.ModelInfer(message, timeout=max(10.0, max_probe_s * 4), metadata=metadata)
-        except grpc.RpcError as e:
-            # edged: NOT_FOUND; Triton: NOT_FOUND or UNAVAILABLE "Request for unknown model"
-            unknown = e.code() is grpc.StatusCode.NOT_FOUND or "unknown model" in (
-                e.details() or ""
-            )
-            if not unknown:
-                raise ConfigError(f"link probe: {e.code().name}: {e.details()}") from e
-        return time.perf_counter() - started
+            return probe(channel, size, timeout_s=max(10.0, max_probe_s * 4), metadata=metadata)
+        except ProbeError as e:
+            raise ConfigError(str(e)) from e
 
     def median(size: int) -> float:
         call(size)

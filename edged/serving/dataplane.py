@@ -27,7 +27,9 @@ from edged.core.stats import StatisticsSnapshot
 from edged.core.types import InferRequest, InferResponse
 from edged.core.views import (
     BreakerView,
+    CutView,
     IndexEntry,
+    LinkView,
     ModelConfiguration,
     ModelMetadata,
     PlacementCounters,
@@ -39,6 +41,7 @@ from edged.core.views import (
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS, model_toml_text
 from edged.serving.shared_memory import SharedMemoryRegistry, Span
+from hal.remote_link import snapshots as link_snapshots
 
 __all__ = ["MAX_MODEL_NAME_BYTES", "SERVER_NAME", "DataPlane", "SharedMemoryRegistry", "Span"]
 
@@ -223,8 +226,32 @@ class DataPlane:
         """Failovers, recoveries and executor failures counted so far (copies)."""
         m = self._manager
         return PlacementCounters(
-            dict(m.failovers.copy()), dict(m.recoveries.copy()), dict(m.executor_failures.copy())
+            dict(m.failovers.copy()),
+            dict(m.recoveries.copy()),
+            dict(m.executor_failures.copy()),
+            dict(m.failover.replanner.replans.copy()),
         )
+
+    @staticmethod
+    def links() -> list[LinkView]:
+        """Every remote server's link as measured from the calls made to it (safe from the
+        metrics thread)."""
+        return [
+            LinkView(
+                s.address,
+                s.rtt_s,
+                s.bandwidth_bps,
+                s.calls,
+                s.bytes_sent,
+                s.bytes_received,
+                s.seconds,
+            )
+            for s in link_snapshots()
+        ]
+
+    def cuts(self) -> list[CutView]:
+        """The cut each re-planned split model version serves (safe from the metrics thread)."""
+        return [CutView(c.model, c.version, c.cut) for c in self._manager.failover.replanner.cuts()]
 
     # -- inference -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import structlog
 
 from edged.core.errors import EdgedError, ExecutorError, ModelLoadError
 from edged.serving.model import ModelVersion
+from edged.serving.replan import Replanner
 from edged.serving.swap import Gate, Plan, ServedModel, Swapped, Swapper, Unchanged, VersionLoader
 from hal.placement import (
     BreakerPolicy,
@@ -97,6 +98,8 @@ class Failover:
         """(model, version, from, to) -> moves back to a better executor that recovered."""
         self.executor_failures: collections.Counter[tuple[str, str, str]] = collections.Counter()
         """(model, version, executor) -> batches that failed with an executor error."""
+        self.replanner = Replanner(self._move, loader, self._placement, clock=clock, sleep=sleep)
+        """Re-planning of split models' cuts ([partition] replan = true), each a move."""
 
     # -- bookkeeping at each switch --------------------------------------------------------
 
@@ -112,15 +115,24 @@ class Failover:
             self._forget(health, version)
         if not health:
             del self._health[model.name]
+        self.replanner.track(model, fresh)
 
     def forget(self, model: ServedModel) -> None:
         """At an unload: no breakers, no recovery for ``model`` any more."""
         for version in list(self._health.get(model.name, {})):
             self._forget(self._health[model.name], version)
         self._health.pop(model.name, None)
+        self.replanner.forget(model)
 
     def _get(self, model: ServedModel, version: int) -> _Health | None:
         return self._health.get(model.name, {}).get(version)
+
+    def _placement(
+        self, model: ServedModel, version: int
+    ) -> tuple[tuple[str, ...], Mapping[str, CircuitBreaker]]:
+        """The version's candidate executors and its breakers (the re-planner's view)."""
+        health = self._get(model, version)
+        return ((), {}) if health is None else (health.candidates, dict(health.breakers))
 
     @staticmethod
     def _forget(health: dict[int, _Health], version: int) -> None:
@@ -166,6 +178,7 @@ class Failover:
 
     async def stop(self) -> None:
         """Cancel failover, recovery and re-planning work, and wait for it to end."""
+        await self.replanner.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -26,6 +26,7 @@ from typing import Any
 
 from edged.core.errors import ModelLoadError, ModelNotFoundError
 from edged.core.types import LEARN_STRATEGIES, DataType, Signature, TensorSpec
+from edged.serving.partition_spec import PartitionSpec, parse_partition
 from edged.serving.versions import VersionPolicy, available_versions, parse_version
 from hal.placement import PLACEMENT_MODES, default_executors
 from hal.remote_target import RemoteTarget
@@ -168,6 +169,9 @@ class ModelSpec:
     remote: RemoteTarget | None = None
     """model.toml's ``[remote]``: the server the ``remote`` executor sends it to (split
     execution, docs/partition.md); None without one."""
+    partition: PartitionSpec | None = None
+    """model.toml's ``[partition]``: the cuts a split model may serve and re-planning
+    (edged.serving.partition_spec); None without one."""
     configured: bool = True
     """False: the folder has no model.toml; everything was read from the artifact."""
 
@@ -196,6 +200,7 @@ _MODEL_KEYS = {
     "learn",
     "warmup",
     "remote",
+    "partition",
 }
 
 
@@ -375,7 +380,7 @@ def _remote(path: Path, name: str, raw: Any) -> RemoteTarget:
     """model.toml's ``[remote]`` (hal.remote_target.RemoteTarget, whose fields it names)."""
     if not isinstance(raw, dict):
         raise _fail(path, "'remote' must be a table")
-    keys = ({f.name for f in fields(RemoteTarget)} - {"timeout_s"}) | {"timeout_ms"}
+    keys = ({f.name for f in fields(RemoteTarget)} - {"timeout_s", "server_s"}) | {"timeout_ms"}
     unknown = set(raw) - keys
     if unknown:
         raise _fail(path, f"unknown key 'remote.{sorted(unknown)[0]}'")
@@ -467,6 +472,7 @@ def parse_model_toml(
         if "version_policy" in data
         else (VersionPolicy())
     )
+    remote = _remote(path, name, data["remote"]) if "remote" in data else None
     return ModelSpec(
         name=name,
         path=model_dir,
@@ -481,7 +487,8 @@ def parse_model_toml(
         outputs=_tensor_decls(path, "outputs", data.get("outputs", [])),
         learn=_learn(path, fmt, data["learn"]) if "learn" in data else None,
         warmup=_warmup(path, data.get("warmup", [])),
-        remote=_remote(path, name, data["remote"]) if "remote" in data else None,
+        remote=remote,
+        partition=parse_partition(path, data["partition"], remote) if "partition" in data else None,
         configured=configured,
     )
 

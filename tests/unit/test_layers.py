@@ -83,7 +83,9 @@ ALLOWED: dict[str, set[str]] = {
     "hal": {"edged.core", "edged._proto"},
     "edged.security": _BASE | {"edged.storage"},
     "edged.config": _BASE | {"edged.security"},
-    "edged.serving": _BASE | {"edged.config", "edged.storage", "hal"},
+    # serving -> partition: re-planning a split model runs the pure planner on the cost table
+    # of [partition]'s profiles (edged.partition.planner, .profile; never onnx, .graph's cuts)
+    "edged.serving": _BASE | {"edged.config", "edged.partition", "edged.storage", "hal"},
     "edged.ota": _BASE | {"edged.config", "edged.serving", "edged.storage"},
     # learn -> hal: a trainable model's backbone loads through the executor registry
     # (edged/learn/features.py), never in a runtime session of its own

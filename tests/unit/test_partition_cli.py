@@ -4,6 +4,7 @@ and tail, profile and explain the plan, measure the link to a running daemon."""
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,28 @@ def test_list_then_cut_writes_a_head_and_tail_that_answer_like_the_whole(tmp_pat
     whole = ort.InferenceSession(str(DIGITS)).run(None, {"input": x})
     for want, got in zip(whole, tail.run(None, {"hidden": hidden}), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_several_cuts_are_written_for_re_planning(tmp_path: Path) -> None:
+    cuts = ["--cut", "<inputs>", "--cut", "hidden", "--cut", "fc1"]
+    done = run_cli("partition", str(DIGITS), *cuts, "--out", str(tmp_path), "--name", "digits")
+    assert done.returncode == 0, done.stderr
+    table = tomllib.loads(done.stdout)["partition"]["cuts"]
+    assert table == {
+        "<inputs>": {"model": "digits"},
+        "hidden": {"head": "head_hidden.onnx", "model": "digits_hidden"},
+        "fc1": {"head": "head_fc1.onnx", "model": "digits_fc1"},
+    }
+    x = np.random.default_rng(3).random((2, 64), dtype=np.float32) * 16
+    whole = ort.InferenceSession(str(DIGITS)).run(None, {"input": x})
+    for cut, entry in table.items():
+        tail = ort.InferenceSession(str(tmp_path / "server" / entry["model"] / "1" / "model.onnx"))
+        feed = {"input": x}
+        if "head" in entry:
+            head = ort.InferenceSession(str(tmp_path / "device" / entry["head"]))
+            feed = {cut: head.run(None, {"input": x})[0]}
+        for want, got in zip(whole, tail.run(None, feed), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_explain_prints_every_cut_and_chooses_the_least_total(tmp_path: Path) -> None:
@@ -68,10 +91,33 @@ def test_explain_prints_every_cut_and_chooses_the_least_total(tmp_path: Path) ->
     assert f"server: profile {profile} (cpu-onnx, 2 threads)" in table.stdout
 
 
+def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
+    args = ["partition", str(DIGITS), "--explain", "--rtt-ms", "1", "--bandwidth-mbit", "100"]
+    # a byte on the wire costs the device 1 ms: only all local sends none
+    done = run_cli(
+        *args, "--runs", "3", "--objective", "device_cpu", "--byte-cost-ns", "1e6", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["objective"] == "device_cpu"
+    assert result["choice"] == ALL_LOCAL
+    rows = {r["cut"]: r for r in result["estimates"]}
+    inputs = rows["<inputs>"]
+    # the inputs cut: no head; its CPU cost is its bytes (sent and answered) at 1 ms a byte
+    assert inputs["head_ms"] == 0.0
+    assert inputs["device_cpu_ms"] > inputs["sent_bytes"]
+    assert result["choice_device_cpu_ms"] == rows[ALL_LOCAL]["device_cpu_ms"]
+    table = run_cli(*args, "--runs", "3", "--objective", "device_cpu")
+    assert table.returncode == 0, table.stderr
+    assert "device CPU ms" in table.stdout.splitlines()[0]
+    assert "ms of device CPU" in table.stdout
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         ([], "say what to do"),
+        (["--explain", "--objective", "energy"], "invalid choice: 'energy'"),
         (["--cut", "hidden"], "--cut needs --out DIR"),
         (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
         (["--explain"], "--explain needs the link"),

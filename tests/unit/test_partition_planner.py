@@ -7,7 +7,7 @@ import pytest
 
 from edged.core.errors import ConfigError
 from edged.partition.graph import INPUTS_CUT
-from edged.partition.planner import ALL_LOCAL, CutCost, Link, estimate, plan
+from edged.partition.planner import ALL_LOCAL, CutCost, Link, estimate, moved, plan
 
 MB = 1_000_000
 
@@ -82,3 +82,87 @@ def test_bad_tables_are_refused(costs: tuple[CutCost, ...], message: str) -> Non
 def test_a_bad_link_is_refused(rtt: float, bandwidth: float) -> None:
     with pytest.raises(ConfigError, match="link"):
         Link(rtt, bandwidth)
+
+
+# -- the device_cpu objective: head CPU plus a serialisation cost per byte ----------------
+
+NS = 1e-9
+
+
+@pytest.mark.parametrize(
+    ("byte_cost_ns", "chosen"),
+    [
+        (0, INPUTS_CUT),  # bytes are free: send the input, the device computes nothing
+        (20, INPUTS_CUT),  # 20 ns/byte: the input costs 12 ms of CPU, pool3 30 + 1.1 ms
+        (100, "pool3"),  # 100 ns/byte: input 60 ms, pool3 30 + 5.4 ms, fc 78 + 0.8 ms
+        (1000, ALL_LOCAL),  # 1 us/byte: pool3 30 + 54 ms, fc 78 + 8 ms, the model 80 ms
+    ],
+)
+def test_device_cpu_minimises_head_time_plus_bytes_serialised(
+    byte_cost_ns: float, chosen: str
+) -> None:
+    link = Link(rtt_s=0.001, bandwidth_bps=1000 * MB)
+    result = plan(CNN, link, "device_cpu", byte_cost_ns * NS)
+    assert result.choice.cut == chosen
+    assert result.objective == "device_cpu"
+    assert result.choice.objective_s == min(e.objective_s for e in result.estimates)
+
+
+def test_device_cpu_ignores_the_link_speed_and_the_servers_time() -> None:
+    slow = plan(CNN, Link(rtt_s=0.5, bandwidth_bps=MB), "device_cpu", 100 * NS)
+    fast = plan(CNN, Link(rtt_s=0.0001, bandwidth_bps=1000 * MB), "device_cpu", 100 * NS)
+    assert slow.choice.cut == fast.choice.cut == "pool3"
+    assert plan(CNN, Link(rtt_s=0.5, bandwidth_bps=MB)).choice.cut == ALL_LOCAL  # latency
+    # the latency is still estimated, for the table
+    assert slow.choice.total_s > fast.choice.total_s
+
+
+def test_a_rows_cpu_cost_is_head_plus_bytes() -> None:
+    row = estimate(
+        CutCost("x", head_s=0.01, tail_s=0.5, sent_bytes=1000, answer_bytes=24),
+        Link(0.1, MB),
+        "device_cpu",
+        1e-6,
+    )
+    assert row.objective_s == pytest.approx(0.01 + 1024 * 1e-6)
+    latency = estimate(CutCost("x", head_s=0.01, tail_s=0.5, sent_bytes=1000), Link(0.1, MB))
+    assert latency.cost_s is None
+    assert latency.objective_s == latency.total_s
+
+
+@pytest.mark.parametrize(
+    ("objective", "byte_cost_s", "message"),
+    [
+        ("energy", 0.0, "objective 'energy'"),
+        ("device_cpu", -1.0, "byte cost"),
+        ("device_cpu", float("inf"), "byte cost"),
+    ],
+)
+def test_a_bad_objective_is_refused(objective: str, byte_cost_s: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan(CNN, Link(0.001, MB), objective, byte_cost_s)  # type: ignore[arg-type]
+
+
+# -- when the link has moved enough to plan again ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("planned", "measured", "threshold", "again"),
+    [
+        ((0.005, 100), (0.005, 100), 0.2, False),  # unchanged
+        ((0.005, 100), (0.005, 85), 0.2, False),  # -15 % bandwidth: within the threshold
+        ((0.005, 100), (0.005, 75), 0.2, True),  # -25 %
+        ((0.005, 100), (0.005, 125), 0.2, True),  # +25 %: up counts as much as down
+        ((0.005, 10), (0.005, 100), 0.2, True),  # 10x
+        ((0.010, 100), (0.0125, 100), 0.2, True),  # +25 % round trip, 2.5 ms > the floor
+        ((0.0002, 100), (0.0009, 100), 0.2, False),  # +350 % but 0.7 ms: loopback jitter
+        ((0.010, 100), (0.0115, 100), 0.2, False),  # +15 % round trip
+        ((0.005, 100), (0.005, 75), 0.5, False),  # a looser threshold
+    ],
+)
+def test_the_link_moved_beyond_the_threshold(
+    planned: tuple[float, float], measured: tuple[float, float], threshold: float, again: bool
+) -> None:
+    old = Link(planned[0], planned[1] * MB)
+    new = Link(measured[0], measured[1] * MB)
+    assert moved(old, new, threshold) is again

@@ -21,6 +21,7 @@ from edged.core.types import DataType, Signature, TensorSpec
 from edged.partition import graph
 from hal.executor import ExecutorOptions, ModelArtifact
 from hal.remote import RemoteExecutor, RemoteModel, channel_for
+from hal.remote_link import estimator_for
 from hal.remote_target import RemoteTarget
 from tests.daemon_process import EXAMPLE_MODELS, DaemonProcess
 
@@ -79,7 +80,7 @@ def test_an_unreachable_server_is_an_executor_error_after_the_retries() -> None:
             model.infer({"x": np.zeros((1, 4), np.float32)})
     finally:
         model.close()
-    assert model.bytes_sent == 0  # nothing got through
+    assert model.link.snapshot().calls == 0  # nothing got through, nothing measured
 
 
 @pytest.mark.slow
@@ -93,9 +94,18 @@ def test_tls_is_the_default_so_a_plaintext_server_is_refused(daemon: DaemonProce
     try:
         assert [t.name for t in loaded.signature.outputs] == ["probabilities", "label"]
         sample = np.load(EXAMPLE_MODELS / "digits" / "sample.npy").astype(np.float32)
+        loaded.infer({"input": sample})  # the first call: the connection, not the link
+        before = estimator_for(daemon.address).snapshot()
         assert loaded.infer({"input": sample})["label"].shape == (2,)
+        after = estimator_for(daemon.address).snapshot()
     finally:
         loaded.close()
+    # the call was measured: the request's tensor went out, the two outputs came back
+    assert after.calls == before.calls + 1
+    assert after.bytes_sent - before.bytes_sent == sample.nbytes
+    assert after.bytes_received - before.bytes_received == 2 * 10 * 4 + 2 * 8
+    assert after.rtt_s is not None
+    assert after.rtt_s > 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,282 @@
+"""Re-planning a split model (edged.serving.replan): the pure decision table-tested, and the
+real thing in process — a real ModelManager whose digits model runs its head here and its
+tail on a real server daemon on loopback, on a fake clock, with the link *simulated* (a fake
+probe and synthetic link samples fed to the estimator the re-planner reads): as the link
+changes, the served cut moves inputs -> hidden -> all local -> inputs through the swap, and
+requests running all along never fail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edged.core.types import InferRequest
+from edged.frontends.metrics import ServingCollector
+from edged.partition.graph import INPUTS_CUT
+from edged.partition.planner import ALL_LOCAL, CutCost, Link
+from edged.serving.dataplane import DataPlane
+from edged.serving.manager import ModelManager
+from edged.serving.partition_spec import CutTarget, PartitionSpec
+from edged.serving.replan import cut_of, decide
+from hal.cpu_onnx import OnnxCpuExecutor
+from hal.remote import RemoteExecutor
+from hal.remote_link import LinkEstimator
+from tests.daemon_process import DaemonProcess
+from tests.digits_variants import SAMPLE
+from tests.split_models import HEAD, WHOLE, device_repo, server_repo
+from tests.unit.test_failover import FakeClock
+
+MBIT = 1e6
+
+SPEC = PartitionSpec(
+    cuts=(CutTarget(INPUTS_CUT, "", "m"), CutTarget("mid", "h.onnx", "m_mid")),
+    costs=(
+        CutCost(INPUTS_CUT, head_s=0.0, tail_s=0.001, sent_bytes=100_000),
+        CutCost("mid", head_s=0.005, tail_s=0.001, sent_bytes=10_000),
+        CutCost(ALL_LOCAL, head_s=0.030, tail_s=0.0, sent_bytes=0),
+    ),
+    served_at_load=INPUTS_CUT,
+    replan=True,
+    threshold=0.25,
+    min_interval_s=2.0,
+)
+FAST = Link(0.001, 1000 * MBIT)  # inputs: 2.8 ms, mid: 7.1 ms
+MEDIUM = Link(0.001, 20 * MBIT)  # inputs: 42 ms, mid: 11 ms, local 30 ms
+SLOW = Link(0.001, 2 * MBIT)  # mid: 47 ms: all local
+
+
+@pytest.mark.parametrize(
+    ("current", "planned", "measured", "since_s", "local", "expected"),
+    [
+        # nothing planned yet: plan; the cut that serves is the best: stay, remember the link
+        (INPUTS_CUT, None, FAST, 100.0, True, (FAST, None)),
+        # the link moved: plan again, switch
+        (INPUTS_CUT, FAST, MEDIUM, 100.0, True, (MEDIUM, "mid")),
+        (INPUTS_CUT, FAST, SLOW, 100.0, True, (SLOW, ALL_LOCAL)),
+        (ALL_LOCAL, SLOW, FAST, 100.0, True, (FAST, INPUTS_CUT)),
+        # no executor but remote: all local is no choice
+        (INPUTS_CUT, FAST, SLOW, 100.0, False, (SLOW, "mid")),
+        # moved within the threshold (-20 %): no plan, even if it would pick another cut
+        ("mid", MEDIUM, Link(0.001, 16 * MBIT), 100.0, True, (MEDIUM, None)),
+        # too soon after the last switch: the old plan stands, the next look tries again
+        (INPUTS_CUT, FAST, SLOW, 1.0, True, (FAST, None)),
+        # moved, planned again, same cut: stay but remember the new link
+        (ALL_LOCAL, SLOW, Link(0.001, MBIT), 0.0, True, (Link(0.001, MBIT), None)),
+    ],
+)
+def test_the_decision(
+    current: str,
+    planned: Link | None,
+    measured: Link,
+    since_s: float,
+    local: bool,
+    expected: tuple[Link, str | None],
+) -> None:
+    decision = decide(SPEC, current, planned, measured, since_s, local=local)
+    assert (decision.planned, decision.switch_to) == expected
+
+
+def test_the_device_cpu_objective_decides_on_cpu_not_on_the_link() -> None:
+    cpu = replace(SPEC, objective="device_cpu", byte_cost_s=1e-7)  # 100 ns a byte
+    # inputs: 10 ms of serialising, mid: 5 + 1 ms, local: 30 ms -> mid on any link
+    for link in (FAST, MEDIUM, SLOW):
+        assert decide(cpu, INPUTS_CUT, None, link, 100.0).switch_to == "mid"
+
+
+# -- in process, against a real server daemon ------------------------------------------------
+
+
+@dataclass
+class SimulatedLink:
+    """The link as the test sets it: what a probe of N bytes takes."""
+
+    rtt_s: float = 0.001
+    bandwidth_bps: float = 100 * MBIT
+
+    def seconds(self, n_bytes: int) -> float:
+        return self.rtt_s + n_bytes * 8 / self.bandwidth_bps
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, Path]]:
+    root = tmp_path_factory.mktemp("replan")
+    daemon = DaemonProcess(["--models", str(server_repo(root)), "--grpc-address", "127.0.0.1:0"])
+    try:
+        daemon.wait_live()
+        daemon.wait_for("server_ready", timeout=60)
+        yield daemon, root
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+
+
+@dataclass
+class Rig:
+    manager: ModelManager
+    clock: FakeClock
+    sim: SimulatedLink
+    estimator: LinkEstimator
+
+    def cut(self) -> str:
+        return cut_of(self.manager.get("digits"))
+
+    async def link_becomes(self, mbit: float) -> None:
+        """The simulated link changes; the estimator hears of it the way it would from real
+        traffic (a few seconds of calls carrying 8 KiB) and from the probes."""
+        self.sim.bandwidth_bps = mbit * MBIT
+        for _ in range(30):
+            self.estimator.record(8192, 0, self.sim.seconds(8192))
+            self.clock.advance(0.1)
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def rig(server: tuple[DaemonProcess, Path], tmp_path: Path) -> AsyncIterator[Rig]:
+    daemon, root = server
+    for name in ("parts",):
+        (tmp_path / name).symlink_to(root / name)
+    repo = device_repo(tmp_path, daemon.address, partition="min_interval_ms = 0\n")
+    clock = FakeClock()
+    manager = ModelManager(
+        repo,
+        devices=[RemoteExecutor.probe(), OnnxCpuExecutor.probe()],
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    sim = SimulatedLink()
+    estimator = LinkEstimator(daemon.address, clock=clock)
+    replanner = manager.failover.replanner
+    replanner.link_for = lambda _address: estimator
+
+    def probe(_channel: Any, size: int, _timeout: float, _metadata: Any) -> float:
+        return sim.seconds(size)
+
+    replanner.probe = probe
+    assert await manager.load_all() == {}
+    yield Rig(manager, clock, sim, estimator)
+    await manager.unload_all()
+
+
+def _expected() -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(WHOLE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"input": SAMPLE.astype(np.float32)}), strict=True))
+
+
+async def _until(check: Callable[[], bool], rig: Rig) -> None:
+    for _ in range(3000):
+        if check():
+            return
+        rig.clock.advance(0.1)  # the re-planner's next look
+        await asyncio.sleep(0.01)
+    raise AssertionError("never got there")
+
+
+@pytest.mark.slow
+async def test_the_cut_follows_the_link_through_the_swap_with_no_failed_request(
+    rig: Rig,
+) -> None:
+    expected = _expected()
+    assert rig.manager.get("digits").kind == "remote"
+    assert rig.cut() == INPUTS_CUT  # what [remote] names
+    failures: list[str] = []
+    answers = 0
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal answers
+        while not stop.is_set():
+            try:
+                response = await rig.manager.infer(
+                    InferRequest("digits", {"input": SAMPLE.astype(np.float32)})
+                )
+            except Exception as e:  # every failure is the test's finding
+                failures.append(f"{type(e).__name__}: {e}")
+                continue
+            np.testing.assert_allclose(
+                response.outputs["probabilities"], expected["probabilities"], rtol=1e-4, atol=1e-6
+            )
+            np.testing.assert_array_equal(response.outputs["label"], expected["label"])
+            answers += 1
+
+    clients = [asyncio.create_task(client()) for _ in range(2)]
+    try:
+        await rig.link_becomes(100)
+        await _until(lambda: rig.cut() == INPUTS_CUT, rig)
+        await rig.link_becomes(0.5)
+        await _until(lambda: rig.cut() == "hidden", rig)
+        mv = rig.manager.get("digits")
+        assert mv.kind == "remote"
+        assert mv.spec.remote is not None
+        assert (mv.spec.remote.head, mv.spec.remote.model) == (HEAD, "digits_hidden")
+        assert mv.spec.remote.server_s == pytest.approx(0.0002)  # the tail's profiled time
+        await rig.link_becomes(0.1)
+        await _until(lambda: rig.cut() == ALL_LOCAL, rig)
+        assert rig.manager.get("digits").kind == "cpu-onnx"
+        # all local: no traffic, the probes carry a payload and measure the link back up
+        rig.sim.bandwidth_bps = 100 * MBIT
+        await _until(lambda: rig.cut() != ALL_LOCAL, rig)
+        # then the real traffic of a remote cut carries the estimate the rest of the way
+        await rig.link_becomes(100)
+        await _until(lambda: rig.cut() == INPUTS_CUT, rig)
+        assert rig.manager.get("digits").kind == "remote"
+        served_before = answers
+        await _until(lambda: answers > served_before + 5, rig)
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*clients)
+    assert failures == []
+    replans = rig.manager.failover.replanner.replans
+    assert replans[("digits", "1", INPUTS_CUT, "hidden")] == 1
+    assert replans[("digits", "1", "hidden", ALL_LOCAL)] == 1
+    assert (
+        replans[("digits", "1", ALL_LOCAL, "hidden")]
+        + replans[("digits", "1", ALL_LOCAL, INPUTS_CUT)]
+        == 1
+    )
+    # the version's statistics survived every switch (carried over, as in a failover)
+    stats = rig.manager.get("digits").stats.snapshot("digits", 1)
+    assert stats.success.count == answers
+    # and the metrics say where it runs, how often it moved, and what the link carried
+    metrics = _scrape(rig.manager)
+    assert metrics[("edged_partition_cut", ("digits", "1", INPUTS_CUT))] == 1
+    assert metrics[("edged_partition_replans_total", ("digits", "1", INPUTS_CUT, "hidden"))] == 1
+    address = rig.manager.get("digits").spec.remote.address  # type: ignore[union-attr]
+    assert metrics[("edged_remote_calls_total", (address,))] > 0  # the real calls
+    assert metrics[("edged_remote_sent_bytes_total", (address,))] > 0
+    assert metrics[("edged_remote_link_rtt_seconds", (address,))] > 0
+
+
+def _scrape(manager: ModelManager) -> dict[tuple[str, tuple[str, ...]], float]:
+    plane = DataPlane(manager, is_ready=lambda: True)
+    return {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in ServingCollector(plane).collect()
+        for sample in family.samples
+    }
+
+
+@pytest.mark.slow
+async def test_no_re_planning_while_a_breaker_is_open(rig: Rig) -> None:
+    await rig.link_becomes(100)
+    await _until(lambda: rig.cut() == INPUTS_CUT, rig)
+    # the state a failing link leaves (failover's breaker open; tests/unit/test_failover.py
+    # drives the real thing): failover and recovery own the placement then
+    health = rig.manager.failover._health["digits"][1]  # private: the breakers themselves
+    health.breaker("remote").trip(rig.clock())
+    await rig.link_becomes(0.1)
+    for _ in range(20):
+        rig.clock.advance(0.1)
+        await asyncio.sleep(0.01)
+    assert rig.cut() == INPUTS_CUT
+    assert not rig.manager.failover.replanner.replans
+    del health.breakers["remote"]  # as if it had never failed
+    await _until(lambda: rig.cut() == ALL_LOCAL, rig)
