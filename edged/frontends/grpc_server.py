@@ -9,7 +9,7 @@ runs on the event loop (``asyncio.run_coroutine_threadsafe``) and waits for. A c
 goes away (cancel or deadline) cancels that coroutine, as grpc.aio would.
 
 Anchor: grpc ``examples/python/helloworld/greeter_server.py`` (the threaded server) and
-ADR 0014 / docs/adr/XXXX-grpc-sync-server.md (why not grpc.aio).
+ADR 0014 / docs/adr/0015-grpc-sync-server.md (why not grpc.aio).
 """
 
 from __future__ import annotations
