@@ -10,8 +10,9 @@ in rounds (so a noisy box slows all of them alike):
   this process (the issue's "back-to-back in-process"), with the session options and threads
   the daemon's cpu-onnx executor gives each model copy (hal.cpu_onnx.session_options): the
   baseline of the ratios;
-- ``in_process_ort_defaults``: the same with ONNX Runtime's default options but the thread
-  count (idle threads spin: four sessions' spinning threads contend on a small box);
+- ``in_process_ort_defaults`` (with ``--ort-defaults``): the same with ONNX Runtime's default
+  options but the thread count (idle threads spin: four sessions' spinning threads contend
+  on a small box, and slow what runs after them);
 - ``pipeline_grpc`` / ``pipeline_zmq``: the pipeline through a real daemon on loopback with
   tritonclient.grpc and edged.client.ZmqClient (one copy per model), asking for the
   ``direction`` output only (what the in-process run keeps; the detector's text map would
@@ -20,7 +21,7 @@ in rounds (so a noisy box slows all of them alike):
   client does without pipelines).
 
     .venv/bin/python benchmarks/pipeline.py [--requests 60] [--rounds 6] [--size 320x640]
-        [--threads N] [--out FILE]
+        [--threads N] [--ort-defaults] [--out FILE]
 
 Prints a table on stderr and JSON on stdout: median and p90 milliseconds of each, and the
 ratios of the pipeline to in-process (the target: within 15 %, a ratio <= 1.15). Never
@@ -124,6 +125,13 @@ def steps_by_client(client: grpcclient.InferenceServerClient, image: np.ndarray)
     return {"direction": cls["save_infer_model/scale_0.tmp_1"]}
 
 
+def pipeline_time(client: grpcclient.InferenceServerClient) -> tuple[int, int]:
+    """(requests, nanoseconds) the daemon's statistics count for the pipeline so far."""
+    stats = client.get_inference_statistics("ocr", as_json=True)["model_stats"][0]
+    success = stats["inference_stats"]["success"]
+    return int(success.get("count", 0)), int(success.get("ns", 0))
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -139,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--size", default="320x640", help="image HxW (multiples of 32)")
     parser.add_argument("--threads", type=int, default=0, help="per model copy (0: cores)")
+    parser.add_argument(
+        "--ort-defaults",
+        action="store_true",
+        help="also run in-process with ONNX Runtime's default options (spinning threads, "
+        "which slow whatever runs after them on a small box)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.split("x"))
@@ -164,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 ways: dict[str, Callable[[], dict[str, Any]]] = {
                     "in_process": lambda: local(image),
-                    "in_process_ort_defaults": lambda: spinning(image),
                     "pipeline_grpc": lambda: _grpc_call(
                         client, "ocr", {"image": image}, ("direction",)
                     ),
@@ -173,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     "steps_grpc": lambda: steps_by_client(client, image),
                 }
+                if args.ort_defaults:
+                    ways["in_process_ort_defaults"] = lambda: spinning(image)
                 want = local(image)["direction"]
                 for name, way in ways.items():  # warm up, and the same answer every way
                     for _ in range(3):
                         got = way()["direction"]
                     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+                before = pipeline_time(client)
                 times: dict[str, list[float]] = {name: [] for name in ways}
                 per_round = max(1, args.requests // args.rounds)
                 for _ in range(args.rounds):
@@ -186,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                             started = time.perf_counter()
                             way()
                             times[name].append(time.perf_counter() - started)
+                after = pipeline_time(client)
         finally:
             daemon.stop()
     results = {name: summary(samples) for name, samples in times.items()}
     base = results["in_process"]["median_ms"]
+    inside_ms = (after[1] - before[1]) / max(1, after[0] - before[0]) / 1e6
+    local_mean_ms = statistics.fmean(times["in_process"]) * 1000
     report = {
         "benchmark": "pipeline",
         "pipeline": "ocr: ocr_pre -> ocr_det (PP-OCRv4 det) -> ocr_crop -> ocr_cls (PP-OCR cls)",
@@ -202,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_pipeline_zmq": round(results["pipeline_zmq"]["median_ms"] / base, 3),
         "ratio_steps_grpc": round(results["steps_grpc"]["median_ms"] / base, 3),
         "target_ratio": 1.15,
+        # inside the daemon (the pipeline's own statistics: request in -> outputs out, no
+        # transport) against in-process, both means
+        "pipeline_in_daemon_mean_ms": round(inside_ms, 3),
+        "in_process_mean_ms": round(local_mean_ms, 3),
+        "ratio_in_daemon_mean": round(inside_ms / local_mean_ms, 3),
         "host": {
             "cpus": os.cpu_count(),
             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
@@ -214,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:24s} median {r['median_ms']:9.3f} ms  p90 {r['p90_ms']:9.3f} ms  "
             f"x{r['median_ms'] / base:.3f}\n"
         )
+    sys.stderr.write(
+        f"inside the daemon (mean) {inside_ms:.3f} ms vs in-process (mean) "
+        f"{local_mean_ms:.3f} ms: x{inside_ms / local_mean_ms:.3f}\n"
+    )
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
