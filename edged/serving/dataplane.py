@@ -231,8 +231,24 @@ class DataPlane:
         return snapshots
 
     def served(self) -> list[tuple[ServedVersion, StatisticsSnapshot]]:
-        """Every version served now with its statistics (safe from the metrics thread)."""
-        return [
+        """Every version served now with its statistics, pipelines included (safe from the
+        metrics thread)."""
+        pipelines = [
+            (
+                ServedVersion(
+                    p.name,
+                    p.version,
+                    PIPELINE_EXECUTOR,
+                    0,
+                    p.signature.max_batch_size,
+                    0,  # a pipeline queues nothing itself: its steps queue on their models
+                    p.in_flight,
+                ),
+                p.stats.snapshot(p.name, p.version),
+            )
+            for p in self._manager.pipelines()
+        ]
+        return pipelines + [
             (
                 ServedVersion(
                     mv.name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -330,6 +331,9 @@ def test_metadata_and_config_describe_the_pipeline(
     with ZmqClient(daemon.zmq_endpoints[0]) as zmq_client:
         assert zmq_client.model_metadata("ocr")["platform"] == "ensemble"
         assert zmq_client.is_model_ready("ocr")
+    # Prometheus lists it as a served model running on "pipeline"
+    info = 'edged_model_info{executor="pipeline",instances="0",max_batch_size="0",model="ocr"'
+    assert info in _metrics(daemon)
 
 
 def test_independent_steps_run_concurrently(client: grpcclient.InferenceServerClient) -> None:
@@ -428,18 +432,20 @@ def _inputs(name: str, value: np.ndarray) -> list[grpcclient.InferInput]:
     return [t]
 
 
+def _metrics(daemon: DaemonProcess) -> str:
+    with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as reply:
+        return str(reply.read().decode())
+
+
 def _wait_queued(
     client: grpcclient.InferenceServerClient, daemon: DaemonProcess, model: str
 ) -> None:
     """Until the daemon's own queue-depth gauge shows a request waiting on ``model``."""
-    import urllib.request
-
     deadline = time.monotonic() + 30
     line = f'edged_queue_depth{{model="{model}",version="1"}} 1.0'
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as reply:
-            if line in reply.read().decode():
-                return
+        if line in _metrics(daemon):
+            return
         time.sleep(0.02)
     raise AssertionError(f"no request queued on {model}")
 
@@ -461,6 +467,45 @@ def test_a_step_model_unloaded_makes_the_pipeline_unavailable(
         assert "step 'first'" in str(failed.value)
         assert "UNAVAILABLE" in str(failed.value.status())
     finally:
+        client.load_model("dynamic")
+    assert client.is_model_ready("triple")
+    np.testing.assert_allclose(grpc_infer(client, "triple", {"x": x}).as_numpy("out"), 9 * x)
+
+
+def _scale_model(directory: Path, factor: float, width: int = 4) -> None:
+    """Like modelgen's dynamic_axes_model (``y = 3x``) with another factor or width."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", width])],
+        initializer=[numpy_helper.from_array(np.array(factor, np.float32), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    directory.mkdir(parents=True)
+    save(model, str(directory / "model.onnx"))
+
+
+def test_a_swapped_step_model_is_used_at_once_unless_its_tensors_changed(
+    client: grpcclient.InferenceServerClient, repo: Path
+) -> None:
+    x = np.ones((1, 1, 4), np.float32)
+    np.testing.assert_allclose(grpc_infer(client, "triple", {"x": x}).as_numpy("out"), 9 * x)
+    _scale_model(repo / "dynamic" / "2", 2.0)  # same tensors, y = 2x
+    try:
+        client.load_model("dynamic")  # the highest version serves: 2
+        out = grpc_infer(client, "triple", {"x": x}).as_numpy("out")
+        np.testing.assert_allclose(out, 4 * x)  # both steps ran version 2
+        _scale_model(repo / "dynamic" / "3", 2.0, width=5)  # other tensors
+        client.load_model("dynamic")
+        assert not client.is_model_ready("triple")
+        with pytest.raises(InferenceServerException, match="other tensors than when the pipe"):
+            grpc_infer(client, "triple", {"x": x})
+    finally:
+        shutil.rmtree(repo / "dynamic" / "3", ignore_errors=True)
+        shutil.rmtree(repo / "dynamic" / "2", ignore_errors=True)
         client.load_model("dynamic")
     assert client.is_model_ready("triple")
     np.testing.assert_allclose(grpc_infer(client, "triple", {"x": x}).as_numpy("out"), 9 * x)
