@@ -65,6 +65,20 @@ class ModelMetadata:
 
 
 @dataclass(frozen=True)
+class PipelineStepView:
+    """One step of a pipeline, as Triton's ensemble_scheduling shows it."""
+
+    name: str
+    model: str
+    version: int
+    """-1: the highest version served, at each request."""
+    input_map: tuple[tuple[str, str], ...]
+    """(model input, pipeline tensor) pairs."""
+    output_map: tuple[tuple[str, str], ...]
+    """(model output, pipeline tensor) pairs."""
+
+
+@dataclass(frozen=True)
 class ModelConfiguration:
     """What a served model version runs with, in Triton's terms (ModelConfig)."""
 
@@ -84,6 +98,8 @@ class ModelConfiguration:
     default_priority: int = 0
     max_queue_size: int = 0
     default_timeout_us: int = 0
+    #: a pipeline's steps (platform "ensemble"); () for a model
+    steps: tuple[PipelineStepView, ...] = ()
 
 
 @dataclass(frozen=True)

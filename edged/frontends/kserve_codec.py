@@ -417,6 +417,15 @@ def config_to_proto(c: ModelConfiguration) -> mc.ModelConfig:
         executor=c.executor,
     )
     config.parameters["model_toml"].string_value = c.model_toml
+    if c.steps:  # a pipeline: Triton's ensemble, no instances of its own
+        del config.instance_group[:]
+        for step in c.steps:
+            config.ensemble_scheduling.step.add(
+                model_name=step.model,
+                model_version=step.version,
+                input_map=dict(step.input_map),
+                output_map=dict(step.output_map),
+            )
     if c.dynamic_batching:
         db = config.dynamic_batching
         db.max_queue_delay_microseconds = c.max_queue_delay_us

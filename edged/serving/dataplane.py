@@ -39,6 +39,13 @@ from edged.core.views import (
     VersionState,
 )
 from edged.serving.manager import ModelManager
+from edged.serving.pipeline import (
+    PIPELINE_EXECUTOR,
+    PIPELINE_PLATFORM,
+    Pipeline,
+    pipeline_toml_text,
+    step_views,
+)
 from edged.serving.repository import PLATFORMS, model_toml_text
 from edged.serving.shared_memory import SharedMemoryRegistry, Span
 from hal.remote_link import snapshots as link_snapshots
@@ -52,6 +59,8 @@ SERVER_NAME = "edged"
 MAX_MODEL_NAME_BYTES = 255
 #: the one repository edged serves (KServe's repository_name; "" means it too)
 REPOSITORY_NAME = "models"
+#: what metadata says a pipeline's platform and executor are
+_PIPELINE = (PIPELINE_PLATFORM, PIPELINE_EXECUTOR)
 
 
 def check_model_name(name: str) -> None:
@@ -132,13 +141,21 @@ class DataPlane:
         """Raises:
         ModelNotFoundError, ModelNotReadyError, InvalidInputError: as ``ModelManager.get``.
         """
-        mv = self._manager.get(name, version)
+        pipeline = self._manager.pipeline(name, version)
+        mv = pipeline or self._manager.get(name, version)
         sig = mv.signature
+        versions: tuple[str, ...]
+        if pipeline is not None:
+            versions, platform, executor = (str(pipeline.version),), *_PIPELINE
+        else:
+            assert not isinstance(mv, Pipeline)
+            versions = tuple(str(v.version) for v in self._manager.versions(mv.name))
+            platform, executor = PLATFORMS[mv.spec.format][0], mv.kind
         return ModelMetadata(
             name=mv.name,
-            versions=tuple(str(v.version) for v in self._manager.versions(mv.name)),
-            platform=PLATFORMS[mv.spec.format][0],
-            executor=mv.kind,
+            versions=versions,
+            platform=platform,
+            executor=executor,
             max_batch_size=sig.max_batch_size,
             inputs=tuple(
                 TensorMetadata(t.name, t.datatype.value, tuple(sig.client_shape(t)))
@@ -154,6 +171,19 @@ class DataPlane:
         """Raises:
         ModelNotFoundError, ModelNotReadyError, InvalidInputError: as ``ModelManager.get``.
         """
+        pipeline = self._manager.pipeline(name, version)
+        if pipeline is not None:
+            return ModelConfiguration(
+                name=pipeline.name,
+                signature=pipeline.signature,
+                platform=PIPELINE_PLATFORM,
+                backend="",
+                executor=PIPELINE_EXECUTOR,
+                instances=0,
+                versions=(pipeline.version,),
+                model_toml=pipeline_toml_text(pipeline.spec, pipeline.signature),
+                steps=step_views(pipeline.spec),
+            )
         mv = self._manager.get(name, version)
         platform, backend = PLATFORMS[mv.spec.format]
         config = ModelConfiguration(
@@ -189,17 +219,39 @@ class DataPlane:
         Raises:
             ModelNotFoundError, ModelNotReadyError, InvalidInputError: as ``ModelManager.get``.
         """
+        pipeline = self._manager.pipeline(name, version) if name else None
+        if pipeline is not None:
+            return [pipeline.stats.snapshot(pipeline.name, pipeline.version)]
         if name and version:
             versions = [self._manager.get(name, version)]
         elif name:
             versions = self._manager.versions(name)
         else:
             versions = self._manager.ready_models()
-        return [mv.stats.snapshot(mv.name, mv.version) for mv in versions]
+        snapshots = [mv.stats.snapshot(mv.name, mv.version) for mv in versions]
+        if not name:
+            snapshots += [p.stats.snapshot(p.name, p.version) for p in self._manager.pipelines()]
+        return snapshots
 
     def served(self) -> list[tuple[ServedVersion, StatisticsSnapshot]]:
-        """Every version served now with its statistics (safe from the metrics thread)."""
-        return [
+        """Every version served now with its statistics, pipelines included (safe from the
+        metrics thread)."""
+        pipelines = [
+            (
+                ServedVersion(
+                    p.name,
+                    p.version,
+                    PIPELINE_EXECUTOR,
+                    0,
+                    p.signature.max_batch_size,
+                    0,  # a pipeline queues nothing itself: its steps queue on their models
+                    p.in_flight,
+                ),
+                p.stats.snapshot(p.name, p.version),
+            )
+            for p in self._manager.pipelines()
+        ]
+        return pipelines + [
             (
                 ServedVersion(
                     mv.name,
@@ -285,6 +337,10 @@ class DataPlane:
         manager = self._manager
         if not manager.accepting:
             raise errors.UnavailableError("edged is shutting down and takes no new requests")
+        pipeline = manager.pipeline(request.model_name, request.model_version)
+        if pipeline is not None:
+            # its steps queue on their models' schedulers
+            return pipeline.submit(request, reply)
         mv = manager.get(request.model_name, request.model_version)
         if not mv.enter():
             # a swap switched away from ``mv`` and is draining it: route again (the same

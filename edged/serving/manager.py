@@ -30,7 +30,8 @@ from edged.core.types import InferRequest, InferResponse
 from edged.core.views import IndexEntry, VersionState
 from edged.serving.failover import BreakerStatus, Failover
 from edged.serving.model import ModelVersion
-from edged.serving.repository import ModelSpec, read_model_spec
+from edged.serving.pipeline import PIPELINE_VERSION, Pipeline, plan_pipeline
+from edged.serving.repository import ModelSpec, is_pipeline, read_model_spec
 from edged.serving.swap import Gate, Plan, ServedModel, Swapper, VersionLoader
 from edged.serving.versions import (
     available_versions,
@@ -81,6 +82,11 @@ class ModelManager:
             self.swapper, self.loader, breaker or BreakerPolicy(), clock=clock, sleep=sleep
         )
         self._models: dict[str, ServedModel] = {}
+        self._pipelines: dict[str, Pipeline] = {}
+        """Pipelines loaded (edged.serving.pipeline): served beside the models, never
+        through the swap (they hold no instances; their steps route at each request)."""
+        self._pipeline_errors: dict[str, str] = {}
+        """Pipelines asked to serve whose load failed, and why."""
         self._listeners: list[Callable[[str, bool], None]] = []
         self._devices: list[DeviceReport] | None = None if devices is None else list(devices)
         self._probing: asyncio.Future[list[DeviceReport]] | None = None
@@ -151,6 +157,9 @@ class ModelManager:
         ready = self.is_ready(name)
         for listener in self._listeners:
             listener(name, ready)
+        for pipeline in list(self._pipelines.values()):
+            if name in pipeline.models and pipeline.name != name:
+                self._notify(pipeline.name)  # its readiness follows its steps' models
 
     def models_on_disk(self) -> list[str]:
         """Model folders in the repository."""
@@ -159,13 +168,18 @@ class ModelManager:
     async def load_all(self) -> dict[str, str]:
         """Load every model in the repository; return {model: error} for those that failed."""
         names = await asyncio.to_thread(self.models_on_disk)
-        results = await asyncio.gather(*(self.load(n) for n in names), return_exceptions=True)
+        pipelines = await asyncio.to_thread(
+            lambda: {n for n in names if is_pipeline(self.repository / n)}
+        )
         failed = {}
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, Exception):
-                    raise result
-                failed[name] = str(result)
+        # models first: a pipeline's load checks its steps against the models served
+        for batch in ([n for n in names if n not in pipelines], sorted(pipelines)):
+            results = await asyncio.gather(*(self.load(n) for n in batch), return_exceptions=True)
+            for name, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    failed[name] = str(result)
         return failed
 
     async def load(self, name: str, gate: Gate | None = None) -> None:
@@ -177,9 +191,65 @@ class ModelManager:
 
         Raises:
             ModelNotFoundError: no such model folder.
-            ModelLoadError: model.toml is invalid or a version failed to load or warm up.
+            ModelLoadError: model.toml is invalid or a version failed to load or warm up;
+                for a pipeline: a step that does not fit its model (naming step and tensor).
         """
+        _check_name(name)
+        if await asyncio.to_thread(is_pipeline, self.repository / name):
+            await self._load_pipeline(name)
+            return
+        if name in self._pipelines or name in self._pipeline_errors:
+            self._drop_pipeline(name)  # the folder is a model now
         await self._change(name, gate, pin=False)
+
+    def _drop_pipeline(self, name: str) -> None:
+        self._pipelines.pop(name, None)
+        self._pipeline_errors.pop(name, None)
+        self._notify(name)
+
+    async def _load_pipeline(self, name: str) -> None:
+        """(Re)load pipeline ``name``: check its steps against the models served now and
+        serve it (replacing the pipeline served before, which finishes what it runs). A
+        failure leaves the pipeline served before, if any, as it was.
+
+        Raises:
+            ModelLoadError: model.toml is invalid, or a step names a model that does not
+                serve, is itself a pipeline, or does not fit (naming step and tensor).
+        """
+        try:
+            spec = await asyncio.to_thread(read_model_spec, self.repository / name)
+            if spec.pipeline is None:  # pragma: no cover - the file changed meanwhile
+                raise ModelLoadError(f"model '{name}': model.toml has no [pipeline] any more")
+            signatures = {}
+            for step in spec.pipeline.steps:
+                where = f"pipeline '{name}' step '{step.name}'"
+                if step.model in self._pipelines or step.model == name:
+                    raise ModelLoadError(f"{where}: '{step.model}' is a pipeline, not a model")
+                try:
+                    mv = self.get(step.model, str(step.version or ""))
+                except (ModelNotFoundError, ModelNotReadyError) as e:
+                    raise ModelLoadError(
+                        f"{where}: model '{step.model}' does not serve: {e}"
+                    ) from e
+                signatures[step.name] = mv.signature
+            plan = plan_pipeline(spec, signatures)
+        except ModelLoadError as e:
+            self._pipeline_errors[name] = str(e)
+            self._notify(name)
+            raise
+        if name in self._models:  # the folder held a model before
+            if self._models[name].serving:
+                await self.unload(name)
+            self._models.pop(name, None)
+        self._pipelines[name] = Pipeline(spec, plan, self.get)
+        self._pipeline_errors.pop(name, None)
+        log.info(
+            "pipeline_loaded",
+            model=name,
+            steps=[s.step.name for s in plan.steps],
+            models=sorted({s.step.model for s in plan.steps}),
+        )
+        self._notify(name)
 
     async def serve(
         self, name: str, versions: Sequence[int] | None, gate: Gate | None = None
@@ -205,8 +275,7 @@ class ModelManager:
         pin: bool,
         versions: Sequence[int] | None = None,
     ) -> None:
-        if "/" in name or name in {"", ".", ".."} or name.startswith("."):
-            raise ModelNotFoundError(f"model '{clip(name)}' is not a model name in the repository")
+        _check_name(name)
         model = self._models.setdefault(name, ServedModel(name))
         model_dir = self.repository / name
 
@@ -266,6 +335,11 @@ class ModelManager:
         Raises:
             ModelNotFoundError: the model is not known.
         """
+        if name in self._pipelines or name in self._pipeline_errors:
+            # requests running go on: each holds the pipeline and its steps route as usual
+            self._drop_pipeline(name)
+            log.info("pipeline_unloaded", model=name)
+            return
         model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(f"model '{clip(name)}' is not loaded")
@@ -277,6 +351,23 @@ class ModelManager:
         await self.swapper.swap(model, planner)
 
     # -- routing ---------------------------------------------------------------------------
+
+    def pipeline(self, name: str, version: str = "") -> Pipeline | None:
+        """The pipeline ``name`` (None when ``name`` is not a loaded pipeline).
+
+        Raises:
+            ModelNotFoundError: a pipeline, but ``version`` is not its one version.
+        """
+        pipeline = self._pipelines.get(name)
+        if pipeline is not None and version not in ("", str(PIPELINE_VERSION)):
+            raise ModelNotFoundError(
+                f"pipeline '{name}' has no version {clip(version)} (it serves {PIPELINE_VERSION})"
+            )
+        return pipeline
+
+    def pipelines(self) -> list[Pipeline]:
+        """Every pipeline loaded (a snapshot)."""
+        return list(self._pipelines.values())
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The live version asked for; the highest served version when ``version`` is "".
@@ -315,11 +406,18 @@ class ModelManager:
         """
         if not self.accepting:
             raise UnavailableError("edged is shutting down and takes no new requests")
+        pipeline = self.pipeline(request.model_name, request.model_version)
+        if pipeline is not None:
+            return await pipeline.infer(request)
         return await self.get(request.model_name, request.model_version).infer(request)
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether ``name`` (that version, or any) serves requests now."""
+        """Whether ``name`` (that version, or any) serves requests now (a pipeline: every
+        step's model serves the tensors the pipeline was checked against)."""
         try:
+            pipeline = self.pipeline(name, version)
+            if pipeline is not None:
+                return not pipeline.unready()
             self.get(name, version)
         except (ModelNotFoundError, ModelNotReadyError, InvalidInputError):
             return False
@@ -327,7 +425,8 @@ class ModelManager:
 
     def wanted(self) -> list[str]:
         """Models asked to serve: loaded or failed to load, and not unloaded since."""
-        return sorted(name for name, model in self._models.items() if model.wanted)
+        models = {name for name, model in self._models.items() if model.wanted}
+        return sorted(models | set(self._pipelines) | set(self._pipeline_errors))
 
     def ready_models(self) -> list[ModelVersion]:
         """Every version served now."""
@@ -350,7 +449,14 @@ class ModelManager:
         loop; None lists them here) or known, with each version's state."""
         entries = []
         folders = self.models_on_disk() if on_disk is None else on_disk
-        for name in sorted(set(folders) | set(self._models)):
+        for name in sorted(set(folders) | set(self._models) | set(self._pipelines)):
+            pipeline = self._pipelines.get(name)
+            if pipeline is not None or name in self._pipeline_errors:
+                why = pipeline.unready() if pipeline else self._pipeline_errors[name]
+                state = VersionState.UNAVAILABLE if why else VersionState.READY
+                shown = str(PIPELINE_VERSION) if pipeline else ""
+                entries.append(IndexEntry(name, shown, state, why))
+                continue
             model = self._models.get(name)
             if model is None or not model.states:
                 reason = model.error if model else "not loaded"
@@ -373,12 +479,24 @@ class ModelManager:
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for in-flight requests to finish; False if ``timeout_s`` passed first."""
-        results = await asyncio.gather(*(mv.drain(timeout_s) for mv in self.ready_models()))
+        results = await asyncio.gather(
+            *(p.drain(timeout_s) for p in self.pipelines()),
+            *(mv.drain(timeout_s) for mv in self.ready_models()),
+        )
         return all(results)
 
     async def unload_all(self) -> None:
         """Stop failover and recovery work, then close every version of every model."""
         await self.failover.stop()
+        self._pipelines.clear()
         for name in list(self._models):
             if self._models[name].serving:
                 await self.unload(name)
+
+
+def _check_name(name: str) -> None:
+    """Raises:
+    ModelNotFoundError: ``name`` could not be a folder of the repository.
+    """
+    if "/" in name or name in {"", ".", ".."} or name.startswith("."):
+        raise ModelNotFoundError(f"model '{clip(name)}' is not a model name in the repository")

@@ -172,6 +172,9 @@ class ModelSpec:
     partition: PartitionSpec | None = None
     """model.toml's ``[partition]``: the cuts a split model may serve and re-planning
     (edged.serving.partition_spec); None without one."""
+    pipeline: PipelineSpec | None = None
+    """model.toml's ``[pipeline]``: the model is a pipeline of other models' steps
+    (docs/pipelines.md), with no artifact of its own; None for a model."""
     configured: bool = True
     """False: the folder has no model.toml; everything was read from the artifact."""
 
@@ -201,7 +204,36 @@ _MODEL_KEYS = {
     "warmup",
     "remote",
     "partition",
+    "pipeline",
 }
+
+#: the keys a pipeline's model.toml may hold (the others describe an artifact)
+_PIPELINE_MODEL_KEYS = {"name", "max_batch_size", "inputs", "outputs", "pipeline"}
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    """One ``[[pipeline.step]]``: a model of the repository run on tensors of the pipeline
+    (Triton's ensemble step)."""
+
+    name: str
+    """How errors and statistics name the step (default: the model's name)."""
+    model: str
+    version: int | None = None
+    """None: the version the router picks (the highest served) at each request."""
+    input_map: tuple[tuple[str, str], ...] = ()
+    """(model input, pipeline tensor) pairs: what the step is fed."""
+    output_map: tuple[tuple[str, str], ...] = ()
+    """(model output, pipeline tensor) pairs: what the step makes for later steps and the
+    pipeline's outputs; outputs not named are not asked for."""
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """model.toml's ``[pipeline]``: the steps, in the order written (they run in the order
+    their tensors allow, independent ones at the same time)."""
+
+    steps: tuple[PipelineStep, ...]
 
 
 def _fail(path: Path, message: str) -> ModelLoadError:
@@ -411,6 +443,55 @@ def _remote(path: Path, name: str, raw: Any) -> RemoteTarget:
     return RemoteTarget(**values, timeout_s=timeout_ms / 1000)
 
 
+def _tensor_map(path: Path, where: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v and k for k, v in raw.items()):
+        raise _fail(path, f"'{where}' must be a table of model tensor = \"pipeline tensor\"")
+    return tuple(raw.items())
+
+
+def _pipeline(path: Path, raw: Any) -> PipelineSpec:
+    if not isinstance(raw, dict):
+        raise _fail(path, "'pipeline' must be a table")
+    unknown = set(raw) - {"step"}
+    if unknown:
+        raise _fail(path, f"unknown key 'pipeline.{sorted(unknown)[0]}'")
+    items = raw.get("step")
+    if not isinstance(items, list) or not items:
+        raise _fail(path, "'pipeline.step' must be an array of tables ([[pipeline.step]])")
+    steps: list[PipelineStep] = []
+    for i, item in enumerate(items):
+        where = f"pipeline.step[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(path, f"'{where}' must be a table")
+        unknown = set(item) - {"name", "model", "version", "input_map", "output_map"}
+        if unknown:
+            raise _fail(path, f"unknown key '{where}.{sorted(unknown)[0]}'")
+        model = item.get("model")
+        if not isinstance(model, str) or not model:
+            raise _fail(path, f"'{where}.model' must be a model name")
+        name = item.get("name", model)
+        if not isinstance(name, str) or not name:
+            raise _fail(path, f"'{where}.name' must be a non-empty string")
+        if any(s.name == name for s in steps):
+            raise _fail(path, f"'{where}': a step is already named {name!r}; give it a 'name'")
+        version = item.get("version")
+        if version is not None and not (_is_int(version) and version > 0):
+            raise _fail(path, f"'{where}.version' must be a version number (an integer > 0)")
+        for key in ("input_map", "output_map"):
+            if key not in item:
+                raise _fail(path, f"'{where}.{key}' is missing (step '{name}')")
+        steps.append(
+            PipelineStep(
+                name=name,
+                model=model,
+                version=version,
+                input_map=_tensor_map(path, f"{where}.input_map", item["input_map"]),
+                output_map=_tensor_map(path, f"{where}.output_map", item["output_map"]),
+            )
+        )
+    return PipelineSpec(tuple(steps))
+
+
 def _version_policy(path: Path, raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise _fail(
@@ -452,6 +533,8 @@ def parse_model_toml(
     name = data.get("name", model_dir.name)
     if name != model_dir.name:
         raise _fail(path, f"'name' is {name!r} but the folder is {model_dir.name!r}")
+    if "pipeline" in data:
+        return _pipeline_spec(model_dir, data)
     fmt = data.get("format", default_format)
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise _fail(path, f"'format' {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -491,6 +574,52 @@ def parse_model_toml(
         partition=parse_partition(path, data["partition"], remote) if "partition" in data else None,
         configured=configured,
     )
+
+
+def _pipeline_spec(model_dir: Path, data: Mapping[str, Any]) -> ModelSpec:
+    """A pipeline's model.toml: every input declared in full (name, datatype, dims), the
+    outputs by name (datatype and dims optional: checked against the step that makes them).
+
+    Raises:
+        ModelLoadError: an unknown or artifact-only key, a bad value, named.
+    """
+    path = model_dir / MODEL_TOML
+    other = sorted(set(data) - _PIPELINE_MODEL_KEYS)
+    if other:
+        raise _fail(
+            path, f"'{other[0]}' does not apply to a pipeline (it describes a model's artifact)"
+        )
+    mbs = data.get("max_batch_size", 0)
+    if not _is_int(mbs) or mbs < 0:
+        raise _fail(path, "'max_batch_size' must be an integer >= 0")
+    inputs = _tensor_decls(path, "inputs", data.get("inputs", []))
+    outputs = _tensor_decls(path, "outputs", data.get("outputs", []))
+    for key, decls in (("inputs", inputs), ("outputs", outputs)):
+        if not decls:
+            raise _fail(path, f"a pipeline declares its {key} ([[{key}]])")
+        names = [d.name for d in decls]
+        if len(set(names)) != len(names):
+            raise _fail(path, f"'{key}' names a tensor twice")
+    for i, decl in enumerate(inputs):
+        if decl.datatype is None or decl.dims is None:
+            raise _fail(path, f"'inputs[{i}]' ('{decl.name}') needs a datatype and dims")
+    return ModelSpec(
+        name=model_dir.name,
+        path=model_dir,
+        max_batch_size=mbs,
+        inputs=inputs,
+        outputs=outputs,
+        pipeline=_pipeline(path, data["pipeline"]),
+    )
+
+
+def is_pipeline(model_dir: Path) -> bool:
+    """Whether ``model_dir``'s model.toml has a ``[pipeline]`` (read without validating it;
+    an unreadable or invalid file is a model, whose load says what is wrong)."""
+    try:
+        return "pipeline" in tomllib.loads((model_dir / MODEL_TOML).read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _artifact_list() -> str:
@@ -567,7 +696,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     except OSError as e:
         raise _fail(path, f"cannot read it: {e.strerror or e}") from e
     detected = None
-    if "format" not in data:
+    if "format" not in data and "pipeline" not in data:
         detected = detect_model_format(model_dir)
         if detected is None and not configured:
             raise ModelLoadError(

@@ -1,0 +1,253 @@
+"""A two-model pipeline through the daemon against the same models back to back in-process.
+
+The pipeline is models/build_pipeline.py's ``ocr``: PP-OCR's text detector -> a crop of the
+text -> PP-OCR's direction classifier, with the normalisation and the crop as small ONNX
+models (four steps, two of them the real models; tests/corpus.py fetches the two from
+rapidocr-onnxruntime's wheel). The same run measures, one request at a time and interleaved
+in rounds (so a noisy box slows all of them alike):
+
+- ``in_process``: the four ONNX files run one after the other with ONNX Runtime sessions in
+  this process (the issue's "back-to-back in-process"), with the session options and threads
+  the daemon's cpu-onnx executor gives each model copy (hal.cpu_onnx.session_options): the
+  baseline of the ratios;
+- ``in_process_ort_defaults`` (with ``--ort-defaults``): the same with ONNX Runtime's default
+  options but the thread count (idle threads spin: four sessions' spinning threads contend
+  on a small box, and slow what runs after them);
+- ``pipeline_grpc`` / ``pipeline_zmq``: the pipeline through a real daemon on loopback with
+  tritonclient.grpc and edged.client.ZmqClient (one copy per model), asking for the
+  ``direction`` output only (what the in-process run keeps; the detector's text map would
+  add 800 KB of reply at 320x640);
+- ``steps_grpc``: the four steps sent by the client one by one to the same daemon (what a
+  client does without pipelines).
+
+    .venv/bin/python benchmarks/pipeline.py [--requests 60] [--rounds 6] [--size 320x640]
+        [--threads N] [--ort-defaults] [--out FILE]
+
+Prints a table on stderr and JSON on stdout: median and p90 milliseconds of each, and the
+ratios of the pipeline to in-process (the target: within 15 %, a ratio <= 1.15). Never
+pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+
+from edged.client import ZmqClient  # noqa: E402
+from hal import ExecutorOptions  # noqa: E402
+from hal.cpu_onnx import session_options  # noqa: E402
+from models import build_pipeline  # noqa: E402
+from tests import corpus  # noqa: E402
+from tests.daemon_process import DaemonProcess  # noqa: E402
+
+STEPS = ("ocr_pre", "ocr_det", "ocr_crop", "ocr_cls")
+
+
+def text_image(height: int, width: int) -> np.ndarray:
+    """Black text lines on white, RGB uint8 [1, H, W, 3]."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row in range(20, height - 40, 60):
+        draw.text((20, row), "edge gateway pipeline", fill="black", font_size=32)
+    return np.asarray(canvas, dtype=np.uint8)[None]
+
+
+class InProcess:
+    """The four models back to back in this process."""
+
+    def __init__(self, repo: Path, threads: int, *, edged_options: bool = True) -> None:
+        if edged_options:  # what the daemon's cpu-onnx executor runs with (no spinning)
+            options = session_options(ExecutorOptions(intra_op_threads=threads))
+        else:  # ONNX Runtime's defaults but the thread count (its threads spin when idle)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+        self.sessions = {
+            m: ort.InferenceSession(
+                str(repo / m / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+            for m in STEPS
+        }
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        s = self.sessions
+        det_input, cls_image = s["ocr_pre"].run(None, {"image": image})
+        (text_map,) = s["ocr_det"].run(None, {"x": det_input})
+        (crop,) = s["ocr_crop"].run(None, {"image": cls_image, "prob": text_map})
+        (direction,) = s["ocr_cls"].run(None, {"x": crop})
+        return {"direction": direction, "text_map": text_map}
+
+
+def _grpc_call(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    outputs: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
+    tensors = []
+    for name, value in inputs.items():
+        t = grpcclient.InferInput(
+            name, list(value.shape), "UINT8" if value.dtype == np.uint8 else "FP32"
+        )
+        t.set_data_from_numpy(value)
+        tensors.append(t)
+    wanted = [grpcclient.InferRequestedOutput(name) for name in outputs] or None
+    result = client.infer(model, tensors, outputs=wanted)
+    response = result.get_response(as_json=True)
+    return {o["name"]: result.as_numpy(o["name"]) for o in response["outputs"]}
+
+
+def steps_by_client(client: grpcclient.InferenceServerClient, image: np.ndarray) -> dict[str, Any]:
+    pre = _grpc_call(client, "ocr_pre", {"image": image})
+    det = _grpc_call(client, "ocr_det", {"x": pre["det_input"]})
+    crop = _grpc_call(
+        client, "ocr_crop", {"image": pre["cls_image"], "prob": det["sigmoid_0.tmp_0"]}
+    )
+    cls = _grpc_call(client, "ocr_cls", {"x": crop["crop"]})
+    return {"direction": cls["save_infer_model/scale_0.tmp_1"]}
+
+
+def pipeline_time(client: grpcclient.InferenceServerClient) -> tuple[int, int]:
+    """(requests, nanoseconds) the daemon's statistics count for the pipeline so far."""
+    stats = client.get_inference_statistics("ocr", as_json=True)["model_stats"][0]
+    success = stats["inference_stats"]["success"]
+    return int(success.get("count", 0)), int(success.get("ns", 0))
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": round(statistics.median(ordered) * 1000, 3),
+        "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1000, 3),
+        "n": len(ordered),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=60, help="per way, in all rounds")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--size", default="320x640", help="image HxW (multiples of 32)")
+    parser.add_argument("--threads", type=int, default=0, help="per model copy (0: cores)")
+    parser.add_argument(
+        "--ort-defaults",
+        action="store_true",
+        help="also run in-process with ONNX Runtime's default options (spinning threads, "
+        "which slow whatever runs after them on a small box)",
+    )
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.split("x"))
+    threads = args.threads or len(os.sched_getaffinity(0))
+    image = text_image(height, width)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        build_pipeline.write_repository(
+            repo, corpus.fetch(corpus.CORPUS[2]), corpus.fetch(corpus.CORPUS[3])
+        )
+        local = InProcess(repo, threads)
+        spinning = InProcess(repo, threads, edged_options=False)
+        daemon = DaemonProcess(
+            ["--models", str(repo), "--grpc-address", "127.0.0.1:0"],
+            env={"EDGED_MODELS_INSTANCES": "1", "EDGED_MODELS_THREADS": str(threads)},
+        )
+        try:
+            daemon.wait_live()
+            daemon.wait_for("server_ready", timeout=120)
+            with (
+                grpcclient.InferenceServerClient(daemon.address) as client,
+                ZmqClient(daemon.zmq_endpoints[0], timeout=60) as zmq_client,
+            ):
+                ways: dict[str, Callable[[], dict[str, Any]]] = {
+                    "in_process": lambda: local(image),
+                    "pipeline_grpc": lambda: _grpc_call(
+                        client, "ocr", {"image": image}, ("direction",)
+                    ),
+                    "pipeline_zmq": lambda: zmq_client.infer(
+                        "ocr", {"image": image}, ["direction"]
+                    ),
+                    "steps_grpc": lambda: steps_by_client(client, image),
+                }
+                if args.ort_defaults:
+                    ways["in_process_ort_defaults"] = lambda: spinning(image)
+                want = local(image)["direction"]
+                for name, way in ways.items():  # warm up, and the same answer every way
+                    for _ in range(3):
+                        got = way()["direction"]
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+                before = pipeline_time(client)
+                times: dict[str, list[float]] = {name: [] for name in ways}
+                per_round = max(1, args.requests // args.rounds)
+                for _ in range(args.rounds):
+                    for name, way in ways.items():
+                        for _ in range(per_round):
+                            started = time.perf_counter()
+                            way()
+                            times[name].append(time.perf_counter() - started)
+                after = pipeline_time(client)
+        finally:
+            daemon.stop()
+    results = {name: summary(samples) for name, samples in times.items()}
+    base = results["in_process"]["median_ms"]
+    inside_ms = (after[1] - before[1]) / max(1, after[0] - before[0]) / 1e6
+    local_mean_ms = statistics.fmean(times["in_process"]) * 1000
+    report = {
+        "benchmark": "pipeline",
+        "pipeline": "ocr: ocr_pre -> ocr_det (PP-OCRv4 det) -> ocr_crop -> ocr_cls (PP-OCR cls)",
+        "image": [height, width],
+        "threads_per_model": threads,
+        "requests_per_way": per_round * args.rounds,
+        "rounds": args.rounds,
+        "results": results,
+        "ratio_pipeline_grpc": round(results["pipeline_grpc"]["median_ms"] / base, 3),
+        "ratio_pipeline_zmq": round(results["pipeline_zmq"]["median_ms"] / base, 3),
+        "ratio_steps_grpc": round(results["steps_grpc"]["median_ms"] / base, 3),
+        "target_ratio": 1.15,
+        # inside the daemon (the pipeline's own statistics: request in -> outputs out, no
+        # transport) against in-process, both means
+        "pipeline_in_daemon_mean_ms": round(inside_ms, 3),
+        "in_process_mean_ms": round(local_mean_ms, 3),
+        "ratio_in_daemon_mean": round(inside_ms / local_mean_ms, 3),
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+    }
+    for name, r in results.items():
+        sys.stderr.write(
+            f"{name:24s} median {r['median_ms']:9.3f} ms  p90 {r['p90_ms']:9.3f} ms  "
+            f"x{r['median_ms'] / base:.3f}\n"
+        )
+    sys.stderr.write(
+        f"inside the daemon (mean) {inside_ms:.3f} ms vs in-process (mean) "
+        f"{local_mean_ms:.3f} ms: x{inside_ms / local_mean_ms:.3f}\n"
+    )
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
