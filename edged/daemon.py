@@ -117,7 +117,6 @@ class Daemon:
         if reload_config is not None:
             self.reloads.add("log.level", self._reload_log_level)
         self.notifier = Notifier()
-        self._closing = asyncio.Event()
         self.manager = ModelManager(
             Path(config.models.repository),
             default_max_batch_size=config.models.default_max_batch_size,
@@ -455,7 +454,6 @@ class Daemon:
         if self._health is not None:
             await self._health.shutdown()
         deadline = time.monotonic() + grace
-        self._closing.set()
         frontends = asyncio.ensure_future(self._stop_frontends(grace))
         # two turns of the loop: _stop_frontends starts each frontend's stop, and each stop
         # runs to its first wait, by which time gRPC refuses new calls (Server.stop "stops

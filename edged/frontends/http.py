@@ -489,7 +489,9 @@ class HttpFrontend:
             (("inference-header-content-length", str(header_length)),),
         )
 
-    def _decode(self, name: str, version: str, request: _Request) -> tuple[Any, set[str], bool]:
+    def _decode(
+        self, name: str, version: str, request: _Request
+    ) -> tuple[Any, set[str], bool]:
         header, binary = kserve_json.split_body(
             request.body, request.headers.get(kserve_json.HEADER_LENGTH)
         )

@@ -268,7 +268,8 @@ def _json_data(array: Array) -> list[Any]:
     flat = array.reshape(-1)
     if array.dtype.kind in "OSU":
         return [
-            v.decode(errors="replace") if isinstance(v, bytes | bytearray) else str(v) for v in flat
+            v.decode(errors="replace") if isinstance(v, bytes | bytearray) else str(v)
+            for v in flat
         ]
     return list(flat.tolist())
 

@@ -59,4 +59,6 @@ def check_target(
             f"target {path} is a {custom.get('format')!r} bundle; model.toml says {fmt!r}"
         )
     if length > max_bytes:
-        raise OtaError(f"target {path} is {length} bytes, above ota.max_bundle_bytes ({max_bytes})")
+        raise OtaError(
+            f"target {path} is {length} bytes, above ota.max_bundle_bytes ({max_bytes})"
+        )

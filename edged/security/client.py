@@ -95,7 +95,9 @@ class ClientAuth:
         from edged.security.tls import client_credentials  # noqa: PLC0415
 
         if self.tls:
-            channel = grpc.secure_channel(address, client_credentials(self.ca, self.cert, self.key))
+            channel = grpc.secure_channel(
+                address, client_credentials(self.ca, self.cert, self.key)
+            )
         else:
             channel = grpc.insecure_channel(address)
         if not self.token:
