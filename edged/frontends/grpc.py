@@ -176,44 +176,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------
 
-    def _decode(self, message: pb.ModelInferRequest) -> tuple[InferRequest, dict[str, Span]]:
-        return (
-            codec.request_from_proto(message, self._regions),
-            codec.output_spans(message, self._regions),
-        )
-
-    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Limits first (counts only), then decode (on a worker thread unless cheap), infer,
-        encode (likewise)."""
-        with structlog.contextvars.bound_contextvars(
-            model=errors.clip(message.model_name),
-            version=errors.clip(message.model_version),
-            request_id=errors.clip(message.id),
-        ):
-            try:
-                codec.check_limits(message, self._limits)
-                if codec.decodes_inline(message):
-                    request, spans = self._decode(message)
-                else:
-                    request, spans = await asyncio.to_thread(self._decode, message)
-                response = await self._plane.infer(request)
-                if codec.encodes_inline(response, spans):
-                    return codec.response_to_proto(response, spans)
-                return await asyncio.to_thread(codec.response_to_proto, response, spans)
-            except errors.EdgedError as e:
-                log.info(
-                    "infer_refused",
-                    error=errors.clip_message(str(e)),
-                    status=status_of(e).name,
-                )
-                raise
-
-    @handle_errors
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request)
-
     @staticmethod
     def _stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
         return pb.ModelStreamInferResponse(

@@ -221,34 +221,13 @@ def check_input_limits(tensors: Sequence[InputTensor], limits: RequestLimits) ->
         limits.check_tensor_parameters(f"inputs[{i}]", len(tensor.parameters))
 
 
-def decodes_inline(message: pb.ModelInferRequest) -> bool:
-    """Whether decoding ``message`` is cheap enough for the event loop: a few tensors, all in
-    ``raw_input_contents`` (viewed, not copied), none BYTES (split element by element)."""
-    if len(message.outputs) > INLINE_MAX_TENSORS:
-        return False
-    return inputs_decode_inline(message.inputs) and not any(
-        _uses_shm(o.parameters) for o in message.outputs
-    )
-
-
 def inputs_decode_inline(tensors: Sequence[InputTensor]) -> bool:
-    """``decodes_inline`` of input tensors alone."""
+    """Whether decoding ``tensors`` is cheap enough for the event loop: a few tensors, all in
+    ``raw_input_contents`` (viewed, not copied), none BYTES (split element by element)."""
     if len(tensors) > INLINE_MAX_TENSORS:
         return False
     return not any(
         t.datatype == "BYTES" or t.HasField("contents") or _uses_shm(t.parameters) for t in tensors
-    )
-
-
-def encodes_inline(response: InferResponse, spans: Mapping[str, Span]) -> bool:
-    """Whether encoding ``response`` is cheap enough for the event loop: no shared-memory
-    writes, no BYTES, at most 1 MiB."""
-    arrays = response.outputs.values()
-    return (
-        not spans
-        and len(response.outputs) <= INLINE_MAX_TENSORS
-        and all(a.dtype.kind not in "OSU" for a in arrays)
-        and sum(a.nbytes for a in arrays) <= 1024 * 1024
     )
 
 
