@@ -15,7 +15,10 @@ server's CPU per inference above it is what serving costs.
 **Servers**, each started fresh for every repeat, in an order rotated per repeat:
 - `edged`: a real `edged serve` process with default settings;
 - `proto-zmq`, `proto-grpc-sync`, `proto-grpc-aio`: the minimal prototypes
-  (benchmarks/prototype_zmq.py, prototype_grpc.py) that show the headroom of a Python server.
+  (benchmarks/prototype_zmq.py, prototype_grpc.py) that show the headroom of a Python server;
+- `--variant NAME:KEY=VALUE[;KEY=VALUE]` (repeatable): another `edged serve` named NAME, with
+  those environment variables set (EDGED_... settings), to compare a setting side by side with
+  the defaults in one run.
 
 **Transports** (each server runs those it speaks), single-item requests from `concurrency`
 callers for `--seconds` after a warm-up:
@@ -38,6 +41,7 @@ busy on it and none idle, an upper bound that a busy machine disturbs far less t
     .venv/bin/python benchmarks/serving.py [--seconds 4] [--concurrency 1,4,16] [--repeats 1]
         [--models cls,digits] [--servers edged,proto-zmq,proto-grpc-sync,proto-grpc-aio]
         [--transports grpc,zmq,zmq-sync,zmq-client,grpc+shm,perf_analyzer] [--out FILE]
+        [--variant NAME:EDGED_KEY=VALUE ...]
 
 Models: PP-OCR's mobile text-direction classifier (ch_ppocr_mobile_v2.0_cls_infer.onnx, from
 the rapidocr-onnxruntime==1.4.4 wheel, fetched with `pip download` into benchmarks/.cache) and
@@ -84,6 +88,8 @@ SERVERS: dict[str, frozenset[str]] = {  # server -> the transports it speaks
     "proto-grpc-sync": frozenset({"grpc", "perf_analyzer"}),
     "proto-grpc-aio": frozenset({"grpc", "perf_analyzer"}),
 }
+#: --variant: edged servers with extra environment variables, by name
+VARIANTS: dict[str, dict[str, str]] = {}
 TRANSPORTS = ("grpc", "zmq", "zmq-sync", "zmq-client", "grpc+shm", "perf_analyzer")
 
 
@@ -109,13 +115,16 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_repo(root: Path, models: list[str]) -> Path:
+def build_repo(root: Path, models: list[str], max_batch_size: int = 16) -> Path:
+    """The served models; cls batches up to ``max_batch_size`` (``main`` passes 8 by default:
+    the limit's and the prototypes' batch)."""
     repo = root / "models"
     if "cls" in models:
         (repo / "cls" / "1").mkdir(parents=True)
         shutil.copy(fetch_cls(), repo / "cls" / "1" / "model.onnx")
         (repo / "cls" / "model.toml").write_text(
-            'name = "cls"\nmax_batch_size = 16\n\n[[inputs]]\nname = "x"\ndims = [3, 48, 192]\n'
+            f'name = "cls"\nmax_batch_size = {max_batch_size}\n\n'
+            '[[inputs]]\nname = "x"\ndims = [3, 48, 192]\n'
         )
     if "digits" in models:
         shutil.copytree(
@@ -371,6 +380,8 @@ def start(server: str, repo: Path, model: str, env: dict[str, str]) -> Server:
     path = str(repo / model / "1" / "model.onnx")
     if server == "edged":
         return Daemon(repo, env)
+    if server in VARIANTS:
+        return Daemon(repo, {**env, **VARIANTS[server]})
     if server == "proto-zmq":
         return Prototype([sys.executable, str(HERE / "prototype_zmq.py"), path])
     mode = server.removeprefix("proto-grpc-")
@@ -738,8 +749,30 @@ def main() -> None:
         default=0,
         help="EDGED_MODELS_INSTANCES for the daemon (0: its default)",
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="cls model.toml's max_batch_size: how many items edged batches at most (8: the "
+        "limit's batch and the prototypes' cap; before 2026-12-06 this was 16)",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+        help="another edged server named NAME (usable in --servers) with these environment "
+        "variables",
+    )
     args = parser.parse_args()
+    for spec in args.variant:
+        name, _, assignments = spec.partition(":")
+        pairs = [a.partition("=") for a in assignments.split(";") if a]
+        if not name or name in SERVERS or not pairs or any(not k or not e for k, e, _ in pairs):
+            parser.error(f"--variant {spec!r}: expected a new NAME:KEY=VALUE[;KEY=VALUE]")
+        VARIANTS[name] = {k: v for k, _, v in pairs}
+        SERVERS[name] = SERVERS["edged"]
     models = args.models.split(",")
     servers = args.servers.split(",")
     transports = args.transports.split(",")
@@ -765,11 +798,12 @@ def main() -> None:
             "loadavg_at_start": os.getloadavg()[0],
         },
         "seconds_per_measurement": args.seconds,
+        "cls_max_batch_size": args.max_batch_size,
         "repeats": args.repeats,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        repo = build_repo(Path(tmp), models)
+        repo = build_repo(Path(tmp), models, args.max_batch_size)
         for model in models:
             report["models"][model] = run_model(repo, model, servers, transports, args)
     report["machine"]["loadavg_at_end"] = os.getloadavg()[0]

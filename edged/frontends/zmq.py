@@ -46,7 +46,7 @@ from edged.core.types import InferResponse
 from edged.frontends import zmq_wire as wire
 from edged.security.access import AccessControl, Credentials, Decision, audited
 from edged.security.curve import IDENTITY_PREFIX, CurveServer
-from edged.serving.dataplane import DataPlane
+from edged.serving.dataplane import DataPlane, after_answers
 
 log = structlog.get_logger("edged.zmq")
 
@@ -264,7 +264,9 @@ class ZmqFrontend:
             self._send(message, frames)
         else:
             self._outbox.append((message, frames))
-            self._wake()
+            # once per batch, after the thread's work on it (see ``after_answers``)
+            if not after_answers(self._wake):
+                self._wake()
 
     def _handle(self, sock: Socket, frames: list[zmq.Frame], *, inline: bool) -> None:
         # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]

@@ -38,9 +38,17 @@ from edged.core.views import (
 )
 from edged.serving.manager import ModelManager
 from edged.serving.repository import PLATFORMS, model_toml_text
+from edged.serving.scheduler import after_answers
 from edged.serving.shared_memory import SharedMemoryRegistry, Span
 
-__all__ = ["MAX_MODEL_NAME_BYTES", "SERVER_NAME", "DataPlane", "SharedMemoryRegistry", "Span"]
+__all__ = [
+    "MAX_MODEL_NAME_BYTES",
+    "SERVER_NAME",
+    "DataPlane",
+    "SharedMemoryRegistry",
+    "Span",
+    "after_answers",
+]
 
 log = structlog.get_logger("edged.serving")
 
