@@ -382,14 +382,17 @@ class Prototype(Server):
         self.zmq = bound.get("zmq", "")
 
 
-def start(server: str, repo: Path, model: str, env: dict[str, str]) -> Server:
+def start(
+    server: str, repo: Path, model: str, env: dict[str, str], max_batch_size: int = 8
+) -> Server:
     path = str(repo / model / "1" / "model.onnx")
     if server == "edged":
         return Daemon(repo, env)
     if server in VARIANTS:
         return Daemon(repo, {**env, **VARIANTS[server]})
     if server == "proto-zmq":
-        return Prototype([sys.executable, str(HERE / "prototype_zmq.py"), path])
+        batch = ["--max-batch", str(max_batch_size)] if model == "cls" else []
+        return Prototype([sys.executable, str(HERE / "prototype_zmq.py"), path, *batch])
     mode = server.removeprefix("proto-grpc-")
     return Prototype([sys.executable, str(HERE / "prototype_grpc.py"), mode, path])
 
@@ -690,7 +693,7 @@ def run_model(
             lim = limit(path, model, limit_seconds)
             limits.append(lim)
             print(f"{model:7} r{repeat} limit {lim}", file=sys.stderr)
-            server = start(name, repo, model, env)
+            server = start(name, repo, model, env, args.max_batch_size)
             try:
                 server.wait()
                 rss.setdefault(name, []).append(round(server.rss_mib(), 1))
@@ -762,8 +765,8 @@ def main() -> None:
         "--max-batch-size",
         type=int,
         default=8,
-        help="cls model.toml's max_batch_size: how many items edged batches at most (8: the "
-        "limit's batch and the prototypes' cap; before 2026-12-06 this was 16)",
+        help="how many cls items edged (model.toml's max_batch_size) and proto-zmq batch at "
+        "most (8: the issue's policy; the tables up to 2026-12-05 ran edged at 16)",
     )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
@@ -807,7 +810,7 @@ def main() -> None:
             "loadavg_at_start": os.getloadavg()[0],
         },
         "seconds_per_measurement": args.seconds,
-        "cls_max_batch_size": args.max_batch_size,
+        "cls_max_batch_size": args.max_batch_size,  # edged and proto-zmq
         "repeats": args.repeats,
         "models": {},
     }
