@@ -13,7 +13,8 @@ thread-safe) and polls them with ``zmq.Poller``; an "infer" request whose tensor
 cheaply is decoded there and handed straight to the model's batcher
 (``DataPlane.submit``). A lone request on an idle model runs right there, on the I/O thread;
 under load requests queue and the model's instance threads batch them. Replies from other
-threads come back through a queue and a wake-up pipe the poller watches, and leave as
+threads come back through a queue and a wake-up pipe the poller watches (an instance thread
+writes it at most once per batch, after queueing the batch's replies), and leave as
 zero-copy frames. Everything else (health, metadata, add_samples, requests whose tensors
 are costly to decode) is answered on the event loop, as before.
 """
