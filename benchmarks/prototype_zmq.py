@@ -4,6 +4,7 @@ inline on the I/O thread. It speaks edged's ZeroMQ wire format (docs/zmq-protoco
 header frame, one raw frame per tensor), so edged's clients drive it unchanged.
 
     .venv/bin/python benchmarks/prototype_zmq.py MODEL.onnx [--workers 2] [--inline-threads 2]
+        [--max-batch 8]
 
 Prints {"zmq": ENDPOINT} on stdout once bound; serves until SIGTERM. A benchmark baseline only
 (benchmarks/serving.py --servers proto-zmq): no validation beyond what decoding needs.
@@ -26,8 +27,10 @@ REPLY_ENDPOINT = "inproc://replies"
 
 
 class Server:
-    def __init__(self, model: Path, workers: int, inline_threads: int) -> None:
-        self.batcher = Batcher(model, workers=workers, inline_threads=inline_threads)
+    def __init__(self, model: Path, workers: int, inline_threads: int, max_batch: int) -> None:
+        self.batcher = Batcher(
+            model, workers=workers, max_batch=max_batch, inline_threads=inline_threads
+        )
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
@@ -118,8 +121,9 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--inline-threads", type=int, default=2, help="0: never run inline")
+    parser.add_argument("--max-batch", type=int, default=8, help="items per batch at most")
     args = parser.parse_args()
-    server = Server(args.model, args.workers, args.inline_threads)
+    server = Server(args.model, args.workers, args.inline_threads, args.max_batch)
     signal.signal(signal.SIGTERM, server.stop)
     print(json.dumps({"zmq": f"tcp://127.0.0.1:{server.port}"}), flush=True)
     server.serve()

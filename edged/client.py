@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -193,7 +194,9 @@ class AsyncZmqClient:
 
     A plain socket watched by the event loop (``add_reader`` on its descriptor): a send
     goes straight out, and every reply that arrived is read at once and settles its
-    request's future; a timer per request only when the reply is late."""
+    request's future. Timeouts cost no timer per request: one timer per client fires at the
+    earliest deadline of the requests waiting then, fails those that are late, and is set
+    again for the next."""
 
     def __init__(
         self,
@@ -209,6 +212,9 @@ class AsyncZmqClient:
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[list[zmq.Frame]]] = {}
+        self._deadlines: dict[bytes, float] = {}  # by request id, in the loop's time
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
 
@@ -220,6 +226,9 @@ class AsyncZmqClient:
 
     async def close(self) -> None:
         """Stop watching the socket and close it."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep, self._sweep_at = None, math.inf
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._fd = -1
@@ -227,12 +236,14 @@ class AsyncZmqClient:
             if not future.done():
                 future.cancel()
         self._waiting.clear()
+        self._deadlines.clear()
         self._socket.close(0)
 
     def _watch(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use, or a new event loop since
             self._loop = loop
+            self._sweep, self._sweep_at = None, math.inf  # the old loop's timer is gone
             self._fd = int(self._socket.getsockopt(zmq.FD))
             loop.add_reader(self._fd, self._read)
         return loop
@@ -255,7 +266,10 @@ class AsyncZmqClient:
         key = request_id.encode()
         self._waiting[key] = future
         limit = self._timeout if timeout is None else timeout
-        timer = loop.call_later(limit, _expire, future)
+        deadline = loop.time() + limit
+        self._deadlines[key] = deadline
+        if deadline < self._sweep_at:
+            self._sweep_after(loop, deadline)
         try:
             while True:
                 try:
@@ -269,9 +283,30 @@ class AsyncZmqClient:
         except TimeoutError:
             raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
         finally:
-            timer.cancel()
             self._waiting.pop(key, None)
+            self._deadlines.pop(key, None)
         return _outcome([f.buffer for f in reply])
+
+    def _sweep_after(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = loop.call_at(when, self._expire_late, loop)
+
+    def _expire_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the requests past their deadline; set the timer for the next one."""
+        self._sweep, self._sweep_at = None, math.inf
+        now = loop.time()
+        following = math.inf
+        for key, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                following = min(following, deadline)
+                continue
+            future = self._waiting.get(key)
+            if future is not None and not future.done():
+                future.set_exception(TimeoutError())
+        if following < math.inf:
+            self._sweep_after(loop, following)
 
     def _next_id(self) -> str:
         return f"a{next(self._ids)}"
@@ -326,11 +361,6 @@ class AsyncZmqClient:
     async def server_metadata(self) -> dict[str, Any]:
         """See ``ZmqClient.server_metadata``."""
         return await self._op("server_metadata")
-
-
-def _expire(future: asyncio.Future[list[zmq.Frame]]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def _reply_id(reply: Sequence[zmq.Frame]) -> bytes:

@@ -13,7 +13,8 @@ thread-safe) and polls them with ``zmq.Poller``; an "infer" request whose tensor
 cheaply is decoded there and handed straight to the model's batcher
 (``DataPlane.submit``). A lone request on an idle model runs right there, on the I/O thread;
 under load requests queue and the model's instance threads batch them. Replies from other
-threads come back through a queue and a wake-up pipe the poller watches, and leave as
+threads come back through a queue and a wake-up pipe the poller watches (an instance thread
+writes it at most once per batch, after queueing the batch's replies), and leave as
 zero-copy frames. Everything else (health, metadata, add_samples, requests whose tensors
 are costly to decode) is answered on the event loop, as before.
 """
@@ -46,7 +47,7 @@ from edged.core.types import InferResponse
 from edged.frontends import zmq_wire as wire
 from edged.security.access import AccessControl, Credentials, Decision, audited
 from edged.security.curve import IDENTITY_PREFIX, CurveServer
-from edged.serving.dataplane import DataPlane
+from edged.serving.dataplane import DataPlane, after_answers
 
 log = structlog.get_logger("edged.zmq")
 
@@ -264,7 +265,9 @@ class ZmqFrontend:
             self._send(message, frames)
         else:
             self._outbox.append((message, frames))
-            self._wake()
+            # once per batch, after the thread's work on it (see ``after_answers``)
+            if not after_answers(self._wake):
+                self._wake()
 
     def _handle(self, sock: Socket, frames: list[zmq.Frame], *, inline: bool) -> None:
         # ROUTER: [identity, (empty delimiter from a REQ socket), header, tensors...]

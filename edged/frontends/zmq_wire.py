@@ -46,6 +46,10 @@ def _no_constant(text: str) -> Any:
     raise InvalidInputError(f"header holds {text}, which is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def read_header(frame: Frame) -> dict[str, Any]:
     """The header frame as a dict (version checked, nothing else).
 
@@ -55,7 +59,9 @@ def read_header(frame: Frame) -> dict[str, Any]:
     if len(frame) > MAX_HEADER_BYTES:
         raise InvalidInputError(f"header frame is {len(frame)} bytes, over {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(frame), parse_int=_bounded_int, parse_constant=_no_constant)
+        raw = bytes(frame)
+        # json.loads's decoding of the bytes, with a decoder made once (loads makes one a call)
+        header = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInputError(f"header frame is not a JSON object: {clip(e, 200)}") from e
     except RecursionError:
@@ -126,7 +132,7 @@ def _tensor_frames(tensors: Mapping[str, Array]) -> tuple[list[dict[str, Any]], 
 
 
 def _dump(header: Mapping[str, Any]) -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode()
+    return _ENCODER.encode(header).encode()
 
 
 # -- requests ------------------------------------------------------------------------------

@@ -49,9 +49,13 @@ def split(outputs: Mapping[str, Array], sizes: Sequence[int]) -> list[dict[str, 
                 f"output '{name}' has shape {list(array.shape)}, but the batch has {total} "
                 "items on axis 0"
             )
-    cuts = np.cumsum(sizes)[:-1]
-    pieces = {name: np.split(array, cuts, axis=0) for name, array in outputs.items()}
-    return [{name: pieces[name][i] for name in outputs} for i in range(len(sizes))]
+    parts: list[dict[str, Array]] = []
+    start = 0
+    for size in sizes:
+        end = start + size
+        parts.append({name: array[start:end] for name, array in outputs.items()})
+        start = end
+    return parts
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,18 @@ from edged.serving.pipeline import (
     step_views,
 )
 from edged.serving.repository import PLATFORMS, model_toml_text
+from edged.serving.scheduler import after_answers
 from edged.serving.shared_memory import SharedMemoryRegistry, Span
 from hal.remote_link import snapshots as link_snapshots
 
-__all__ = ["MAX_MODEL_NAME_BYTES", "SERVER_NAME", "DataPlane", "SharedMemoryRegistry", "Span"]
+__all__ = [
+    "MAX_MODEL_NAME_BYTES",
+    "SERVER_NAME",
+    "DataPlane",
+    "SharedMemoryRegistry",
+    "Span",
+    "after_answers",
+]
 
 log = structlog.get_logger("edged.serving")
 

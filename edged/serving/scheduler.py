@@ -92,6 +92,23 @@ OutcomeListener = Callable[[EdgedError | None], None]
 ReleaseListener = Callable[[LoadedModel], None]
 
 
+_answering = threading.local()  # ``after``: callbacks to run once the batch is answered
+
+
+def after_answers(callback: Callable[[], None]) -> bool:
+    """From a reply callback: run ``callback`` once, on this thread, after the scheduler has
+    answered every request of the batch it is answering here, rather than now (a frontend
+    that wakes its I/O thread per reply wakes it once per batch, and only after this
+    thread's Python work for the batch is done). The same callback asked for twice runs
+    once. False when this thread is not answering a batch: the caller runs it itself."""
+    after: list[Callable[[], None]] | None = getattr(_answering, "after", None)
+    if after is None:
+        return False
+    if callback not in after:
+        after.append(callback)
+    return True
+
+
 class Pending:
     """One queued request; ``finished`` is set (under the owning scheduler's lock) by
     whoever answers it, or by a caller that went away."""
@@ -483,11 +500,21 @@ class Scheduler:
         parts, execution = outcome
         if self.on_outcome is not None:
             self._owe_success(batch)
-        for p, part, ok in zip(batch, parts, live, strict=True):
-            if ok:
-                self._answer(p, (part, execution))
-        if self._on_execution is not None:
-            self._on_execution(execution)
+        after: list[Callable[[], None]] = []
+        _answering.after = after
+        try:
+            for p, part, ok in zip(batch, parts, live, strict=True):
+                if ok:
+                    self._answer(p, (part, execution))
+            if self._on_execution is not None:
+                self._on_execution(execution)
+        finally:
+            _answering.after = None
+            for callback in after:
+                try:
+                    callback()
+                except Exception:  # the caller's bug must not take this thread down
+                    log.exception("reply_failed", model=self._label)
 
     def _finish(self, run: _Running, *, failed: bool) -> tuple[list[bool], bool]:
         """Take ``run`` off the running set: which of its callers still wait for an answer

@@ -25,7 +25,7 @@ DIGITS = ROOT / "models" / "digits" / "1" / "model.onnx"
 
 @pytest.mark.slow
 def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
-    servers = ["edged", "proto-zmq", "proto-grpc-sync"]
+    servers = ["edged", "proto-zmq", "proto-grpc-sync", "edged-1i"]
     command = [
         sys.executable,
         str(BENCH / "serving.py"),
@@ -36,6 +36,8 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
         "--seconds=0.2",
         "--limit-seconds=0.1",
         "--repeats=2",
+        # an edged variant: another daemon with its own settings, side by side
+        "--variant=edged-1i:EDGED_MODELS_INSTANCES=1",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -46,7 +48,7 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
     limit = entry["limit"]
     assert limit["repeats"] == 2 * len(servers)  # one limit beside every server window
     assert sum(limit["throughput_wins"].values()) == 2 * len(servers)
-    assert set(limit["throughput_wins"]) <= {"2x1t-b8", "1x2t-b8", "1x2t-b16"}
+    assert set(limit["throughput_wins"]) <= {"2x1t-b4", "2x1t-b8", "1x2t-b8", "1x2t-b16"}
     assert set(limit["latency_wins"]) <= {"1t-b1", "default-b1"}
     assert limit["items_per_s_range"][0] <= limit["items_per_s"] <= limit["items_per_s_range"][1]
 
@@ -55,6 +57,7 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
         "edged": {"grpc", "zmq-sync"},
         "proto-zmq": {"zmq-sync"},
         "proto-grpc-sync": {"grpc"},
+        "edged-1i": {"grpc", "zmq-sync"},
     }
     assert entry["edged"] == entry["servers"]["edged"]
     for transports in entry["servers"].values():
@@ -67,6 +70,7 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
                 assert low <= r["infer_per_s"] <= high
                 for key in (
                     "ratio_to_limit",
+                    "ratio_to_2x1t_b8",
                     "p50_over_limit_ms",
                     "p99_over_p50",
                     "cpu_ceiling_ratio",
@@ -76,11 +80,13 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
                 assert r["client_cpu_ms_per_infer"] >= 0
 
     windows = entry["windows"]
-    assert len(windows) == 2 * (4 + 2 + 2)
+    assert len(windows) == 2 * (4 + 2 + 2 + 4)
     first = [next(w["server"] for w in windows if w["repeat"] == r) for r in (0, 1)]
     assert first == ["edged", "proto-zmq"]  # the order rotates between repeats
     for w in windows:  # each ratio is against the limit measured beside that window
         assert w["ratio_to_limit"] == round(w["infer_per_s"] / w["limit"]["items_per_s"], 3)
+        b8 = w["limit"]["items_per_s_2x1t-b8"]
+        assert w["ratio_to_2x1t_b8"] == round(w["infer_per_s"] / b8, 3)
 
 
 def _start(argv: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:

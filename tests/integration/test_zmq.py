@@ -279,6 +279,32 @@ def test_malformed_headers_are_invalid_argument(
     assert client.is_ready()
 
 
+def test_async_client_times_out_each_request_at_its_own_deadline() -> None:
+    """One timer per client, not per request: a short timeout asked after a long one still
+    fails on its own (a silent ROUTER stands in for a daemon that never answers), and the
+    long one is still waiting afterwards."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+        x = np.zeros((1, 64), dtype=np.float32)
+
+        async def main() -> None:
+            async with AsyncZmqClient(address, timeout=60) as client:
+                patient = asyncio.ensure_future(client.infer("digits", {"input": x}))
+                await asyncio.sleep(0.05)
+                for _ in range(2):  # the second: the timer is set again after the first
+                    with pytest.raises(ZmqClientError) as late:
+                        # bounded here only so that a missed deadline fails instead of hanging
+                        await asyncio.wait_for(
+                            client.infer("digits", {"input": x}, timeout=0.2), 20
+                        )
+                    assert late.value.code == "DEADLINE_EXCEEDED"
+                assert not patient.done()
+                patient.cancel()
+
+        asyncio.run(main())
+
+
 def test_too_many_inputs_are_resource_exhausted(zmq_address: str, client: ZmqClient) -> None:
     inputs = [{"name": f"i{i}", "datatype": "UINT8", "shape": [1]} for i in range(300)]
     frames = [json.dumps(_infer_header(inputs=inputs)).encode()] + [b"\x00"] * 300

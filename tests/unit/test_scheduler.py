@@ -22,7 +22,7 @@ from edged.core.errors import (
 from edged.core.status import code_of, count_by_code
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from edged.serving.batching import BatchPolicy
-from edged.serving.scheduler import QueuePolicy, Scheduler
+from edged.serving.scheduler import QueuePolicy, Scheduler, after_answers
 from edged.serving.stats import ModelStats
 from hal import LoadedModel
 
@@ -468,4 +468,40 @@ async def test_every_thread_side_success_and_failure_reaches_the_breaker_in_orde
     await until(lambda: len(outcomes) == 40)
     assert [type(o) for o in outcomes[:31]] == [type(None)] * 30 + [ExecutorError]
     assert outcomes[31:] == [None] * 9
+    await scheduler.stop()
+
+
+async def test_after_answers_runs_once_per_batch_after_every_caller_is_answered() -> None:
+    model = Threaded()
+    scheduler = await started(model)
+    model.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(0), 1))
+    await until(lambda: model.entered == 1)
+    events: list[object] = []
+    lock = threading.Lock()
+
+    def flush() -> None:  # what a frontend does once per batch (wake its I/O thread)
+        with lock:
+            events.append(("flush", threading.get_ident()))
+
+    def reply(tag: int):
+        def answer(outcome: object) -> None:
+            with lock:
+                events.append((tag, after_answers(flush)))
+
+        return answer
+
+    for value in (1, 2, 3):
+        scheduler.post(x(value), 1, 0, 0, reply(value))
+    assert scheduler.queue_depth == 3
+    model.gate.set()
+    await first
+    await until(lambda: len(events) == 4)
+    # the three queued callers were answered in one batch, each deferring the same flush,
+    # which ran once, after them, on the worker thread that ran the batch
+    assert model.batches == [[0.0], [1.0, 2.0, 3.0]]
+    assert events[:3] == [(1, True), (2, True), (3, True)]
+    assert events[3] == ("flush", model.ran_on[1])
+    # outside a batch's answers nothing is deferred: the caller runs it itself
+    assert after_answers(flush) is False
     await scheduler.stop()
