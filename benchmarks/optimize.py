@@ -306,7 +306,7 @@ def main() -> None:
         ab = {}
         sample = {k: v[:1] for k, v in _first_input(held).items()}
         for r in result.reports[1:]:
-            if r.accepted and r.path and r.method.startswith("int8-static"):
+            if r.accepted and r.path and r.method.startswith(("int8-static", "prune-channels")):
                 ab[r.method] = interleaved(Path(result.reports[0].path or ""), Path(r.path),
                                            sample, args.runs * 2)  # fmt: skip
         print(f"{name}: interleaved batch-1 latency, original vs variant: {ab}", file=sys.stderr)
