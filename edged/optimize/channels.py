@@ -78,6 +78,10 @@ class Pruned:
     """By the set's first producer's output (or a tensor of it): why it was left alone."""
     params_before: int
     params_after: int
+    narrow: int = 0
+    """Prunable sets left alone for being narrower than ``min_channels``."""
+    refitted: int = 0
+    """Reading convolutions re-fitted (the rest were only sliced)."""
 
 
 class _Sets:
@@ -452,6 +456,7 @@ def prune_channels(
             consumers.setdefault(name, []).append(n)
     pruned: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {}
+    narrow = refitted = 0
     for group in channel_sets(model):
         label = group.producers[0].output[0] if group.producers else sorted(group.tensors)[0]
         if group.blocked:
@@ -461,12 +466,16 @@ def prune_channels(
         width = _out_channels(group.producers[0], inits)
         drop = width - kept_channels(width, ratio, align)
         if width < min_channels or drop == 0:
+            narrow += 1
             continue
         score = _data_importance(group, inits, moments or {})
         if score is None:
             score = importance(group, inits, consumers)
         keep = np.sort(np.argsort(score, kind="stable")[drop:])
         _apply(graph, group, keep, inits, moments or {})
+        refitted += sum(
+            r.op_type == "Conv" and r.input[0] in (moments or {}) for r in group.readers
+        )
         pruned[label] = (width, int(keep.size))
     used = {i for n in graph.node for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
@@ -474,7 +483,7 @@ def prune_channels(
     graph.initializer.extend(kept)
     if pruned:
         del graph.value_info[:]  # widths changed; inferred again below and by ONNX Runtime
-    return Pruned(model, pruned, skipped, before, _params(model))
+    return Pruned(model, pruned, skipped, before, _params(model), narrow, refitted)
 
 
 def _apply(

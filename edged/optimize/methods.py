@@ -525,7 +525,8 @@ def _channel_pruning(ratio: float) -> Method:
             "channel_sets_pruned": len(result.pruned),
             "channels": [before, after],
             "params": [result.params_before, result.params_after],
-            "refit_readers": len(moments),
+            "refit_readers": result.refitted,
+            "narrow_sets_left": result.narrow,
             "skipped": result.skipped,
         })  # fmt: skip
 
