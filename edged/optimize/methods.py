@@ -507,9 +507,15 @@ def _channel_pruning(ratio: float) -> Method:
         )
         if not result.pruned:
             skipped = "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:3])
+            narrow = (
+                f"; {result.narrow} set(s) narrower than {options.prune_min_channels} channels "
+                f"or too narrow to lose {ratio:.0%} in steps of {CHANNEL_ALIGN}"
+                if result.narrow
+                else ""
+            )
             raise Refused(
                 "no prunable convolution channel set (dense Conv producers, consumers that "
-                "keep channels apart)" + (f"; skipped {skipped}" if skipped else "")
+                "keep channels apart)" + narrow + (f"; skipped {skipped}" if skipped else "")
             )
         try:
             onnx.checker.check_model(model)

@@ -40,24 +40,25 @@ def _model(
     return model
 
 
-def chain(zero: tuple[int, ...] = ()) -> onnx.ModelProto:
-    """x -> Conv A (8, 3x3) -> BN -> Relu -> depthwise Conv (8) -> Relu -> Conv B (4, 1x1).
+def chain(zero: tuple[int, ...] = (), width: int = 8) -> onnx.ModelProto:
+    """x -> Conv A (``width``, 3x3) -> BN -> Relu -> depthwise Conv -> Relu -> Conv B (4, 1x1).
     Channels ``zero`` of A have zero filters, bias and BN shift (they are exactly 0 after it)."""
-    a, bias = _w(8, 3, 3, 3), _w(8)
-    beta, mean = _w(8), _w(8)
+    a, bias = _w(width, 3, 3, 3), _w(width)
+    beta, mean = _w(width), _w(width)
     for c in zero:
         a[c], bias[c], beta[c], mean[c] = 0, 0, 0, 0
     weights = {
         "a": a, "a_b": bias,
-        "g": np.abs(_w(8)) + 0.5, "beta": beta, "mean": mean, "var": np.abs(_w(8)) + 0.5,
-        "dw": _w(8, 1, 3, 3), "dw_b": _w(8) * 0.1,
-        "b": _w(4, 8, 1, 1),
+        "g": np.abs(_w(width)) + 0.5, "beta": beta, "mean": mean,
+        "var": np.abs(_w(width)) + 0.5,
+        "dw": _w(width, 1, 3, 3), "dw_b": _w(width) * 0.1,
+        "b": _w(4, width, 1, 1),
     }  # fmt: skip
     nodes = [
         helper.make_node("Conv", ["x", "a", "a_b"], ["t1"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["t1", "g", "beta", "mean", "var"], ["t2"]),
         helper.make_node("Relu", ["t2"], ["t3"]),
-        helper.make_node("Conv", ["t3", "dw"], ["t4"], group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["t3", "dw"], ["t4"], group=width, pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["t4"], ["t5"]),
         helper.make_node("Conv", ["t5", "b"], ["y"]),
     ]
@@ -263,3 +264,42 @@ def test_prune_channels_on_the_real_ocr_direction_classifier(tmp_path: Path) -> 
     onnx.checker.check_model(pruned, full_check=True)
     original = load_model(source)
     assert run(pruned, x).shape == run(original, x).shape == (8, 2)
+
+
+def test_optimize_writes_a_pruned_variant_the_gate_accepts_and_refuses_one_over_budget(
+    tmp_path: Path,
+) -> None:
+    from edged.optimize import gate
+    from edged.optimize.run import Settings, optimize
+
+    source = tmp_path / "net.onnx"
+    # half the channels are zero: pruning them is free (16 wide: 8 stay, aligned to 8)
+    model = chain(zero=tuple(range(0, 16, 2)), width=16)
+    onnx.save(model, str(source))
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.save(calibration / "x.npy", RNG.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    settings = Settings(
+        methods=("prune-channels-50",),
+        budget=gate.Budget(min_agreement=0.99),
+        options=Options(prune_min_channels=4),
+        runs=5,
+        executors=("cpu-onnx",),
+        plot=False,
+    )
+    result = optimize(source, calibration, tmp_path / "out", settings)
+    variant = result.reports[1]
+    assert variant.accepted, variant.reason
+    assert variant.agreement == 1.0
+    written = onnx.load(str(variant.path))
+    assert inits(written)["a"].shape == (8, 3, 3, 3)
+    assert variant.size_bytes is not None
+    assert result.reports[0].size_bytes is not None
+    assert variant.size_bytes < result.reports[0].size_bytes
+
+    onnx.save(chain(width=16), str(source))  # no free channels: half of them cost agreement
+    settings.budget = gate.Budget(min_agreement=0.999)
+    refused = optimize(source, calibration, tmp_path / "out2", settings).reports[1]
+    assert not refused.accepted
+    assert refused.path is None
+    assert not (tmp_path / "out2" / "prune-channels-50").exists()
