@@ -170,7 +170,8 @@ class _Analysis:
         self.norms: dict[str, list[Any]] = {}
         self.constants: dict[str, list[tuple[Any, int, int]]] = {}
         self.blocked: dict[str, list[str]] = {}
-        for node in model.graph.node:
+        self.nodes = list(model.graph.node)
+        for node in self.nodes:
             self.visit(node)
         for vi in model.graph.input:
             if vi.name not in self.inits:
@@ -248,7 +249,8 @@ class _Analysis:
 
     def sets(self) -> list[ChannelSet]:
         groups: dict[str, ChannelSet] = {}
-        for name in set(self.union.parent) | set(self.blocked) | set(self.constants):
+        # sorted, then ordered by the graph: the same sets, in the same order, every run
+        for name in sorted(set(self.union.parent) | set(self.blocked) | set(self.constants)):
             group = groups.setdefault(self.union.find(name), ChannelSet())
             group.tensors.add(name)
             if name in self.producers:
@@ -264,7 +266,15 @@ class _Analysis:
             widths = {_out_channels(p, self.inits) for p in group.producers}
             if len(widths) > 1:
                 group.blocked.append(f"producers disagree on the channel count: {sorted(widths)}")
-        return list(groups.values())
+        order = {n.output[0]: i for i, n in enumerate(self.nodes)}
+
+        def first(group: ChannelSet) -> tuple[int, str]:
+            ranks = [order.get(p.output[0], len(order)) for p in group.producers]
+            return (min(ranks, default=len(order)), min(group.tensors))
+
+        for group in groups.values():
+            group.producers.sort(key=lambda p: order.get(p.output[0], len(order)))
+        return sorted(groups.values(), key=first)
 
 
 def channel_sets(model: Any) -> list[ChannelSet]:
@@ -457,8 +467,9 @@ def prune_channels(
     pruned: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {}
     narrow = refitted = 0
-    for group in channel_sets(model):
-        label = group.producers[0].output[0] if group.producers else sorted(group.tensors)[0]
+    plan: list[tuple[str, ChannelSet, Any]] = []
+    for group in channel_sets(model):  # every choice from the original weights first
+        label = group.producers[0].output[0] if group.producers else min(group.tensors)
         if group.blocked:
             if group.producers:
                 skipped[label] = "; ".join(sorted(set(group.blocked))[:3])
@@ -471,12 +482,13 @@ def prune_channels(
         score = _data_importance(group, inits, moments or {})
         if score is None:
             score = importance(group, inits, consumers)
-        keep = np.sort(np.argsort(score, kind="stable")[drop:])
+        plan.append((label, group, np.sort(np.argsort(score, kind="stable")[drop:])))
+        pruned[label] = (width, int(plan[-1][2].size))
+    for _, group, keep in plan:  # then the edits (slicing commutes across sets)
         _apply(graph, group, keep, inits, moments or {})
         refitted += sum(
             r.op_type == "Conv" and r.input[0] in (moments or {}) for r in group.readers
         )
-        pruned[label] = (width, int(keep.size))
     used = {i for n in graph.node for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
