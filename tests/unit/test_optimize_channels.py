@@ -303,3 +303,30 @@ def test_optimize_writes_a_pruned_variant_the_gate_accepts_and_refuses_one_over_
     assert not refused.accepted
     assert refused.path is None
     assert not (tmp_path / "out2" / "prune-channels-50").exists()
+
+
+def test_the_variant_does_not_depend_on_the_order_the_sets_are_visited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # B reads A's set and produces its own: cutting B's filters first used to change A's ranking
+    weights = {"a": _w(16, 3, 3, 3), "b": _w(16, 16, 1, 1), "c": _w(4, 16, 1, 1)}
+    nodes = [
+        helper.make_node("Conv", ["x", "a"], ["t1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["t1"], ["t2"]),
+        helper.make_node("Conv", ["t2", "b"], ["t3"]),
+        helper.make_node("Relu", ["t3"], ["t4"]),
+        helper.make_node("Conv", ["t4", "c"], ["y"]),
+    ]
+    results = []
+    visit = channels.channel_sets
+    for reverse in (False, True):
+        model = _model(nodes, weights)
+        moments = channel_moments(model, channels.reader_inputs(model), Samples({"x": X}), 5)
+        if reverse:
+            monkeypatch.setattr(channels, "channel_sets", lambda m: visit(m)[::-1])
+        result = channels.prune_channels(model, 0.5, moments=moments)
+        assert set(result.pruned) == {"t1", "t3"}
+        results.append(inits(model))
+    assert results[0].keys() == results[1].keys()
+    for name, array in results[0].items():
+        assert np.array_equal(array, results[1][name]), name
