@@ -83,7 +83,7 @@ class Options:
     prune_min_channels: int = 64
     """``prune-channels-*`` leaves channel sets narrower than this alone: narrow layers (a
     MobileNet's 8-32-channel bottlenecks) lose the most accuracy per channel and cost
-    little time (ocr_cls, 50 % of the channels of sets >= 64 wide: -0.7 points, 1.28x faster;
+    little time (ocr_cls, 50 % of the channels of sets >= 64 wide: -0.9 points, 1.35x faster;
     of every set >= 32 wide: -45 points)."""
 
     sqnr_floor_db: float = 30.0
