@@ -15,11 +15,16 @@ every convolution that produces into the set. Nothing is pruned in a set that:
 - a grouped convolution that is neither dense (group 1) nor depthwise reads;
 - no convolution produces (its channels come from elsewhere).
 
-Channels are ranked by the L1 norm of their filters, scaled by the following
-BatchNormalization's ``|gamma| / sqrt(var + eps)`` where one directly follows (a channel the
-normalisation shrinks matters less), summed over the set's producers after dividing each
-producer's norms by their mean (so that no producer outweighs the others by its scale).
-The lowest ``ratio`` of each set goes; at least one channel stays.
+With :class:`Moments` of the readers' inputs (calibration statistics), channels are ranked
+by the error their removal alone adds to the readers' outputs after the re-fit
+(:func:`_data_importance`), and each reading convolution is re-fitted: the removed channels
+are replaced by their least-squares fit from the kept ones (:func:`substitution`). Without
+them, by the L1 norm of their filters, scaled by the following BatchNormalization's
+``|gamma| / sqrt(var + eps)`` where one directly follows (a channel the normalisation shrinks
+matters less), summed over the set's producers after dividing each producer's norms by their
+mean (so that no producer outweighs the others by its scale). The lowest ``ratio`` of each
+set goes (:func:`kept_channels`); at least one channel stays. Every choice is made from the
+original weights, in graph order, so the same model gives the same variant.
 
 :func:`prune_channels` rewrites an ``onnx.ModelProto`` in memory and does no I/O.
 """
