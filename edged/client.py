@@ -64,11 +64,18 @@ def _samples(
     )
 
 
+#: frames up to this size are copied into the message when sent (pyzmq's default: 64 KiB).
+#: A zero-copy frame is released on pyzmq's garbage-collector thread (an inproc message and
+#: a GIL hand-off per frame, ~50 us of CPU); copying 256 KiB costs ~6 us (docs/performance.md)
+COPY_THRESHOLD = 256 * 1024
+
+
 def _socket(
     context: zmq.Context[zmq.Socket[bytes]], address: str, curve: CurveKeys | None
 ) -> zmq.Socket[bytes]:
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.copy_threshold = COPY_THRESHOLD
     if curve is not None:
         curve.apply(socket)
     socket.connect(address)
