@@ -9,7 +9,9 @@
 in docs/zmq-protocol.md and raise ``ZmqClientError`` carrying the same status codes as gRPC.
 Both take a bearer ``token`` (sent in every request header) and, for a daemon with CURVE on its
 tcp:// endpoints, ``curve=CurveKeys.from_files(server_public_file, client_secret_file)``
-(docs/security.md).
+(docs/security.md). An input tensor up to ``COPY_THRESHOLD`` bytes is copied when the request
+is sent; a larger one is sent from the caller's array, which must stay unchanged until the
+call returns.
 """
 
 from __future__ import annotations
