@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import zmq
 from sklearn.datasets import load_digits
 
-from edged.client import AsyncZmqClient, ZmqClient, ZmqClientError
+from edged.client import COPY_THRESHOLD, AsyncZmqClient, ZmqClient, ZmqClientError
 from tests import modelgen
 from tests.daemon_process import DaemonProcess, copy_example_models
 from tests.integration.test_grpc_triton import make_inputs, multi_io_inputs
@@ -349,3 +349,25 @@ def test_clients_time_out_and_drop_a_late_reply() -> None:
                 answering.join()
 
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("rows", [2_000, 8_000, 20_000])  # 31 KiB, 125 KiB, 312 KiB
+def test_clients_send_tensors_copied_or_by_reference_alike(zmq_address: str, rows: int) -> None:
+    """Frames up to ``COPY_THRESHOLD`` are copied when sent, larger ones go by reference:
+    the daemon gets the same tensor either way, and a copied one may be changed by the
+    caller as soon as the request is sent."""
+    x = np.random.default_rng(rows).random((1, rows, 4), dtype=np.float32)
+    expected = 3 * x
+    with ZmqClient(zmq_address, timeout=20) as client:
+        np.testing.assert_array_equal(client.infer("dynamic", {"x": x})["y"], expected)
+
+    async def main() -> np.ndarray:
+        async with AsyncZmqClient(zmq_address, timeout=20) as c:
+            sent = x.copy()
+            task = asyncio.create_task(c.infer("dynamic", {"x": sent}))
+            await asyncio.sleep(0)  # the request is on its way: the task waits for its reply
+            if sent.nbytes <= COPY_THRESHOLD:
+                sent[:] = -1.0
+            return (await task)["y"]
+
+    np.testing.assert_array_equal(asyncio.run(main()), expected)
