@@ -26,7 +26,11 @@ OUT/<method>/<model> --version V --source OUT/<method>/<model>/1`; one over budg
 written. OUT/report.json and OUT/pareto.png hold every variant.
 
 DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
-by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).
+by input name, samples on axis 0, and optionally 'labels' (integers, one per sample) or,
+for a text detector (a DBNet probability map output [N, 1, H, W], as PP-OCR's), a
+boxes.json file: {"boxes": [[[x0, y0, x1, y1], ...], ...]}, each sample's known boxes in
+the map's pixels, in row order; variants are then scored by detection F1 at IoU 0.5 and
+--max-accuracy-drop is in points of F1.
 --calibration-store PATH takes the samples a device's learning store keeps instead (its
 backbone features and labels, held-out rows excluded; which rows are used is printed and
 recorded in optimize.json); variants are then judged on --holdout DIR.
@@ -126,6 +130,13 @@ def add_data_arguments(p: argparse._ActionsContainer) -> None:
         "--output", metavar="NAME", help="the output quality is judged on (default: the first)"
     )
     p.add_argument(
+        "--task",
+        choices=("auto", "detection"),
+        default="auto",
+        help="auto: detection F1 when the held-out folder has boxes.json, accuracy with "
+        "labels, else agreement; detection: require boxes.json (auto)",
+    )
+    p.add_argument(
         "--calibration-samples",
         type=int,
         default=64,
@@ -181,6 +192,7 @@ def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) ->
         plot=plot,
         calibration_store=args.calibration_store,
         store_model=args.store_model,
+        task=args.task,
     )
 
 
