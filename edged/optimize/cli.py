@@ -11,8 +11,13 @@ from typing import Any
 
 from edged.core.errors import EdgedError
 from edged.optimize import gate
+from edged.optimize.errors import OptimizeError
 from edged.optimize.gate import DEFAULT_MIN_AGREEMENT
 from edged.optimize.report import table
+
+DEFAULT_PRUNE_MIN_CHANNELS = 64
+"""``--prune-min-channels``' default: ``Options.prune_min_channels`` (edged.optimize.methods,
+not imported here: it loads onnx), checked equal by the tests."""
 
 DESCRIPTION = """\
 Compress MODEL (an .onnx file, a model folder, a version folder or an edged bundle) and keep
@@ -151,6 +156,14 @@ def add_data_arguments(p: argparse._ActionsContainer) -> None:
         help="share of weights (magnitude) or hidden units (structured) pruned (0.5)",
     )
     p.add_argument(
+        "--prune-min-channels",
+        type=int,
+        default=DEFAULT_PRUNE_MIN_CHANNELS,
+        metavar="N",
+        help="prune-channels-* leaves channel sets narrower than N alone (a multiple of 8, at "
+        f"least 8: pruned sets keep multiples of 8 channels; {DEFAULT_PRUNE_MIN_CHANNELS})",
+    )
+    p.add_argument(
         "--runs",
         type=int,
         default=50,
@@ -185,7 +198,9 @@ def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) ->
         holdout_share=args.holdout_share,
         output=args.output,
         options=Options(
-            calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
+            calibration_samples=max(1, args.calibration_samples),
+            sparsity=args.sparsity,
+            prune_min_channels=prune_min_channels(args.prune_min_channels),
         ),
         runs=max(1, args.runs),
         threads=max(1, args.threads),
@@ -194,6 +209,24 @@ def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) ->
         store_model=args.store_model,
         task=args.task,
     )
+
+
+def prune_min_channels(n: int) -> int:
+    """``n`` when it is a usable ``--prune-min-channels``.
+
+    Raises:
+        OptimizeError: ``n`` under 8 or not a multiple of 8 (the message says why).
+    """
+    from edged.optimize.methods import CHANNEL_ALIGN  # noqa: PLC0415 - onnx, onnxruntime.quantization
+
+    if n < CHANNEL_ALIGN or n % CHANNEL_ALIGN:
+        raise OptimizeError(
+            f"--prune-min-channels must be a multiple of {CHANNEL_ALIGN}, at least "
+            f"{CHANNEL_ALIGN}, got {n}: pruned channel sets keep multiples of {CHANNEL_ALIGN} "
+            "channels (ONNX Runtime's blocked x86 convolutions), so narrower sets cannot lose "
+            f"a step and the floor is counted in the same steps"
+        )
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
