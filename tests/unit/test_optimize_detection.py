@@ -198,3 +198,15 @@ def test_boxes_travel_with_their_rows_through_the_split(tmp_path: Path) -> None:
     np.save(tmp_path / "all/labels.npy", np.zeros(6, np.int64))
     with pytest.raises(OptimizeError, match=r"both labels and boxes\.json"):
         load_samples(tmp_path / "all", ["x"])
+
+
+def test_boxes_for_a_model_without_a_probability_map_are_named(tmp_path: Path) -> None:
+    from tests.daemon_process import EXAMPLE_MODELS
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "input.npy", np.zeros((4, 64), np.float32))
+    (calib / BOXES_FILE).write_text(json.dumps({"boxes": [[], [], [], [[0, 0, 4, 4]]]}))
+    settings = Settings(methods=("fp16",), plot=False, runs=1, holdout_share=0.5)
+    with pytest.raises(OptimizeError, match=r"output 'probabilities' has shape \[2, 10\], not a"):
+        optimize(EXAMPLE_MODELS / "digits", calib, tmp_path / "out", settings)
