@@ -11,8 +11,13 @@ from typing import Any
 
 from edged.core.errors import EdgedError
 from edged.optimize import gate
+from edged.optimize.errors import OptimizeError
 from edged.optimize.gate import DEFAULT_MIN_AGREEMENT
 from edged.optimize.report import table
+
+DEFAULT_PRUNE_MIN_CHANNELS = 64
+"""``--prune-min-channels``' default: ``Options.prune_min_channels`` (edged.optimize.methods,
+not imported here: it loads onnx), checked equal by the tests."""
 
 DESCRIPTION = """\
 Compress MODEL (an .onnx file, a model folder, a version folder or an edged bundle) and keep
@@ -26,7 +31,11 @@ OUT/<method>/<model> --version V --source OUT/<method>/<model>/1`; one over budg
 written. OUT/report.json and OUT/pareto.png hold every variant.
 
 DIR holds .npy files named after the model's inputs (input.npy) and/or .npz archives keyed
-by input name, samples on axis 0, and optionally 'labels' (integers, one per sample).
+by input name, samples on axis 0, and optionally 'labels' (integers, one per sample) or,
+for a text detector (a DBNet probability map output [N, 1, H, W], as PP-OCR's), a
+boxes.json file: {"boxes": [[[x0, y0, x1, y1], ...], ...]}, each sample's known boxes in
+the map's pixels, in row order; variants are then scored by detection F1 at IoU 0.5 and
+--max-accuracy-drop is in points of F1.
 --calibration-store PATH takes the samples a device's learning store keeps instead (its
 backbone features and labels, held-out rows excluded; which rows are used is printed and
 recorded in optimize.json); variants are then judged on --holdout DIR.
@@ -62,8 +71,9 @@ def add_command(commands: Any) -> None:
         metavar="M[,M...]",
         help="comma-separated methods (default: int8-static-minmax, int8-static-entropy, "
         "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
-        "prune-magnitude, prune-structured, prune-channels-25, prune-channels-50, and for "
-        "[learn] models head-prune, distil, qat)",
+        "prune-magnitude, prune-structured, prune-channels-25, prune-channels-50, "
+        "prune-channels-25+int8-static-minmax, prune-channels-50+int8-static-minmax (pruned, "
+        "then quantised), and for [learn] models head-prune, distil, qat)",
     )
     add_budget_arguments(p)
     add_data_arguments(p)
@@ -126,6 +136,13 @@ def add_data_arguments(p: argparse._ActionsContainer) -> None:
         "--output", metavar="NAME", help="the output quality is judged on (default: the first)"
     )
     p.add_argument(
+        "--task",
+        choices=("auto", "detection"),
+        default="auto",
+        help="auto: detection F1 when the held-out folder has boxes.json, accuracy with "
+        "labels, else agreement; detection: require boxes.json (auto)",
+    )
+    p.add_argument(
         "--calibration-samples",
         type=int,
         default=64,
@@ -138,6 +155,14 @@ def add_data_arguments(p: argparse._ActionsContainer) -> None:
         default=0.5,
         metavar="S",
         help="share of weights (magnitude) or hidden units (structured) pruned (0.5)",
+    )
+    p.add_argument(
+        "--prune-min-channels",
+        type=int,
+        default=DEFAULT_PRUNE_MIN_CHANNELS,
+        metavar="N",
+        help="prune-channels-* leaves channel sets narrower than N alone (a multiple of 8, at "
+        f"least 8: pruned sets keep multiples of 8 channels; {DEFAULT_PRUNE_MIN_CHANNELS})",
     )
     p.add_argument(
         "--runs",
@@ -174,14 +199,35 @@ def settings_of(args: argparse.Namespace, methods: str | None, *, plot: bool) ->
         holdout_share=args.holdout_share,
         output=args.output,
         options=Options(
-            calibration_samples=max(1, args.calibration_samples), sparsity=args.sparsity
+            calibration_samples=max(1, args.calibration_samples),
+            sparsity=args.sparsity,
+            prune_min_channels=prune_min_channels(args.prune_min_channels),
         ),
         runs=max(1, args.runs),
         threads=max(1, args.threads),
         plot=plot,
         calibration_store=args.calibration_store,
         store_model=args.store_model,
+        task=args.task,
     )
+
+
+def prune_min_channels(n: int) -> int:
+    """``n`` when it is a usable ``--prune-min-channels``.
+
+    Raises:
+        OptimizeError: ``n`` under 8 or not a multiple of 8 (the message says why).
+    """
+    from edged.optimize.methods import CHANNEL_ALIGN  # noqa: PLC0415 - onnx, onnxruntime.quantization
+
+    if n < CHANNEL_ALIGN or n % CHANNEL_ALIGN:
+        raise OptimizeError(
+            f"--prune-min-channels must be a multiple of {CHANNEL_ALIGN}, at least "
+            f"{CHANNEL_ALIGN}, got {n}: pruned channel sets keep multiples of {CHANNEL_ALIGN} "
+            "channels (ONNX Runtime's blocked x86 convolutions), so narrower sets cannot lose "
+            f"a step and the floor is counted in the same steps"
+        )
+    return n
 
 
 def run(args: argparse.Namespace) -> int:

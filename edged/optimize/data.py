@@ -9,6 +9,8 @@ Samples are a folder of ``.npy`` files named after the model's inputs (``input.n
 ``.npz`` archives keyed by input name; every array has the samples on axis 0, and files of
 one input are concatenated in name order. A ``labels`` (or ``label``) array, integers of
 shape ``(N,)``, makes quality the task accuracy rather than agreement with the original.
+A ``boxes.json`` file (:func:`load_boxes`) makes it a text detector's task instead: each
+sample's known boxes, scored by detection F1 at IoU 0.5 (edged.optimize.detection).
 
 Or a device's learning store (``learn.sqlite3`` and its feature files, edged.learn.store),
 read without writing (``load_store``): it keeps the backbone's *features* of each sample of
@@ -19,6 +21,8 @@ samples calibrate what the features feed (the head) and carry no model inputs.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import sqlite3
 import tempfile
 import tomllib
@@ -33,6 +37,7 @@ import numpy as np
 from edged.core.errors import EdgedError
 from edged.learn.store import FILE_NAME as STORE_FILE
 from edged.learn.store import SAMPLES_DIR
+from edged.optimize.detection import Box
 from edged.optimize.errors import OptimizeError
 from edged.ota.archive import extract
 from edged.serving.repository import MODEL_TOML
@@ -40,6 +45,9 @@ from edged.serving.versions import parse_version, read_active
 
 LABEL_KEYS = ("labels", "label")
 """Array names read as task labels rather than model inputs."""
+
+BOXES_FILE = "boxes.json"
+"""The file of a sample folder holding each sample's known boxes (:func:`load_boxes`)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class Samples:
     features: np.ndarray | None = None
     """The backbone's features of each row, when the samples came from a learning store
     (``inputs`` is then empty: the store keeps no model inputs)."""
+    boxes: tuple[tuple[Box, ...], ...] | None = None
+    """Each row's known boxes (a detector's task labels, from ``boxes.json``)."""
 
     def __len__(self) -> int:
         if not self.inputs and self.features is not None:
@@ -76,7 +86,11 @@ class Samples:
         """The samples ``index`` selects (a slice or integer indices)."""
         labels = None if self.labels is None else self.labels[index]
         features = None if self.features is None else self.features[index]
-        return Samples({k: v[index] for k, v in self.inputs.items()}, labels, features)
+        boxes = None
+        if self.boxes is not None:
+            picked = range(len(self))[index] if isinstance(index, slice) else index
+            boxes = tuple(self.boxes[int(i)] for i in picked)
+        return Samples({k: v[index] for k, v in self.inputs.items()}, labels, features, boxes)
 
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
         """The inputs in consecutive batches of at most ``size`` rows."""
@@ -96,6 +110,8 @@ class Samples:
             a = np.ascontiguousarray(arrays[name])
             digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
             digest.update(a.tobytes())
+        if self.boxes is not None:
+            digest.update(b"boxes:" + json.dumps(self.boxes).encode())
         return digest.hexdigest()
 
 
@@ -184,8 +200,9 @@ def load_samples(folder: Path, inputs: Sequence[str], what: str = "--calibration
 
     Raises:
         OptimizeError: not a folder, an unreadable file, an input with no data, a name that
-            is no input, rows that differ between inputs, or labels that are not integers of
-            shape (N,); the message names the file or input and ``what`` (the option).
+            is no input, rows that differ between inputs, labels that are not integers of
+            shape (N,), a bad ``boxes.json``, or both labels and boxes; the message names
+            the file, input or field and ``what`` (the option).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -225,7 +242,77 @@ def load_samples(folder: Path, inputs: Sequence[str], what: str = "--calibration
                 f"{what} {folder}: labels must be integers of shape ({n},), "
                 f"got {labels.dtype} {labels.shape}"
             )
-    return Samples(arrays, labels)
+    return Samples(arrays, labels, boxes=_boxes_of(folder, n, labels is not None, what))
+
+
+def _boxes_of(
+    folder: Path, rows: int, labelled: bool, what: str
+) -> tuple[tuple[Box, ...], ...] | None:
+    if not (folder / BOXES_FILE).is_file():
+        return None
+    if labelled:
+        raise OptimizeError(
+            f"{what} {folder}: both labels and {BOXES_FILE}: give one task (labels for a "
+            "classifier, boxes for a text detector)"
+        )
+    return load_boxes(folder / BOXES_FILE, rows, what)
+
+
+def load_boxes(path: Path, rows: int, what: str = "--holdout") -> tuple[tuple[Box, ...], ...]:
+    """The known boxes in ``path``, a JSON object ``{"boxes": [[[x0, y0, x1, y1], ...],
+    ...]}``: one list per sample row, in row order (the rows of the folder's arrays), each
+    box four finite numbers in the pixels of the model's probability map, ``x0 < x1`` and
+    ``y0 < y1`` (x1, y1 exclusive). A row may have no box.
+
+    Raises:
+        OptimizeError: unreadable JSON, or a field or row that breaks the format (named,
+            e.g. ``boxes[3][1]: x1``).
+    """
+    where = f"{what} {path}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OptimizeError(f"{where}: not readable JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("boxes"), list):
+        raise OptimizeError(
+            f'{where}: boxes: missing; the file is {{"boxes": [[[x0, y0, x1, y1], ...], ...]}}, '
+            "one list of boxes per sample row"
+        )
+    unknown = sorted(set(data) - {"boxes"})
+    if unknown:
+        raise OptimizeError(f"{where}: {', '.join(unknown)}: unknown field (only 'boxes')")
+    pages = data["boxes"]
+    if len(pages) != rows:
+        raise OptimizeError(
+            f"{where}: boxes: {len(pages)} rows of boxes, the samples have {rows} rows"
+        )
+    out: list[tuple[Box, ...]] = []
+    for i, page in enumerate(pages):
+        if not isinstance(page, list):
+            raise OptimizeError(f"{where}: boxes[{i}]: a list of boxes, got {page!r:.40}")
+        boxes: list[Box] = []
+        for j, box in enumerate(page):
+            at = f"boxes[{i}][{j}]"
+            if not isinstance(box, list) or len(box) != 4:
+                raise OptimizeError(f"{where}: {at}: [x0, y0, x1, y1], got {box!r:.40}")
+            for name, value in zip(("x0", "y0", "x1", "y1"), box, strict=True):
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not (math.isfinite(value))
+                ):
+                    raise OptimizeError(f"{where}: {at}: {name}: a finite number, got {value!r}")
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if x1 <= x0 or y1 <= y0:
+                bad = "x1" if x1 <= x0 else "y1"
+                low = x0 if bad == "x1" else y0
+                raise OptimizeError(
+                    f"{where}: {at}: {bad} ({box[2] if bad == 'x1' else box[3]}) must be "
+                    f"greater than {bad[0]}0 ({low:g})"
+                )
+            boxes.append((x0, y0, x1, y1))
+        out.append(tuple(boxes))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

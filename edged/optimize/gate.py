@@ -48,13 +48,14 @@ def judge(
     agreement: float,
     accuracy: float | None,
     original_accuracy: float | None,
+    metric: str = "accuracy",
 ) -> tuple[bool, str]:
     """(accepted, reason): whether a variant with these figures is within ``budget``, and
-    the figure that decided it."""
+    the figure that decided it; ``metric`` names what ``accuracy`` is (a detector's F1)."""
     if budget.max_accuracy_drop is not None:
         if accuracy is not None and original_accuracy is not None:
             drop = (original_accuracy - accuracy) * 100
-            what = f"accuracy drop {drop:.2f} points"
+            what = f"{metric} drop {drop:.2f} points"
         else:
             drop = (1 - agreement) * 100
             what = f"no labels: disagreement with the original {drop:.2f} points"

@@ -10,6 +10,8 @@ shipped in the onnxruntime wheel edged already depends on), with FP32 inputs and
 kept so that clients do not change. Pruning edits initializers with ``onnx``;
 ``prune-channels-*`` removes whole convolution channels (edged.optimize.channels) and
 re-fits the convolutions that read them from calibration statistics.
+``prune-channels-*+int8-static-minmax`` quantises the pruned model (static QDQ, MinMax)
+before it is judged: one variant, one gate.
 
 A method that cannot make its variant raises :class:`Refused` with the reason, which the
 report carries; a full-integer LiteRT variant is always refused (see :data:`LITERT_REASON`).
@@ -539,6 +541,24 @@ def _channel_pruning(ratio: float) -> Method:
     return run
 
 
+def chained(first: Method, second: Method) -> Method:
+    """``second`` run on what ``first`` made, with the same calibration samples: one variant,
+    gated as one (the intermediate file is never measured or written). The notes hold each
+    step's, as ``first`` and ``second``."""
+
+    def run(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
+        middle = out.with_name(f"first-{out.name}")
+        try:
+            made = first(source, middle, calibration, options)
+            final = second(made.path, out, calibration, options)
+        finally:
+            middle.unlink(missing_ok=True)
+        return Produced(final.path, {"first": made.notes, "second": final.notes},
+                        {**made.files, **final.files})  # fmt: skip
+
+    return run
+
+
 METHODS: dict[str, Method] = {
     "int8-static-minmax": _static("MinMax"),
     "int8-static-entropy": _static("Entropy"),
@@ -551,6 +571,8 @@ METHODS: dict[str, Method] = {
     "prune-structured": prune_structured,
     "prune-channels-25": _channel_pruning(0.25),
     "prune-channels-50": _channel_pruning(0.5),
+    "prune-channels-25+int8-static-minmax": chained(_channel_pruning(0.25), _static("MinMax")),
+    "prune-channels-50+int8-static-minmax": chained(_channel_pruning(0.5), _static("MinMax")),
 }
 """Every graph method by name (``--methods``); head methods live in edged.optimize.head."""
 

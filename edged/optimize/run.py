@@ -9,6 +9,12 @@ version of the same model: the original's ``model.toml`` (if it had one) and
 (parent model's SHA-256, method, calibration set's SHA-256, budget, figures) that travels in
 the bundle. A rejected or refused variant is never written. ``OUT/report.json`` holds every
 record, ``OUT/pareto.png`` the plot.
+
+The task decides what "accuracy" is: with ``labels`` in the held-out data, the share of rows
+decided as labelled; with ``boxes.json`` (a text detector's known boxes, edged.optimize.data),
+detection F1 at IoU 0.5 of the boxes DBNet's post-processing finds in the primary output, a
+probability map ``[N, 1, H, W]`` (edged.optimize.detection). ``--max-accuracy-drop`` is then
+in points of F1; ``--min-agreement`` still gates on agreement (F1 is reported beside it).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from edged.optimize.data import (
     open_model,
     split,
 )
+from edged.optimize.detection import Detection, evaluate
 from edged.optimize.errors import OptimizeError
 from edged.optimize.methods import DEFAULT_METHODS, METHODS, Options, Produced, Refused
 from edged.optimize.report import VariantReport, plot
@@ -53,6 +60,9 @@ keeps features, not model inputs) only these and the head methods that train on 
 FEATURE_METHODS = frozenset({"head-prune", "distil"})
 REPORT_FILE = "report.json"
 PLOT_FILE = "pareto.png"
+TASKS = ("auto", "detection")
+"""``--task``: auto (detection when the held-out data has boxes.json, else classification
+with labels, else agreement), or detection (boxes.json required)."""
 
 
 @dataclass
@@ -79,6 +89,8 @@ class Settings:
     backbone features train the head methods; --holdout judges every variant."""
     store_model: str | None = None
     """Whose rows of the store (default: the model's name)."""
+    task: str = "auto"
+    """One of :data:`TASKS`."""
 
 
 @dataclass
@@ -138,15 +150,13 @@ def optimize(
             f"timing on {', '.join(executors)}"
         )
         reference = measure.run_outputs(source.path, held, batch)
-        original_acc = (
-            measure.accuracy_of(reference[primary], held.labels)
-            if held.labels is not None
-            else None
-        )
+        original_acc, base_detection = _original_score(reference[primary], held, primary, settings)
         timing = _Timing(held, batch if dynamic else 1, executors, settings)
         base = VariantReport("original", str(source.path), True, "the model as given")
         base.agreement = 1.0
         base.accuracy = original_acc
+        if base_detection is not None:
+            base.notes.update(detection_notes(base_detection))
         timing.fill(base, source.path)
         reports = [base]
         lineage = {
@@ -319,18 +329,68 @@ def _variant(
         reason = f"the variant does not run on cpu-onnx: {e}"
         return VariantReport(method, None, False, reason), {}
     quality = measure.compare(reference, outputs, primary, held.labels)
+    accuracy, metric, notes = quality.accuracy, "accuracy", dict(produced.notes)
+    if held.boxes is not None:
+        found = detection_of(outputs[primary], held, primary)
+        accuracy, metric = found.f1, "detection F1"
+        notes.update(detection_notes(found))
     accepted, reason = gate.judge(
-        settings.budget, quality.agreement, quality.accuracy, original_acc
+        settings.budget, quality.agreement, accuracy, original_acc, metric
     )
-    report = VariantReport(method, str(produced.path), accepted, reason, notes=produced.notes)
+    report = VariantReport(method, str(produced.path), accepted, reason, notes=notes)
     report.agreement = round(quality.agreement, 6)
-    report.accuracy = quality.accuracy
-    if quality.accuracy is not None and original_acc is not None:
-        report.accuracy_drop = round((original_acc - quality.accuracy) * 100, 4)
+    report.accuracy = accuracy
+    if accuracy is not None and original_acc is not None:
+        report.accuracy_drop = round((original_acc - accuracy) * 100, 4)
     report.max_abs_error = quality.max_abs_error
     report.rel_l2_error = quality.rel_l2_error
     timing.fill(report, produced.path)
     return report, produced.files
+
+
+def _original_score(
+    output: np.ndarray, held: Samples, primary: str, settings: Settings
+) -> tuple[float | None, Detection | None]:
+    """The original's task score on ``held`` (accuracy, detection F1, or None without task
+    labels) and its detection figures (with boxes)."""
+    if settings.task not in TASKS:
+        raise OptimizeError(f"--task must be one of {', '.join(TASKS)}, got {settings.task!r}")
+    if held.boxes is not None:
+        found = detection_of(output, held, primary)
+        return found.f1, found
+    if settings.task == "detection":
+        raise OptimizeError(
+            "--task detection: the held-out samples have no boxes.json (each sample's "
+            "known boxes: docs/optimize.md)"
+        )
+    return (None if held.labels is None else measure.accuracy_of(output, held.labels)), None
+
+
+def detection_of(output: np.ndarray, held: Samples, name: str) -> Detection:
+    """Detection figures of probability maps ``output`` (output ``name``) against the
+    held-out samples' boxes.
+
+    Raises:
+        OptimizeError: the output is not a one-channel map ``[N, 1, H, W]`` or ``[N, H, W]``.
+    """
+    assert held.boxes is not None
+    if not (output.ndim == 3 or (output.ndim == 4 and output.shape[1] == 1)):
+        raise OptimizeError(
+            f"boxes.json: output {name!r} has shape {list(output.shape)}, not a text "
+            "detector's probability map [N, 1, H, W] (--output names another)"
+        )
+    return evaluate(output, held.boxes)
+
+
+def detection_notes(found: Detection) -> dict[str, Any]:
+    """A report's record of detection figures."""
+    return {
+        "task": "detection",
+        "precision": round(found.precision, 6),
+        "recall": round(found.recall, 6),
+        "f1": round(found.f1, 6),
+        "boxes": [found.matched, found.found, found.known],
+    }
 
 
 def _publish(

@@ -4,6 +4,9 @@ real PP-OCR direction classifier from the test corpus."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +333,81 @@ def test_the_variant_does_not_depend_on_the_order_the_sets_are_visited(
     assert results[0].keys() == results[1].keys()
     for name, array in results[0].items():
         assert np.array_equal(array, results[1][name]), name
+
+
+def _command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edged.cli", "optimize", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def test_prune_min_channels_on_the_command_line(tmp_path: Path) -> None:
+    from edged.optimize.cli import DEFAULT_PRUNE_MIN_CHANNELS
+
+    assert Options().prune_min_channels == DEFAULT_PRUNE_MIN_CHANNELS
+    source = tmp_path / "net.onnx"
+    onnx.save(chain(zero=tuple(range(0, 16, 2)), width=16), str(source))  # 16 wide
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.save(calibration / "x.npy", RNG.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    common = (str(source), "--calibration", str(calibration), "--methods", "prune-channels-50",
+              "--min-agreement", "0.99", "--runs", "2", "--no-plot", "--json")  # fmt: skip
+    by_default = _command(*common, "--out", str(tmp_path / "a"))
+    assert by_default.returncode == 1, by_default.stderr
+    refused = json.loads(by_default.stdout.splitlines()[1])
+    assert not refused["accepted"]
+    assert "narrower than 64 channels" in refused["reason"]
+    lowered = _command(*common, "--out", str(tmp_path / "b"), "--prune-min-channels", "16")
+    assert lowered.returncode == 0, lowered.stderr
+    variant = json.loads(lowered.stdout.splitlines()[1])
+    assert variant["accepted"], variant["reason"]
+    assert variant["notes"]["min_channels"] == 16
+    assert variant["notes"]["channels"] == [16, 8]
+    for bad in ("12", "0", "-8"):
+        run = _command(*common, "--out", str(tmp_path / "c"), "--prune-min-channels", bad)
+        assert run.returncode == 2
+        assert f"--prune-min-channels must be a multiple of 8, at least 8, got {bad}" in run.stderr
+    assert not (tmp_path / "c" / "prune-channels-50").exists()
+    help_text = _command("--help").stdout
+    assert "--prune-min-channels" in help_text
+
+
+def test_pruning_then_int8_quantises_the_pruned_model_and_is_gated_as_one(tmp_path: Path) -> None:
+    from edged.optimize import gate
+    from edged.optimize.run import Settings, optimize
+
+    source = tmp_path / "net.onnx"
+    onnx.save(chain(zero=tuple(range(0, 16, 2)), width=16), str(source))  # half free to prune
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.save(calibration / "x.npy", RNG.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    method = "prune-channels-50+int8-static-minmax"
+    settings = Settings(
+        methods=("prune-channels-50", method),
+        budget=gate.Budget(min_agreement=0.95),
+        options=Options(prune_min_channels=16),
+        runs=3,
+        executors=("cpu-onnx",),
+        plot=False,
+    )
+    result = optimize(source, calibration, tmp_path / "out", settings)
+    _, pruned, both = result.reports
+    assert both.accepted, both.reason
+    assert both.notes["first"]["channels"] == [16, 8]
+    assert both.notes["second"]["calibration"] == "MinMax"
+    written = onnx.load(str(both.path))
+    assert both.path == str(tmp_path / "out" / method / "net" / "1" / "model.onnx")
+    ops = {n.op_type for n in written.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8 = [numpy_helper.to_array(i) for i in written.graph.initializer
+            if i.data_type == TensorProto.INT8 and i.dims[:1] == [8]]  # fmt: skip
+    assert any(w.shape == (8, 3, 3, 3) for w in int8)  # A: pruned to 8 filters, then int8
+    assert pruned.accepted  # (on a net this small, QDQ's scales outweigh the int8 saving)
+    assert not list((tmp_path / "out").rglob("first-*"))
+
+    onnx.save(chain(width=16), str(source))  # no free channels: half of them cost agreement
+    settings.budget = gate.Budget(min_agreement=0.999)
+    refused = optimize(source, calibration, tmp_path / "out2", settings).reports[2]
+    assert not refused.accepted
+    assert not (tmp_path / "out2" / method).exists()
