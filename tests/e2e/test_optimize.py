@@ -35,6 +35,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _device_env(fleet: ServedFleetRepo, tmp_path: Path) -> dict[str, str]:
+    """A device daemon that takes its updates from ``fleet`` with a short health window."""
+    return {
+        "EDGED_OTA_REPOSITORY_URL": fleet.url,
+        "EDGED_OTA_ROOT": str(fleet.root_path),
+        "EDGED_OTA_STATE_DIR": str(tmp_path / "state"),
+        "EDGED_OTA_HEALTH_WINDOW_S": "0.5",
+        "EDGED_OTA_HEALTH_MIN_REQUESTS": "0",
+        "EDGED_OTA_MIN_FREE_BYTES": str(1024 * 1024),
+        "EDGED_MODELS_INSTANCES": "1",
+    }
+
+
 def test_an_optimised_model_is_bundled_rolled_out_over_tuf_and_served(tmp_path: Path) -> None:
     data = load_digits()
     calibration = tmp_path / "calibration"
@@ -74,15 +87,7 @@ def test_an_optimised_model_is_bundled_rolled_out_over_tuf_and_served(tmp_path: 
     shutil.copytree(EXAMPLE_MODELS / "digits", models / "digits")
     with ServedFleetRepo(tmp_path / "fleet") as fleet:
         fleet.publish(bundle)
-        env = {
-            "EDGED_OTA_REPOSITORY_URL": fleet.url,
-            "EDGED_OTA_ROOT": str(fleet.root_path),
-            "EDGED_OTA_STATE_DIR": str(tmp_path / "state"),
-            "EDGED_OTA_HEALTH_WINDOW_S": "0.5",
-            "EDGED_OTA_HEALTH_MIN_REQUESTS": "0",
-            "EDGED_OTA_MIN_FREE_BYTES": str(1024 * 1024),
-            "EDGED_MODELS_INSTANCES": "1",
-        }
+        env = _device_env(fleet, tmp_path)
         daemon = DaemonProcess(["--models", str(models), "--grpc-address", "127.0.0.1:0"], env=env)
         try:
             daemon.wait_live()
@@ -200,15 +205,7 @@ def test_bundle_optimize_rolls_out_with_its_evidence_and_the_device_refuses_a_dr
     with ServedFleetRepo(tmp_path / "fleet") as fleet:
         fleet.publish(broken)
         fleet.publish(good)
-        env = {
-            "EDGED_OTA_REPOSITORY_URL": fleet.url,
-            "EDGED_OTA_ROOT": str(fleet.root_path),
-            "EDGED_OTA_STATE_DIR": str(tmp_path / "state"),
-            "EDGED_OTA_HEALTH_WINDOW_S": "0.5",
-            "EDGED_OTA_HEALTH_MIN_REQUESTS": "0",
-            "EDGED_OTA_MIN_FREE_BYTES": str(1024 * 1024),
-            "EDGED_MODELS_INSTANCES": "1",
-        }
+        env = _device_env(fleet, tmp_path)
         daemon = DaemonProcess(["--models", str(models), "--grpc-address", "127.0.0.1:0"], env=env)
         try:
             daemon.wait_live()
