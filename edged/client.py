@@ -118,8 +118,12 @@ class ZmqClient:
     ) -> tuple[dict[str, Any], dict[str, Array]]:
         limit = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        self._socket.send_multipart(frames, copy=False)
         wait_ms = max(0, int(limit * 1000))
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no peer to queue for (a refused handshake drops it) or queue full
+            self._send_by(frames, deadline, limit)
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
         while True:
             if wait_ms != self._receive_ms:  # the same timeout call after call: set once
                 self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
@@ -133,6 +137,19 @@ class ZmqClient:
                 return header, outputs
             # a stale reply: wait for what is left of this request's time
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+
+    def _send_by(self, frames: list[wire.Frame], deadline: float, limit: float) -> None:
+        """Send once the socket can take the message, or fail at ``deadline``: a DEALER
+        whose only peer refused the CURVE handshake has no pipe left and would block."""
+        while True:
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not wait_ms or not self._socket.poll(wait_ms, zmq.POLLOUT):
+                raise ZmqClientError("DEADLINE_EXCEEDED", f"could not send within {limit}s")
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                continue
 
     def _next_id(self) -> str:
         return f"c{next(self._ids)}"
@@ -284,7 +301,9 @@ class AsyncZmqClient:
                 try:
                     self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
                     break
-                except zmq.Again:  # the send queue is full: let replies drain
+                except zmq.Again:  # queue full (let replies drain) or no peer: until the deadline
+                    if future.done():  # failed by the sweep: its deadline has passed
+                        break
                     await asyncio.sleep(0.001)
             # a reply may have arrived while sending; the descriptor may not signal it
             self._read()

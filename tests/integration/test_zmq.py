@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import zmq
 from sklearn.datasets import load_digits
+from zmq.auth.thread import ThreadAuthenticator
 
 from edged.client import COPY_THRESHOLD, AsyncZmqClient, ZmqClient, ZmqClientError
 from tests import modelgen
@@ -349,6 +353,48 @@ def test_clients_time_out_and_drop_a_late_reply() -> None:
                 answering.join()
 
         asyncio.run(main())
+
+
+def test_clients_time_out_when_the_handshake_is_refused_around_the_send() -> None:
+    """A plain client against a CURVE listener with a ZAP handler (as the daemon's): when the
+    refused handshake ends while the request is being sent, libzmq 4.3 leaves the DEALER
+    without a pipe and a blocking send waits forever (about 1 connect in 15 here). The send
+    is bounded by the request's deadline: every try of either client fails with
+    DEADLINE_EXCEEDED."""
+    public, secret = zmq.curve_keypair()
+    with (
+        zmq.Context() as ctx,
+        ctx.socket(zmq.ROUTER) as router,
+        tempfile.TemporaryDirectory() as keys,
+    ):
+        authenticator = ThreadAuthenticator(ctx)
+        authenticator.start()
+        try:
+            authenticator.configure_curve(domain="edged", location=keys)
+            router.setsockopt(zmq.LINGER, 0)
+            router.curve_server = True
+            router.curve_publickey, router.curve_secretkey = public, secret
+            router.zap_domain = b"edged"
+            address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+            jitter = random.Random(7)
+            for _ in range(60):
+                with ZmqClient(address, timeout=0.05) as client:
+                    time.sleep(jitter.random() * 0.003)  # land the send around the refusal
+                    with pytest.raises(ZmqClientError) as refused:
+                        client.is_live()
+                    assert refused.value.code == "DEADLINE_EXCEEDED"
+
+            async def tries() -> None:
+                for _ in range(60):
+                    async with AsyncZmqClient(address, timeout=0.05) as client:
+                        await asyncio.sleep(jitter.random() * 0.003)
+                        with pytest.raises(ZmqClientError) as refused:
+                            await asyncio.wait_for(client.is_live(), 20)
+                        assert refused.value.code == "DEADLINE_EXCEEDED"
+
+            asyncio.run(tries())
+        finally:
+            authenticator.stop()
 
 
 @pytest.mark.parametrize("rows", [2_000, 8_000, 20_000])  # 31 KiB, 125 KiB, 312 KiB
