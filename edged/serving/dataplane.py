@@ -347,8 +347,9 @@ class DataPlane:
             raise errors.UnavailableError("edged is shutting down and takes no new requests")
         pipeline = manager.pipeline(request.model_name, request.model_version)
         if pipeline is not None:
-            # its steps queue on their models' schedulers
-            return pipeline.submit(request, reply)
+            # its steps queue on their models' schedulers, each posted from the reply of
+            # the step before it
+            return pipeline.submit(request, reply, inline=inline)
         mv = manager.get(request.model_name, request.model_version)
         if not mv.enter():
             # a swap switched away from ``mv`` and is draining it: route again (the same

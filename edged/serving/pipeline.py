@@ -20,11 +20,12 @@ whose tensors changed is refused per request until the pipeline is loaded again.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -34,7 +35,6 @@ from edged.core.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
-    UnavailableError,
 )
 from edged.core.types import Array, InferRequest, InferResponse, Signature, TensorSpec
 from edged.core.views import PipelineStepView
@@ -256,23 +256,67 @@ def step_views(spec: ModelSpec) -> tuple[PipelineStepView, ...]:
     )
 
 
-@dataclass
-class _Run:
-    """One request's tensors and the steps started and not finished."""
+class _Chain:
+    """One request running: the tensors made so far and its steps, guarded by ``lock``
+    (step replies come on whichever thread answered them)."""
 
-    tensors: dict[str, Array]
-    pending: dict[asyncio.Task[dict[str, Array]], StepPlan] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
+    __slots__ = (
+        "done",
+        "finished",
+        "left",
+        "lock",
+        "params",
+        "reply",
+        "request",
+        "running",
+        "size",
+        "start",
+        "tensors",
+    )
+
+    def __init__(
+        self,
+        request: InferRequest,
+        size: int,
+        start: int,
+        steps: tuple[StepPlan, ...],
+        reply: Callable[[InferResponse | EdgedError], None],
+    ) -> None:
+        self.lock = threading.Lock()
+        self.request = request
+        self.size = size
+        self.start = start
+        self.reply = reply
+        self.params = {
+            k: request.parameters[k] for k in _STEP_PARAMETERS if k in request.parameters
+        }
+        self.tensors: dict[str, Array] = dict(request.inputs)
+        self.left = list(steps)
+        """Steps not posted yet."""
+        self.running: dict[str, Callable[[], bool] | None] = {}
+        """Steps posted and not answered: their ``withdraw`` (None while being posted)."""
+        self.done: set[str] = set()
+        self.finished = False
+        """Answered, failed or withdrawn: later step replies are dropped."""
 
 
-def _retrieve(task: asyncio.Task[dict[str, Array]]) -> None:
-    # a step cancelled after another failed may still end in an error: nobody awaits it
-    if not task.cancelled():
-        task.exception()
+def _answered_already() -> bool:
+    """``withdraw`` of a request answered before ``submit`` returned."""
+    return False
+
+
+def _settle(future: asyncio.Future[InferResponse], outcome: InferResponse | EdgedError) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(outcome, EdgedError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class Pipeline:
-    """A served pipeline: runs its plan's steps as requests to their models."""
+    """A served pipeline: runs its plan's steps as requests to their models, each step
+    posted from the previous one's reply on the thread that answered it."""
 
     def __init__(self, spec: ModelSpec, plan: PipelinePlan, route: Route) -> None:
         self.spec = spec
@@ -282,11 +326,12 @@ class Pipeline:
         self.signature = plan.signature
         self.stats = ModelStats()
         self.in_flight = 0
-        """Requests running (on the event loop)."""
+        """Requests running (any thread: under ``_counting``)."""
         self._route = route
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._loop_thread = threading.get_ident()
+        self._counting = threading.Lock()
+        self._drained: list[asyncio.Future[None]] = []
 
     @property
     def models(self) -> frozenset[str]:
@@ -313,143 +358,218 @@ class Pipeline:
             )
         return mv
 
+    # -- counting requests in and out (any thread) ------------------------------------------
+
+    def _enter(self) -> None:
+        with self._counting:
+            self.in_flight += 1
+
+    def _leave(self) -> None:
+        with self._counting:
+            self.in_flight -= 1
+            if self.in_flight or not self._drained:
+                return
+            waiters, self._drained = self._drained, []
+        for future in waiters:
+            self._loop.call_soon_threadsafe(_wake, future)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request runs here; False if ``timeout_s`` passed first."""
+        with self._counting:
+            if not self.in_flight:
+                return True
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drained.append(future)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the two faces ---------------------------------------------------------------------
+
     async def infer(self, request: InferRequest) -> InferResponse:
-        """Run every step; answer with the declared outputs (those requested).
+        """Run every step; answer with the declared outputs (those requested). A cancelled
+        caller withdraws the request (``submit``'s ``withdraw``).
 
         Raises:
             InvalidInputError: the request does not fit the pipeline's inputs.
             EdgedError: the first step that failed, of the type it failed with (a step
                 whose model is missing: ModelNotReadyError), its message naming the step.
         """
-        start = time.monotonic_ns()
-        self.in_flight += 1
-        self._idle.clear()
-        try:
-            size = validate_request(request, self.signature)
-            request_options(request.parameters)
-            tensors = await self._run(request)
-        except EdgedError as e:
-            self.stats.record_failure(time.monotonic_ns() - start, type(e))
-            raise
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
-        total = time.monotonic_ns() - start
-        self.stats.record_execution(Execution(size, start, 0, total, 0))
-        self.stats.record_success(total, 0, 0, total, 0)
-        wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
-        return InferResponse(
-            self.name, str(self.version), {n: tensors[n] for n in wanted}, request.id
-        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InferResponse] = loop.create_future()
 
-    async def _run(self, request: InferRequest) -> dict[str, Array]:
-        run = _Run(dict(request.inputs))
-        params = {k: request.parameters[k] for k in _STEP_PARAMETERS if k in request.parameters}
-        left = list(self.plan.steps)
+        def reply(outcome: InferResponse | EdgedError) -> None:
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+        withdraw = self.submit(request, reply)
         try:
-            while left or run.pending:
-                for sp in [s for s in left if s.needs <= run.done]:
-                    left.remove(sp)
-                    task = asyncio.ensure_future(self._step(sp, run.tensors, request, params))
-                    run.pending[task] = sp
-                finished, _ = await asyncio.wait(
-                    set(run.pending), return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in finished:
-                    sp = run.pending.pop(task)
-                    outputs = task.result()  # the step's error, named, fails the request
-                    for output, tensor in sp.step.output_map:
-                        run.tensors[tensor] = outputs[output]
-                    run.done.add(sp.step.name)
+            return await future
         except asyncio.CancelledError:
-            log.info(
-                "pipeline_cancelled",
-                model=self.name,
-                request_id=request.id,
-                cancelled_steps=sorted(sp.step.name for sp in run.pending.values()),
-            )
+            withdraw()
             raise
-        finally:
-            for task in run.pending:
-                task.cancel()
-                task.add_done_callback(_retrieve)
-        return run.tensors
-
-    async def _step(
-        self,
-        sp: StepPlan,
-        tensors: Mapping[str, Array],
-        request: InferRequest,
-        params: Mapping[str, object],
-    ) -> dict[str, Array]:
-        step = sp.step
-        try:
-            mv = self._step_version(sp)
-            response = await mv.infer(
-                InferRequest(
-                    step.model,
-                    {name: tensors[tensor] for name, tensor in step.input_map},
-                    str(step.version or ""),
-                    request.id,
-                    tuple(output for output, _ in step.output_map),
-                    params,
-                )
-            )
-        except EdgedError as e:
-            kind = ModelNotReadyError if isinstance(e, ModelNotFoundError) else type(e)
-            raise kind(
-                f"pipeline '{self.name}' step '{step.name}' (model '{step.model}'): {e}"
-            ) from e
-        return response.outputs
 
     def submit(
         self,
         request: InferRequest,
         reply: Callable[[InferResponse | EdgedError], None],
+        *,
+        inline: bool = False,
     ) -> Callable[[], bool]:
-        """``infer`` for a caller on another thread (the ZeroMQ I/O thread, gRPC's handler
-        threads): runs on the event loop; ``reply`` is called once, on the loop's thread.
-        Returns ``withdraw`` (``DataPlane.submit``'s contract): called when the caller went
-        away, it cancels the request's steps if it has not finished (True; ``reply`` is then
-        never called)."""
-        withdrawn = False
-
-        def done(future: concurrent.futures.Future[InferResponse]) -> None:
-            if future.cancelled():
-                if withdrawn:
-                    return
-                reply(UnavailableError(f"pipeline '{self.name}': the request was cancelled"))
-                return
-            error = future.exception()
-            if error is None:
-                reply(future.result())
-            elif isinstance(error, EdgedError):
-                reply(error)
-            else:  # pragma: no cover - a bug: logged, answered as an internal failure
-                log.error("pipeline_failed", model=self.name, error=repr(error))
-                reply(ExecutorError(f"pipeline '{self.name}' failed: {error!r}"))
-
-        running = asyncio.run_coroutine_threadsafe(self.infer(request), self._loop)
-        running.add_done_callback(done)
-
-        def withdraw() -> bool:
-            nonlocal withdrawn
-            withdrawn = True
-            if running.cancel():
-                return True
-            withdrawn = False  # it finished first: ``reply`` was (or is being) called
-            return False
-
-        return withdraw
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until no request runs here; False if ``timeout_s`` passed first."""
+        """``infer`` for a caller on any thread (``DataPlane.submit``'s contract): the first
+        steps are posted to their models' schedulers from here (with ``inline``, one may run
+        on this thread, see ``Scheduler.post``); each later step is posted from the reply of
+        the step it waits for, on the thread that answered it, ``inline`` there (it runs on
+        that thread when its model is idle). ``reply`` is called once, on whichever thread
+        settled the request. Returns ``withdraw``: called when the caller went away, it
+        withdraws the request's queued steps if it has not finished (True; ``reply`` is
+        then never called)."""
+        start = time.monotonic_ns()
+        self._enter()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
+            size = validate_request(request, self.signature)
+            request_options(request.parameters)
+        except EdgedError as e:
+            self.stats.record_failure(time.monotonic_ns() - start, type(e))
+            self._leave()
+            reply(e)
+            return _answered_already
+        chain = _Chain(request, size, start, self.plan.steps, reply)
+        self._advance(chain, inline=inline)
+        return functools.partial(self._withdraw, chain)
+
+    # -- running a request -----------------------------------------------------------------
+
+    def _advance(self, chain: _Chain, *, inline: bool) -> None:
+        """Post every step whose tensors exist now; answer once every step is done."""
+        with chain.lock:
+            if chain.finished:
+                return
+            ready = [sp for sp in chain.left if sp.needs <= chain.done]
+            posts = []
+            for sp in ready:
+                chain.left.remove(sp)
+                chain.running[sp.step.name] = None
+                step = sp.step
+                inputs = {name: chain.tensors[tensor] for name, tensor in step.input_map}
+                posts.append((sp, inputs))
+            complete = not chain.left and not chain.running
+            if complete:
+                chain.finished = True
+        if complete:
+            self._succeed(chain)
+            return
+        for i, (sp, inputs) in enumerate(posts):
+            # independent steps run at once: all but the last go to their models' workers,
+            # the last may run here
+            self._post(chain, sp, inputs, inline=inline and i == len(posts) - 1)
+
+    def _post(self, chain: _Chain, sp: StepPlan, inputs: dict[str, Array], *, inline: bool) -> None:
+        step = sp.step
+        try:
+            mv = self._step_version(sp)
+            if not mv.enter():  # a swap is draining it: the version that replaced it
+                mv = self._step_version(sp)
+                mv.enter(force=True)
+        except EdgedError as e:
+            self._stepped(chain, sp, e)
+            return
+        try:
+            withdraw = mv.submit(
+                InferRequest(
+                    step.model,
+                    inputs,
+                    str(step.version or ""),
+                    chain.request.id,
+                    tuple(output for output, _ in step.output_map),
+                    chain.params,
+                ),
+                functools.partial(self._stepped, chain, sp),
+                inline=inline,
+            )
+        except Exception as e:  # pragma: no cover - a bug: the request fails, serving goes on
+            log.exception("pipeline_step_failed", model=self.name, step=step.name)
+            self._stepped(chain, sp, ExecutorError(f"{e!r}"))
+            return
+        with chain.lock:
+            if step.name not in chain.running:
+                return  # answered already
+            chain.running[step.name] = withdraw
+            if not chain.finished:
+                return
+        withdraw()  # the request failed or was withdrawn while this step was being posted
+
+    def _stepped(self, chain: _Chain, sp: StepPlan, outcome: InferResponse | EdgedError) -> None:
+        """A step's reply (any thread): keep its outputs and post what waited for them, or
+        fail the request naming the step."""
+        step = sp.step
+        with chain.lock:
+            chain.running.pop(step.name, None)
+            if chain.finished:
+                return  # the request failed or was withdrawn meanwhile
+            if isinstance(outcome, EdgedError):
+                chain.finished = True
+                others = [w for w in chain.running.values() if w is not None]
+            else:
+                for output, tensor in step.output_map:
+                    chain.tensors[tensor] = outcome.outputs[output]
+                chain.done.add(step.name)
+        if not isinstance(outcome, EdgedError):
+            # posted from here: inline on a worker thread, never on the event loop
+            self._advance(chain, inline=threading.get_ident() != self._loop_thread)
+            return
+        for withdraw in others:
+            withdraw()
+        kind = ModelNotReadyError if isinstance(outcome, ModelNotFoundError) else type(outcome)
+        error = kind(f"pipeline '{self.name}' step '{step.name}' (model '{step.model}'): {outcome}")
+        error.__cause__ = outcome
+        self.stats.record_failure(time.monotonic_ns() - chain.start, kind)
+        self._leave()
+        self._answer(chain, error)
+
+    def _succeed(self, chain: _Chain) -> None:
+        request = chain.request
+        total = time.monotonic_ns() - chain.start
+        self.stats.record_execution(Execution(chain.size, chain.start, 0, total, 0))
+        self.stats.record_success(total, 0, 0, total, 0)
+        wanted = request.requested_outputs or tuple(t.name for t in self.signature.outputs)
+        response = InferResponse(
+            self.name, str(self.version), {n: chain.tensors[n] for n in wanted}, request.id
+        )
+        self._leave()
+        self._answer(chain, response)
+
+    def _answer(self, chain: _Chain, outcome: InferResponse | EdgedError) -> None:
+        try:
+            chain.reply(outcome)
+        except Exception:  # the caller's bug must not take a worker thread down
+            log.exception("reply_failed", model=self.name)
+
+    def _withdraw(self, chain: _Chain) -> bool:
+        """The caller went away: withdraw the steps still queued (a running one finishes,
+        its reply dropped). True if the request had not finished."""
+        with chain.lock:
+            if chain.finished:
+                return False
+            chain.finished = True
+            pending = dict(chain.running)
+        log.info(
+            "pipeline_cancelled",
+            model=self.name,
+            request_id=chain.request.id,
+            cancelled_steps=sorted(pending),
+        )
+        for withdraw in pending.values():
+            if withdraw is not None:
+                withdraw()
+        self._leave()
         return True
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def pipeline_toml_text(spec: ModelSpec, signature: Signature) -> str:
