@@ -18,10 +18,17 @@ in rounds (so a noisy box slows all of them alike):
   ``direction`` output only (what the in-process run keeps; the detector's text map would
   add 800 KB of reply at 320x640);
 - ``steps_grpc``: the four steps sent by the client one by one to the same daemon (what a
-  client does without pipelines).
+  client does without pipelines);
+- ``before_grpc`` / ``before_zmq`` (with ``--baseline-rev REV``): the pipeline through a
+  second daemon, run from ``edged/`` and ``hal/`` of git revision REV (``git archive`` into a
+  temporary folder), so a change is measured against what it replaced in the same rounds.
+
+CPU per request: the daemons' CPU time (/proc/PID/stat, user + system, every thread) and
+this process's (``time.process_time``: the client, or the in-process run) over each way's
+requests, divided by their number.
 
     .venv/bin/python benchmarks/pipeline.py [--requests 60] [--rounds 6] [--size 320x640]
-        [--threads N] [--ort-defaults] [--out FILE]
+        [--threads N] [--ort-defaults] [--baseline-rev REV] [--out FILE]
 
 Prints a table on stderr and JSON on stdout: median and p90 milliseconds of each, and the
 ratios of the pipeline to in-process (the target: within 15 %, a ratio <= 1.15). Never
@@ -35,10 +42,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +63,7 @@ from edged.client import ZmqClient  # noqa: E402
 from hal import ExecutorOptions  # noqa: E402
 from hal.cpu_onnx import session_options  # noqa: E402
 from models import build_pipeline  # noqa: E402
-from tests import corpus  # noqa: E402
+from tests import corpus, daemon_process  # noqa: E402
 from tests.daemon_process import DaemonProcess  # noqa: E402
 
 STEPS = ("ocr_pre", "ocr_det", "ocr_crop", "ocr_cls")
@@ -132,6 +141,63 @@ def pipeline_time(client: grpcclient.InferenceServerClient) -> tuple[int, int]:
     return int(success.get("count", 0)), int(success.get("ns", 0))
 
 
+def daemon_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, every thread (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """``edged/`` and ``hal/`` of git revision ``rev`` written under ``into`` (git archive)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "edged", "hal"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+@contextmanager
+def daemon_from(source: Path, repo: Path, threads: int) -> Iterator[DaemonProcess]:
+    """A daemon serving ``repo`` whose ``edged`` and ``hal`` are imported from ``source``
+    (``python -m edged.cli`` puts its working folder first on sys.path)."""
+    saved = daemon_process.REPO_ROOT
+    daemon_process.REPO_ROOT = source  # the folder DaemonProcess starts the daemon in
+    try:
+        daemon = DaemonProcess(
+            ["--models", str(repo), "--grpc-address", "127.0.0.1:0"],
+            env={"EDGED_MODELS_INSTANCES": "1", "EDGED_MODELS_THREADS": str(threads)},
+        )
+    finally:
+        daemon_process.REPO_ROOT = saved
+    try:
+        daemon.wait_live()
+        daemon.wait_for("server_ready", timeout=120)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def measure(
+    ways: dict[str, Callable[[], dict[str, Any]]], pids: dict[str, int], rounds: int, per_round: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each way ``per_round`` requests in turn, ``rounds`` times: the seconds of every request
+    by way, and by way the CPU seconds of (its daemon, this process) over its requests."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    cpu = {name: [0.0, 0.0] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            pid = pids.get(name)
+            daemon_cpu, own_cpu = daemon_cpu_s(pid) if pid else 0.0, time.process_time()
+            for _ in range(per_round):
+                started = time.perf_counter()
+                way()
+                times[name].append(time.perf_counter() - started)
+            cpu[name][0] += daemon_cpu_s(pid) - daemon_cpu if pid else 0.0
+            cpu[name][1] += time.process_time() - own_cpu
+    return times, cpu
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -141,7 +207,7 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="per way, in all rounds")
     parser.add_argument("--rounds", type=int, default=6)
@@ -153,8 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also run in-process with ONNX Runtime's default options (spinning threads, "
         "which slow whatever runs after them on a small box)",
     )
+    parser.add_argument(
+        "--baseline-rev",
+        help="also run the pipeline through a daemon of this git revision (interleaved)",
+    )
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    load_before = os.getloadavg()
     height, width = (int(v) for v in args.size.split("x"))
     threads = args.threads or len(os.sched_getaffinity(0))
     image = text_image(height, width)
@@ -165,49 +240,55 @@ def main(argv: list[str] | None = None) -> int:
         )
         local = InProcess(repo, threads)
         spinning = InProcess(repo, threads, edged_options=False)
-        daemon = DaemonProcess(
-            ["--models", str(repo), "--grpc-address", "127.0.0.1:0"],
-            env={"EDGED_MODELS_INSTANCES": "1", "EDGED_MODELS_THREADS": str(threads)},
-        )
-        try:
-            daemon.wait_live()
-            daemon.wait_for("server_ready", timeout=120)
-            with (
-                grpcclient.InferenceServerClient(daemon.address) as client,
-                ZmqClient(daemon.zmq_endpoints[0], timeout=60) as zmq_client,
-            ):
-                ways: dict[str, Callable[[], dict[str, Any]]] = {
-                    "in_process": lambda: local(image),
-                    "pipeline_grpc": lambda: _grpc_call(
-                        client, "ocr", {"image": image}, ("direction",)
-                    ),
-                    "pipeline_zmq": lambda: zmq_client.infer(
-                        "ocr", {"image": image}, ["direction"]
-                    ),
-                    "steps_grpc": lambda: steps_by_client(client, image),
-                }
-                if args.ort_defaults:
-                    ways["in_process_ort_defaults"] = lambda: spinning(image)
-                want = local(image)["direction"]
-                for name, way in ways.items():  # warm up, and the same answer every way
-                    for _ in range(3):
-                        got = way()["direction"]
-                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
-                before = pipeline_time(client)
-                times: dict[str, list[float]] = {name: [] for name in ways}
-                per_round = max(1, args.requests // args.rounds)
-                for _ in range(args.rounds):
-                    for name, way in ways.items():
-                        for _ in range(per_round):
-                            started = time.perf_counter()
-                            way()
-                            times[name].append(time.perf_counter() - started)
-                after = pipeline_time(client)
-        finally:
-            daemon.stop()
+        with ExitStack() as stack:
+            daemon = stack.enter_context(daemon_from(ROOT, repo, threads))
+            client = stack.enter_context(grpcclient.InferenceServerClient(daemon.address))
+            zmq_client = stack.enter_context(ZmqClient(daemon.zmq_endpoints[0], timeout=60))
+            ways: dict[str, Callable[[], dict[str, Any]]] = {
+                "in_process": lambda: local(image),
+                "pipeline_grpc": lambda: _grpc_call(
+                    client, "ocr", {"image": image}, ("direction",)
+                ),
+                "pipeline_zmq": lambda: zmq_client.infer("ocr", {"image": image}, ["direction"]),
+                "steps_grpc": lambda: steps_by_client(client, image),
+            }
+            pids = {name: daemon.proc.pid for name in ways if name != "in_process"}
+            if args.baseline_rev:
+                source = export_revision(args.baseline_rev, Path(tmp) / "baseline")
+                before = stack.enter_context(daemon_from(source, repo, threads))
+                before_client = stack.enter_context(
+                    grpcclient.InferenceServerClient(before.address)
+                )
+                before_zmq = stack.enter_context(ZmqClient(before.zmq_endpoints[0], timeout=60))
+                ways["before_grpc"] = lambda: _grpc_call(
+                    before_client, "ocr", {"image": image}, ("direction",)
+                )
+                ways["before_zmq"] = lambda: before_zmq.infer(
+                    "ocr", {"image": image}, ["direction"]
+                )
+                pids["before_grpc"] = pids["before_zmq"] = before.proc.pid
+            if args.ort_defaults:
+                ways["in_process_ort_defaults"] = lambda: spinning(image)
+            want = local(image)["direction"]
+            for name, way in ways.items():  # warm up, and the same answer every way
+                for _ in range(3):
+                    got = way()["direction"]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+            in_daemon_before = pipeline_time(client)
+            per_round = max(1, args.requests // args.rounds)
+            times, cpu = measure(ways, pids, args.rounds, per_round)
+            in_daemon_after = pipeline_time(client)
     results = {name: summary(samples) for name, samples in times.items()}
     base = results["in_process"]["median_ms"]
-    inside_ms = (after[1] - before[1]) / max(1, after[0] - before[0]) / 1e6
+    inside_ms = (
+        (in_daemon_after[1] - in_daemon_before[1])
+        / max(1, in_daemon_after[0] - in_daemon_before[0])
+        / 1e6
+    )
+    requests = per_round * args.rounds
+    for name, r in results.items():
+        r["cpu_ms_per_request_daemon"] = round(cpu[name][0] / requests * 1000, 3)
+        r["cpu_ms_per_request_here"] = round(cpu[name][1] / requests * 1000, 3)
     local_mean_ms = statistics.fmean(times["in_process"]) * 1000
     report = {
         "benchmark": "pipeline",
@@ -220,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_pipeline_grpc": round(results["pipeline_grpc"]["median_ms"] / base, 3),
         "ratio_pipeline_zmq": round(results["pipeline_zmq"]["median_ms"] / base, 3),
         "ratio_steps_grpc": round(results["steps_grpc"]["median_ms"] / base, 3),
+        **{
+            f"ratio_{name}": round(results[name]["median_ms"] / base, 3)
+            for name in ("before_grpc", "before_zmq")
+            if name in results
+        },
+        "baseline_rev": args.baseline_rev,
         "target_ratio": 1.15,
         # inside the daemon (the pipeline's own statistics: request in -> outputs out, no
         # transport) against in-process, both means
@@ -228,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_in_daemon_mean": round(inside_ms / local_mean_ms, 3),
         "host": {
             "cpus": os.cpu_count(),
+            "loadavg_before": [round(v, 2) for v in load_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
@@ -236,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         sys.stderr.write(
             f"{name:24s} median {r['median_ms']:9.3f} ms  p90 {r['p90_ms']:9.3f} ms  "
-            f"x{r['median_ms'] / base:.3f}\n"
+            f"x{r['median_ms'] / base:.3f}  CPU/request: daemon "
+            f"{r['cpu_ms_per_request_daemon']:7.2f} ms, "
+            f"here {r['cpu_ms_per_request_here']:7.2f} ms\n"
         )
     sys.stderr.write(
         f"inside the daemon (mean) {inside_ms:.3f} ms vs in-process (mean) "
