@@ -35,7 +35,7 @@ from edged.core.tensors import decode_raw, encode_raw
 from edged.core.types import Array, DataType, Signature, TensorSpec
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
-from hal.remote_link import estimator_for
+from hal.remote_link import estimator_for, tail_key
 from hal.remote_target import RemoteTarget
 
 #: the largest answer accepted from the server (gRPC's default is 4 MiB)
@@ -123,12 +123,16 @@ class RemoteModel(LoadedModel):
         self._where = f"remote {target.address} model '{target.model}'"
         self.link = estimator_for(target.address)
         """The link to the server, measured from every call but the first (hal.remote_link)."""
+        self._tail = tail_key(target.model, target.version)
+        """The cut's name in ``link`` (its server time and head time)."""
         self._measuring = False
         """The first call (a warm-up) also pays for the channel's connection and the server's
         first run of the model: not a figure of the link."""
 
     def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        started = time.perf_counter()
         values = self._head.infer(inputs) if self._head is not None else inputs
+        head_s = time.perf_counter() - started if self._head is not None else None
         message = pb.ModelInferRequest(
             model_name=self.target.model, model_version=self.target.version
         )
@@ -146,7 +150,9 @@ class RemoteModel(LoadedModel):
         response, took = self._call(message)
         received = sum(len(r) for r in response.raw_output_contents)
         if self._measuring:
-            self.link.record(size, received, took, self.target.server_s)
+            self.link.record(
+                size, received, took, self.target.server_s, tail=self._tail, head_s=head_s
+            )
         self._measuring = True
         return self._decode(response)
 

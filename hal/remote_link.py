@@ -5,11 +5,22 @@ A call carrying B bytes (request tensors plus answered tensors) takes
 
     round trip + B * 8 / bandwidth + the server's own time
 
-so a call that carries almost nothing is a round trip (``LinkEstimator.record`` with fewer
-than ``MIN_TRANSFER_BYTES``), and a call that carries a payload gives the bandwidth once the
-round trip (the estimate so far) and the server's time (``server_s``: the tail's profiled
-latency when the daemon's re-planner knows it, else 0, so the bandwidth then reads low by the
-tail's share) are taken off. Both are exponentially weighted moving averages over *time*
+so a call that carries a payload gives the bandwidth once the round trip (the estimate so
+far) and the server's time are taken off, and a call that carries almost nothing
+(``LinkEstimator.record`` with fewer than ``MIN_TRANSFER_BYTES``) gives the round trip once
+its few bytes' transfer at the bandwidth measured so far is taken off (at 0.1 Mbit/s, 4 KiB
+is 0.33 s: counted as round trip it would make every remote cut look that much slower).
+
+The server's time is what the server itself measured, where known: the re-planner reads the
+tail model's statistics on the server (KServe ModelStatistics, which edged and Triton both
+answer: successful requests and their summed time, queueing included) and hands the mean
+time per request since its last look to ``set_server_time``; a call of that tail
+(``record(..., tail=...)``) takes it off. Without it (no re-planner, a server that refuses
+statistics, no request there yet), the tail's profiled single-request latency (``server_s``)
+stands in; a server that batches our calls with others' spends more than that per call, and
+the bandwidth would read low by the difference. The device's end of each cut is kept beside
+it: the head's time as served (``head_s`` of every call, ``cut_times``), which the
+re-planner compares with the offline profile. All are moving averages over *time*
 (``half_life_s``), not over samples: the estimate reflects the last half second or so whether ten
 calls or a thousand came in it. The bandwidth is averaged as seconds per bit (a call whose
 transfer rounds to nothing does not make it infinite).
@@ -66,9 +77,10 @@ class LinkSnapshot:
     """Monotonic time of the last payload sample (None: none yet)."""
 
 
-class _Ewma:
-    """An exponentially weighted moving average over time (not thread-safe: the estimator's
-    lock guards it)."""
+class TimeAverage:
+    """An exponentially weighted moving average over time (not thread-safe: its owner's lock
+    guards it): a sample's weight is what the half-life left of the old value's since the
+    last sample."""
 
     def __init__(self, half_life_s: float) -> None:
         self._half_life_s = half_life_s
@@ -82,6 +94,33 @@ class _Ewma:
             weight = 1.0 - 0.5 ** (max(0.0, now - self._at) / self._half_life_s)
             self.value += weight * (sample - self.value)
         self._at = now
+
+
+@dataclass(frozen=True)
+class CutTimes:
+    """Both ends of one cut through a link, as served (each None: nothing measured yet)."""
+
+    head_s: float | None
+    """The head's time per call on the device, as served (moving average)."""
+    head_at: float | None
+    """Monotonic time of the last head sample."""
+    server_s: float | None
+    """The server's own time per request on the tail, from its statistics."""
+    server_at: float | None
+    """Monotonic time it was last set."""
+
+
+class _Cut:
+    def __init__(self, half_life_s: float) -> None:
+        self.head = TimeAverage(half_life_s)
+        self.head_at: float | None = None
+        self.server_s: float | None = None
+        self.server_at: float | None = None
+
+
+def tail_key(model: str, version: str = "") -> str:
+    """How a cut is named in an estimator: its tail on the server."""
+    return f"{model}:{version}" if version else model
 
 
 class LinkEstimator:
@@ -99,36 +138,83 @@ class LinkEstimator:
         self.address = address
         self._clock = clock
         self._lock = threading.Lock()
-        self._rtt = _Ewma(half_life_s)
-        self._seconds_per_bit = _Ewma(half_life_s)
+        self._rtt = TimeAverage(half_life_s)
+        self._seconds_per_bit = TimeAverage(half_life_s)
         self._calls = 0
         self._sent = 0
         self._received = 0
         self._seconds = 0.0
         self._updated: float | None = None
         self._bandwidth_at: float | None = None
+        self._half_life_s = half_life_s
+        self._cuts: dict[str, _Cut] = {}
 
-    def record(self, sent: int, received: int, seconds: float, server_s: float = 0.0) -> None:
+    def record(
+        self,
+        sent: int,
+        received: int,
+        seconds: float,
+        server_s: float = 0.0,
+        *,
+        tail: str = "",
+        head_s: float | None = None,
+    ) -> None:
         """One call: ``sent`` and ``received`` tensor bytes, ``seconds`` from send to answer,
-        of which ``server_s`` the server spent on the model (0: unknown, or a probe)."""
+        of which ``server_s`` the server spent on the model (its profile; 0: unknown, or a
+        probe). ``tail`` (``tail_key``): the server's measured time for that tail, when
+        known, replaces ``server_s``; the call's head took ``head_s`` here."""
         if seconds < 0 or sent < 0 or received < 0 or not math.isfinite(seconds):
             return  # a clock that stepped back; nothing to learn
         now = self._clock()
-        wire_s = max(0.0, seconds - max(0.0, server_s))
         payload = sent + received
         with self._lock:
+            cut = self._cut(tail) if tail else None
+            if cut is not None:
+                if cut.server_s is not None:
+                    server_s = cut.server_s
+                if head_s is not None and head_s >= 0 and math.isfinite(head_s):
+                    cut.head.add(head_s, now)
+                    cut.head_at = now
+            wire_s = max(0.0, seconds - max(0.0, server_s))
             self._calls += 1
             self._sent += sent
             self._received += received
             self._seconds += seconds
             self._updated = now
+            per_bit = self._seconds_per_bit.value
             if payload < MIN_TRANSFER_BYTES:
-                self._rtt.add(wire_s, now)
+                # what the few bytes took at the bandwidth known so far is not round trip
+                self._rtt.add(max(0.0, wire_s - payload * 8 * (per_bit or 0.0)), now)
                 return
             rtt = self._rtt.value or 0.0
             transfer = max(_MIN_TRANSFER_S, wire_s - rtt)
             self._seconds_per_bit.add(transfer / (payload * 8), now)
             self._bandwidth_at = now
+
+    def _cut(self, tail: str) -> _Cut:
+        found = self._cuts.get(tail)
+        if found is None:
+            found = self._cuts[tail] = _Cut(self._half_life_s)
+        return found
+
+    def set_server_time(self, tail: str, seconds: float) -> None:
+        """The server's own time per request on ``tail`` (``tail_key``), from its statistics:
+        taken off that tail's calls from now on instead of its profiled time."""
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        now = self._clock()
+        with self._lock:
+            cut = self._cut(tail)
+            cut.server_s = seconds
+            cut.server_at = now
+
+    def cut_times(self, tail: str) -> CutTimes:
+        """Both ends of the cut whose tail is ``tail`` (``tail_key``), as measured so far."""
+        with self._lock:
+            cut = self._cuts.get(tail)
+            if cut is None:
+                return CutTimes(None, None, None, None)
+            return CutTimes(cut.head.value, cut.head_at, cut.server_s, cut.server_at)
 
     def snapshot(self) -> LinkSnapshot:
         """The estimate now (a copy)."""
@@ -200,3 +286,33 @@ def probe(
         if not (e.code() is grpc.StatusCode.NOT_FOUND or "unknown model" in details):
             raise ProbeError(f"link probe: {e.code().name}: {details}") from e
     return time.perf_counter() - started
+
+
+def served_requests(
+    channel: grpc.Channel,
+    model: str,
+    version: str = "",
+    *,
+    timeout_s: float = 10.0,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> tuple[int, int]:
+    """(successful requests, their summed nanoseconds) the server has counted for ``model``
+    (every version when ``version`` is ""): KServe ModelStatistics, which edged and Triton
+    answer alike; the time is the server's own, from a request's arrival to its answer
+    (queueing and batching included, the wire not).
+
+    Raises:
+        ProbeError: the server could not be reached or refused (status and details named).
+    """
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        reply = stub.ModelStatistics(
+            pb.ModelStatisticsRequest(name=model, version=version),
+            timeout=timeout_s,
+            metadata=metadata,
+        )
+    except grpc.RpcError as e:
+        raise ProbeError(f"statistics of '{model}': {e.code().name}: {e.details() or ''}") from e
+    count = sum(int(m.inference_stats.success.count) for m in reply.model_stats)
+    ns = sum(int(m.inference_stats.success.ns) for m in reply.model_stats)
+    return count, ns

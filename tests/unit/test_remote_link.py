@@ -1,6 +1,8 @@
 """The link estimator (hal.remote_link) on synthetic calls with an injected clock: round trip
-from small calls, bandwidth from payloads with the round trip and the server's time taken off,
-averaged over time; thread safety; and the probe against a real daemon."""
+from small calls (their transfer at the known bandwidth taken off), bandwidth from payloads
+with the round trip and the server's time (profiled, or the server's own from its statistics)
+taken off, averaged over time; the head's time as served; thread safety; and the probe and the
+statistics call against a real daemon."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import pytest
 
 from hal.remote_link import (
     MIN_TRANSFER_BYTES,
+    CutTimes,
     LinkEstimator,
     ProbeError,
     estimator_for,
     probe,
+    served_requests,
     snapshots,
+    tail_key,
 )
 from tests.daemon_process import DaemonProcess
 
@@ -72,7 +77,8 @@ def test_the_servers_time_is_not_link_time() -> None:
     # and a small call's server time is not round trip either
     clock.now += 10
     link.record(10, 10, 0.002 + 0.030, server_s=0.030)
-    assert link.snapshot().rtt_s == pytest.approx(0.002)
+    # (nor is its 20 bytes' transfer)
+    assert link.snapshot().rtt_s == pytest.approx(0.002 - 20 * 8 / (100 * MBIT))
 
 
 @pytest.mark.parametrize(
@@ -166,3 +172,66 @@ def test_a_probe_of_an_unreachable_server_says_so() -> None:
         pytest.raises(ProbeError, match="UNAVAILABLE"),
     ):
         probe(channel, timeout_s=2)
+
+
+def test_a_small_calls_transfer_at_the_known_bandwidth_is_not_round_trip() -> None:
+    clock = Clock()
+    link = LinkEstimator("h:1", clock=clock)
+    link.record(0, 0, 0.010)
+    clock.now += 0.1
+    link.record(100_000, 0, call_s(100_000, 0.010, 0.1))  # 0.1 Mbit/s: 8 s
+    clock.now += 10
+    # 4,000 bytes under the payload floor take 0.32 s at 0.1 Mbit/s: still a 10 ms round trip
+    assert MIN_TRANSFER_BYTES > 4_000
+    link.record(4_000, 0, call_s(4_000, 0.010, 0.1))
+    assert link.snapshot().rtt_s == pytest.approx(0.010)
+
+
+def test_the_servers_measured_time_replaces_the_profiled_one_for_its_tail() -> None:
+    """A server that batches our calls with others' spends 40 ms per call where the tail's
+    profile says 5 ms: with the profile alone the link reads slow; with the time the server
+    reports for that tail (``set_server_time``), right."""
+    clock = Clock()
+    profiled = LinkEstimator("h:1", clock=clock)
+    measured = LinkEstimator("h:2", clock=clock)
+    measured.set_server_time(tail_key("tail", "2"), 0.040)
+    for link in (profiled, measured):
+        link.record(0, 0, 0.002)
+    for _ in range(10):
+        clock.now += 0.1
+        took = call_s(200_000, 0.002, 50, server_s=0.040)
+        for link in (profiled, measured):
+            link.record(200_000, 0, took, 0.005, tail=tail_key("tail", "2"), head_s=0.003)
+    slow = profiled.snapshot().bandwidth_bps
+    assert slow is not None
+    assert slow < 0.6 * 50 * MBIT  # 32 + 35 ms of "transfer" instead of 32
+    assert measured.snapshot().bandwidth_bps == pytest.approx(50 * MBIT)
+    # another tail on the same server keeps its profiled time
+    clock.now += 10
+    measured.record(200_000, 0, call_s(200_000, 0.002, 50, server_s=0.005), 0.005, tail="other")
+    assert measured.snapshot().bandwidth_bps == pytest.approx(50 * MBIT)
+
+
+def test_both_ends_of_a_cut_as_served() -> None:
+    clock = Clock()
+    link = LinkEstimator("h:1", clock=clock)
+    assert link.cut_times("tail") == CutTimes(None, None, None, None)
+    for head_s in (0.004, 0.006):
+        clock.now += 10  # each sample outweighs the last completely
+        link.record(0, 0, 0.002, tail="tail", head_s=head_s)
+    link.set_server_time("tail", 0.012)
+    times = link.cut_times("tail")
+    assert times.head_s == pytest.approx(0.006)
+    assert (times.head_at, times.server_s, times.server_at) == (clock.now, 0.012, clock.now)
+    link.set_server_time("tail", float("nan"))  # ignored
+    assert link.cut_times("tail").server_s == 0.012
+
+
+@pytest.mark.slow
+def test_the_servers_own_time_is_read_from_its_statistics(daemon: DaemonProcess) -> None:
+    with grpc.insecure_channel(daemon.address) as channel:
+        count, ns = served_requests(channel, "simple_static")
+        assert count >= 0
+        assert ns >= 0
+        with pytest.raises(ProbeError, match="NOT_FOUND"):
+            served_requests(channel, "no-such-model", timeout_s=5)
