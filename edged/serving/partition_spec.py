@@ -20,6 +20,7 @@ min_interval_ms = 2000                 # at most one switch of cut per this
 probe_interval_ms = 250                # a round-trip probe this often (and a payload probe
 probe_bytes = 65536                    #   of this size while all local: no traffic to measure)
 byte_cost_ns = 0                       # device_cpu: CPU per byte on the wire
+calibrate = false                      # scale the profiles by what the served cut measures
 
 [partition.cuts]                       # cut tensor -> its head here and its tail there
 "elementwise_add_3" = { head = "head_a.onnx", model = "cls_tail_a" }
@@ -54,6 +55,7 @@ _KEYS = {
     "probe_interval_ms",
     "probe_bytes",
     "byte_cost_ns",
+    "calibrate",
     "cuts",
 }
 
@@ -98,6 +100,12 @@ class PartitionSpec:
     probe_bytes: int = 65536
     """Payload of the probe that measures the bandwidth while all local (no real traffic
     crosses the link then); 4096 to 16 MiB."""
+    calibrate: bool = False
+    """Scale the profiles' device costs by how much slower (or faster) the served cut's
+    head (all local: the whole model) runs on the serving path than its profile says, and
+    the server's by the tail's time from the server's statistics, then plan on them (and
+    re-plan when a factor moves by ``threshold``). Off for profiles that are not this
+    device's and that server's (simulated ones)."""
 
     def target(self, cut: str) -> CutTarget:
         """The cut's head and tail.
@@ -216,8 +224,9 @@ def parse_partition(path: Path, raw: Any, remote: RemoteTarget | None) -> Partit
         raise _fail(path, f"unknown key 'partition.{sorted(unknown)[0]}'")
     if remote is None:
         raise _fail(path, "'partition' needs a [remote] table (the server of the tails)")
-    if not isinstance(raw.get("replan", False), bool):
-        raise _fail(path, "'partition.replan' must be true or false")
+    for key in ("replan", "calibrate"):
+        if not isinstance(raw.get(key, False), bool):
+            raise _fail(path, f"'partition.{key}' must be true or false")
     objective = raw.get("objective", "latency")
     if objective not in OBJECTIVES:
         raise _fail(path, f"'partition.objective' must be one of {', '.join(OBJECTIVES)}")
@@ -241,6 +250,7 @@ def parse_partition(path: Path, raw: Any, remote: RemoteTarget | None) -> Partit
         costs=(*(by_cut[c.cut] for c in cuts), by_cut[ALL_LOCAL]),
         served_at_load=served[0],
         replan=raw.get("replan", False),
+        calibrate=raw.get("calibrate", False),
         objective=objective,
         byte_cost_s=_number(path, raw, "byte_cost_ns", 0.0, 0.0, 1e9) * 1e-9,
         threshold=_number(path, raw, "threshold", 0.25, 0.01, 10.0),

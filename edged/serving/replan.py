@@ -32,19 +32,30 @@ import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import structlog
 
 from edged.core.errors import ConfigError, ModelLoadError
-from edged.partition.planner import ALL_LOCAL, Link, moved, plan
+from edged.core.stats import Duration
+from edged.partition.planner import ALL_LOCAL, CutCost, Link, moved, plan
 from edged.serving.model import ModelVersion
-from edged.serving.partition_spec import PartitionSpec
+from edged.serving.partition_spec import CutTarget, PartitionSpec
 from edged.serving.swap import Gate, ServedModel, Swapped, VersionLoader
 from hal.placement import BreakerState, CircuitBreaker, outputs_disagree
-from hal.remote_link import LinkEstimator, ProbeError, estimator_for, probe
+from hal.remote_link import (
+    DEFAULT_HALF_LIFE_S,
+    CutTimes,
+    LinkEstimator,
+    ProbeError,
+    TimeAverage,
+    estimator_for,
+    probe,
+    served_requests,
+    tail_key,
+)
 from hal.remote_target import RemoteTarget
 
 log = structlog.get_logger("edged.serving")
@@ -60,6 +71,62 @@ Move = Callable[
 ]
 
 
+#: what an all-local cut's head times are (none)
+_NO_CUT = CutTimes(None, None, None, None)
+#: a served/profiled factor is kept within [1/this, this] (a stalled sample is no figure)
+MAX_SCALE = 20.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much slower than their profiles the two ends of a cut run as served (1.0: as
+    profiled): the device's heads (and the whole model all local), the server's tails."""
+
+    device: float = 1.0
+    server: float = 1.0
+
+    def moved(self, since: Scale, threshold: float) -> bool:
+        """Whether either factor moved by more than ``threshold`` (a fraction) since ``since``."""
+        return any(
+            abs(now / then - 1.0) > threshold
+            for now, then in ((self.device, since.device), (self.server, since.server))
+        )
+
+
+def scaled(costs: Sequence[CutCost], scale: Scale) -> list[CutCost]:
+    """Pure: the profiled ``costs`` with the device's times times ``scale.device`` and the
+    server's times ``scale.server``."""
+    return [
+        dataclasses.replace(c, head_s=c.head_s * scale.device, tail_s=c.tail_s * scale.server)
+        for c in costs
+    ]
+
+
+def _factor(measured: float | None, profiled: float, old: float) -> float:
+    if measured is None or not profiled > 0 or not math.isfinite(measured):
+        return old
+    return min(MAX_SCALE, max(1.0 / MAX_SCALE, measured / profiled))
+
+
+def served_scale(
+    costs: Sequence[CutCost],
+    cut: str,
+    device_s: float | None,
+    server_s: float | None,
+    old: Scale,
+) -> Scale:
+    """Pure: the factors the cut served measures against its profile: ``device_s`` its
+    head's time as served (all local: the whole model's), ``server_s`` the server's own time
+    per request on its tail. A side not measured (None), or that the cut does not run (no
+    head; no tail), keeps ``old``'s factor."""
+    cost = next((c for c in costs if c.cut == cut), None)
+    if cost is None:
+        return old
+    return Scale(
+        _factor(device_s, cost.head_s, old.device), _factor(server_s, cost.tail_s, old.server)
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """What one look at the link decided."""
@@ -68,6 +135,8 @@ class Decision:
     """The link the last plan used, after this look (a new plan: the measured one)."""
     switch_to: str | None = None
     """The cut to switch to; None: stay."""
+    scale: Scale = Scale()
+    """The served/profiled factors the last plan used, after this look."""
 
 
 def decide(
@@ -78,21 +147,29 @@ def decide(
     since_switch_s: float,
     *,
     local: bool = True,
+    scale: Scale = Scale(),
+    planned_scale: Scale = Scale(),
 ) -> Decision:
-    """Pure: whether to plan again and where to go. Plans when nothing was planned yet or
-    the link ``moved`` beyond ``spec.threshold``; switches when the plan picks another cut
+    """Pure: whether to plan again and where to go. Plans when nothing was planned yet, the
+    link ``moved`` beyond ``spec.threshold``, or the served/profiled factors (``scale``, see
+    ``served_scale``; the last plan's: ``planned_scale``) moved beyond it; the plan runs on
+    the profiles' costs ``scaled`` by ``scale``. Switches when the plan picks another cut
     than ``current`` and ``spec.min_interval_s`` has passed since the last switch (if not,
     the old plan stands and the next look tries again). ``local``: all local may be chosen
     (the model has an executor other than ``remote``)."""
-    if planned is not None and not moved(planned, measured, spec.threshold):
-        return Decision(planned)
-    costs = [c for c in spec.costs if local or c.cut != ALL_LOCAL]
+    if (
+        planned is not None
+        and not moved(planned, measured, spec.threshold)
+        and not scale.moved(planned_scale, spec.threshold)
+    ):
+        return Decision(planned, scale=planned_scale)
+    costs = scaled([c for c in spec.costs if local or c.cut != ALL_LOCAL], scale)
     choice = plan(costs, measured, spec.objective, spec.byte_cost_s).choice.cut
     if choice == current:
-        return Decision(measured)
+        return Decision(measured, scale=scale)
     if since_switch_s < spec.min_interval_s:
-        return Decision(planned)
-    return Decision(measured, choice)
+        return Decision(planned, scale=planned_scale)
+    return Decision(measured, choice, scale)
 
 
 def target_for(spec: PartitionSpec, remote: RemoteTarget, cut: str) -> RemoteTarget:
@@ -117,11 +194,61 @@ def cut_of(mv: ModelVersion) -> str:
     return ALL_LOCAL
 
 
+class ServedTimes:
+    """What the cut a version serves costs as served, read at each look (the I/O half of
+    ``served_scale``; no clock of its own: the samples carry their times).
+
+    - The device's end: a cut with a head, the head's time per call as the ``remote``
+      executor measured it on the serving path (``CutTimes.head_s``, a moving average; only
+      when a call came since the last look); all local, the serving path's own records
+      (the version's statistics: compute time per request, the batch it ran in) since the
+      last look, averaged over time like the link.
+    - The server's end: the server's own time per request on the tail (its statistics since
+      the last look: successful requests and their time).
+    """
+
+    def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S) -> None:
+        self._local = TimeAverage(half_life_s)
+        self._local_seen: tuple[int, int] | None = None
+        self._head_seen: float | None = None
+        self._server_seen: dict[str, tuple[int, int]] = {}
+
+    def device_s(
+        self, cut: str, compute_infer: Duration, head: CutTimes, now: float
+    ) -> float | None:
+        """The device's time for ``cut`` as served lately: ``head`` for a cut with a head,
+        the version's ``compute_infer`` statistics all local (None: nothing ran since the
+        last look, or no head: all remote)."""
+        if cut != ALL_LOCAL:
+            if head.head_at is None or head.head_at == self._head_seen:
+                return None
+            self._head_seen = head.head_at
+            return head.head_s
+        seen = (compute_infer.count, compute_infer.ns)
+        last, self._local_seen = self._local_seen, seen
+        if last is None or seen[0] <= last[0]:
+            return None
+        self._local.add((seen[1] - last[1]) / (seen[0] - last[0]) / 1e9, now)
+        return self._local.value
+
+    def server_s(self, tail: str, requests: int, ns: int) -> float | None:
+        """The server's own time per request on ``tail`` since the last reading of its
+        statistics (``requests`` answered so far, in ``ns`` in all; None: none since)."""
+        last = self._server_seen.get(tail)
+        self._server_seen[tail] = (requests, ns)
+        if last is None or requests <= last[0] or ns < last[1]:
+            return None  # the first reading, none since, or the server restarted
+        return (ns - last[1]) / (requests - last[0]) / 1e9
+
+
 @dataclass
 class _Watch:
     task: asyncio.Task[None]
     planned: Link | None = None
     switched_at: float = -math.inf
+    planned_scale: Scale = Scale()
+    scale: Scale = Scale()
+    served: ServedTimes = dataclasses.field(default_factory=ServedTimes)
 
 
 @dataclass(frozen=True)
@@ -157,6 +284,13 @@ class Replanner:
             )
         )
         """One probe call (hal.remote_link.probe); tests replace it."""
+        self.statistics: Callable[
+            [grpc.Channel, str, str, float, tuple[tuple[str, str], ...]], tuple[int, int]
+        ] = lambda channel, model, version, timeout_s, metadata: served_requests(
+            channel, model, version, timeout_s=timeout_s, metadata=metadata
+        )
+        """The server's (requests, nanoseconds) for a tail (hal.remote_link.served_requests);
+        tests replace it."""
         self.link_for: Callable[[str], LinkEstimator] = estimator_for
         """The estimate of the link to an address (hal.remote_link); tests replace it."""
         self._served: dict[tuple[str, int], str] = {}
@@ -255,6 +389,26 @@ class Replanner:
                 log.debug("partition_probe_failed", model=current.name, error=str(e))
                 return
             link.record(size, 0, seconds)
+        watch = self._watches.get((model.name, current.version))
+        if watch is None:
+            return
+        server_s = None
+        if cut != ALL_LOCAL:
+            server_s = await self._server_time(
+                link, watch.served, partition.target(cut), channel, timeout_s, metadata
+            )
+        if partition.calibrate:
+            head = _NO_CUT
+            if cut != ALL_LOCAL:
+                target = partition.target(cut)
+                head = link.cut_times(tail_key(target.model, target.version))
+            device_s = watch.served.device_s(
+                cut,
+                current.stats.snapshot(current.name, current.version).compute_infer,
+                head,
+                self._clock(),
+            )
+            watch.scale = served_scale(partition.costs, cut, device_s, server_s, watch.scale)
         candidates, breakers = self._health(model, current.version)
         now = self._clock()
         if any(b.state(now) is not BreakerState.CLOSED for b in breakers.values()):
@@ -262,23 +416,53 @@ class Replanner:
         snap = link.snapshot()
         if snap.rtt_s is None or snap.bandwidth_bps is None:
             return
-        watch = self._watches.get((model.name, current.version))
-        if watch is None:
-            return
         try:
             measured = Link(snap.rtt_s, snap.bandwidth_bps)
         except ConfigError:
             return
         local = tuple(k for k in candidates if k != REMOTE)
         decision = decide(
-            partition, cut, watch.planned, measured, now - watch.switched_at, local=bool(local)
+            partition,
+            cut,
+            watch.planned,
+            measured,
+            now - watch.switched_at,
+            local=bool(local),
+            scale=watch.scale,
+            planned_scale=watch.planned_scale,
         )
         watch.planned = decision.planned
+        watch.planned_scale = decision.scale
         if decision.switch_to is not None:
             await self._switch(
                 model, current, partition, remote, decision.switch_to, local, measured
             )
             watch.switched_at = self._clock()
+
+    async def _server_time(
+        self,
+        link: LinkEstimator,
+        served: ServedTimes,
+        target: CutTarget,
+        channel: grpc.Channel,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> float | None:
+        """The server's own time per request on ``target``'s tail since the last look, from
+        its statistics, handed to the link estimate (so that a server that batches is not
+        read as a slow link). None: not known (no request since, or refused)."""
+        try:
+            requests, ns = await asyncio.to_thread(
+                self.statistics, channel, target.model, target.version, timeout_s, metadata
+            )
+        except ProbeError as e:
+            log.debug("partition_server_statistics_failed", tail=target.model, error=str(e))
+            return None
+        tail = tail_key(target.model, target.version)
+        seconds = served.server_s(tail, requests, ns)
+        if seconds is not None:
+            link.set_server_time(tail, seconds)
+        return seconds
 
     async def _switch(
         self,

@@ -85,11 +85,23 @@ def test_the_cpu_objective_and_its_byte_cost(model_dir: Path) -> None:
     assert partition.replan is False
 
 
+def test_calibration_is_asked_for(model_dir: Path) -> None:
+    partition = _parse(model_dir, BASE).partition
+    assert partition is not None
+    assert partition.calibrate is False  # profiles may be simulated: off unless asked
+    partition = _parse(
+        model_dir, BASE.replace("replan = true", "replan = true\ncalibrate = true")
+    ).partition
+    assert partition is not None
+    assert partition.calibrate is True
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (("replan = true", "replan = true\nspeed = 1"), "unknown key 'partition.speed'"),
         (("replan = true", 'replan = "yes"'), "'partition.replan' must be true or false"),
+        (("replan = true", "calibrate = 1"), "'partition.calibrate' must be true or false"),
         (("replan = true", 'objective = "energy"'), "'partition.objective' must be one of"),
         (("replan = true", "threshold = 0"), "'partition.threshold' must be a number"),
         (("replan = true", "min_interval_ms = -1"), "'partition.min_interval_ms'"),

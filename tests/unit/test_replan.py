@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edged.core.stats import Duration
 from edged.core.types import InferRequest
 from edged.frontends.metrics import ServingCollector
 from edged.partition.graph import INPUTS_CUT
@@ -25,10 +26,10 @@ from edged.partition.planner import ALL_LOCAL, CutCost, Link
 from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 from edged.serving.partition_spec import CutTarget, PartitionSpec
-from edged.serving.replan import cut_of, decide
+from edged.serving.replan import MAX_SCALE, Scale, ServedTimes, cut_of, decide, served_scale
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.remote import RemoteExecutor
-from hal.remote_link import LinkEstimator
+from hal.remote_link import CutTimes, LinkEstimator, tail_key
 from tests.daemon_process import DaemonProcess
 from tests.digits_variants import SAMPLE
 from tests.split_models import HEAD, WHOLE, device_repo, server_repo
@@ -91,6 +92,71 @@ def test_the_device_cpu_objective_decides_on_cpu_not_on_the_link() -> None:
         assert decide(cpu, INPUTS_CUT, None, link, 100.0).switch_to == "mid"
 
 
+@pytest.mark.parametrize(
+    ("cut", "device_s", "server_s", "expected"),
+    [
+        ("mid", 0.010, 0.003, Scale(2.0, 3.0)),  # head 5 ms, tail 1 ms profiled
+        ("mid", None, None, Scale(1.5, 0.5)),  # nothing measured: the old factors stay
+        (INPUTS_CUT, None, 0.0005, Scale(1.5, 0.5)),  # no head: the device's stays
+        (ALL_LOCAL, 0.060, None, Scale(2.0, 0.5)),  # the whole model: 30 ms profiled
+        ("mid", 10.0, 0.0, Scale(MAX_SCALE, 1 / MAX_SCALE)),  # a stall is no figure: bounded
+        ("gone", 1.0, 1.0, Scale(1.5, 0.5)),  # a cut not in the table
+    ],
+)
+def test_the_served_factors(
+    cut: str, device_s: float | None, server_s: float | None, expected: Scale
+) -> None:
+    got = served_scale(SPEC.costs, cut, device_s, server_s, Scale(1.5, 0.5))
+    assert got.device == pytest.approx(expected.device)
+    assert got.server == pytest.approx(expected.server)
+
+
+def test_a_device_slower_than_its_profile_moves_the_cut_to_the_server() -> None:
+    # MEDIUM as profiled: mid (11 ms); the device 3x slower: mid 15 + 1 + 4.1 ms, inputs
+    # stays 42 ms, local 90 ms -> still mid; 10x: mid 50 ms -> inputs
+    assert decide(SPEC, "mid", None, MEDIUM, 100.0).switch_to is None
+    assert decide(SPEC, "mid", None, MEDIUM, 100.0, scale=Scale(3.0)).switch_to is None
+    slow = decide(SPEC, "mid", MEDIUM, MEDIUM, 100.0, scale=Scale(10.0))
+    assert (slow.switch_to, slow.scale) == (INPUTS_CUT, Scale(10.0))
+    # a factor within the threshold of the last plan's: no plan at all
+    assert decide(SPEC, "mid", MEDIUM, MEDIUM, 100.0, scale=Scale(1.2)) == decide(
+        SPEC, "mid", MEDIUM, MEDIUM, 100.0
+    )
+    # a busy server (tails 40x: inputs 41.8 ms, mid 46 ms) brings the model home at FAST
+    busy = decide(SPEC, INPUTS_CUT, FAST, FAST, 100.0, scale=Scale(1.0, 40.0))
+    assert busy.switch_to == ALL_LOCAL
+
+
+def test_served_times_on_a_fake_clock() -> None:
+    """The shell's readings: the head's time from the executor's samples (only when a call
+    came since the last look), the whole model's from the version's statistics (only what
+    ran since the last look), the server's from its statistics' deltas."""
+    clock = FakeClock()
+    link = LinkEstimator("h:1", clock=clock)
+    served = ServedTimes(half_life_s=0.25)
+    tail = tail_key("m_mid")
+    assert served.device_s("mid", Duration(), link.cut_times(tail), clock()) is None
+    link.record(10_000, 100, 0.01, tail=tail, head_s=0.004)
+    assert served.device_s("mid", Duration(), link.cut_times(tail), clock()) == 0.004
+    assert served.device_s("mid", Duration(), link.cut_times(tail), clock()) is None  # no call
+    clock.advance(10)
+    link.record(10_000, 100, 0.01, tail=tail, head_s=0.006)
+    assert served.device_s("mid", Duration(), link.cut_times(tail), clock()) == pytest.approx(0.006)
+    # all local: per request, the compute time of the batches that ran since the last look
+    none = CutTimes(None, None, None, None)
+    assert served.device_s(ALL_LOCAL, Duration(4, 80_000_000), none, clock()) is None  # first
+    assert served.device_s(ALL_LOCAL, Duration(4, 80_000_000), none, clock()) is None  # idle
+    clock.advance(10)
+    got = served.device_s(ALL_LOCAL, Duration(8, 200_000_000), none, clock())
+    assert got == pytest.approx(0.030)
+    # the server: requests and their time since the last reading, per tail
+    assert served.server_s(tail, 100, 10**9) is None  # the first reading
+    assert served.server_s(tail, 110, 10**9 + 400_000_000) == pytest.approx(0.040)
+    assert served.server_s(tail, 110, 10**9 + 400_000_000) is None  # none since
+    assert served.server_s(tail, 5, 10**6) is None  # the server restarted
+    assert served.server_s("other", 1, 1) is None
+
+
 # -- in process, against a real server daemon ------------------------------------------------
 
 
@@ -139,10 +205,24 @@ class Rig:
 
 @pytest.fixture
 async def rig(server: tuple[DaemonProcess, Path], tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _rig(server, tmp_path, "min_interval_ms = 0\n") as made:
+        yield made
+
+
+@pytest.fixture
+async def calibrated_rig(server: tuple[DaemonProcess, Path], tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _rig(server, tmp_path, "min_interval_ms = 0\ncalibrate = true\n") as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def _rig(
+    server: tuple[DaemonProcess, Path], tmp_path: Path, partition: str
+) -> AsyncIterator[Rig]:
     daemon, root = server
     for name in ("parts",):
         (tmp_path / name).symlink_to(root / name)
-    repo = device_repo(tmp_path, daemon.address, partition="min_interval_ms = 0\n")
+    repo = device_repo(tmp_path, daemon.address, partition=partition)
     clock = FakeClock()
     manager = ModelManager(
         repo,
@@ -280,3 +360,53 @@ async def test_no_re_planning_while_a_breaker_is_open(rig: Rig) -> None:
     assert not rig.manager.failover.replanner.replans
     del health.breakers["remote"]  # as if it had never failed
     await _until(lambda: rig.cut() == ALL_LOCAL, rig)
+
+
+@dataclass
+class SimulatedServer:
+    """The server's statistics as the test sets them: seconds per request, per tail."""
+
+    seconds: dict[str, float]
+    requests: int = 0
+    ns: int = 0
+
+    def statistics(
+        self, _channel: Any, model: str, _version: str, _timeout: float, _metadata: Any
+    ) -> tuple[int, int]:
+        self.requests += 10  # ten requests since the last look, each taking the set time
+        self.ns += round(10 * self.seconds[model] * 1e9)
+        return self.requests, self.ns
+
+
+@pytest.mark.slow
+async def test_calibrated_plans_follow_the_served_times_not_only_the_profiles(
+    calibrated_rig: Rig,
+) -> None:
+    """With ``calibrate``, a server that answers 60x slower than its profile (20x at most
+    is believed) moves the cut off all remote, and a head that runs 10x slower as served
+    than profiled moves it back (the link stays at 100 Mbit/s throughout)."""
+    rig = calibrated_rig
+    server = SimulatedServer({"digits": 0.0005, "digits_hidden": 0.0002})
+    rig.manager.failover.replanner.statistics = server.statistics
+    await rig.link_becomes(100)
+    await _until(lambda: rig.cut() == INPUTS_CUT, rig)
+    assert not rig.manager.failover.replanner.replans
+    # the server's time as served (batching others' requests): inputs 0 + 10 + 1 ms,
+    # hidden 2 + 0.2 + 1 ms (its tail as profiled), local 20 ms
+    server.seconds["digits"] = 0.030
+    await _until(lambda: rig.cut() == "hidden", rig)
+    # the link estimate takes the server's own time off the tail's calls
+    assert rig.estimator.cut_times(tail_key("digits")).server_s == pytest.approx(0.030)
+    # the head as served (the executor's samples): hidden 20 + 0.2 + 1 ms, local 200 ms
+    tail = tail_key("digits_hidden")
+
+    def slow_head() -> bool:
+        rig.estimator.record(256, 96, 0.002, 0.0002, tail=tail, head_s=0.020)
+        return rig.cut() == INPUTS_CUT
+
+    await _until(slow_head, rig)
+    replans = rig.manager.failover.replanner.replans
+    # (counted once the old copy has drained, just after the switch)
+    await _until(lambda: replans[("digits", "1", "hidden", INPUTS_CUT)] == 1, rig)
+    assert replans[("digits", "1", INPUTS_CUT, "hidden")] == 1
+    assert sum(replans.values()) == 2
