@@ -23,12 +23,16 @@ in rounds (so a noisy box slows all of them alike):
   second daemon, run from ``edged/`` and ``hal/`` of git revision REV (``git archive`` into a
   temporary folder), so a change is measured against what it replaced in the same rounds.
 
+``--concurrency N``: also ``pipeline_grpc_xN`` (and ``before_grpc_xN``): N requests at once
+from N threads, the time of the N together (``requests_per_second`` in the JSON), to see
+what chaining does to a loaded daemon (the "inside the daemon" mean then includes them).
+
 CPU per request: the daemons' CPU time (/proc/PID/stat, user + system, every thread) and
 this process's (``time.process_time``: the client, or the in-process run) over each way's
 requests, divided by their number.
 
     .venv/bin/python benchmarks/pipeline.py [--requests 60] [--rounds 6] [--size 320x640]
-        [--threads N] [--ort-defaults] [--baseline-rev REV] [--out FILE]
+        [--threads N] [--ort-defaults] [--baseline-rev REV] [--concurrency N] [--out FILE]
 
 Prints a table on stderr and JSON on stdout: median and p90 milliseconds of each, and the
 ratios of the pipeline to in-process (the target: within 15 %, a ratio <= 1.15). Never
@@ -47,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -178,6 +183,30 @@ def daemon_from(source: Path, repo: Path, threads: int) -> Iterator[DaemonProces
         daemon.stop()
 
 
+def together(
+    pool: ThreadPoolExecutor, n: int, way: Callable[[], dict[str, Any]]
+) -> Callable[[], dict[str, Any]]:
+    """``way`` ``n`` times at once (one client, ``n`` threads); answers the last."""
+
+    def run() -> dict[str, Any]:
+        return [f.result() for f in [pool.submit(way) for _ in range(n)]][-1]
+
+    return run
+
+
+def add_concurrent(
+    ways: dict[str, Callable[[], dict[str, Any]]],
+    pids: dict[str, int],
+    pool: ThreadPoolExecutor,
+    n: int,
+) -> None:
+    """The gRPC pipeline ways again, ``n`` requests at a time (``together``)."""
+    for name in ("pipeline_grpc", "before_grpc"):
+        if name in ways:
+            ways[f"{name}_x{n}"] = together(pool, n, ways[name])
+            pids[f"{name}_x{n}"] = pids[name]
+
+
 def measure(
     ways: dict[str, Callable[[], dict[str, Any]]], pids: dict[str, int], rounds: int, per_round: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -196,6 +225,22 @@ def measure(
             cpu[name][0] += daemon_cpu_s(pid) - daemon_cpu if pid else 0.0
             cpu[name][1] += time.process_time() - own_cpu
     return times, cpu
+
+
+def per_request(
+    results: dict[str, dict[str, float]],
+    cpu: dict[str, list[float]],
+    calls: int,
+    concurrency: int,
+) -> None:
+    """Add to each way's results its requests per call and per second, and its CPU time per
+    request (of its daemon and of this process)."""
+    for name, r in results.items():
+        each = concurrency if name.endswith(f"_x{concurrency}") else 1
+        r["requests_per_call"] = each
+        r["requests_per_second"] = round(each / (r["median_ms"] / 1000), 1)
+        r["cpu_ms_per_request_daemon"] = round(cpu[name][0] / calls / each * 1000, 3)
+        r["cpu_ms_per_request_here"] = round(cpu[name][1] / calls / each * 1000, 3)
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -222,6 +267,13 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline-rev",
         help="also run the pipeline through a daemon of this git revision (interleaved)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="N > 1: also N pipeline requests at once over gRPC (through each daemon); its "
+        "milliseconds are those of the N together",
     )
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
@@ -269,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                 pids["before_grpc"] = pids["before_zmq"] = before.proc.pid
             if args.ort_defaults:
                 ways["in_process_ort_defaults"] = lambda: spinning(image)
+            if args.concurrency > 1:
+                pool = stack.enter_context(ThreadPoolExecutor(args.concurrency))
+                add_concurrent(ways, pids, pool, args.concurrency)
             want = local(image)["direction"]
             for name, way in ways.items():  # warm up, and the same answer every way
                 for _ in range(3):
@@ -285,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         / max(1, in_daemon_after[0] - in_daemon_before[0])
         / 1e6
     )
-    requests = per_round * args.rounds
-    for name, r in results.items():
-        r["cpu_ms_per_request_daemon"] = round(cpu[name][0] / requests * 1000, 3)
-        r["cpu_ms_per_request_here"] = round(cpu[name][1] / requests * 1000, 3)
+    per_request(results, cpu, per_round * args.rounds, args.concurrency)
     local_mean_ms = statistics.fmean(times["in_process"]) * 1000
     report = {
         "benchmark": "pipeline",
@@ -326,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:24s} median {r['median_ms']:9.3f} ms  p90 {r['p90_ms']:9.3f} ms  "
             f"x{r['median_ms'] / base:.3f}  CPU/request: daemon "
             f"{r['cpu_ms_per_request_daemon']:7.2f} ms, "
-            f"here {r['cpu_ms_per_request_here']:7.2f} ms\n"
+            f"here {r['cpu_ms_per_request_here']:7.2f} ms  {r['requests_per_second']:7.1f}/s\n"
         )
     sys.stderr.write(
         f"inside the daemon (mean) {inside_ms:.3f} ms vs in-process (mean) "

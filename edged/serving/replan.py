@@ -208,6 +208,8 @@ class ServedTimes:
     """
 
     def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S) -> None:
+        self._half_life_s = half_life_s
+        self._cut: str | None = None
         self._local = TimeAverage(half_life_s)
         self._local_seen: tuple[int, int] | None = None
         self._head_seen: float | None = None
@@ -218,7 +220,16 @@ class ServedTimes:
     ) -> float | None:
         """The device's time for ``cut`` as served lately: ``head`` for a cut with a head,
         the version's ``compute_infer`` statistics all local (None: nothing ran since the
-        last look, or no head: all remote)."""
+        last look, or no head: all remote). After a change of cut, only what ran since
+        counts (the version's statistics carry over a switch)."""
+        if cut != self._cut:
+            self._cut = cut
+            self._local = TimeAverage(self._half_life_s)
+            self._local_seen = None
+            self._head_seen = head.head_at
+            if cut == ALL_LOCAL:
+                self._local_seen = (compute_infer.count, compute_infer.ns)
+            return None
         if cut != ALL_LOCAL:
             if head.head_at is None or head.head_at == self._head_seen:
                 return None

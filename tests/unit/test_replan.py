@@ -130,7 +130,8 @@ def test_a_device_slower_than_its_profile_moves_the_cut_to_the_server() -> None:
 def test_served_times_on_a_fake_clock() -> None:
     """The shell's readings: the head's time from the executor's samples (only when a call
     came since the last look), the whole model's from the version's statistics (only what
-    ran since the last look), the server's from its statistics' deltas."""
+    ran since the last look, and since the cut changed: the statistics carry over a switch),
+    the server's from its statistics' deltas."""
     clock = FakeClock()
     link = LinkEstimator("h:1", clock=clock)
     served = ServedTimes(half_life_s=0.25)
@@ -149,6 +150,10 @@ def test_served_times_on_a_fake_clock() -> None:
     clock.advance(10)
     got = served.device_s(ALL_LOCAL, Duration(8, 200_000_000), none, clock())
     assert got == pytest.approx(0.030)
+    # back on the cut: its head samples from before the switch are not news
+    assert served.device_s("mid", Duration(8, 200_000_000), link.cut_times(tail), clock()) is None
+    link.record(10_000, 100, 0.01, tail=tail, head_s=0.006)
+    assert served.device_s("mid", Duration(), link.cut_times(tail), clock()) is not None
     # the server: requests and their time since the last reading, per tail
     assert served.server_s(tail, 100, 10**9) is None  # the first reading
     assert served.server_s(tail, 110, 10**9 + 400_000_000) == pytest.approx(0.040)
