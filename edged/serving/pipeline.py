@@ -6,11 +6,14 @@ signatures of the models they name (every mapped tensor exists, datatypes and sh
 no tensor is made twice, no cycle) and orders them into a graph, naming the step and the
 tensor of every error. ``Pipeline`` runs a plan: each step is an ordinary request to its
 model, routed at each request (``ModelManager.get``) and queued on that model's own
-scheduler (``ModelVersion.infer``), so a step's requests merge into batches with direct
-requests to the same model and run on that model's executor; a step starts as soon as the
-tensors it reads exist, so independent steps run at the same time; the first step that
-fails fails the request with the step named and cancels the others (a queued step request
-whose caller went away is dropped by its scheduler); a cancelled request cancels its steps.
+scheduler (``ModelVersion.submit``), so a step's requests merge into batches with direct
+requests to the same model and run on that model's executor. A step is posted as soon as
+the tensors it reads exist, from the reply of the step that made the last of them, on the
+thread that answered it (``inline``: a step whose model is idle runs right there), so a
+request takes no event loop hop between steps; independent steps run at the same time (all
+but one go to their models' workers). The first step that fails fails the request with the
+step named and withdraws the queued others (``Scheduler.withdraw``); a caller that goes away
+withdraws them all.
 
 A step whose model is unloaded makes the pipeline unready (as Triton's ensemble becomes
 unavailable); a step model swapped to a version with the same tensors is used at once; one
