@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edged.core.errors import ConfigError, EdgedError
-from edged.core.types import Array
+from edged.core.types import Array, DataType
 from edged.partition import graph
 from edged.partition.planner import ALL_LOCAL, CutCost, Link
 
@@ -151,9 +151,12 @@ def profile(
     runs: int = DEFAULT_RUNS,
     every: int = 1,
     progress: Callable[[str], None] | None = None,
+    wire_dtype: str = "",
 ) -> Profile:
     """Measure every candidate cut of the model at ``path`` (every ``every``-th, plus the
     inputs cut and the last) on ``executor`` with ``threads`` threads, for the input ``feed``.
+    With ``wire_dtype`` (``graph.WIRE_DTYPES``) the cuts that have a head are cut to send
+    their tensor so: the parts timed and the bytes counted are those deployed.
 
     Raises:
         ConfigError: onnx is missing, the file is no model, or ``feed`` does not fit it.
@@ -175,12 +178,16 @@ def profile(
         for cut in cuts:
             if progress is not None:
                 progress(cut.tensor)
-            parts = graph.split(model, cut.tensor)
+            head_wire = wire_dtype if cut.tensor != graph.INPUTS_CUT else ""
+            parts = graph.split(model, cut.tensor, head_wire)
             if parts.head is None:
                 middle: Mapping[str, Array] = feed
                 head_s = 0.0
             else:
-                middle = {cut.tensor: values[cut.tensor]}
+                value = values[cut.tensor]
+                if head_wire:
+                    value = np.asarray(value).astype(DataType(head_wire).numpy_dtype)
+                middle = {cut.tensor: value}
                 head_s = runner.time(parts.head, feed, runs)
             tail_s = runner.time(parts.tail, middle, runs)
             sent = sum(int(np.asarray(v).nbytes) for v in middle.values())
