@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,14 +86,23 @@ class Profile:
             raise ConfigError(f"{where}: not a partition profile: {e!r}") from e
 
 
-def _median_s(run: Callable[[], object], runs: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return float(statistics.median(times))
+#: parts (heads, tails, the whole model) loaded at once and timed in rounds: one run of each
+#: per round, so that load from elsewhere on the machine falls on neighbouring cuts alike
+ROUND_PARTS = 24
+
+
+def _medians_s(runs: Sequence[Callable[[], object]], rounds: int) -> list[float]:
+    """The median seconds of each of ``runs``, after one warm-up run each, timed in
+    ``rounds`` rounds of one run of each (interleaved, not one part after the other)."""
+    for run in runs:
+        run()  # warm-up
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, taken in zip(runs, times, strict=True):
+            started = time.perf_counter()
+            run()
+            taken.append(time.perf_counter() - started)
+    return [float(statistics.median(t)) for t in times]
 
 
 class _Runner:
@@ -113,12 +123,25 @@ class _Runner:
         finally:
             loaded.close()
 
-    def time(self, model: onnx.ModelProto, feed: Mapping[str, Array], runs: int) -> float:
-        loaded = self._load(model)
-        try:
-            return _median_s(lambda: loaded.infer(feed), runs)
-        finally:
-            loaded.close()
+    def time(
+        self, parts: Sequence[tuple[onnx.ModelProto, Mapping[str, Array]]], runs: int
+    ) -> list[float]:
+        """The median latency of each of ``parts`` (a model and its input), timed in rounds
+        :data:`ROUND_PARTS` parts at a time."""
+        medians: list[float] = []
+        for start in range(0, len(parts), ROUND_PARTS):
+            loaded: list[LoadedModel] = []
+            try:
+                for model, _ in parts[start : start + ROUND_PARTS]:
+                    loaded.append(self._load(model))
+                feeds = [feed for _, feed in parts[start : start + ROUND_PARTS]]
+                medians += _medians_s(
+                    [partial(m.infer, f) for m, f in zip(loaded, feeds, strict=True)], runs
+                )
+            finally:
+                for m in loaded:
+                    m.close()
+        return medians
 
     def _load(self, model: onnx.ModelProto) -> LoadedModel:
         from hal import ModelArtifact  # noqa: PLC0415
@@ -173,25 +196,31 @@ def profile(
             raise ConfigError(f"{path}: the profiling input does not run: {e}") from e
         outputs = [o.name for o in model.graph.output]
         answer_bytes = sum(int(np.asarray(values[n]).nbytes) for n in outputs)
-        whole_s = runner.time(model, feed, runs)
-        rows = []
+        parts: list[tuple[onnx.ModelProto, Mapping[str, Array]]] = [(model, feed)]
+        sizes: list[int] = []
         for cut in cuts:
             if progress is not None:
                 progress(cut.tensor)
             head_wire = wire_dtype if cut.tensor != graph.INPUTS_CUT else ""
-            parts = graph.split(model, cut.tensor, head_wire)
-            if parts.head is None:
-                middle: Mapping[str, Array] = feed
-                head_s = 0.0
-            else:
+            split = graph.split(model, cut.tensor, head_wire)
+            middle: Mapping[str, Array] = feed
+            if split.head is not None:
                 value = values[cut.tensor]
                 if head_wire:
                     value = np.asarray(value).astype(DataType(head_wire).numpy_dtype)
                 middle = {cut.tensor: value}
-                head_s = runner.time(parts.head, feed, runs)
-            tail_s = runner.time(parts.tail, middle, runs)
-            sent = sum(int(np.asarray(v).nbytes) for v in middle.values())
-            rows.append(CutProfile(cut.tensor, head_s, tail_s, sent))
+            parts += (
+                [(split.tail, middle)]
+                if split.head is None
+                else [(split.head, feed), (split.tail, middle)]
+            )
+            sizes.append(sum(int(np.asarray(v).nbytes) for v in middle.values()))
+        timed = iter(runner.time(parts, runs))
+        whole_s = next(timed)
+        rows = []
+        for cut, sent in zip(cuts, sizes, strict=True):
+            head_s = 0.0 if cut.tensor == graph.INPUTS_CUT else next(timed)
+            rows.append(CutProfile(cut.tensor, head_s, next(timed), sent))
     return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows))
 
 
