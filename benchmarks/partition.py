@@ -17,7 +17,18 @@ tc netem (delay) is used when the kernel has it; without it (no sch_netem) the l
 veth's own round trip and only the bandwidth is shaped: the output says which.
 
     sudo .venv/bin/python benchmarks/partition.py [--bandwidths 1,10,100] [--quotas 50,20]
-        [--every 6] [--requests 15] [--delay-ms 2] [--out FILE]
+        [--every 6] [--requests 15] [--confirm 45] [--delay-ms 2] [--lines 6 | --shape N,3,H,W]
+        [--wire-dtype FP16] [--out FILE]
+
+The input is random values of ``--shape`` (default 1x3x96x384), or ``--lines N`` text lines
+rendered at the classifier's native 48x192 (PP-OCR classifies a page's lines in batches of
+6). ``--wire-dtype FP16``: every cut with a head sends its tensor as FP16 (the inputs cut,
+all remote, sends the request's FP32 inputs as they are). Every cut is screened with
+``--requests`` requests, then the planner's choice, the three best, all local and all remote
+are measured again with ``--confirm`` requests each: the headline figures are those.
+
+``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
+text lines (no root, no daemons).
 
 Needs root (network namespaces, tc, cgroup v1 cpu). Prints a table on stderr, JSON on stdout.
 Never pass/fail.
@@ -489,7 +500,8 @@ def measure_setting(
     # cuts differ by less than this machine's noise: the planner's choice, all local, all
     # remote and the three best of the screening are measured again, --confirm requests each
     splits = [c for c in screened if c not in (ALL_LOCAL, graph.INPUTS_CUT)]
-    finalists = {choice, ALL_LOCAL, graph.INPUTS_CUT, *sorted(splits, key=lambda c: screened[c])[:3]}
+    best_three = sorted(splits, key=lambda c: screened[c])[:3]
+    finalists = {choice, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
     confirm = max(5, args.confirm // 3) if mbit < 5 else args.confirm
     measured = end_to_end_ms(
         device.address, {c: n for c, n in names.items() if c in finalists}, x, confirm
