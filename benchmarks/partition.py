@@ -84,6 +84,8 @@ SHAPE = (1, 3, 96, 384)
 """The classifier's input: twice its native 48x192 per side, so that compute, not the
 serving path's fixed cost, dominates (the model takes any height and width)."""
 PYTHON = sys.executable
+#: the device cgroup's cpu.shares with --priority (a task's weight at nice -10 is 9548)
+PRIORITY_SHARES = 10240
 
 
 def log(message: str) -> None:
@@ -209,6 +211,9 @@ def set_quota(percent: float) -> None:
     """``percent`` of one core: 1 ms of CPU per period (the kernel's least quota), the period
     as short as that allows, so that the slowdown is smooth rather than bursts and stalls."""
     CGROUP.mkdir(exist_ok=True)
+    # the group's weight against the rest of a shared machine: the quota, not other work,
+    # is what slows the device (10240: a task's weight at nice -10)
+    (CGROUP / "cpu.shares").write_text(str(PRIORITY_SHARES))
     (CGROUP / "cpu.cfs_quota_us").write_text("-1")
     (CGROUP / "cpu.cfs_period_us").write_text(str(round(100_000 / percent)))
     (CGROUP / "cpu.cfs_quota_us").write_text("1000")
@@ -329,6 +334,13 @@ def parse_args() -> argparse.Namespace:
         default=45,
         help="requests for the confirmation round (the choice, the 3 best, local, remote)",
     )
+    parser.add_argument(
+        "--priority",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the server, the device's cgroup and the client ahead of other work on the "
+        "machine (nice -10, cgroup cpu.shares 10240)",
+    )
     parser.add_argument("--delay-ms", type=float, default=2.0, help="RTT added with netem")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
@@ -351,6 +363,10 @@ def main() -> int:
     if os.geteuid() != 0:
         log("needs root: network namespaces, tc and the cpu cgroup")
         return 2
+    if args.priority:
+        # the server, the device's cgroup and the client stand for machines of their own: on
+        # a machine shared with other work they run ahead of it (the children inherit this)
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
     whole = corpus.fetch(next(m for m in corpus.CORPUS if m.name == "ocr_cls"))
     cuts = [c.tensor for c in select(graph.candidate_cuts(graph.load(whole)), args.every)]
     if args.lines:
@@ -370,6 +386,7 @@ def main() -> int:
         "device": "edged on the host, 1 runtime thread, 1 instance, cgroup cpu quota",
         "server": "edged in a network namespace, 2 runtime threads, 1 instance",
         "cpu": os.cpu_count(),
+        "priority": "nice -10, device cgroup cpu.shares 10240" if args.priority else "none",
         "settings": [],
     }
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, namespace():
