@@ -61,6 +61,9 @@ class Profile:
     answer_bytes: int
     """Bytes of the model's outputs."""
     cuts: tuple[CutProfile, ...]
+    wire_dtype: str = ""
+    """The datatype the cuts with a head were profiled sending (``--wire-dtype``; "" for
+    each tensor's own): a device's and a server's profile must agree on it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,7 @@ class Profile:
                 whole_s=float(data["whole_s"]),
                 answer_bytes=int(data["answer_bytes"]),
                 cuts=cuts,
+                wire_dtype=str(data.get("wire_dtype", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a partition profile: {e!r}") from e
@@ -221,7 +225,7 @@ def profile(
         for cut, sent in zip(cuts, sizes, strict=True):
             head_s = 0.0 if cut.tensor == graph.INPUTS_CUT else next(timed)
             rows.append(CutProfile(cut.tensor, head_s, next(timed), sent))
-    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows))
+    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows), wire_dtype)
 
 
 def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
@@ -239,8 +243,17 @@ def cost_table(device: Profile, server: Profile) -> list[CutCost]:
     the cuts both profiled, then all local.
 
     Raises:
-        ConfigError: the two profiles share no cut (different models, or --every).
+        ConfigError: the two profiles share no cut (different models, or --every), or were
+            taken with different wire datatypes (the heads' bytes and the tails' casts
+            would not be those deployed).
     """
+    if device.wire_dtype != server.wire_dtype:
+        raise ConfigError(
+            f"the device profile ({device.model}) sends cuts as "
+            f"{device.wire_dtype or 'their own datatype'}, the server profile as "
+            f"{server.wire_dtype or 'their own datatype'}: profile both with the same "
+            "--wire-dtype"
+        )
     tails = {c.cut: c.tail_s for c in server.cuts}
     rows = [
         CutCost(c.cut, c.head_s, tails[c.cut], c.sent_bytes, device.answer_bytes)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edged.core.errors import ConfigError
 from edged.partition import graph, profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,3 +50,18 @@ def test_fp16_on_the_wire_halves_the_bytes_of_every_cut_with_a_head() -> None:
     for row in fp16.cuts:
         want = fp32[row.cut] if row.cut == graph.INPUTS_CUT else fp32[row.cut] // 2
         assert row.sent_bytes == want, row.cut
+
+
+def test_profiles_taken_with_different_wire_datatypes_are_not_joined() -> None:
+    x = np.random.default_rng(2).random((2, 64), dtype=np.float32) * 16
+    fp32 = profile.profile(DIGITS, {"input": x}, runs=1)
+    fp16 = profile.profile(DIGITS, {"input": x}, runs=1, wire_dtype="FP16")
+    assert fp16.wire_dtype == "FP16"
+    again = profile.Profile.from_json(fp16.to_json(), "fp16.json")
+    assert again == fp16
+    with pytest.raises(ConfigError, match="sends cuts as FP16, the server profile as their own"):
+        profile.cost_table(fp16, fp32)
+    assert len(profile.cost_table(fp16, again)) == len(fp16.cuts) + 1
+    # a profile written before the field existed reads as the tensors' own datatype
+    old = {k: v for k, v in fp32.to_json().items() if k != "wire_dtype"}
+    assert profile.Profile.from_json(old, "old.json").wire_dtype == ""
