@@ -32,6 +32,9 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               file's stem), and model.toml's [partition.cuts] on stdout
   --profile-out FILE          time every cut's head and tail on this machine (run it on the
                               server too: its tails are the plan's tail latencies)
+  --wire-dtype FP16           send an FP32 cut tensor as FP16: heads end with a Cast, tails
+                              begin with one back (half the bytes; give it to --cut and to
+                              both profiles alike)
   --explain                   the per-cut estimate table and the chosen cut, from this
                               machine's profile, --server-profile FILE (else this machine's
                               own figures stand in for the server's: say so), and the link:
@@ -90,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="device_cpu: the device's CPU nanoseconds per byte sent or answered",
+    )
+    parser.add_argument(
+        "--wire-dtype",
+        choices=graph.WIRE_DTYPES,
+        default="",
+        help="send the cut tensor in this datatype (the cuts that have a head; default: its own)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
@@ -252,11 +261,17 @@ def _cut(model: Any, args: argparse.Namespace) -> None:
     if len(args.cut) > 1:
         _cuts(model, args)
         return
-    parts = graph.split(model, args.cut[0])
+    parts = graph.split(model, args.cut[0], _wire(args, args.cut[0]))
     args.out.mkdir(parents=True, exist_ok=True)
     if parts.head is not None:
         graph.save(parts.head, args.out / graph.HEAD_FILE)
     graph.save(parts.tail, args.out / graph.TAIL_FILE)
+
+
+def _wire(args: argparse.Namespace, tensor: str) -> str:
+    """The wire datatype of cut ``tensor``: ``--wire-dtype``, but the inputs cut sends the
+    request's inputs as they are."""
+    return "" if tensor == graph.INPUTS_CUT else str(args.wire_dtype)
 
 
 def _file_part(tensor: str) -> str:
@@ -274,7 +289,7 @@ def _cuts(model: Any, args: argparse.Namespace) -> None:
     device.mkdir(parents=True, exist_ok=True)
     lines = ["[partition.cuts]"]
     for tensor in args.cut:
-        parts = graph.split(model, tensor)
+        parts = graph.split(model, tensor, _wire(args, tensor))
         tail = name if parts.head is None else f"{name}_{_file_part(tensor)}"
         (server / tail / "1").mkdir(parents=True, exist_ok=True)
         graph.save(parts.tail, server / tail / "1" / "model.onnx")
@@ -295,6 +310,7 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         threads=args.threads,
         runs=args.runs,
         every=args.every,
+        wire_dtype=args.wire_dtype,
     )
     if args.profile_out:
         data = (json.dumps(mine.to_json(), indent=2) + "\n").encode()

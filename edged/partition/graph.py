@@ -31,6 +31,11 @@ HEAD_FILE = "head.onnx"
 _GRAPH_ATTRIBUTES = (5, 10)
 TAIL_FILE = "tail.onnx"
 
+#: what a cut tensor may be sent as instead of its own datatype (KServe names): an FP32 cut
+#: tensor sent as FP16 is cast at the end of the head and back to FP32 at the start of the
+#: tail, halving the bytes on the link (``edged partition --wire-dtype FP16``)
+WIRE_DTYPES = ("FP16",)
+
 
 @dataclass(frozen=True)
 class Cut:
@@ -136,11 +141,14 @@ class Split:
     tail: onnx.ModelProto
 
 
-def split(model: onnx.ModelProto, tensor: str) -> Split:
-    """``model`` (shapes inferred, see :func:`load`) cut at ``tensor``.
+def split(model: onnx.ModelProto, tensor: str, wire_dtype: str = "") -> Split:
+    """``model`` (shapes inferred, see :func:`load`) cut at ``tensor``; with ``wire_dtype``
+    (one of :data:`WIRE_DTYPES`) the tensor is sent in that datatype: the head ends with a
+    Cast to it, the tail begins with a Cast back (the tensor keeps its name on the wire).
 
     Raises:
-        ConfigError: ``tensor`` is not one of the candidate cuts (the message lists some).
+        ConfigError: ``tensor`` is not one of the candidate cuts (the message lists some), or
+            ``wire_dtype`` is not one of :data:`WIRE_DTYPES` or does not apply to this cut.
     """
     import onnx  # noqa: PLC0415
 
@@ -149,6 +157,8 @@ def split(model: onnx.ModelProto, tensor: str) -> Split:
     if cut is None:
         shown = ", ".join(list(cuts)[:12]) + (", ..." if len(cuts) > 12 else "")
         raise ConfigError(f"tensor '{tensor}' is not a cut of this graph (cuts: {shown})")
+    if wire_dtype:
+        _check_wire(wire_dtype, model, tensor)
     inputs = graph_inputs(model)
     outputs = [o.name for o in model.graph.output]
     extractor = onnx.utils.Extractor(model)
@@ -156,7 +166,63 @@ def split(model: onnx.ModelProto, tensor: str) -> Split:
         return Split(cut, None, extractor.extract_model(inputs, outputs))
     head = extractor.extract_model(inputs, [tensor])
     tail = extractor.extract_model([tensor], outputs)
+    if wire_dtype:
+        _send_as(wire_dtype, tensor, head, tail)
     return Split(cut, head, tail)
+
+
+def _check_wire(wire_dtype: str, model: onnx.ModelProto, tensor: str) -> None:
+    """``wire_dtype`` applies to ``tensor`` of ``model``: a known wire datatype, an FP32 cut.
+
+    Raises:
+        ConfigError: naming the datatype or the cut.
+    """
+    import onnx  # noqa: PLC0415
+
+    if wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(f"wire datatype {wire_dtype!r}: expected one of {', '.join(WIRE_DTYPES)}")
+    if tensor == INPUTS_CUT:
+        raise ConfigError(
+            f"cut '{INPUTS_CUT}' sends the request's inputs as they are: a wire datatype "
+            "applies to the cuts that have a head"
+        )
+    for value in (*model.graph.output, *model.graph.value_info):
+        if value.name == tensor and value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+            raise ConfigError(
+                f"cut '{tensor}' is {kind}: wire datatype {wire_dtype} applies to FLOAT cuts"
+            )
+
+
+def _send_as(wire_dtype: str, tensor: str, head: onnx.ModelProto, tail: onnx.ModelProto) -> None:
+    """Rewrite ``head`` to make ``tensor`` in ``wire_dtype`` and ``tail`` to take it so, each
+    computing in FP32 as before under a private name (``<tensor>.fp32``)."""
+    import onnx  # noqa: PLC0415
+
+    wire = onnx.TensorProto.FLOAT16
+    taken = {
+        n for g in (head.graph, tail.graph) for node in g.node for n in (*node.input, *node.output)
+    }
+    inner = f"{tensor}.fp32"
+    while inner in taken:
+        inner += "_"
+    for g in (head.graph, tail.graph):
+        for node in g.node:
+            node.output[:] = [inner if n == tensor else n for n in node.output]
+            node.input[:] = [inner if n == tensor else n for n in node.input]
+        for value in g.value_info:
+            if value.name == tensor:
+                value.name = inner
+    head.graph.node.append(onnx.helper.make_node("Cast", [inner], [tensor], to=wire))
+    for value in head.graph.output:
+        if value.name == tensor:
+            value.type.tensor_type.elem_type = wire
+    tail.graph.node.insert(
+        0, onnx.helper.make_node("Cast", [tensor], [inner], to=onnx.TensorProto.FLOAT)
+    )
+    for value in tail.graph.input:
+        if value.name == tensor:
+            value.type.tensor_type.elem_type = wire
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:

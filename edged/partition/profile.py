@@ -15,13 +15,14 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edged.core.errors import ConfigError, EdgedError
-from edged.core.types import Array
+from edged.core.types import Array, DataType
 from edged.partition import graph
 from edged.partition.planner import ALL_LOCAL, CutCost, Link
 
@@ -60,6 +61,9 @@ class Profile:
     answer_bytes: int
     """Bytes of the model's outputs."""
     cuts: tuple[CutProfile, ...]
+    wire_dtype: str = ""
+    """The datatype the cuts with a head were profiled sending (``--wire-dtype``; "" for
+    each tensor's own): a device's and a server's profile must agree on it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,19 +84,29 @@ class Profile:
                 whole_s=float(data["whole_s"]),
                 answer_bytes=int(data["answer_bytes"]),
                 cuts=cuts,
+                wire_dtype=str(data.get("wire_dtype", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a partition profile: {e!r}") from e
 
 
-def _median_s(run: Callable[[], object], runs: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return float(statistics.median(times))
+#: parts (heads, tails, the whole model) loaded at once and timed in rounds: one run of each
+#: per round, so that load from elsewhere on the machine falls on neighbouring cuts alike
+ROUND_PARTS = 24
+
+
+def _medians_s(runs: Sequence[Callable[[], object]], rounds: int) -> list[float]:
+    """The median seconds of each of ``runs``, after one warm-up run each, timed in
+    ``rounds`` rounds of one run of each (interleaved, not one part after the other)."""
+    for run in runs:
+        run()  # warm-up
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, taken in zip(runs, times, strict=True):
+            started = time.perf_counter()
+            run()
+            taken.append(time.perf_counter() - started)
+    return [float(statistics.median(t)) for t in times]
 
 
 class _Runner:
@@ -113,12 +127,25 @@ class _Runner:
         finally:
             loaded.close()
 
-    def time(self, model: onnx.ModelProto, feed: Mapping[str, Array], runs: int) -> float:
-        loaded = self._load(model)
-        try:
-            return _median_s(lambda: loaded.infer(feed), runs)
-        finally:
-            loaded.close()
+    def time(
+        self, parts: Sequence[tuple[onnx.ModelProto, Mapping[str, Array]]], runs: int
+    ) -> list[float]:
+        """The median latency of each of ``parts`` (a model and its input), timed in rounds
+        :data:`ROUND_PARTS` parts at a time."""
+        medians: list[float] = []
+        for start in range(0, len(parts), ROUND_PARTS):
+            loaded: list[LoadedModel] = []
+            try:
+                for model, _ in parts[start : start + ROUND_PARTS]:
+                    loaded.append(self._load(model))
+                feeds = [feed for _, feed in parts[start : start + ROUND_PARTS]]
+                medians += _medians_s(
+                    [partial(m.infer, f) for m, f in zip(loaded, feeds, strict=True)], runs
+                )
+            finally:
+                for m in loaded:
+                    m.close()
+        return medians
 
     def _load(self, model: onnx.ModelProto) -> LoadedModel:
         from hal import ModelArtifact  # noqa: PLC0415
@@ -151,9 +178,12 @@ def profile(
     runs: int = DEFAULT_RUNS,
     every: int = 1,
     progress: Callable[[str], None] | None = None,
+    wire_dtype: str = "",
 ) -> Profile:
     """Measure every candidate cut of the model at ``path`` (every ``every``-th, plus the
     inputs cut and the last) on ``executor`` with ``threads`` threads, for the input ``feed``.
+    With ``wire_dtype`` (``graph.WIRE_DTYPES``) the cuts that have a head are cut to send
+    their tensor so: the parts timed and the bytes counted are those deployed.
 
     Raises:
         ConfigError: onnx is missing, the file is no model, or ``feed`` does not fit it.
@@ -170,22 +200,32 @@ def profile(
             raise ConfigError(f"{path}: the profiling input does not run: {e}") from e
         outputs = [o.name for o in model.graph.output]
         answer_bytes = sum(int(np.asarray(values[n]).nbytes) for n in outputs)
-        whole_s = runner.time(model, feed, runs)
-        rows = []
+        parts: list[tuple[onnx.ModelProto, Mapping[str, Array]]] = [(model, feed)]
+        sizes: list[int] = []
         for cut in cuts:
             if progress is not None:
                 progress(cut.tensor)
-            parts = graph.split(model, cut.tensor)
-            if parts.head is None:
-                middle: Mapping[str, Array] = feed
-                head_s = 0.0
-            else:
-                middle = {cut.tensor: values[cut.tensor]}
-                head_s = runner.time(parts.head, feed, runs)
-            tail_s = runner.time(parts.tail, middle, runs)
-            sent = sum(int(np.asarray(v).nbytes) for v in middle.values())
-            rows.append(CutProfile(cut.tensor, head_s, tail_s, sent))
-    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows))
+            head_wire = wire_dtype if cut.tensor != graph.INPUTS_CUT else ""
+            split = graph.split(model, cut.tensor, head_wire)
+            middle: Mapping[str, Array] = feed
+            if split.head is not None:
+                value = values[cut.tensor]
+                if head_wire:
+                    value = np.asarray(value).astype(DataType(head_wire).numpy_dtype)
+                middle = {cut.tensor: value}
+            parts += (
+                [(split.tail, middle)]
+                if split.head is None
+                else [(split.head, feed), (split.tail, middle)]
+            )
+            sizes.append(sum(int(np.asarray(v).nbytes) for v in middle.values()))
+        timed = iter(runner.time(parts, runs))
+        whole_s = next(timed)
+        rows = []
+        for cut, sent in zip(cuts, sizes, strict=True):
+            head_s = 0.0 if cut.tensor == graph.INPUTS_CUT else next(timed)
+            rows.append(CutProfile(cut.tensor, head_s, next(timed), sent))
+    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows), wire_dtype)
 
 
 def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
@@ -203,8 +243,17 @@ def cost_table(device: Profile, server: Profile) -> list[CutCost]:
     the cuts both profiled, then all local.
 
     Raises:
-        ConfigError: the two profiles share no cut (different models, or --every).
+        ConfigError: the two profiles share no cut (different models, or --every), or were
+            taken with different wire datatypes (the heads' bytes and the tails' casts
+            would not be those deployed).
     """
+    if device.wire_dtype != server.wire_dtype:
+        raise ConfigError(
+            f"the device profile ({device.model}) sends cuts as "
+            f"{device.wire_dtype or 'their own datatype'}, the server profile as "
+            f"{server.wire_dtype or 'their own datatype'}: profile both with the same "
+            "--wire-dtype"
+        )
     tails = {c.cut: c.tail_s for c in server.cuts}
     rows = [
         CutCost(c.cut, c.head_s, tails[c.cut], c.sent_bytes, device.answer_bytes)

@@ -121,6 +121,7 @@ def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
         (["--cut", "hidden"], "--cut needs --out DIR"),
         (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
         (["--explain"], "--explain needs the link"),
+        (["--cut", "hidden", "--wire-dtype", "INT8", "--out", "x"], "invalid choice: 'INT8'"),
     ],
 )
 def test_bad_requests_are_named(flags: list[str], message: str) -> None:
@@ -138,3 +139,25 @@ def test_the_link_to_a_running_daemon_is_measured(daemon: DaemonProcess) -> None
         channel.close()
     assert link.rtt_s > 0
     assert link.bandwidth_bps > 0
+
+
+def test_cuts_and_profiles_with_fp16_on_the_wire(tmp_path: Path) -> None:
+    done = run_cli(
+        "partition", str(DIGITS), "--cut", "hidden", "--wire-dtype", "FP16", "--out", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    head = ort.InferenceSession(str(tmp_path / "head.onnx"))
+    tail = ort.InferenceSession(str(tmp_path / "tail.onnx"))
+    assert [(o.name, o.type) for o in head.get_outputs()] == [("hidden", "tensor(float16)")]
+    assert [(i.name, i.type) for i in tail.get_inputs()] == [("hidden", "tensor(float16)")]
+    sizes = {}
+    for wire in ("", "FP16"):
+        out = tmp_path / f"profile{wire}.json"
+        flags = ["--wire-dtype", wire] if wire else []
+        done = run_cli("partition", str(DIGITS), "--profile-out", str(out), "--runs", "1", *flags)
+        assert done.returncode == 0, done.stderr
+        sizes[wire] = {c["cut"]: c["sent_bytes"] for c in json.loads(out.read_text())["cuts"]}
+    # the inputs cut sends the request's FP32 inputs either way; every other cut half as much
+    assert sizes["FP16"]["<inputs>"] == sizes[""]["<inputs>"]
+    for cut in set(sizes[""]) - {"<inputs>"}:
+        assert sizes["FP16"][cut] * 2 == sizes[""][cut], cut

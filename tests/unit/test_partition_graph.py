@@ -98,3 +98,87 @@ def test_a_file_that_is_no_model_is_refused_by_name(tmp_path: Path) -> None:
     bad.write_bytes(b"not a protobuf")
     with pytest.raises(ConfigError, match=r"model\.onnx: not an ONNX model"):
         graph.load(bad)
+
+
+def _check_every_cut_on_fp16_wire(path: Path, feed: dict[str, np.ndarray], atol: float) -> None:
+    """Every cut with a head, its tensor sent as FP16: the head makes it FP16 under the same
+    name, the tail takes it so, and the answers stay within ``atol`` of the whole model's."""
+    whole = graph.load(path)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    for cut in graph.candidate_cuts(whole)[1:]:
+        parts = graph.split(whole, cut.tensor, "FP16")
+        assert parts.head is not None
+        head, tail = _session(parts.head), _session(parts.tail)
+        assert [(o.name, o.type) for o in head.get_outputs()] == [(cut.tensor, "tensor(float16)")]
+        assert [(i.name, i.type) for i in tail.get_inputs()] == [(cut.tensor, "tensor(float16)")]
+        (middle,) = head.run(None, feed)
+        assert middle.dtype == np.float16
+        got = tail.run(None, {cut.tensor: middle})
+        for want, have in zip(expected, got, strict=True):
+            assert have.dtype == want.dtype, cut  # the tail computes in FP32 as before
+            np.testing.assert_allclose(have, want, rtol=0, atol=atol, err_msg=str(cut))
+
+
+def test_every_cut_of_the_digits_mlp_sent_as_fp16_answers_close_to_the_whole() -> None:
+    x = np.random.default_rng(4).random((3, 64), dtype=np.float32) * 16
+    whole = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"])
+    labels = whole.run(["label"], {"input": x})[0]
+    _check_every_cut_on_fp16_wire(DIGITS, {"input": x}, atol=0.05)
+    parts = graph.split(graph.load(DIGITS), "hidden", "FP16")
+    assert parts.head is not None
+    (hidden,) = _session(parts.head).run(None, {"input": x})
+    got = _session(parts.tail).run(["label"], {"hidden": hidden})[0]
+    np.testing.assert_array_equal(got, labels)
+
+
+@pytest.mark.slow
+def test_every_cut_of_a_real_cnn_sent_as_fp16_answers_close_to_the_whole() -> None:
+    x = np.random.default_rng(5).random((2, 3, 48, 192), dtype=np.float32)
+    _check_every_cut_on_fp16_wire(corpus.fetch(OCR_CLS), {"x": x}, atol=0.02)
+
+
+def _int_cut_model() -> object:
+    """x (FP32) -> Cast to INT64 ("n") -> Cast to FP32 -> Relu -> y: "n" is an INT64 cut."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["x"], ["n"], to=TensorProto.INT64),
+        helper.make_node("Cast", ["n"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Relu", ["f"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "int_cut",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "wire", "message"),
+    [
+        (graph.INPUTS_CUT, "FP16", "sends the request's inputs as they are"),
+        ("hidden", "INT8", "wire datatype 'INT8': expected one of FP16"),
+    ],
+)
+def test_a_wire_datatype_that_does_not_apply_is_refused(
+    tensor: str, wire: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        graph.split(graph.load(DIGITS), tensor, wire)
+
+
+def test_fp16_on_the_wire_applies_to_float_cuts_only() -> None:
+    model = _int_cut_model()
+    assert "n" in {c.tensor for c in graph.candidate_cuts(model)}  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cut 'n' is INT64: wire datatype FP16 applies to FLOAT"):
+        graph.split(model, "n", "FP16")  # type: ignore[arg-type]
+    parts = graph.split(model, "f", "FP16")  # type: ignore[arg-type]
+    assert parts.head is not None
+    x = np.array([[-1.7, 0.2, 2.9, 3.0]], np.float32)
+    (f,) = _session(parts.head).run(None, {"x": x})
+    (y,) = _session(parts.tail).run(None, {"f": f})
+    np.testing.assert_array_equal(y, [[0.0, 0.0, 2.0, 3.0]])

@@ -126,3 +126,48 @@ def test_a_head_that_does_not_make_what_the_server_takes_is_refused(
         RemoteExecutor().load(
             ModelArtifact(tmp_path / "model.onnx", "onnx"), ExecutorOptions(remote=target)
         )
+
+
+@pytest.mark.slow
+def test_a_cut_sent_as_fp16_crosses_the_wire_at_half_the_bytes(tmp_path: Path) -> None:
+    """``edged partition --wire-dtype FP16``: the head here makes the cut tensor in FP16, the
+    server's tail takes it so (its metadata says FP16), the call carries 2 bytes an element,
+    and the answer is the whole model's."""
+    whole = EXAMPLE_MODELS / "digits" / "1" / "model.onnx"
+    parts = graph.split(graph.load(whole), "hidden", "FP16")
+    assert parts.head is not None
+    repo = tmp_path / "server"
+    (repo / "tail16" / "1").mkdir(parents=True)
+    graph.save(parts.tail, repo / "tail16" / "1" / "model.onnx")
+    graph.save(parts.head, tmp_path / "head.onnx")
+    shutil.copyfile(whole, tmp_path / "model.onnx")
+    server = DaemonProcess(["--models", str(repo), "--grpc-address", "127.0.0.1:0"])
+    try:
+        address = server.wait_live()
+        server.wait_for("server_ready", timeout=60)
+        target = RemoteTarget(
+            address=address, model="tail16", head="head.onnx", insecure=True, timeout_s=10
+        )
+        loaded = RemoteExecutor().load(
+            ModelArtifact(tmp_path / "model.onnx", "onnx"), ExecutorOptions(remote=target)
+        )
+        try:
+            sample = np.load(EXAMPLE_MODELS / "digits" / "sample.npy").astype(np.float32)
+            loaded.infer({"input": sample})  # the first call: the connection, not the link
+            before = estimator_for(address).snapshot()
+            got = loaded.infer({"input": sample})
+            after = estimator_for(address).snapshot()
+        finally:
+            loaded.close()
+    finally:
+        assert server.stop() == 0, server.stderr
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+    probabilities, labels = session.run(["probabilities", "label"], {"input": sample})
+    np.testing.assert_array_equal(got["label"], labels)
+    np.testing.assert_allclose(got["probabilities"], probabilities, rtol=0, atol=0.01)
+    hidden = ort.InferenceSession(str(tmp_path / "head.onnx")).get_outputs()[0]
+    assert hidden.type == "tensor(float16)"
+    (middle,) = ort.InferenceSession(str(tmp_path / "head.onnx")).run(None, {"input": sample})
+    assert after.bytes_sent - before.bytes_sent == middle.size * 2
