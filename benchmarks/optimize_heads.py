@@ -13,7 +13,7 @@ int8-static-minmax,qat`` calls, and scored by ONNX Runtime on held-out rows it n
   on 0-4; quantised with the head), all 10 classes;
 - ``cancer``: load_breast_cancer (30 features, 2 classes); ``wine``: load_wine (13, 3);
 - ``blobs50``: make_classification (64 features, 50 classes, fixed seed), a deeper head
-  (two hidden layers of 256).
+  (two hidden layers of 128).
 
 Per setting and seed (the seed draws the split and the float head's initialisation): the
 float head is trained (edged.learn.train_head, 60 epochs), then quantised with the first
@@ -67,7 +67,7 @@ SETTINGS = {
     "digits-mlp": (64,),
     "cancer": (32,),
     "wine": (16,),
-    "blobs50": (256, 256),
+    "blobs50": (128, 128),
 }
 
 
@@ -82,7 +82,7 @@ def dataset(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     elif name == "wine":
         x, y = load_wine(return_X_y=True)
     elif name == "blobs50":
-        x, y = make_classification(n_samples=6000, n_features=64, n_informative=40,
+        x, y = make_classification(n_samples=4000, n_features=64, n_informative=40,
                                    n_classes=50, n_clusters_per_class=1, class_sep=2.0,
                                    random_state=0)  # fmt: skip
     else:
@@ -155,6 +155,10 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
     folder = write_model(tmp / f"{name}-{seed}", backbone, head)
     served = folder / "1/model.onnx"
     held_x, held_y = x[split:], y[split:]
+    for part, rows_of in (("calibration", slice(0, split)), ("holdout", slice(split, None))):
+        (tmp / f"{name}-{seed}-{part}").mkdir()
+        np.savez(tmp / f"{name}-{seed}-{part}/rows.npz",
+                 **{input_name: x[rows_of], "labels": y[rows_of]})  # fmt: skip
     base = accuracy(served, input_name, held_x, held_y)
     rows = []
     hyper = Hyper(epochs=QAT_EPOCHS, lr=QAT_LR)
@@ -163,6 +167,9 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
         options = Options(calibration_samples=rows_used)
         ptq_path, qat_path = tmp / f"ptq-{name}-{seed}.onnx", tmp / f"qat-{name}-{seed}.onnx"
         METHODS["int8-static-minmax"](served, ptq_path, calib, options)
+        # PTQ with the per-node error sweep (the noisiest nodes left in float)
+        METHODS["int8-static-excluded"](served, tmp / "excluded.onnx", calib, options)
+        excluded = accuracy(tmp / "excluded.onnx", input_name, held_x, held_y)
         start = time.perf_counter()
         with open_model(folder) as source:
             HEAD_METHODS["qat"](source, qat_path, calib, options)
@@ -186,6 +193,7 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
             "train_rows": split, "held_out_rows": len(held_y), "float": round(base, 3),
             "ptq": round(ptq, 3), "qat": round(qat, 3), "ptq_drop": round(base - ptq, 3),
             "qat_drop": round(base - qat, 3), "qat_seconds": round(qat_s, 2),
+            "ptq_excluded_drop": round(base - excluded, 3),
             **{f"{k}_drop": v for k, v in ablations.items()},
         })  # fmt: skip
     return rows
@@ -230,8 +238,8 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "setting": name, "calibration_rows": cal, "seeds": len(rs), "head": rs[0]["head"],
             "held_out_rows": rs[0]["held_out_rows"],
         }  # fmt: skip
-        for key in ("float", "ptq_drop", "qat_drop", "qat_weights_only_drop",
-                    "qat_float_features_drop"):  # fmt: skip
+        for key in ("float", "ptq_drop", "ptq_excluded_drop", "qat_drop",
+                    "qat_weights_only_drop", "qat_float_features_drop"):  # fmt: skip
             values = [r[key] for r in rs]
             entry[key] = {"mean": round(statistics.fmean(values), 3),
                           "min": min(values), "max": max(values)}  # fmt: skip
@@ -245,26 +253,37 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calibration", default="64,8")
     parser.add_argument("--no-distil", action="store_true")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="write the [learn] model folders and their calibration/held-out "
+        ".npz files here (for `edged optimize`), not to a temporary folder",
+    )
     args = parser.parse_args()
     calibration = [int(c) for c in args.calibration.split(",")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-heads-") as tmp:
+        work = Path(tmp) if args.keep is None else args.keep
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.settings.split(","):
             for seed in range(args.seeds):
-                rows += run_setting(name, seed, calibration, Path(tmp))
+                rows += run_setting(name, seed, calibration, work)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        distilled = [] if args.no_distil else distillation(args.seeds, Path(tmp))
+        distilled = [] if args.no_distil else distillation(args.seeds, work)
     table = summary(rows)
-    print("| setting | head | calibration rows | float % | PTQ drop | QAT drop | "
-          "weights-only QAT drop | QAT on float features drop |", file=sys.stderr)  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|", file=sys.stderr)
+    print("| setting | head | calibration rows | float % | PTQ drop | PTQ, sweep-excluded drop | "
+          "QAT drop | weights-only QAT drop | QAT on float features drop |",
+          file=sys.stderr)  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", file=sys.stderr)
 
     def cell(d: dict[str, float]) -> str:
         return f"{d['mean']:+.2f} ({d['min']:+.2f}..{d['max']:+.2f})"
 
     for e in table:
         print(f"| {e['setting']} | {'-'.join(map(str, e['head']))} | {e['calibration_rows']} | "
-              f"{e['float']['mean']:.2f} | {cell(e['ptq_drop'])} | {cell(e['qat_drop'])} | "
+              f"{e['float']['mean']:.2f} | {cell(e['ptq_drop'])} | "
+              f"{cell(e['ptq_excluded_drop'])} | {cell(e['qat_drop'])} | "
               f"{cell(e['qat_weights_only_drop'])} | {cell(e['qat_float_features_drop'])} |",
               file=sys.stderr)  # fmt: skip
     for d in distilled:

@@ -1,10 +1,12 @@
 """Methods on a model's trainable head (a ``[learn]`` model: a frozen backbone and
 ``head.npz``, docs/learning.md): structured pruning of the head's hidden units with a short
 re-fit, distillation into a smaller student head, and quantisation-aware fine-tuning of the
-head. Training is edged.learn's NumPy code (``train_head``, ``distil_head``); the served
-graph is ``edged.learn.graph.compose`` of the backbone and the new head.
+head. Training is edged.learn's NumPy code (``train_head``, ``distil_head``; QAT's forward
+through ONNX Runtime's INT8 head is edged.optimize.qat); the served graph is
+``edged.learn.graph.compose`` of the backbone and the new head.
 
-The head trains on the backbone's features of the calibration samples, with their labels;
+The head trains on the backbone's features of the calibration samples (QAT: on the features
+the INT8 backbone gives), with their labels;
 without labels, with the original head's predictions (pseudo-labels). A variant's version
 folder gets the new ``head.npz``, the backbone, and a fresh ``learn_state.npz`` for the
 model's strategy, so it stays a model that learns on the device.

@@ -22,10 +22,12 @@ straight-through estimator), and the float weights are what the optimiser moves.
 activation ranges are what ONNX Runtime's MinMax calibration will find for the current
 weights: recomputed from the calibration rows at every step.
 
-The earlier QAT (weights only, ``2 max|w| / 255``, no activation quantiser) did not see the
-error that costs accuracy (docs/optimize-qat.md): on the heads measured there the
-per-tensor activation quantiser of the standardised features and the logits lose more than
-the int8 weights.
+The earlier QAT (weights only, at ``2 max|w| / 255``, no activation quantiser, trained on
+the float backbone's features) missed what costs accuracy where INT8 loses
+(docs/optimize-qat.md): the head's own quantisers cost at most a few tenths of a point on
+every head measured; the loss is in the features an INT8 backbone hands the head. The
+``qat`` method (edged.optimize.head) therefore trains on the features the INT8 graph's
+backbone gives, through this head.
 """
 
 from __future__ import annotations
