@@ -54,7 +54,7 @@ from edged.learn.head import Head, init_head, load_head, save_head, standardiser
 from edged.learn.strategies import Hyper, train_head, tuned_hyper
 from edged.optimize.data import Samples, open_model
 from edged.optimize.head import METHODS as HEAD_METHODS
-from edged.optimize.head import QAT_EPOCHS, QAT_LR, params
+from edged.optimize.head import params
 from edged.optimize.methods import METHODS, Options
 from edged.optimize.qat import train_qat
 
@@ -161,7 +161,6 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
                  **{input_name: x[rows_of], "labels": y[rows_of]})  # fmt: skip
     base = accuracy(served, input_name, held_x, held_y)
     rows = []
-    hyper = Hyper(epochs=QAT_EPOCHS, lr=QAT_LR)
     for rows_used in calibration:
         calib = Samples({input_name: x[:split]}, labels=y[:split])
         options = Options(calibration_samples=rows_used)
@@ -172,12 +171,13 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
         excluded = accuracy(tmp / "excluded.onnx", input_name, held_x, held_y)
         start = time.perf_counter()
         with open_model(folder) as source:
-            HEAD_METHODS["qat"](source, qat_path, calib, options)
+            made = HEAD_METHODS["qat"](source, qat_path, calib, options)
         qat_s = time.perf_counter() - start
         ptq = accuracy(ptq_path, input_name, held_x, held_y)
         qat = accuracy(qat_path, input_name, held_x, held_y)
-        # ablations: what the earlier QAT did (int8 weights only, 2 max|w| / 255, float
-        # features), and this QAT on the float backbone's features
+        # ablations at qat's epochs and learning rate: what the earlier QAT did (int8 weights
+        # only, 2 max|w| / 255, float features), and this QAT on the float backbone's features
+        hyper = Hyper(epochs=made.notes["qat_epochs"], lr=made.notes["qat_lr"])
         ablations = {}
         for key, tuned in (
             ("qat_weights_only", train_head(head, f, y[:split], hyper, seed=0,
@@ -193,7 +193,7 @@ def run_setting(name: str, seed: int, calibration: list[int], tmp: Path) -> list
             "train_rows": split, "held_out_rows": len(held_y), "float": round(base, 3),
             "ptq": round(ptq, 3), "qat": round(qat, 3), "ptq_drop": round(base - ptq, 3),
             "qat_drop": round(base - qat, 3), "qat_seconds": round(qat_s, 2),
-            "ptq_excluded_drop": round(base - excluded, 3),
+            "ptq_excluded_drop": round(base - excluded, 3), "qat_lr": made.notes["qat_lr"],
             **{f"{k}_drop": v for k, v in ablations.items()},
         })  # fmt: skip
     return rows
@@ -268,8 +268,10 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         for name in args.settings.split(","):
             for seed in range(args.seeds):
-                rows += run_setting(name, seed, calibration, work)
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                made = run_setting(name, seed, calibration, work)
+                rows += made
+                for row in made:
+                    print(json.dumps(row), file=sys.stderr, flush=True)
         distilled = [] if args.no_distil else distillation(args.seeds, work)
     table = summary(rows)
     print("| setting | head | calibration rows | float % | PTQ drop | PTQ, sweep-excluded drop | "

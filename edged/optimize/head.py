@@ -211,14 +211,17 @@ def qat(source: ModelSource, out: Path, calib: Samples, options: Options) -> Pro
     head's own int8 quantisers (weights per channel, uint8 activations at the ranges MinMax
     calibration finds on the first ``options.calibration_samples`` rows), and the graph
     with the tuned head is quantised the same way: the INT8 model whose head learnt to live
-    with what ONNX Runtime computes."""
+    with what ONNX Runtime computes. Epochs and learning rate are those edged.learn tuned
+    for fine-tuning with the model's strategy (``tuned_hyper``)."""
     model = HeadModel.of(source)
     x = model.features(calib)
     y = model.targets(calib, x)
-    hyper = Hyper(epochs=QAT_EPOCHS, lr=QAT_LR)
     with tempfile.TemporaryDirectory(prefix="edged-qat-") as tmp:
         seen = int8_features(model, calib, options, Path(tmp))
-    tuned = train_qat(model.head, seen, y, x[: options.calibration_samples], hyper, seed=0)
+    ranges_from = x[: options.calibration_samples]
+    tuned_for = tuned_hyper(model.spec.strategy)
+    hyper = Hyper(epochs=tuned_for.epochs, lr=tuned_for.lr)
+    tuned = train_qat(model.head, seen, y, ranges_from, hyper, seed=0)
     float_path = out.with_name(f"qat-float-{out.name}")
     notes: dict[str, Any] = {"qat_epochs": hyper.epochs, "qat_lr": hyper.lr}
     produced = model.produce(tuned, float_path, x, y, notes)
@@ -229,13 +232,6 @@ def qat(source: ModelSource, out: Path, calib: Samples, options: Options) -> Pro
     produced.path = out
     produced.notes.update(quantised.notes)
     return produced
-
-
-QAT_EPOCHS = 10
-"""Passes of the quantisation-aware fine-tune over the calibration rows."""
-
-QAT_LR = 0.005
-"""Its learning rate (a fine-tune from the float head: a tenth of training's)."""
 
 
 def int8_features(model: HeadModel, calib: Samples, options: Options, tmp: Path) -> np.ndarray:
