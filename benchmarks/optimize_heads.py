@@ -292,7 +292,8 @@ def main() -> int:
         print(f"distil split {d['split_seed']}: {d['student_params']}/{d['teacher_params']} params "
               f"({d['share']:.1%}), teacher {d['teacher']:.2f}%, student {d['student']:.2f}% "
               f"(drop {d['drop']:+.2f})", file=sys.stderr)  # fmt: skip
-    json.dump({"onnxruntime": ort.__version__, "rows": rows, "summary": table,
+    json.dump({"onnxruntime": ort.__version__, "load_average": os.getloadavg(),
+               "cpus": os.cpu_count(), "rows": rows, "summary": table,
                "distil": distilled}, sys.stdout, indent=1)  # fmt: skip
     print()
     return 0

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.learn.head import Head, softmax
-from edged.learn.strategies import Hyper, cross_entropy, lwf_loss
+from edged.learn.strategies import Hyper, cross_entropy
 
 WEIGHT_QMAX = 127
 """ONNX Runtime's symmetric int8 weight range is ``[-127, 127]`` (``get_qmin_qmax_for_qType``
@@ -203,7 +203,6 @@ def train_qat(
     hyper: Hyper,
     seed: int,
     *,
-    teacher: Head | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> Head:
     """Fine-tune ``head`` (not changed; the trained copy is returned) on ``features`` and
@@ -211,8 +210,7 @@ def train_qat(
     calibration on ``calibration`` (the rows it will calibrate on) finds for the current
     weights, recomputed at every step. SGD with momentum, weight decay and gradient
     clipping as edged.learn's trainer (``hyper``'s ``lr``, ``momentum``, ``weight_decay``,
-    ``clip_norm``, ``epochs``, ``batch_size``). With ``teacher`` (the float head), its soft
-    targets join the labels as in distillation (``hyper.lwf_alpha``, ``hyper.temperature``).
+    ``clip_norm``, ``epochs``, ``batch_size``); softmax cross-entropy on the labels.
 
     Raises:
         ValueError: shapes that do not match the head, labels out of range.
@@ -227,7 +225,6 @@ def train_qat(
     params = out.params()
     velocity = [np.zeros_like(p) for p in params]
     lr, mu, wd = _F32(hyper.lr), _F32(hyper.momentum), _F32(hyper.weight_decay)
-    soft = None if teacher is None else teacher.logits(x)
     rng = np.random.default_rng([seed, 0])
     n = x.shape[0]
     for epoch in range(hyper.epochs):
@@ -237,9 +234,6 @@ def train_qat(
             sim = Int8Head.calibrate(out, calibration)
             logits, acts, weights, masks = sim.forward(x[idx], out)
             _, dlogits = cross_entropy(logits, y[idx])
-            if soft is not None:
-                _, g = lwf_loss(logits, soft[idx], hyper.temperature, hyper.lwf_alpha)
-                dlogits += g
             grads = _backward(acts, weights, masks, dlogits)
             for i in range(0, len(grads), 2):  # weights only, not biases
                 grads[i] += wd * params[i]
