@@ -1,10 +1,12 @@
 """Methods on a model's trainable head (a ``[learn]`` model: a frozen backbone and
 ``head.npz``, docs/learning.md): structured pruning of the head's hidden units with a short
 re-fit, distillation into a smaller student head, and quantisation-aware fine-tuning of the
-head. Training is edged.learn's NumPy code (``train_head``, ``distil_head``); the served
-graph is ``edged.learn.graph.compose`` of the backbone and the new head.
+head. Training is edged.learn's NumPy code (``train_head``, ``distil_head``; QAT's forward
+through ONNX Runtime's INT8 head is edged.optimize.qat); the served graph is
+``edged.learn.graph.compose`` of the backbone and the new head.
 
-The head trains on the backbone's features of the calibration samples, with their labels;
+The head trains on the backbone's features of the calibration samples (QAT: on the features
+the INT8 backbone gives), with their labels;
 without labels, with the original head's predictions (pseudo-labels). A variant's version
 folder gets the new ``head.npz``, the backbone, and a fresh ``learn_state.npz`` for the
 model's strategy, so it stays a model that learns on the device.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from edged.core.errors import EdgedError
 from edged.learn.graph import compose
@@ -39,23 +43,9 @@ from edged.learn.strategies import (
 from edged.optimize.data import ModelSource, Samples
 from edged.optimize.methods import METHODS as GRAPH_METHODS
 from edged.optimize.methods import Options, Produced, Refused, prune_units
+from edged.optimize.qat import train_qat
 from edged.serving.repository import LearnSpec
 from hal import ExecutorOptions, ModelArtifact, get_executor
-
-INT8_LEVELS = 255
-"""Steps of the int8 grid (-128..127)."""
-
-
-def fake_quant_int8(weights: np.ndarray) -> np.ndarray:
-    """``weights`` (in, out) quantised to int8 and back, as ONNX Runtime quantises a Gemm's
-    weights per output channel: symmetric, ``scale = 2 * max|w| / 255`` per column, zero
-    point 0, values ``clip(round(w / scale), -128, 127) * scale``."""
-    w = np.asarray(weights, dtype=np.float32)
-    absmax = np.max(np.abs(w), axis=0, keepdims=True)
-    scale = np.where(absmax > 0, 2 * absmax / INT8_LEVELS, np.float32(1)).astype(np.float32)
-    q = np.clip(np.round(w / scale), -128, 127)
-    out: np.ndarray = (q * scale).astype(np.float32)
-    return out
 
 
 def distillation_loss(
@@ -215,20 +205,67 @@ def distil(source: ModelSource, out: Path, calib: Samples, options: Options) -> 
 
 
 def qat(source: ModelSource, out: Path, calib: Samples, options: Options) -> Produced:
-    """Fine-tune the head with int8 fake-quantised weights in the forward pass (a few
-    epochs from the float head), then quantise the served graph as ``int8-static-minmax``
-    does: the INT8 model whose head learnt to live with int8 weights."""
+    """Quantisation-aware fine-tuning of the head against the INT8 graph ONNX Runtime will
+    run (edged.optimize.qat): the served graph is first quantised as ``int8-static-minmax``
+    does, the head is then fine-tuned on the features that INT8 backbone gives, through the
+    head's own int8 quantisers (weights per channel, uint8 activations at the ranges MinMax
+    calibration finds on the first ``options.calibration_samples`` rows), and the graph
+    with the tuned head is quantised the same way: the INT8 model whose head learnt to live
+    with what ONNX Runtime computes. Epochs and learning rate are those edged.learn tuned
+    for fine-tuning with the model's strategy (``tuned_hyper``)."""
     model = HeadModel.of(source)
     x = model.features(calib)
     y = model.targets(calib, x)
-    hyper = Hyper(epochs=10, lr=0.005)
-    tuned = train_head(model.head, x, y, hyper, seed=0, fake_quant=fake_quant_int8)
+    with tempfile.TemporaryDirectory(prefix="edged-qat-") as tmp:
+        seen = int8_features(model, calib, options, Path(tmp))
+    ranges_from = x[: options.calibration_samples]
+    tuned_for = tuned_hyper(model.spec.strategy)
+    hyper = Hyper(epochs=tuned_for.epochs, lr=tuned_for.lr)
+    tuned = train_qat(model.head, seen, y, ranges_from, hyper, seed=0)
     float_path = out.with_name(f"qat-float-{out.name}")
-    produced = model.produce(tuned, float_path, x, y, {"qat_epochs": hyper.epochs})
-    quantised = GRAPH_METHODS["int8-static-minmax"](float_path, out, calib, options)
+    notes: dict[str, Any] = {"qat_epochs": hyper.epochs, "qat_lr": hyper.lr}
+    produced = model.produce(tuned, float_path, x, y, notes)
+    try:
+        quantised = GRAPH_METHODS["int8-static-minmax"](float_path, out, calib, options)
+    finally:
+        float_path.unlink(missing_ok=True)
     produced.path = out
     produced.notes.update(quantised.notes)
     return produced
+
+
+def int8_features(model: HeadModel, calib: Samples, options: Options, tmp: Path) -> np.ndarray:
+    """The features the head receives in the ``int8-static-minmax`` graph of ``model`` on
+    ``calib`` (the backbone quantised; the head's input, read where its standardisation
+    starts).
+
+    Raises:
+        Refused: the graph cannot be quantised or run, or has no head input to read.
+    """
+    float_path, int8_path = tmp / "float.onnx", tmp / "int8.onnx"
+    onnx.save(compose(model.backbone, model.head, features=model.spec.features), str(float_path))
+    GRAPH_METHODS["int8-static-minmax"](float_path, int8_path, calib, options)
+    graph = onnx.load(str(int8_path))
+    mean = next(
+        (t.name for t in graph.graph.initializer
+         if t.name.endswith("mean") and t.dims == [model.head.in_dim]
+         and np.array_equal(numpy_helper.to_array(t), model.head.mean)),
+        None,
+    )  # fmt: skip
+    sub = next((n for n in graph.graph.node if n.op_type == "Sub" and n.input[1] == mean), None)
+    if sub is None:
+        raise Refused("the INT8 graph has no head standardisation (Sub) to read features at")
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(sub.input[0], 1, None))
+    onnx.save(graph, str(int8_path))
+    try:
+        loaded = get_executor("cpu-onnx").load(ModelArtifact(int8_path, "onnx"), ExecutorOptions())
+    except EdgedError as e:
+        raise Refused(f"the INT8 graph does not load: {e}") from e
+    try:
+        parts = [loaded.infer(batch)[sub.input[0]] for batch in calib.batches(256)]
+    finally:
+        loaded.close()
+    return np.concatenate(parts).astype(np.float32)
 
 
 METHODS: Mapping[str, Callable[[ModelSource, Path, Samples, Options], Produced]] = {

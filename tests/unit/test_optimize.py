@@ -22,7 +22,7 @@ from edged.optimize import gate
 from edged.optimize.data import Samples, load_samples, open_model, split
 from edged.optimize.errors import OptimizeError
 from edged.optimize.head import METHODS as HEAD_METHODS
-from edged.optimize.head import HeadModel, distillation_loss, fake_quant_int8, params
+from edged.optimize.head import HeadModel, distillation_loss, params
 from edged.optimize.methods import (
     LITERT_REASON,
     METHODS,
@@ -31,6 +31,7 @@ from edged.optimize.methods import (
     magnitude_prune,
     prune_units,
 )
+from edged.optimize.qat import fake_quant_weights
 from edged.optimize.report import VariantReport, pareto
 from edged.optimize.run import LINEAGE_FILE, Settings, optimize
 from tests.daemon_process import EXAMPLE_MODELS
@@ -332,12 +333,12 @@ def test_the_soft_target_loss_is_hintons_and_its_gradient_checks_numerically() -
 
 def test_fake_quantised_weights_lie_on_the_int8_grid_within_half_a_step() -> None:
     w = np.random.default_rng(5).standard_normal((32, 8)).astype(np.float32)
-    q = fake_quant_int8(w)
-    scale = 2 * np.abs(w).max(axis=0) / 255
+    q = fake_quant_weights(w)
+    scale = np.abs(w).max(axis=0) / 127  # ONNX Runtime's symmetric int8: [-127, 127]
     assert np.all(np.abs(q - w) <= scale * 0.5001)  # float32 rounding at the clipped max
     steps = q / scale
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
-    assert len(np.unique(np.round(steps))) <= 256
+    assert np.abs(np.round(steps)).max() == 127
 
 
 def test_a_distilled_student_has_at_most_a_quarter_of_the_teacher_params(
@@ -370,12 +371,12 @@ def test_qat_trains_at_the_quantised_weights() -> None:
 
     def spy(w: np.ndarray) -> np.ndarray:
         seen.append(w)
-        return fake_quant_int8(w)
+        return fake_quant_weights(w)
 
     tuned = train_head(head, x, y, Hyper(epochs=2), seed=0, fake_quant=spy)
     assert seen  # every forward went through the fake quantiser
     assert not np.array_equal(tuned.weights[0], head.weights[0])  # float weights moved
-    assert not np.array_equal(tuned.weights[0], fake_quant_int8(tuned.weights[0]))
+    assert not np.array_equal(tuned.weights[0], fake_quant_weights(tuned.weights[0]))
 
 
 def test_head_methods_refuse_a_model_without_a_head(
