@@ -192,6 +192,15 @@ def test_a_bad_budget_is_named(drop: float | None, agreement: float | None, matc
     assert gate.Budget.of(None, None).min_agreement == gate.DEFAULT_MIN_AGREEMENT
 
 
+def test_the_default_budget_follows_the_task_and_a_chosen_one_never_changes() -> None:
+    detector = gate.Budget.of(None, None).for_task(detection=True)
+    assert detector.max_accuracy_drop == gate.DEFAULT_MAX_F1_DROP
+    assert detector.min_agreement is None
+    assert gate.Budget.of(None, None).for_task(detection=False).min_agreement == 0.99
+    assert gate.Budget.of(None, 0.9).for_task(detection=True) == gate.Budget(min_agreement=0.9)
+    assert gate.Budget.of(2.0, None).for_task(detection=True).max_accuracy_drop == 2.0
+
+
 # -- data -----------------------------------------------------------------------------------
 
 
