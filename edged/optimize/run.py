@@ -55,7 +55,7 @@ from hal import ExecutorOptions, ModelArtifact, get_executor
 
 LINEAGE_FILE = "optimize.json"
 DATA_FREE = frozenset(
-    {"int8-dynamic", "fp16", "litert-int8", "prune-magnitude", "prune-structured"}
+    {"int8-dynamic", "fp16", "fuse-hardswish", "litert-int8", "prune-magnitude", "prune-structured"}
 )
 """Graph methods that need no calibration inputs: with samples from a learning store (which
 keeps features, not model inputs) only these and the head methods that train on features
