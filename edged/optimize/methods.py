@@ -329,17 +329,147 @@ def int8_dynamic(source: Path, out: Path, calibration: Samples, options: Options
     return Produced(out, {"per_channel": True})
 
 
+FP16_MAX = 65504.0
+"""The largest finite FP16 value."""
+
+FP16_PROBE_SAMPLES = 4
+"""Calibration samples ``fp16`` runs the float model on to find activations FP16 cannot
+hold."""
+
+
 def fp16(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
     """Every float initializer and activation in FP16, inputs and outputs kept FP32: for the
     cuda executor (ONNX Runtime's CPU provider runs few FP16 kernels and casts around the
-    rest)."""
+    rest). Nodes stay FP32 where FP16 cannot hold their numbers (:func:`fp16_blocked`):
+    a constant input beyond FP16's range (the converter would clamp it to 65,504: PP-OCR's
+    detector has a BatchNormalization variance of 9.8e7, whose clamping made its head's
+    outputs 20x off and cost 59.8 points of F1), or, with calibration samples, an
+    activation beyond it (the node that makes it and those that read it).
+    """
 
+    model = load_model(source)
+    for index, node in enumerate(model.graph.node):
+        if not node.name:  # the converter blocks nodes by name
+            node.name = f"{node.op_type}_{index}"
+    blocked = fp16_blocked(model, calibration)
     try:
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        converted = convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=sorted(blocked)
+        )
     except Exception as e:  # the converter raises plain exceptions of many kinds
         raise Refused(f"onnxruntime.transformers.float16 failed: {e}") from e
-    onnx.save(model, str(out))
-    return Produced(out, {"io_types": "float32"})
+    dropped = drop_fp16_round_trips(converted.graph)
+    onnx.save(converted, str(out))
+    return Produced(out, {"io_types": "float32", "kept_float32": blocked,
+                          "fp16_round_trips_dropped": dropped})  # fmt: skip
+
+
+def drop_fp16_round_trips(graph: Any) -> int:
+    """Rewire the readers of ``Cast(Cast(t, to=FLOAT16), to=FLOAT)`` to read ``t`` itself,
+    in place, and drop casts nothing reads; returns how many round trips went. The converter
+    passes a tensor between two nodes it kept FP32 through FP16, which loses what keeping
+    them was for (an activation beyond 65,504 becomes inf)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    floats = {  # tensors known to be FP32 without a producer
+        v.name for v in graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    } | {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    rewired: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16:
+            continue
+        source = producer.get(first.input[0])
+        if (source is None and first.input[0] in floats) or (
+            source is not None and source.op_type != "Cast"
+        ):
+            rewired[node.output[0]] = first.input[0]
+    if not rewired:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewired:
+                node.input[i] = rewired[name]
+    while True:  # casts left unread
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            return len(rewired)
+        for n in dead:
+            graph.node.remove(n)
+
+
+def fp16_blocked(model: onnx.ModelProto, calibration: Samples) -> dict[str, str]:
+    """The nodes of ``model`` (weights as initializers, every node named) that must stay
+    FP32, each with why: those reading a float initializer with a magnitude above
+    :data:`FP16_MAX`, and, when ``calibration`` has the model's inputs, those making or
+    reading an activation above it on the first :data:`FP16_PROBE_SAMPLES` samples."""
+    graph = model.graph
+    blocked: dict[str, str] = {}
+    big = {}
+    for init in graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            array = numpy_helper.to_array(init)
+            if array.size and float(np.max(np.abs(array))) > FP16_MAX:
+                big[init.name] = float(np.max(np.abs(array)))
+    for node in graph.node:
+        for name in node.input:
+            if name in big:
+                blocked[node.name] = f"constant {name} reaches {big[name]:.3g} > {FP16_MAX:g}"
+    for tensor, peak in _activation_peaks(model, calibration).items():
+        if peak <= FP16_MAX:
+            continue
+        for node in graph.node:
+            if tensor in node.output or tensor in node.input:
+                blocked.setdefault(node.name, f"activation {tensor} reaches {peak:.3g}")
+    return blocked
+
+
+def _activation_peaks(model: onnx.ModelProto, calibration: Samples) -> dict[str, float]:
+    """The largest magnitude of each float intermediate tensor of ``model`` over the first
+    :data:`FP16_PROBE_SAMPLES` calibration samples ({} without the model's inputs, or when
+    the types cannot be inferred)."""
+    names = {i.name for i in model.graph.input}
+    if not calibration.inputs or not names <= set(calibration.inputs):
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference raises plain exceptions of many kinds
+        return {}
+    floats = [
+        v.name
+        for v in inferred.graph.value_info
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ]
+    if not floats:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in floats
+    )
+    settings = ort.SessionOptions()
+    settings.log_severity_level = 3
+    peaks = dict.fromkeys(floats, 0.0)
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), settings, providers=["CPUExecutionProvider"]
+        )
+        for inputs in calibration.rows(slice(0, FP16_PROBE_SAMPLES)).batches(1):
+            for name, value in zip(floats, session.run(floats, inputs), strict=True):
+                if value.size:
+                    peaks[name] = max(peaks[name], float(np.max(np.abs(value))))
+    except Exception:  # onnxruntime raises plain exceptions of many kinds: constants only
+        return {}
+    return peaks
 
 
 HARDSWISH_OPSET = 14

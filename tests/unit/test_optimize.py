@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from edged.learn.head import init_head, load_head
 from edged.learn.strategies import Hyper, train_head
-from edged.optimize import gate
+from edged.optimize import gate, measure
 from edged.optimize.data import Samples, load_samples, open_model, split
 from edged.optimize.errors import OptimizeError
 from edged.optimize.head import METHODS as HEAD_METHODS
@@ -202,6 +202,16 @@ def test_the_default_budget_follows_the_task_and_a_chosen_one_never_changes() ->
 
 
 # -- data -----------------------------------------------------------------------------------
+
+
+def test_a_probability_map_that_rounds_past_one_is_still_decided_at_one_half() -> None:
+    parent = np.array([[[[0.0, 0.2, 0.7, 1.0000001]]]], np.float32)
+    variant = np.array([[[[1e-7, 0.2, 0.7, 1.0]]]], np.float32)
+    want = np.array([[[[False, False, True, True]]]])
+    np.testing.assert_array_equal(measure.decisions(parent), want)
+    np.testing.assert_array_equal(measure.decisions(variant), want)
+    # a score that is not a probability is still decided at 0
+    np.testing.assert_array_equal(measure.decisions(np.array([-2.0, 0.2, 3.0])), [0, 1, 1])
 
 
 def test_calibration_and_holdout_never_share_a_row(digits_samples: Samples) -> None:

@@ -1,6 +1,6 @@
-"""edged optimize's float graph methods: ``fuse-hardswish`` (hard-swish chains an older
-exporter spelled out become ONNX HardSwish, same function) on graphs built with
-onnx.helper and run by real ONNX Runtime."""
+"""edged optimize's float graph methods on graphs built with onnx.helper and run by real
+ONNX Runtime: ``fuse-hardswish`` (hard-swish chains an older exporter spelled out become
+ONNX HardSwish, same function) and ``fp16`` keeping in FP32 what FP16 cannot hold."""
 
 from __future__ import annotations
 
@@ -103,3 +103,68 @@ def test_fuse_hardswish_refuses_a_model_without_a_chain(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     with pytest.raises(Refused, match="no hard-swish"):
         METHODS["fuse-hardswish"](path, tmp_path / "out.onnx", Samples({}), Options())
+
+
+def _fp16_trap(path: Path) -> Path:
+    """x -> BatchNormalization with a running variance of 1e8 (beyond FP16's 65,504; gamma
+    scaled to match, as PP-OCR's detector head has) -> *300 -> *300 (an activation beyond
+    FP16 for |x| > 0.73) -> /90000 -> y."""
+    var = np.array([1e8, 4.0], np.float32)
+    inits = [
+        numpy_helper.from_array(np.sqrt(var), "gamma"),
+        numpy_helper.from_array(np.array([0.5, -0.5], np.float32), "beta"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "mean"),
+        numpy_helper.from_array(var, "var"),
+        _const("k", 300.0),
+        _const("inv", 1 / 90000),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["b"]),
+            helper.make_node("Mul", ["b", "k"], ["m1"]),
+            helper.make_node("Mul", ["m1", "k"], ["m2"]),
+            helper.make_node("Mul", ["m2", "inv"], ["y"]),
+        ],
+        "trap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 4, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fp16_keeps_in_fp32_what_fp16_cannot_hold(tmp_path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    source = _fp16_trap(tmp_path / "trap.onnx")
+    x = np.random.default_rng(2).normal(size=(4, 2, 4, 4)).astype(np.float32) * 3
+    produced = METHODS["fp16"](source, tmp_path / "fp16.onnx", Samples({"x": x}), Options())
+    kept = produced.notes["kept_float32"]
+    assert kept["BatchNormalization_0"] == "constant var reaches 1e+08 > 65504"
+    assert kept["Mul_2"].startswith("activation m2 reaches")
+    assert kept["Mul_3"].startswith("activation m2 reaches")
+    assert "Mul_1" not in kept  # |m1| stays in range
+    # m2 passes between two FP32 nodes: not through FP16 (the converter's cast pair dropped)
+    assert produced.notes["fp16_round_trips_dropped"] >= 1
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(produced.path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+    # the converter alone clamps the variance and overflows the activation
+    plain = tmp_path / "plain.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(plain))
+    naive = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    assert not np.allclose(naive, want, rtol=2e-2, atol=2e-2, equal_nan=False)
+
+
+def test_fp16_without_inputs_still_keeps_out_of_range_constants(tmp_path: Path) -> None:
+    source = _fp16_trap(tmp_path / "trap.onnx")
+    produced = METHODS["fp16"](source, tmp_path / "fp16.onnx", Samples({}), Options())
+    assert list(produced.notes["kept_float32"]) == ["BatchNormalization_0"]
