@@ -22,7 +22,8 @@ then edged's own graph rewrites: ``fuse-hardswish`` (float), ``fuse-hardswish`` 
 ``int8-static-minmax``, and that with every prunable channel set padded with dead channels
 (zero weights) to a multiple of 16 first (:func:`pad_channels`, an experiment here: MLAS's
 fast int8 depthwise kernel needs 16k channels). Each is timed at batch 1, one intra-op thread,
-interleaved with all the others (one inference of each per round; medians), also
+interleaved with the float model (one inference of each per round, a pair at a time, so
+that each has the caches a served model has; medians; ``faster_x`` is the pair's ratio), also
 ``int8-static-minmax`` and the float model at ORT_ENABLE_EXTENDED (no NCHWc layout), and
 profiled with ONNX Runtime's profiler (ms per inference by op type). A micro-benchmark times
 a lone 5x5 depthwise convolution, float against QDQ int8, at channel counts the classifier
@@ -47,12 +48,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import time
+
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from optimize import machine  # benchmarks/optimize.py
-from optimize_format import data, latencies, op_profile, outputs  # benchmarks/optimize_format.py
+from optimize_format import data, op_profile, outputs  # benchmarks/optimize_format.py
 
 from edged.optimize import channels
 from edged.optimize.data import Samples
@@ -181,6 +184,29 @@ def session(path: Path, level: Any = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def pair_times(
+    sessions: dict[str, Any], sample: dict[str, np.ndarray], runs: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median batch-1 wall ms and CPU ms of the calling thread (``time.thread_time``: one
+    intra-op thread runs every kernel on it, so time the scheduler gives to other processes
+    is not counted; cache misses they cause still are) of each, interleaved."""
+    wall: dict[str, list[float]] = {k: [] for k in sessions}
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(5):
+        for s in sessions.values():
+            s.run(None, sample)
+    for _ in range(runs):
+        for name, s in sessions.items():
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            s.run(None, sample)
+            cpu[name].append(time.thread_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return (
+        {k: round(float(np.median(v)) * 1000, 3) for k, v in wall.items()},
+        {k: round(float(np.median(v)) * 1000, 3) for k, v in cpu.items()},
+    )
+
+
 def depthwise(tmp: Path, runs: int) -> dict[str, Any]:
     """A lone 5x5 depthwise Conv + Relu on [1, C, 3, 96] (the classifier's late stage),
     float against ``quantize_static``'s QDQ int8, interleaved."""
@@ -202,8 +228,12 @@ def depthwise(tmp: Path, runs: int) -> dict[str, Any]:
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
         x = rng.normal(size=(8, c, 3, 96)).astype(np.float32)
         q = quantise(path, tmp / f"dw{c}-int8.onnx", Samples({"x": x}))
-        ms = latencies({"float": session(path), "int8": session(q)}, {"x": x[:1]}, runs)
-        found[str(c)] = {**ms, "int8_over_float": round(ms["int8"] / ms["float"], 2)}
+        ms, cpu = pair_times({"float": session(path), "int8": session(q)}, {"x": x[:1]}, runs)
+        found[str(c)] = {
+            **ms,
+            "int8_over_float": round(ms["int8"] / ms["float"], 2),
+            "int8_over_float_cpu": round(cpu["int8"] / cpu["float"], 2),
+        }
     return found
 
 
@@ -253,15 +283,20 @@ def main() -> int:
         )
         reference = outputs(sessions["float"], held)
         sample = {"x": held.inputs["x"][:1]}
-        ms = latencies(sessions, sample, args.runs)
         variants: dict[str, Any] = {}
         for key, sess in sessions.items():
             got = outputs(sess, held)
             path = files.get(key.split("@")[0])
+            pair = {"float": sessions["float"], key: sess} if key != "float" else {key: sess}
+            ms, cpu = pair_times(pair, sample, args.runs)
             variants[key] = {
                 "bytes": path.stat().st_size if path else None,
                 "latency_ms_median": ms[key],
+                "float_ms_median": ms["float"],
                 "faster_x": round(ms["float"] / ms[key], 3),
+                "cpu_ms_median": cpu[key],
+                "float_cpu_ms_median": cpu["float"],
+                "faster_x_cpu": round(cpu["float"] / cpu[key], 3),
                 "agreement": round(float(np.mean(decisions(got) == decisions(reference))), 4),
                 "accuracy": round(float(np.mean(np.argmax(got, axis=1) == held.labels)), 4),
             }
