@@ -75,8 +75,8 @@ def add_command(commands: Any) -> None:
         "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
         "prune-magnitude, prune-structured, prune-channels-25, prune-channels-50, "
         "prune-channels-25+int8-static-minmax, prune-channels-50+int8-static-minmax (pruned, "
-        "then quantised), fuse-hardswish (float: x*Clip(x+3,0,6)/6 chains as HardSwish), and "
-        "for [learn] models head-prune, distil, qat)",
+        "then quantised), fuse-hardswish (float: x*Clip(x+3,0,6)/6 chains as HardSwish), "
+        "fuse-hardswish+prune-channels-50, and for [learn] models head-prune, distil, qat)",
     )
     add_budget_arguments(p)
     add_data_arguments(p)

@@ -839,6 +839,7 @@ METHODS: dict[str, Method] = {
     "prune-channels-50": _channel_pruning(0.5),
     "prune-channels-25+int8-static-minmax": chained(_channel_pruning(0.25), _static("MinMax")),
     "prune-channels-50+int8-static-minmax": chained(_channel_pruning(0.5), _static("MinMax")),
+    "fuse-hardswish+prune-channels-50": chained(fuse_hardswish, _channel_pruning(0.5)),
 }
 """Every graph method by name (``--methods``); head methods live in edged.optimize.head."""
 
