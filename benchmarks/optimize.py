@@ -219,6 +219,9 @@ def prepare(name: str, root: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
     raise SystemExit(f"unknown model {name!r} (digits, ocr_cls, ocr_det)")
 
 
+AB_METHODS = ("int8-static", "prune-channels", "fuse-hardswish")
+"""Accepted variants whose batch-1 latency is also taken interleaved with the original's."""
+
 DET_HELD_OUT = 64
 """Held-out pages of the detector's labelled task (~8 lines each)."""
 
@@ -321,7 +324,7 @@ def main() -> None:
         ab = {}
         sample = {k: v[:1] for k, v in _first_input(held).items()}
         for r in result.reports[1:]:
-            if r.accepted and r.path and r.method.startswith(("int8-static", "prune-channels")):
+            if r.accepted and r.path and r.method.startswith(AB_METHODS):
                 ab[r.method] = interleaved(Path(result.reports[0].path or ""), Path(r.path),
                                            sample, args.runs * 2)  # fmt: skip
         print(f"{name}: interleaved batch-1 latency, original vs variant: {ab}", file=sys.stderr)

@@ -64,7 +64,7 @@ def data(name: str) -> tuple[Samples, Samples]:
     if name == "ocr_cls":
         x, y = text_lines(1200, seed=1)
         return Samples({"x": x[:200]}, y[:200]), Samples({"x": x[200:]}, y[200:])
-    x = pages(48, seed=2)
+    x, _ = pages(48, seed=2)
     return Samples({"x": x[:32]}), Samples({"x": x[32:]})
 
 

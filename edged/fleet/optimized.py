@@ -155,7 +155,7 @@ def bundle_optimized(
         chosen = choose(result.reports, pick)
         if chosen is None:
             reasons = [(r.method, r.reason) for r in result.reports[1:]]
-            raise NoVariantError(settings.budget.describe(), reasons)
+            raise NoVariantError(str(result.lineage["budget"]), reasons)
         progress(f"bundling {chosen.method} ({pick} of the accepted variants)")
         assert result.held is not None
         variant_dir = folder / chosen.method / result.name

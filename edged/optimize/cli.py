@@ -12,7 +12,7 @@ from typing import Any
 from edged.core.errors import EdgedError
 from edged.optimize import gate
 from edged.optimize.errors import OptimizeError
-from edged.optimize.gate import DEFAULT_MIN_AGREEMENT
+from edged.optimize.gate import DEFAULT_MAX_F1_DROP, DEFAULT_MIN_AGREEMENT
 from edged.optimize.report import table
 
 DEFAULT_PRUNE_MIN_CHANNELS = 64
@@ -39,7 +39,9 @@ the map's pixels, in row order; variants are then scored by detection F1 at IoU 
 --calibration-store PATH takes the samples a device's learning store keeps instead (its
 backbone features and labels, held-out rows excluded; which rows are used is printed and
 recorded in optimize.json); variants are then judged on --holdout DIR.
-Default budget: --min-agreement 0.99. docs/optimize.md has the methods and figures."""
+Default budget: --min-agreement 0.99; with boxes.json (a detector) --max-accuracy-drop 1
+(points of detection F1: pixel agreement misses broken boxes). docs/optimize.md has the
+methods and figures."""
 
 
 def add_command(commands: Any) -> None:
@@ -73,7 +75,8 @@ def add_command(commands: Any) -> None:
         "int8-static-percentile, int8-static-excluded, int8-dynamic, fp16, litert-int8; also "
         "prune-magnitude, prune-structured, prune-channels-25, prune-channels-50, "
         "prune-channels-25+int8-static-minmax, prune-channels-50+int8-static-minmax (pruned, "
-        "then quantised), and for [learn] models head-prune, distil, qat)",
+        "then quantised), fuse-hardswish (float: x*Clip(x+3,0,6)/6 chains as HardSwish), "
+        "fuse-hardswish+prune-channels-50, and for [learn] models head-prune, distil, qat)",
     )
     add_budget_arguments(p)
     add_data_arguments(p)
@@ -97,7 +100,8 @@ def add_budget_arguments(p: argparse._ActionsContainer) -> None:
         "--min-agreement",
         type=float,
         metavar="F",
-        help=f"at least F top-1 agreement (default {DEFAULT_MIN_AGREEMENT})",
+        help=f"at least F top-1 agreement (default {DEFAULT_MIN_AGREEMENT}; with boxes.json "
+        f"the default is --max-accuracy-drop {DEFAULT_MAX_F1_DROP:g}, points of detection F1)",
     )
 
 

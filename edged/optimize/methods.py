@@ -11,7 +11,9 @@ kept so that clients do not change. Pruning edits initializers with ``onnx``;
 ``prune-channels-*`` removes whole convolution channels (edged.optimize.channels) and
 re-fits the convolutions that read them from calibration statistics.
 ``prune-channels-*+int8-static-minmax`` quantises the pruned model (static QDQ, MinMax)
-before it is judged: one variant, one gate.
+before it is judged: one variant, one gate. ``fuse-hardswish`` stays float: it rewrites the
+hard-swish an older exporter spelled out as ``x * Clip(x + 3, 0, 6) / 6`` into ONNX's
+``HardSwish`` (opset 14), which ONNX Runtime fuses into its convolutions.
 
 A method that cannot make its variant raises :class:`Refused` with the reason, which the
 report carries; a full-integer LiteRT variant is always refused (see :data:`LITERT_REASON`).
@@ -327,17 +329,280 @@ def int8_dynamic(source: Path, out: Path, calibration: Samples, options: Options
     return Produced(out, {"per_channel": True})
 
 
+FP16_MAX = 65504.0
+"""The largest finite FP16 value."""
+
+FP16_PROBE_SAMPLES = 4
+"""Calibration samples ``fp16`` runs the float model on to find activations FP16 cannot
+hold."""
+
+
 def fp16(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
     """Every float initializer and activation in FP16, inputs and outputs kept FP32: for the
     cuda executor (ONNX Runtime's CPU provider runs few FP16 kernels and casts around the
-    rest)."""
+    rest). Nodes stay FP32 where FP16 cannot hold their numbers (:func:`fp16_blocked`):
+    a constant input beyond FP16's range (the converter would clamp it to 65,504: PP-OCR's
+    detector has a BatchNormalization variance of 9.8e7, whose clamping made its head's
+    outputs 20x off and cost 59.8 points of F1), or, with calibration samples, an
+    activation beyond it (the node that makes it and those that read it).
+    """
 
+    model = load_model(source)
+    for index, node in enumerate(model.graph.node):
+        if not node.name:  # the converter blocks nodes by name
+            node.name = f"{node.op_type}_{index}"
+    blocked = fp16_blocked(model, calibration)
     try:
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        converted = convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=sorted(blocked)
+        )
     except Exception as e:  # the converter raises plain exceptions of many kinds
         raise Refused(f"onnxruntime.transformers.float16 failed: {e}") from e
+    dropped = drop_fp16_round_trips(converted.graph)
+    onnx.save(converted, str(out))
+    return Produced(out, {"io_types": "float32", "kept_float32": blocked,
+                          "fp16_round_trips_dropped": dropped})  # fmt: skip
+
+
+def drop_fp16_round_trips(graph: Any) -> int:
+    """Rewire the readers of ``Cast(Cast(t, to=FLOAT16), to=FLOAT)`` to read ``t`` itself,
+    in place, and drop casts nothing reads; returns how many round trips went. The converter
+    passes a tensor between two nodes it kept FP32 through FP16, which loses what keeping
+    them was for (an activation beyond 65,504 becomes inf)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    floats = {  # tensors known to be FP32 without a producer
+        v.name for v in graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    } | {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    rewired: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16:
+            continue
+        source = producer.get(first.input[0])
+        if (source is None and first.input[0] in floats) or (
+            source is not None and source.op_type != "Cast"
+        ):
+            rewired[node.output[0]] = first.input[0]
+    if not rewired:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewired:
+                node.input[i] = rewired[name]
+    while True:  # casts left unread
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            return len(rewired)
+        for n in dead:
+            graph.node.remove(n)
+
+
+def fp16_blocked(model: onnx.ModelProto, calibration: Samples) -> dict[str, str]:
+    """The nodes of ``model`` (weights as initializers, every node named) that must stay
+    FP32, each with why: those reading a float initializer with a magnitude above
+    :data:`FP16_MAX`, and, when ``calibration`` has the model's inputs, those making or
+    reading an activation above it on the first :data:`FP16_PROBE_SAMPLES` samples."""
+    graph = model.graph
+    blocked: dict[str, str] = {}
+    big = {}
+    for init in graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            array = numpy_helper.to_array(init)
+            if array.size and float(np.max(np.abs(array))) > FP16_MAX:
+                big[init.name] = float(np.max(np.abs(array)))
+    for node in graph.node:
+        for name in node.input:
+            if name in big:
+                blocked[node.name] = f"constant {name} reaches {big[name]:.3g} > {FP16_MAX:g}"
+    for tensor, peak in _activation_peaks(model, calibration).items():
+        if peak <= FP16_MAX:
+            continue
+        for node in graph.node:
+            if tensor in node.output or tensor in node.input:
+                blocked.setdefault(node.name, f"activation {tensor} reaches {peak:.3g}")
+    return blocked
+
+
+def _activation_peaks(model: onnx.ModelProto, calibration: Samples) -> dict[str, float]:
+    """The largest magnitude of each float intermediate tensor of ``model`` over the first
+    :data:`FP16_PROBE_SAMPLES` calibration samples ({} without the model's inputs, or when
+    the types cannot be inferred)."""
+    names = {i.name for i in model.graph.input}
+    if not calibration.inputs or not names <= set(calibration.inputs):
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference raises plain exceptions of many kinds
+        return {}
+    floats = [
+        v.name
+        for v in inferred.graph.value_info
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ]
+    if not floats:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in floats
+    )
+    settings = ort.SessionOptions()
+    settings.log_severity_level = 3
+    peaks = dict.fromkeys(floats, 0.0)
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), settings, providers=["CPUExecutionProvider"]
+        )
+        for inputs in calibration.rows(slice(0, FP16_PROBE_SAMPLES)).batches(1):
+            for name, value in zip(floats, session.run(floats, inputs), strict=True):
+                if value.size:
+                    peaks[name] = max(peaks[name], float(np.max(np.abs(value))))
+    except Exception:  # onnxruntime raises plain exceptions of many kinds: constants only
+        return {}
+    return peaks
+
+
+HARDSWISH_OPSET = 14
+"""The default-domain opset that introduced ``HardSwish``."""
+
+
+def fuse_hardswish(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
+    """Every hard-swish spelled out as ``x * Clip(x + 3, 0, 6) / 6`` (the division, or a
+    multiplication by 1/6, before or after the product; what Paddle2ONNX and PyTorch wrote
+    below opset 14) becomes one ``HardSwish(x)`` node, the model's opset raised to 14
+    (``onnx.version_converter``). The function is the same (float rounding apart); ONNX
+    Runtime fuses ``HardSwish`` into the convolution before it, where the four elementwise
+    nodes each ran as a pass over memory of their own (PP-OCR's classifier: 1.5x faster on
+    x86, docs/optimize-pruning.md).
+
+    Raises:
+        Refused: no such chain, or the opset cannot be raised to 14.
+    """
+    model = load_model(source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < HARDSWISH_OPSET:
+        try:
+            model = version_converter.convert_version(model, HARDSWISH_OPSET)
+        except Exception as e:  # the converter raises plain exceptions of many kinds
+            raise Refused(
+                f"the model's opset {opset} cannot be raised to {HARDSWISH_OPSET} (HardSwish): {e}"
+            ) from e
+    fused = hardswish_chains(model.graph)
+    if not fused:
+        raise Refused("no hard-swish written as x * Clip(x + 3, 0, 6) / 6 to fuse")
+    del model.graph.value_info[:]  # intermediate tensors are gone; ONNX Runtime infers again
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise Refused(f"the rewritten graph does not check: {e}") from e
     onnx.save(model, str(out))
-    return Produced(out, {"io_types": "float32"})
+    return Produced(out, {"hardswish_fused": fused, "opset": max(opset, HARDSWISH_OPSET)})
+
+
+def hardswish_chains(graph: Any) -> int:
+    """Replace each ``x * Clip(x + 3, 0, 6) / 6`` chain of ``graph`` (see
+    :func:`fuse_hardswish`) by ``HardSwish(x)`` writing the chain's output, in place; returns
+    how many. A chain whose inner tensors another node reads, or that are graph outputs, is
+    left alone."""
+    find = _HardSwishChains(graph)
+    gone: set[int] = set()
+    made: dict[int, Any] = {}
+    for node in graph.node:
+        if id(node) in gone or node.op_type not in ("Div", "Mul"):
+            continue
+        found = find.chain(node)
+        if found is None or any(id(n) in gone for n in found[1]):
+            continue
+        x, nodes = found
+        gone.update(id(n) for n in nodes)
+        name = f"{node.name or node.output[0]}_hardswish"
+        made[id(node)] = onnx.helper.make_node("HardSwish", [x], [node.output[0]], name=name)
+    if not made:
+        return 0
+    kept = [made.get(id(n), n) for n in graph.node if id(n) not in gone or id(n) in made]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return len(made)
+
+
+class _HardSwishChains:
+    """Matches the hard-swish chains :func:`hardswish_chains` replaces."""
+
+    def __init__(self, graph: Any) -> None:
+        self.consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, int] = {}
+        for n in graph.node:
+            for name in n.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
+        self.outputs = {o.name for o in graph.output}
+
+    def scalar(self, name: str, value: float) -> bool:
+        v = self.consts.get(name)
+        return v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - value) < 1e-6
+
+    def inner(self, name: str | None) -> Any:
+        """The node making ``name`` when only one node reads it and it is no output."""
+        if name is None or self.readers.get(name) != 1 or name in self.outputs:
+            return None
+        return self.producer.get(name)
+
+    def sixth(self, node: Any) -> str | None:
+        """``y`` when ``node`` is ``y / 6`` or ``y * (1/6)``."""
+        if node is None:
+            return None
+        if node.op_type == "Div" and self.scalar(node.input[1], 6.0):
+            return str(node.input[0])
+        if node.op_type == "Mul":
+            for i in (0, 1):
+                if self.scalar(node.input[1 - i], 1 / 6):
+                    return str(node.input[i])
+        return None
+
+    def relu6_of(self, name: str | None) -> tuple[str, list[Any]] | None:
+        """``x`` and the nodes when ``name`` is ``Clip(x + 3, 0, 6)``."""
+        clip = self.inner(name)
+        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3:
+            return None
+        if not (self.scalar(clip.input[1], 0.0) and self.scalar(clip.input[2], 6.0)):
+            return None
+        add = self.inner(clip.input[0])
+        if add is None or add.op_type != "Add":
+            return None
+        for i in (0, 1):
+            if self.scalar(add.input[1 - i], 3.0) and add.input[i] not in self.consts:
+                return str(add.input[i]), [clip, add]
+        return None
+
+    def chain(self, last: Any) -> tuple[str, list[Any]] | None:
+        """``x`` and the chain's nodes when ``last`` ends a hard-swish of ``x``."""
+        mul = self.inner(self.sixth(last))  # (x * relu6(x + 3)) / 6
+        if mul is not None and mul.op_type == "Mul":
+            for i in (0, 1):
+                found = self.relu6_of(mul.input[1 - i])
+                if found and found[0] == mul.input[i]:
+                    return found[0], [last, mul, *found[1]]
+        if last.op_type == "Mul":  # x * (relu6(x + 3) / 6)
+            for i in (0, 1):
+                scaled = self.inner(last.input[1 - i])
+                found = self.relu6_of(self.sixth(scaled))
+                if found and found[0] == last.input[i]:
+                    return found[0], [last, scaled, *found[1]]
+        return None
 
 
 def litert_int8(source: Path, out: Path, calibration: Samples, options: Options) -> Produced:
@@ -566,6 +831,7 @@ METHODS: dict[str, Method] = {
     "int8-static-excluded": _static("MinMax", exclude_sweep=True),
     "int8-dynamic": int8_dynamic,
     "fp16": fp16,
+    "fuse-hardswish": fuse_hardswish,
     "litert-int8": litert_int8,
     "prune-magnitude": prune_magnitude,
     "prune-structured": prune_structured,
@@ -573,6 +839,7 @@ METHODS: dict[str, Method] = {
     "prune-channels-50": _channel_pruning(0.5),
     "prune-channels-25+int8-static-minmax": chained(_channel_pruning(0.25), _static("MinMax")),
     "prune-channels-50+int8-static-minmax": chained(_channel_pruning(0.5), _static("MinMax")),
+    "fuse-hardswish+prune-channels-50": chained(fuse_hardswish, _channel_pruning(0.5)),
 }
 """Every graph method by name (``--methods``); head methods live in edged.optimize.head."""
 

@@ -14,7 +14,10 @@ The task decides what "accuracy" is: with ``labels`` in the held-out data, the s
 decided as labelled; with ``boxes.json`` (a text detector's known boxes, edged.optimize.data),
 detection F1 at IoU 0.5 of the boxes DBNet's post-processing finds in the primary output, a
 probability map ``[N, 1, H, W]`` (edged.optimize.detection). ``--max-accuracy-drop`` is then
-in points of F1; ``--min-agreement`` still gates on agreement (F1 is reported beside it).
+in points of F1, and without a budget given the gate is at most
+:data:`edged.optimize.gate.DEFAULT_MAX_F1_DROP` points of F1 lost (pixel agreement misses a
+detector's broken boxes); ``--min-agreement`` still gates on agreement when given (F1 is
+reported beside it).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from hal import ExecutorOptions, ModelArtifact, get_executor
 
 LINEAGE_FILE = "optimize.json"
 DATA_FREE = frozenset(
-    {"int8-dynamic", "fp16", "litert-int8", "prune-magnitude", "prune-structured"}
+    {"int8-dynamic", "fp16", "fuse-hardswish", "litert-int8", "prune-magnitude", "prune-structured"}
 )
 """Graph methods that need no calibration inputs: with samples from a learning store (which
 keeps features, not model inputs) only these and the head methods that train on features
@@ -71,6 +74,7 @@ class Settings:
 
     methods: Sequence[str] = DEFAULT_METHODS
     budget: gate.Budget = field(default_factory=lambda: gate.Budget.of(None, None))
+    """The budget asked for; a default one follows the task (``Budget.for_task``)."""
     holdout: Path | None = None
     """Held-out samples apart from the calibration folder; else a share is split off."""
     holdout_share: float = 0.25
@@ -111,6 +115,8 @@ class Result:
     """The output quality was judged on."""
     batch: int = 1
     """Rows per inference the model takes (1 when its batch axis is fixed)."""
+    budget: gate.Budget | None = None
+    """The budget the variants were judged by (the task's default when none was asked)."""
 
 
 def optimize(
@@ -151,6 +157,7 @@ def optimize(
         )
         reference = measure.run_outputs(source.path, held, batch)
         original_acc, base_detection = _original_score(reference[primary], held, primary, settings)
+        budget = settings.budget.for_task(held.boxes is not None)
         timing = _Timing(held, batch if dynamic else 1, executors, settings)
         base = VariantReport("original", str(source.path), True, "the model as given")
         base.agreement = 1.0
@@ -167,7 +174,7 @@ def optimize(
                 **({} if store is None else {"store": store.to_json()}),
             },
             "holdout": {"sha256": held.sha256(), "samples": len(held)},
-            "budget": settings.budget.describe(),
+            "budget": budget.describe(),
         }
         with tempfile.TemporaryDirectory(prefix="edged-optimize-") as tmp:
             for method in settings.methods:
@@ -184,6 +191,7 @@ def optimize(
                     batch,
                     timing,
                     settings,
+                    budget,
                 )
                 if report.accepted:
                     made = Path(report.path or "")
@@ -209,9 +217,7 @@ def optimize(
     plot_path = None
     if settings.plot:
         kind = executors[0] if executors else "cpu-onnx"
-        plot_path = plot(
-            reports, out / PLOT_FILE, f"{source.name}: {settings.budget.describe()}", kind
-        )
+        plot_path = plot(reports, out / PLOT_FILE, f"{source.name}: {budget.describe()}", kind)
     return Result(
         reports,
         report_path,
@@ -222,6 +228,7 @@ def optimize(
         reference=reference,
         primary=primary,
         batch=batch,
+        budget=budget,
     )
 
 
@@ -306,6 +313,7 @@ def _variant(
     batch: int,
     timing: _Timing,
     settings: Settings,
+    budget: gate.Budget,
 ) -> tuple[VariantReport, dict[str, bytes | Path]]:
     target = tmp / f"{method}.onnx"
     if not calib.inputs and method not in DATA_FREE | FEATURE_METHODS:
@@ -334,9 +342,7 @@ def _variant(
         found = detection_of(outputs[primary], held, primary)
         accuracy, metric = found.f1, "detection F1"
         notes.update(detection_notes(found))
-    accepted, reason = gate.judge(
-        settings.budget, quality.agreement, accuracy, original_acc, metric
-    )
+    accepted, reason = gate.judge(budget, quality.agreement, accuracy, original_acc, metric)
     report = VariantReport(method, str(produced.path), accepted, reason, notes=notes)
     report.agreement = round(quality.agreement, 6)
     report.accuracy = accuracy

@@ -403,19 +403,27 @@ def check_like_reference(reference: Mapping[str, Array], outputs: Mapping[str, A
             )
 
 
+UNIT_SLACK = 1e-5
+"""How far outside [0, 1] a probability output may round and still be decided at 0.5 (PP-OCR's
+detector's sigmoid map reaches 1.0000001: decided at 0 instead, its agreement with an
+identical variant read 0.984)."""
+
+
 def decisions(output: Array) -> Array:
     """The decision per element that top-1 agreement counts: an integer (or bool) output
     as it is; a float output whose axis 1 has more than one entry (class scores ``[N, C]``,
     or a ``[N, C, H, W]`` map) its argmax over axis 1; otherwise (one score, a one-channel
-    map) which side of 0.5 (values in [0, 1]) or of 0 each element lies on. The same rule
-    judges a variant in ``edged optimize`` and on the device."""
+    map) which side of 0.5 (values in [0, 1], give or take :data:`UNIT_SLACK`: a float32
+    sigmoid can round to 1.0000001) or of 0 each element lies on. The same rule judges a
+    variant in ``edged optimize`` and on the device."""
     output = np.asarray(output)
     if np.issubdtype(output.dtype, np.integer) or output.dtype == np.bool_:
         return output
     if output.ndim >= 2 and output.shape[1] > 1:
         top: Array = np.argmax(output, axis=1)
         return top
-    threshold = 0.5 if output.size and output.min() >= 0 and output.max() <= 1 else 0.0
+    unit = output.size and output.min() >= -UNIT_SLACK and output.max() <= 1 + UNIT_SLACK
+    threshold = 0.5 if unit else 0.0
     decided: Array = output > threshold
     return decided
 

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from edged.learn.head import init_head, load_head
 from edged.learn.strategies import Hyper, train_head
-from edged.optimize import gate
+from edged.optimize import gate, measure
 from edged.optimize.data import Samples, load_samples, open_model, split
 from edged.optimize.errors import OptimizeError
 from edged.optimize.head import METHODS as HEAD_METHODS
@@ -193,7 +193,26 @@ def test_a_bad_budget_is_named(drop: float | None, agreement: float | None, matc
     assert gate.Budget.of(None, None).min_agreement == gate.DEFAULT_MIN_AGREEMENT
 
 
+def test_the_default_budget_follows_the_task_and_a_chosen_one_never_changes() -> None:
+    detector = gate.Budget.of(None, None).for_task(detection=True)
+    assert detector.max_accuracy_drop == gate.DEFAULT_MAX_F1_DROP
+    assert detector.min_agreement is None
+    assert gate.Budget.of(None, None).for_task(detection=False).min_agreement == 0.99
+    assert gate.Budget.of(None, 0.9).for_task(detection=True) == gate.Budget(min_agreement=0.9)
+    assert gate.Budget.of(2.0, None).for_task(detection=True).max_accuracy_drop == 2.0
+
+
 # -- data -----------------------------------------------------------------------------------
+
+
+def test_a_probability_map_that_rounds_past_one_is_still_decided_at_one_half() -> None:
+    parent = np.array([[[[0.0, 0.2, 0.7, 1.0000001]]]], np.float32)
+    variant = np.array([[[[1e-7, 0.2, 0.7, 1.0]]]], np.float32)
+    want = np.array([[[[False, False, True, True]]]])
+    np.testing.assert_array_equal(measure.decisions(parent), want)
+    np.testing.assert_array_equal(measure.decisions(variant), want)
+    # a score that is not a probability is still decided at 0
+    np.testing.assert_array_equal(measure.decisions(np.array([-2.0, 0.2, 3.0])), [0, 1, 1])
 
 
 def test_calibration_and_holdout_never_share_a_row(digits_samples: Samples) -> None:

@@ -153,6 +153,38 @@ def test_optimize_gates_a_detector_on_detection_f1_not_pixel_agreement(tmp_path:
     assert not (tmp_path / "out/prune-magnitude").exists()
 
 
+def test_without_a_budget_a_detector_is_gated_on_f1_and_a_chosen_agreement_is_kept(
+    tmp_path: Path,
+) -> None:
+    model = detector(tmp_path / "det.onnx")
+    x, boxes = pages(16, seed=3)
+    calib = folder(tmp_path / "calib", x[:8], boxes[:8])
+    held = folder(tmp_path / "held", x[8:], boxes[8:])
+    settings = Settings(
+        methods=("prune-magnitude",),
+        holdout=held,
+        options=Options(sparsity=0.95),
+        runs=2,
+        plot=False,
+    )
+    assert settings.budget.default
+    result = optimize(model, calib, tmp_path / "out", settings)
+    _, destroyed = result.reports
+    assert result.budget == gate.Budget(max_accuracy_drop=gate.DEFAULT_MAX_F1_DROP, default=True)
+    assert result.lineage["budget"] == "accuracy drop <= 1 points"
+    # over 99 % of the pixels agree: the old default (--min-agreement 0.99) let it through
+    assert destroyed.agreement is not None
+    assert destroyed.agreement > gate.DEFAULT_MIN_AGREEMENT
+    assert not destroyed.accepted
+    assert "detection F1 drop 100.00 points > 1" in destroyed.reason
+    # a budget the user chose is kept, detector or not
+    settings.budget = gate.Budget.of(None, 0.99)
+    result = optimize(model, calib, tmp_path / "out2", settings)
+    assert result.budget == gate.Budget(min_agreement=0.99)
+    assert result.reports[1].accepted
+    assert result.reports[1].reason.startswith("agreement")
+
+
 def test_task_detection_needs_boxes(tmp_path: Path) -> None:
     model = detector(tmp_path / "det.onnx")
     x, _ = pages(4, seed=1)
