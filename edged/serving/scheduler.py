@@ -218,7 +218,7 @@ class Scheduler:
         self._telling = False
         self._told_ns = 0
         self._last_failed = False
-        self._failed_ns = 0  # when the last failed batch came back (or timed out)
+        self._failed_ns = 0  # when the last executor failure came back (or timed out)
 
     @property
     def queue_depth(self) -> int:
@@ -491,7 +491,11 @@ class Scheduler:
         except Exception as e:  # a bug below the HAL contract: fail the batch, keep serving
             log.exception("batch_failed", model=self._label)
             outcome = ExecutorError(f"model {self._label}: batch failed: {e}")
-        live, late = self._finish(run, failed=isinstance(outcome, EdgedError))
+        live, late = self._finish(
+            run,
+            failed=isinstance(outcome, EdgedError),
+            device_failed=isinstance(outcome, ExecutorError),
+        )
         if run.timed_out:
             log.info("inference_returned_after_timeout", model=self._label, executor=instance.kind)
             if late:
@@ -521,11 +525,14 @@ class Scheduler:
                 except Exception:  # the caller's bug must not take this thread down
                     log.exception("reply_failed", model=self._label)
 
-    def _finish(self, run: _Running, *, failed: bool) -> tuple[list[bool], bool]:
+    def _finish(
+        self, run: _Running, *, failed: bool, device_failed: bool = False
+    ) -> tuple[list[bool], bool]:
         """Take ``run`` off the running set: which of its callers still wait for an answer
         (now marked answered), and whether its instance came back late after ``stop``. The
         instance of a batch that ran goes back to the free ones here; a failed batch's
-        goes back after the breaker heard of it (``_fail``)."""
+        goes back after the breaker heard of it (``_fail``). An executor failure
+        (``device_failed``) makes the batches running now stale (``_owe_success``)."""
         instance = run.instance
         late = False
         with self._lock:
@@ -543,7 +550,7 @@ class Scheduler:
                 self._free.append(instance)
                 if self._waiting:
                     self._work.notify()
-            else:
+            elif device_failed:
                 self._failed_ns = time.monotonic_ns()
             if self._closed:
                 self._quiet.notify_all()

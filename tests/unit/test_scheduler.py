@@ -514,6 +514,39 @@ async def test_a_success_begun_before_a_failure_came_back_does_not_reset_the_bre
     await scheduler.stop()
 
 
+class Refusing(Recording):
+    """Refuses a batch as invalid (InvalidInputError) while ``refuse`` is set."""
+
+    refuse = False
+
+    def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        if self.refuse:
+            raise InvalidInputError("input 'x': refused by the device")
+        return super()._infer(inputs)
+
+
+async def test_a_batch_refused_as_invalid_leaves_the_running_successes_told() -> None:
+    # an invalid input says nothing of the device: the success of a batch running meanwhile
+    # on the other instance still reaches the breaker
+    late, refusing = Recording(), Refusing()
+    scheduler = Scheduler("m/1", [late, refusing], BatchPolicy(0), QueuePolicy())
+    scheduler.start()
+    told: list[object] = []
+    scheduler.on_outcome = told.append
+    late.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(1), 1))  # idle: it runs on ``late``
+    await until(lambda: late.entered == 1)
+    refusing.refuse = True
+    with pytest.raises(InvalidInputError, match="refused by the device"):
+        await scheduler.submit(x(2), 1)
+    late.gate.set()
+    await first
+    await until(lambda: len(told) == 2)
+    assert type(told[0]) is InvalidInputError
+    assert told[1] is None
+    await scheduler.stop()
+
+
 async def test_after_answers_runs_once_per_batch_after_every_caller_is_answered() -> None:
     model = Threaded()
     scheduler = await started(model)
