@@ -21,7 +21,10 @@ Every batch's outcome goes to ``on_outcome`` (the placement layer's circuit brea
 event loop, before the callers of a failed batch are answered and before its instance takes
 another batch, so that a breaker that opens can ``pause`` the scheduler first; ``hand_over``
 then moves what queued meanwhile to the scheduler of the executor the model moved to.
-Successes are told in order with failures, several coalesced into one call under load.
+Successes are told in order with failures, several coalesced into one call under load; a
+success of a batch that began before the last failure came back is not told: it says how the
+device was before it failed, and would reset the breaker's count of consecutive failures
+(with several instances, one more failed batch per instance before the breaker opens).
 """
 
 from __future__ import annotations
@@ -188,7 +191,8 @@ class Scheduler:
         self._timeout_s = inference_timeout_s
         self._timeout_ns = int(inference_timeout_s * 1e9)
         self.on_outcome: OutcomeListener | None = None
-        """Told every batch's outcome (the placement layer's breaker), on the event loop."""
+        """Told every batch's outcome (the placement layer's breaker), on the event loop;
+        not a success of a batch begun before the last failure came back (it is stale)."""
         self.on_late_release: ReleaseListener | None = None
         """Told when a stuck instance's thread returns after ``stop``."""
         self._lock = threading.Lock()
@@ -214,6 +218,7 @@ class Scheduler:
         self._telling = False
         self._told_ns = 0
         self._last_failed = False
+        self._failed_ns = 0  # when the last executor failure came back (or timed out)
 
     @property
     def queue_depth(self) -> int:
@@ -486,7 +491,11 @@ class Scheduler:
         except Exception as e:  # a bug below the HAL contract: fail the batch, keep serving
             log.exception("batch_failed", model=self._label)
             outcome = ExecutorError(f"model {self._label}: batch failed: {e}")
-        live, late = self._finish(run, failed=isinstance(outcome, EdgedError))
+        live, late = self._finish(
+            run,
+            failed=isinstance(outcome, EdgedError),
+            device_failed=isinstance(outcome, ExecutorError),
+        )
         if run.timed_out:
             log.info("inference_returned_after_timeout", model=self._label, executor=instance.kind)
             if late:
@@ -499,7 +508,7 @@ class Scheduler:
             return
         parts, execution = outcome
         if self.on_outcome is not None:
-            self._owe_success(batch)
+            self._owe_success(run)
         after: list[Callable[[], None]] = []
         _answering.after = after
         try:
@@ -516,11 +525,14 @@ class Scheduler:
                 except Exception:  # the caller's bug must not take this thread down
                     log.exception("reply_failed", model=self._label)
 
-    def _finish(self, run: _Running, *, failed: bool) -> tuple[list[bool], bool]:
+    def _finish(
+        self, run: _Running, *, failed: bool, device_failed: bool = False
+    ) -> tuple[list[bool], bool]:
         """Take ``run`` off the running set: which of its callers still wait for an answer
         (now marked answered), and whether its instance came back late after ``stop``. The
         instance of a batch that ran goes back to the free ones here; a failed batch's
-        goes back after the breaker heard of it (``_fail``)."""
+        goes back after the breaker heard of it (``_fail``). An executor failure
+        (``device_failed``) makes the batches running now stale (``_owe_success``)."""
         instance = run.instance
         late = False
         with self._lock:
@@ -538,6 +550,8 @@ class Scheduler:
                 self._free.append(instance)
                 if self._waiting:
                     self._work.notify()
+            elif device_failed:
+                self._failed_ns = time.monotonic_ns()
             if self._closed:
                 self._quiet.notify_all()
         return live, late
@@ -584,13 +598,17 @@ class Scheduler:
         except Exception:  # the listener's bug must not lose this batch's answers
             log.exception("outcome_listener_failed", model=self._label)
 
-    def _owe_success(self, batch: list[Pending]) -> None:
-        """A batch ran: tell the breaker on the event loop. A hop per batch costs the
-        thread-side callers (ZeroMQ) more than it tells a breaker that heard a success
-        last, so their successes are counted and told at most once per
-        ``SUCCESS_TELL_NS``; after a failure, and for batches with asyncio callers (whose
-        answers hop to the loop anyway), at once."""
+    def _owe_success(self, run: _Running) -> None:
+        """A batch ran: tell the breaker on the event loop, unless it began before the last
+        failure came back (stale: another instance's batch already running when the device
+        failed). A hop per batch costs the thread-side callers (ZeroMQ) more than it tells a
+        breaker that heard a success last, so their successes are counted and told at most
+        once per ``SUCCESS_TELL_NS``; after a failure, and for batches with asyncio callers
+        (whose answers hop to the loop anyway), at once."""
+        batch = run.batch
         with self._lock:
+            if run.started_ns < self._failed_ns:
+                return
             self._owed += 1
             if self._telling:
                 return
@@ -701,6 +719,7 @@ class Scheduler:
                 continue
             if run.deadline_ns and run.deadline_ns <= now:
                 run.timed_out = True
+                self._failed_ns = now
                 self._stuck.add(run.instance)
                 if run.inline:
                     self._inline = False  # the caller's thread hung: never again inline

@@ -25,6 +25,7 @@ from edged.serving.batching import BatchPolicy
 from edged.serving.scheduler import QueuePolicy, Scheduler, after_answers
 from edged.serving.stats import ModelStats
 from hal import LoadedModel
+from hal.placement import BreakerPolicy, BreakerState, CircuitBreaker
 
 SIG = Signature(
     (TensorSpec("x", DataType.FP32, (-1, 2)),), (TensorSpec("y", DataType.FP32, (-1, 2)),), 16
@@ -468,6 +469,81 @@ async def test_every_thread_side_success_and_failure_reaches_the_breaker_in_orde
     await until(lambda: len(outcomes) == 40)
     assert [type(o) for o in outcomes[:31]] == [type(None)] * 30 + [ExecutorError]
     assert outcomes[31:] == [None] * 9
+    await scheduler.stop()
+
+
+async def test_a_success_begun_before_a_failure_came_back_does_not_reset_the_breaker() -> None:
+    # one device, two instances: ``late`` took a batch before the device failed and answers
+    # after the other instance's failure came back (what a busy box does to a thread now and
+    # then); told, that success would reset the breaker's count of consecutive failures, and
+    # every instance could fail one more batch before the breaker opened
+    late, failing = Recording(), Recording()
+    scheduler = Scheduler("m/1", [late, failing], BatchPolicy(0), QueuePolicy())
+    scheduler.start()
+    breaker = CircuitBreaker(BreakerPolicy(failure_threshold=2, retry_after_s=60.0))
+    told: list[object] = []
+
+    def listener(error: object) -> None:  # what the placement layer does with an outcome
+        told.append(error)
+        if error is None:
+            breaker.record_success(0.0)
+        else:
+            breaker.record_failure(0.0)
+
+    scheduler.on_outcome = listener
+    late.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(1), 1))  # idle: it runs on ``late``
+    await until(lambda: late.entered == 1)
+    failing.fail = True
+    with pytest.raises(ExecutorError, match="device lost"):
+        await scheduler.submit(x(2), 1)  # ``late`` is busy: it runs on ``failing``
+    assert breaker.failures == 1
+    late.gate.set()
+    outputs, _ = await first  # answered, but its success is not told
+    assert np.all(outputs["y"] == 2)
+    late.fail = True  # the device is down: whichever instance runs the next batch fails
+    with pytest.raises(ExecutorError, match="device lost"):
+        await scheduler.submit(x(3), 1)
+    assert [type(o) for o in told] == [ExecutorError, ExecutorError]
+    assert breaker.state(0.0) is BreakerState.OPEN  # at the threshold, not one batch later
+    # a batch begun after the last failure came back is told again
+    late.fail = failing.fail = False
+    await scheduler.submit(x(4), 1)
+    await until(lambda: len(told) == 3)
+    assert told[2] is None
+    await scheduler.stop()
+
+
+class Refusing(Recording):
+    """Refuses a batch as invalid (InvalidInputError) while ``refuse`` is set."""
+
+    refuse = False
+
+    def _infer(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        if self.refuse:
+            raise InvalidInputError("input 'x': refused by the device")
+        return super()._infer(inputs)
+
+
+async def test_a_batch_refused_as_invalid_leaves_the_running_successes_told() -> None:
+    # an invalid input says nothing of the device: the success of a batch running meanwhile
+    # on the other instance still reaches the breaker
+    late, refusing = Recording(), Refusing()
+    scheduler = Scheduler("m/1", [late, refusing], BatchPolicy(0), QueuePolicy())
+    scheduler.start()
+    told: list[object] = []
+    scheduler.on_outcome = told.append
+    late.gate.clear()
+    first = asyncio.ensure_future(scheduler.submit(x(1), 1))  # idle: it runs on ``late``
+    await until(lambda: late.entered == 1)
+    refusing.refuse = True
+    with pytest.raises(InvalidInputError, match="refused by the device"):
+        await scheduler.submit(x(2), 1)
+    late.gate.set()
+    await first
+    await until(lambda: len(told) == 2)
+    assert type(told[0]) is InvalidInputError
+    assert told[1] is None
     await scheduler.stop()
 
 
