@@ -3,6 +3,9 @@
 A message is a header frame (UTF-8 JSON object) followed by one frame per tensor holding its
 raw little-endian bytes (BYTES: 4-byte little-endian length before each element), in the
 order the header lists the tensors. Tensor frames are viewed, not copied.
+
+No sockets are made here; ``send_frames`` and ``recv_frames`` move a message's frames on a
+socket the caller owns, for the hot paths of the server's I/O thread and the clients.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import zmq
 
 from edged.core.errors import InvalidInputError, clip
 from edged.core.limits import RequestLimits
@@ -28,6 +33,48 @@ MAX_HEADER_BYTES = 64 * 1024
 INLINE_MAX_TENSORS = 8
 
 Frame = bytes | memoryview
+
+# pyzmq's options and flags are enums: combining or converting them costs a few microseconds
+# a call, and ``recv_multipart`` asks the socket for RCVMORE (an enum option) per frame.
+# The hot paths use plain ints and ``Frame.more`` instead (docs/performance.md).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def readable(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a whole message waits on ``socket`` (its EVENTS, no exception when none)."""
+    return bool(int(socket.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> list[zmq.Frame]:
+    """Every frame of the next message, by reference (``recv_multipart(copy=False)``).
+
+    Raises:
+        zmq.Again: with ``NOBLOCK``, no message waits.
+    """
+    frame = socket.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:  # the parts of a message arrive together: no wait after the first
+        frame = socket.recv(flags, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def send_frames(socket: zmq.Socket[bytes], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send ``frames`` (bytes, memoryviews or zmq.Frames) as one message, each by reference
+    above the socket's ``copy_threshold`` (``send_multipart(copy=False)``). A message is
+    queued whole or not at all: with ``NOBLOCK``, zmq.Again can only come from the first.
+
+    Raises:
+        zmq.Again: with ``NOBLOCK``, the message cannot be queued now.
+        zmq.ZMQError: the socket refused it.
+    """
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        socket.send(frame, flags if i == last else more, copy=False)
 
 
 #: the most digits a JSON integer in a header may have (int64 has 19)

@@ -143,3 +143,36 @@ def test_the_pre_encoded_header_is_the_full_encoders_header(
         assert decoded is not None
         for name, value in inputs.items():
             assert _same(decoded.inputs[name], value)
+
+
+def test_frames_move_as_one_message_over_a_real_socket_pair() -> None:
+    """send_frames / recv_frames / readable (the hot paths' replacements for
+    send_multipart / recv_multipart and a read until zmq.Again): every frame arrives, in
+    order, as one message, small ones copied and large ones by reference alike; a socket
+    with nothing waiting says so, and a non-blocking read of it raises zmq.Again."""
+    import zmq
+
+    context = zmq.Context()
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        b.setsockopt(zmq.RCVTIMEO, 5000)
+        assert not wire.readable(b)
+        with pytest.raises(zmq.Again):
+            wire.recv_frames(b, wire.NOBLOCK)
+        large = np.arange(100_000, dtype=np.float32)  # 400 kB: sent by reference
+        small = np.arange(3, dtype=np.int64)
+        first = [b'{"v":1}', wire._tensor_frame(small), wire._tensor_frame(large)]
+        wire.send_frames(a, first)
+        wire.send_frames(a, [b"second"], wire.NOBLOCK)
+        got = wire.recv_frames(b)
+        assert [f.bytes for f in got] == [bytes(f) for f in first]
+        assert not got[-1].more
+        assert wire.readable(b)
+        assert [f.bytes for f in wire.recv_frames(b, wire.NOBLOCK)] == [b"second"]
+        assert not wire.readable(b)
+    finally:
+        a.close(0)
+        b.close(0)
+        context.term()
