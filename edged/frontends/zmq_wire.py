@@ -93,6 +93,10 @@ def _no_constant(text: str) -> Any:
     raise InvalidInputError(f"header holds {text}, which is not JSON")
 
 
+#: datatypes by wire name, and by numpy dtype (the hot paths' lookups)
+_DATATYPES: dict[Any, DataType] = {d.value: d for d in DataType}
+_DATATYPE_BY_DTYPE: dict[Any, str] = {}
+
 _DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
@@ -147,13 +151,13 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
             raise InvalidInputError(f"header '{where}.name' must be a non-empty string")
         if name in tensors:
             raise InvalidInputError(f"tensor '{clip(name)}' is given more than once")
-        try:
-            datatype = DataType(str(spec.get("datatype")))
-        except ValueError:
+        wire_type = spec.get("datatype")  # a dict lookup: DataType(...) costs more per call
+        datatype = _DATATYPES.get(wire_type) if isinstance(wire_type, str) else None
+        if datatype is None:
             raise InvalidInputError(
                 f"tensor '{clip(name)}': datatype {clip(repr(spec.get('datatype')))} is not one of "
                 f"{', '.join(DataType)}"
-            ) from None
+            )
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
@@ -170,9 +174,19 @@ def _tensor_frame(array: Array) -> Frame:
     return memoryview(array.data).cast("B") if array.size else b""
 
 
+def _datatype_name(dtype: Any) -> str:
+    """The KServe datatype of a numpy dtype (``DataType.from_numpy``, kept per dtype)."""
+    name = _DATATYPE_BY_DTYPE.get(dtype)
+    if name is None:
+        name = DataType.from_numpy(dtype).value
+        if len(_DATATYPE_BY_DTYPE) < ENCODER_CACHE:
+            _DATATYPE_BY_DTYPE[dtype] = name
+    return name
+
+
 def _tensor_frames(tensors: Mapping[str, Array]) -> tuple[list[dict[str, Any]], list[Frame]]:
     specs = [
-        {"name": name, "datatype": DataType.from_numpy(a.dtype).value, "shape": list(a.shape)}
+        {"name": name, "datatype": _datatype_name(a.dtype), "shape": list(a.shape)}
         for name, a in tensors.items()
     ]
     return specs, [_tensor_frame(a) for a in tensors.values()]
@@ -339,18 +353,46 @@ def decode_body(
 # -- replies -------------------------------------------------------------------------------
 
 
+#: reply header templates kept (one per model version and output layout)
+_REPLY_TEMPLATES: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def _json_string(text: str) -> bytes:
+    """``text`` as a JSON string; a plain one (printable ASCII, no quote or backslash, as
+    ids usually are) without the encoder."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return b'"' + text.encode() + b'"'
+    return _ENCODER.encode(text).encode()
+
+
 def encode_response(request_id: str, response: InferResponse) -> list[Frame]:
-    """A successful infer reply."""
-    specs, frames = _tensor_frames(response.outputs)
-    header = {
-        "v": VERSION,
-        "id": request_id,
-        "ok": True,
-        "model": response.model_name,
-        "version": response.model_version,
-        "outputs": specs,
-    }
-    return [_dump(header), *frames]
+    """A successful infer reply. Its header is encoded once per model, version and output
+    layout; per reply only the request id is spliced in."""
+    outputs = response.outputs
+    key = (
+        response.model_name,
+        response.model_version,
+        *[(name, a.dtype, a.shape) for name, a in outputs.items()],
+    )
+    template = _REPLY_TEMPLATES.get(key)
+    if template is None:
+        specs, _ = _tensor_frames(outputs)
+        header = {
+            "v": VERSION,
+            "id": _ID_MARK,
+            "ok": True,
+            "model": response.model_name,
+            "version": response.model_version,
+            "outputs": specs,
+        }
+        head, _, tail = _dump(header).partition(_ID_MARK_JSON)
+        if len(_REPLY_TEMPLATES) >= ENCODER_CACHE:
+            _REPLY_TEMPLATES.clear()
+        template = _REPLY_TEMPLATES[key] = (head, tail)
+    return [
+        b"".join((template[0], _json_string(request_id), template[1])),
+        *map(_tensor_frame, outputs.values()),
+    ]
 
 
 def encode_value(request_id: str, value: Mapping[str, Any]) -> list[Frame]:

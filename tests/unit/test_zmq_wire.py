@@ -176,3 +176,28 @@ def test_frames_move_as_one_message_over_a_real_socket_pair() -> None:
         a.close(0)
         b.close(0)
         context.term()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.text(max_size=12))
+def test_the_templated_reply_header_is_the_full_encoders_header(
+    arrays: list[np.ndarray], rid: str
+) -> None:
+    """encode_response splices the id into a header encoded once per layout: the bytes are
+    the compact JSON of the whole header, whatever the id holds (quotes, backslashes,
+    control and non-ASCII characters), and the client reads the id back."""
+    outputs = {f"out{i}": a for i, a in enumerate(arrays)}
+    for request_id in (rid, "a1", rid + '"\\'):  # the later calls reuse the template
+        frames = wire.encode_response(request_id, InferResponse("m", "2", dict(outputs)))
+        specs = [
+            {"name": n, "datatype": DataType.from_numpy(a.dtype).value, "shape": list(a.shape)}
+            for n, a in outputs.items()
+        ]
+        full = {"v": 1, "id": request_id, "ok": True, "model": "m", "version": "2"}
+        assert bytes(frames[0]) == json.dumps(
+            {**full, "outputs": specs}, separators=(",", ":")
+        ).encode()
+        header, decoded = wire.decode_reply([bytes(f) for f in frames])
+        assert header["id"] == request_id
+        for name, value in outputs.items():
+            assert _same(decoded[name], value)
