@@ -18,7 +18,7 @@ import zmq
 
 from edged.core.errors import InvalidInputError, clip
 from edged.core.limits import RequestLimits
-from edged.core.tensors import check_shape, decode_raw, encode_raw
+from edged.core.tensors import decode_raw, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 
 VERSION = 1
@@ -143,12 +143,11 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
         )
     tensors: dict[str, Array] = {}
     for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
-        where = f"{key}[{i}]"
         if not isinstance(spec, dict):
-            raise InvalidInputError(f"header '{where}' must be an object")
+            raise InvalidInputError(f"header '{key}[{i}]' must be an object")
         name = spec.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidInputError(f"header '{where}.name' must be a non-empty string")
+            raise InvalidInputError(f"header '{key}[{i}].name' must be a non-empty string")
         if name in tensors:
             raise InvalidInputError(f"tensor '{clip(name)}' is given more than once")
         wire_type = spec.get("datatype")  # a dict lookup: DataType(...) costs more per call
@@ -159,11 +158,10 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
                 f"{', '.join(DataType)}"
             )
         shape = spec.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
+        # JSON numbers decode to exact ints (true and false to bools, refused here)
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise InvalidInputError(f"tensor '{clip(name)}': shape must be a list of integers")
-        tensors[name] = decode_raw(name, datatype, check_shape(name, shape), frame)
+        tensors[name] = decode_raw(name, datatype, shape, frame)  # it checks the shape first
     return tensors
 
 
