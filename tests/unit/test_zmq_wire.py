@@ -99,6 +99,10 @@ MALFORMED = [
     ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [2]}]), b"1234"], "'a'"),
     ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": "2"}]), b"1234"], "shape"),
     ([_header(inputs=[{"datatype": "FP32", "shape": [1]}]), b"1234"], "name"),
+    ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [True]}]), b"1234"], "integers"),
+    ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [-1]}]), b"1234"], "negative"),
+    ([_header(inputs=[{"name": "a", "datatype": ["FP32"], "shape": [1]}]), b"1234"], "one of"),
+    ([_header(inputs=["a"]), b"1234"], "'inputs[0]' must be an object"),
     (
         [_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [1]}] * 2), b"1234", b"1234"],
         "more than once",
