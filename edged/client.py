@@ -120,7 +120,7 @@ class ZmqClient:
         deadline = time.monotonic() + limit
         wait_ms = max(0, int(limit * 1000))
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            wire.send_frames(self._socket, frames, wire.NOBLOCK)
         except zmq.Again:  # no peer to queue for (a refused handshake drops it) or queue full
             self._send_by(frames, deadline, limit)
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
@@ -129,7 +129,7 @@ class ZmqClient:
                 self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._receive_ms = wait_ms
             try:
-                reply = self._socket.recv_multipart(copy=False)
+                reply = wire.recv_frames(self._socket)
             except zmq.Again:
                 raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
             header, outputs = _outcome([f.buffer for f in reply])
@@ -146,7 +146,7 @@ class ZmqClient:
             if not wait_ms or not self._socket.poll(wait_ms, zmq.POLLOUT):
                 raise ZmqClientError("DEADLINE_EXCEEDED", f"could not send within {limit}s")
             try:
-                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                wire.send_frames(self._socket, frames, wire.NOBLOCK)
                 return
             except zmq.Again:
                 continue
@@ -278,8 +278,8 @@ class AsyncZmqClient:
         """Every reply that has arrived, each to the request waiting for it (the socket's
         descriptor is edge-triggered: read until there is none)."""
         socket = self._socket
-        while int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            reply = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        while wire.readable(socket):
+            reply = wire.recv_frames(socket, wire.NOBLOCK)
             future = self._waiting.pop(_reply_id(reply), None)
             if future is not None and not future.done():
                 future.set_result(reply)
@@ -299,7 +299,7 @@ class AsyncZmqClient:
         try:
             while True:
                 try:
-                    self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    wire.send_frames(self._socket, frames, wire.NOBLOCK)
                     break
                 except zmq.Again:  # queue full (let replies drain) or no peer: until the deadline
                     if future.done():  # failed by the sweep: its deadline has passed

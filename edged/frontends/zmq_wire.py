@@ -3,6 +3,9 @@
 A message is a header frame (UTF-8 JSON object) followed by one frame per tensor holding its
 raw little-endian bytes (BYTES: 4-byte little-endian length before each element), in the
 order the header lists the tensors. Tensor frames are viewed, not copied.
+
+No sockets are made here; ``send_frames`` and ``recv_frames`` move a message's frames on a
+socket the caller owns, for the hot paths of the server's I/O thread and the clients.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import zmq
+
 from edged.core.errors import InvalidInputError, clip
 from edged.core.limits import RequestLimits
-from edged.core.tensors import check_shape, decode_raw, encode_raw
+from edged.core.tensors import decode_raw, encode_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 
 VERSION = 1
@@ -28,6 +33,48 @@ MAX_HEADER_BYTES = 64 * 1024
 INLINE_MAX_TENSORS = 8
 
 Frame = bytes | memoryview
+
+# pyzmq's options and flags are enums: combining or converting them costs a few microseconds
+# a call, and ``recv_multipart`` asks the socket for RCVMORE (an enum option) per frame.
+# The hot paths use plain ints and ``Frame.more`` instead (docs/performance.md).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def readable(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a whole message waits on ``socket`` (its EVENTS, no exception when none)."""
+    return bool(int(socket.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> list[zmq.Frame]:
+    """Every frame of the next message, by reference (``recv_multipart(copy=False)``).
+
+    Raises:
+        zmq.Again: with ``NOBLOCK``, no message waits.
+    """
+    frame = socket.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:  # the parts of a message arrive together: no wait after the first
+        frame = socket.recv(flags, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def send_frames(socket: zmq.Socket[bytes], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send ``frames`` (bytes, memoryviews or zmq.Frames) as one message, each by reference
+    above the socket's ``copy_threshold`` (``send_multipart(copy=False)``). A message is
+    queued whole or not at all: with ``NOBLOCK``, zmq.Again can only come from the first.
+
+    Raises:
+        zmq.Again: with ``NOBLOCK``, the message cannot be queued now.
+        zmq.ZMQError: the socket refused it.
+    """
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        socket.send(frame, flags if i == last else more, copy=False)
 
 
 #: the most digits a JSON integer in a header may have (int64 has 19)
@@ -45,6 +92,10 @@ def _bounded_int(text: str) -> int:
 def _no_constant(text: str) -> Any:
     raise InvalidInputError(f"header holds {text}, which is not JSON")
 
+
+#: datatypes by wire name, and by numpy dtype (the hot paths' lookups)
+_DATATYPES: dict[Any, DataType] = {d.value: d for d in DataType}
+_DATATYPE_BY_DTYPE: dict[Any, str] = {}
 
 _DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -92,27 +143,25 @@ def _tensors(header: Mapping[str, Any], key: str, frames: Sequence[Frame]) -> di
         )
     tensors: dict[str, Array] = {}
     for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
-        where = f"{key}[{i}]"
         if not isinstance(spec, dict):
-            raise InvalidInputError(f"header '{where}' must be an object")
+            raise InvalidInputError(f"header '{key}[{i}]' must be an object")
         name = spec.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidInputError(f"header '{where}.name' must be a non-empty string")
+            raise InvalidInputError(f"header '{key}[{i}].name' must be a non-empty string")
         if name in tensors:
             raise InvalidInputError(f"tensor '{clip(name)}' is given more than once")
-        try:
-            datatype = DataType(str(spec.get("datatype")))
-        except ValueError:
+        wire_type = spec.get("datatype")  # a dict lookup: DataType(...) costs more per call
+        datatype = _DATATYPES.get(wire_type) if isinstance(wire_type, str) else None
+        if datatype is None:
             raise InvalidInputError(
                 f"tensor '{clip(name)}': datatype {clip(repr(spec.get('datatype')))} is not one of "
                 f"{', '.join(DataType)}"
-            ) from None
+            )
         shape = spec.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
+        # JSON numbers decode to exact ints (true and false to bools, refused here)
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise InvalidInputError(f"tensor '{clip(name)}': shape must be a list of integers")
-        tensors[name] = decode_raw(name, datatype, check_shape(name, shape), frame)
+        tensors[name] = decode_raw(name, datatype, shape, frame)  # it checks the shape first
     return tensors
 
 
@@ -123,9 +172,19 @@ def _tensor_frame(array: Array) -> Frame:
     return memoryview(array.data).cast("B") if array.size else b""
 
 
+def _datatype_name(dtype: Any) -> str:
+    """The KServe datatype of a numpy dtype (``DataType.from_numpy``, kept per dtype)."""
+    name = _DATATYPE_BY_DTYPE.get(dtype)
+    if name is None:
+        name = DataType.from_numpy(dtype).value
+        if len(_DATATYPE_BY_DTYPE) < ENCODER_CACHE:
+            _DATATYPE_BY_DTYPE[dtype] = name
+    return name
+
+
 def _tensor_frames(tensors: Mapping[str, Array]) -> tuple[list[dict[str, Any]], list[Frame]]:
     specs = [
-        {"name": name, "datatype": DataType.from_numpy(a.dtype).value, "shape": list(a.shape)}
+        {"name": name, "datatype": _datatype_name(a.dtype), "shape": list(a.shape)}
         for name, a in tensors.items()
     ]
     return specs, [_tensor_frame(a) for a in tensors.values()]
@@ -292,18 +351,46 @@ def decode_body(
 # -- replies -------------------------------------------------------------------------------
 
 
+#: reply header templates kept (one per model version and output layout)
+_REPLY_TEMPLATES: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def _json_string(text: str) -> bytes:
+    """``text`` as a JSON string; a plain one (printable ASCII, no quote or backslash, as
+    ids usually are) without the encoder."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return b'"' + text.encode() + b'"'
+    return _ENCODER.encode(text).encode()
+
+
 def encode_response(request_id: str, response: InferResponse) -> list[Frame]:
-    """A successful infer reply."""
-    specs, frames = _tensor_frames(response.outputs)
-    header = {
-        "v": VERSION,
-        "id": request_id,
-        "ok": True,
-        "model": response.model_name,
-        "version": response.model_version,
-        "outputs": specs,
-    }
-    return [_dump(header), *frames]
+    """A successful infer reply. Its header is encoded once per model, version and output
+    layout; per reply only the request id is spliced in."""
+    outputs = response.outputs
+    key = (
+        response.model_name,
+        response.model_version,
+        *[(name, a.dtype, a.shape) for name, a in outputs.items()],
+    )
+    template = _REPLY_TEMPLATES.get(key)
+    if template is None:
+        specs, _ = _tensor_frames(outputs)
+        header = {
+            "v": VERSION,
+            "id": _ID_MARK,
+            "ok": True,
+            "model": response.model_name,
+            "version": response.model_version,
+            "outputs": specs,
+        }
+        head, _, tail = _dump(header).partition(_ID_MARK_JSON)
+        if len(_REPLY_TEMPLATES) >= ENCODER_CACHE:
+            _REPLY_TEMPLATES.clear()
+        template = _REPLY_TEMPLATES[key] = (head, tail)
+    return [
+        b"".join((template[0], _json_string(request_id), template[1])),
+        *map(_tensor_frame, outputs.values()),
+    ]
 
 
 def encode_value(request_id: str, value: Mapping[str, Any]) -> list[Frame]:

@@ -89,6 +89,48 @@ def test_serving_harness_pairs_every_server_window_with_a_limit() -> None:
         assert w["ratio_to_2x1t_b8"] == round(w["infer_per_s"] / b8, 3)
 
 
+@pytest.mark.slow
+def test_paired_trees_runs_each_variant_with_its_own_code_tree(tmp_path: Path) -> None:
+    """benchmarks/paired_trees.py: a variant with PYTHONPATH runs the daemon and the load
+    generator from that tree (here a copy of this one), the other from the installed tree;
+    every round of every variant has its figures, the limit measured beside it."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for package in ("edged", "hal"):
+        shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("*.pyc"))
+    out = tmp_path / "pairs.json"
+    command = [
+        sys.executable,
+        str(BENCH / "paired_trees.py"),
+        "--model=digits",
+        "--rounds=2",
+        "--seconds=0.2",
+        "--limit-seconds=0.1",
+        "--transports=zmq,grpc",
+        "--concurrency=1",
+        f"--out={out}",
+        f"copy:PYTHONPATH={tree};EDGED_MODELS_INSTANCES=1",
+        "here:",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["trees"] == {"copy": str(tree), "here": str(ROOT)}
+    assert set(report["rows"]) == {
+        f"{v} {t} c=1" for v in ("copy", "here") for t in ("zmq", "grpc")
+    }
+    for figures in report["rows"].values():
+        for key in ("p50_ms", "p50_over_limit_ms", "limit_p50_ms", "ratio_to_2x1t_b8"):
+            assert len(figures[key]["rounds"]) == 2, key
+        p50, limit, over = (
+            figures[k]["rounds"] for k in ("p50_ms", "limit_p50_ms", "p50_over_limit_ms")
+        )
+        assert over == pytest.approx([a - b for a, b in zip(p50, limit, strict=True)])
+
+
 def _start(argv: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, cwd=BENCH)
     assert proc.stdout is not None

@@ -99,6 +99,10 @@ MALFORMED = [
     ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [2]}]), b"1234"], "'a'"),
     ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": "2"}]), b"1234"], "shape"),
     ([_header(inputs=[{"datatype": "FP32", "shape": [1]}]), b"1234"], "name"),
+    ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [True]}]), b"1234"], "integers"),
+    ([_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [-1]}]), b"1234"], "negative"),
+    ([_header(inputs=[{"name": "a", "datatype": ["FP32"], "shape": [1]}]), b"1234"], "one of"),
+    ([_header(inputs=["a"]), b"1234"], "'inputs[0]' must be an object"),
     (
         [_header(inputs=[{"name": "a", "datatype": "FP32", "shape": [1]}] * 2), b"1234", b"1234"],
         "more than once",
@@ -143,3 +147,61 @@ def test_the_pre_encoded_header_is_the_full_encoders_header(
         assert decoded is not None
         for name, value in inputs.items():
             assert _same(decoded.inputs[name], value)
+
+
+def test_frames_move_as_one_message_over_a_real_socket_pair() -> None:
+    """send_frames / recv_frames / readable (the hot paths' replacements for
+    send_multipart / recv_multipart and a read until zmq.Again): every frame arrives, in
+    order, as one message, small ones copied and large ones by reference alike; a socket
+    with nothing waiting says so, and a non-blocking read of it raises zmq.Again."""
+    import zmq
+
+    context = zmq.Context()
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        b.setsockopt(zmq.RCVTIMEO, 5000)
+        assert not wire.readable(b)
+        with pytest.raises(zmq.Again):
+            wire.recv_frames(b, wire.NOBLOCK)
+        large = np.arange(100_000, dtype=np.float32)  # 400 kB: sent by reference
+        small = np.arange(3, dtype=np.int64)
+        first = [b'{"v":1}', wire._tensor_frame(small), wire._tensor_frame(large)]
+        wire.send_frames(a, first)
+        wire.send_frames(a, [b"second"], wire.NOBLOCK)
+        got = wire.recv_frames(b)
+        assert [f.bytes for f in got] == [bytes(f) for f in first]
+        assert not got[-1].more
+        assert wire.readable(b)
+        assert [f.bytes for f in wire.recv_frames(b, wire.NOBLOCK)] == [b"second"]
+        assert not wire.readable(b)
+    finally:
+        a.close(0)
+        b.close(0)
+        context.term()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.text(max_size=12))
+def test_the_templated_reply_header_is_the_full_encoders_header(
+    arrays: list[np.ndarray], rid: str
+) -> None:
+    """encode_response splices the id into a header encoded once per layout: the bytes are
+    the compact JSON of the whole header, whatever the id holds (quotes, backslashes,
+    control and non-ASCII characters), and the client reads the id back."""
+    outputs = {f"out{i}": a for i, a in enumerate(arrays)}
+    for request_id in (rid, "a1", rid + '"\\'):  # the later calls reuse the template
+        frames = wire.encode_response(request_id, InferResponse("m", "2", dict(outputs)))
+        specs = [
+            {"name": n, "datatype": DataType.from_numpy(a.dtype).value, "shape": list(a.shape)}
+            for n, a in outputs.items()
+        ]
+        full = {"v": 1, "id": request_id, "ok": True, "model": "m", "version": "2"}
+        assert bytes(frames[0]) == json.dumps(
+            {**full, "outputs": specs}, separators=(",", ":")
+        ).encode()
+        header, decoded = wire.decode_reply([bytes(f) for f in frames])
+        assert header["id"] == request_id
+        for name, value in outputs.items():
+            assert _same(decoded[name], value)
