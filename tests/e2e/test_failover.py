@@ -327,8 +327,8 @@ def test_a_hanging_executor_times_out_and_fails_over(tmp_path: Path, sim_path: P
     finally:
         assert daemon.stop() == 0, daemon.stderr
     assert len(load.failures) == 2, load.failures
-    assert all(o.status == "StatusCode.DEADLINE_EXCEEDED" for o in load.failures)
-    assert all("did not finish within 0.2s" in o.message for o in load.failures)
+    assert all(o.status == "StatusCode.DEADLINE_EXCEEDED" for o in load.failures), load.failures
+    assert all("did not finish within 0.2s" in o.message for o in load.failures), load.failures
     timeouts = [e for e in daemon.events if e["event"] == "inference_timeout"]
     assert len(timeouts) == 2
     # the one instance was stuck in the first hang: the second request waited for its thread
