@@ -11,7 +11,9 @@ misbehaves on command, through environment variables (not ``EDGED_``: those are 
 - ``FLAKY_SIM_FAULT_FILE``: while this file exists, every inference fails. Its content picks
   how: ``raise`` (or empty) raises a device error; ``hang`` sleeps ``FLAKY_SIM_HANG_S``
   seconds (default 2) before answering, past any sensible inference timeout; ``corrupt``
-  answers, but every float output is off by 1 (a device that computes wrong).
+  answers, but every float output is off by 1 (a device that computes wrong). Change it
+  with :func:`set_fault` (atomic): written in place, an inference that reads it between the
+  truncation and the write sees it empty and raises, whatever mode was being written.
 - ``FLAKY_SIM_DELAY_S``: every inference takes this much longer (a slow device).
 - ``FLAKY_SIM_ABSENT``: the probe reports the device absent, with this text as the reason.
 """
@@ -26,11 +28,20 @@ from pathlib import Path
 from typing import ClassVar
 
 from edged.core.types import Array
+from edged.storage import write_atomic
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
 from hal.report import DeviceReport
 
 KIND = "flaky-sim"
+
+
+def set_fault(path: Path, how: str) -> None:
+    """Make the control file at ``path`` say ``how`` ("raise", "hang", "corrupt"), atomically
+    (a rename over it): a device reading it meanwhile sees the old mode or the new one, never
+    an empty file (``raise``). CI once saw a request fail with the device error while a test
+    wrote "hang" in place under load."""
+    write_atomic(path, lambda f: f.write(how.encode()))
 
 
 class SimulatedDeviceError(RuntimeError):

@@ -194,7 +194,7 @@ def test_a_failing_executor_fails_over_and_comes_back(tmp_path: Path, sim_path: 
         with running(load):
             load.wait_successes(20, after=0)
             faulted = time.monotonic()
-            fault.write_text("raise")
+            flaky_sim.set_fault(fault, "raise")
             failover = daemon.wait_for("executor_failover", timeout=10)
             load.wait_successes(20, after=time.monotonic())
             assert executor_of(daemon, "flaky") == "cpu-onnx"  # the client changed nothing
@@ -277,7 +277,7 @@ def test_under_concurrent_load_only_requests_on_the_failing_device_fail(
                 stack.enter_context(running(load))
             for load in loads:
                 load.wait_successes(10, after=0)
-            fault.write_text("raise")
+            flaky_sim.set_fault(fault, "raise")
             daemon.wait_for("executor_failover", timeout=10)
             switched = time.monotonic()
             for load in loads:
@@ -319,7 +319,7 @@ def test_a_hanging_executor_times_out_and_fails_over(tmp_path: Path, sim_path: P
     try:
         with running(load):
             load.wait_successes(10, after=0)
-            fault.write_text("hang")
+            flaky_sim.set_fault(fault, "hang")
             daemon.wait_for("executor_failover", timeout=10)
             load.wait_successes(20, after=time.monotonic())
             assert executor_of(daemon, "hangs") == "cpu-onnx"
@@ -356,7 +356,7 @@ def test_a_hanging_device_does_not_get_the_model_back(tmp_path: Path, sim_path: 
     try:
         with running(load):
             load.wait_successes(5, after=0)
-            fault.write_text("hang")
+            flaky_sim.set_fault(fault, "hang")
             daemon.wait_for("executor_failover", timeout=10)
             # half-open: the trial answers, but slower than the inference timeout: refused
             retry = daemon.wait_for("executor_retry_failed", timeout=10)
@@ -390,7 +390,7 @@ def test_a_model_with_no_other_executor_stays_with_its_breaker_open(
     tensor.set_data_from_numpy(SAMPLE)
     try:
         with grpcclient.InferenceServerClient(daemon.address) as client:
-            fault.write_text("raise")
+            flaky_sim.set_fault(fault, "raise")
             for _ in range(4):
                 with pytest.raises(grpcclient.InferenceServerException, match="simulated"):
                     client.infer("lonely", [tensor])

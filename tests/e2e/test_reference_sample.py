@@ -226,12 +226,12 @@ def test_failover_and_recovery_compare_with_the_first_request(tmp_path: Path, mo
         assert_answer(answer, first)
         daemon.wait_for("reference_sample_taken", model="vad", executor="flaky-sim")
 
-        fault.write_text("raise")
+        flaky_sim.set_fault(fault, "raise")
         with pytest.raises(grpcclient.InferenceServerException):
             infer(daemon.address, chunk(2))
         moved = daemon.wait_for("executor_failover", model="vad", timeout=30)
         assert (moved["from"], moved["to"]) == ("flaky-sim", "cpu-onnx")
-        fault.write_text("corrupt")  # answers again, but wrongly: recovery must see it
+        flaky_sim.set_fault(fault, "corrupt")  # answers again, but wrongly: recovery must see it
         refused = daemon.wait_for("executor_retry_failed", model="vad", timeout=30)
         assert "differs from the serving executor's answer" in refused["error"]
         probe = chunk(4)
@@ -293,7 +293,7 @@ def test_a_hanging_warm_up_still_fails_the_load(tmp_path: Path, models: Path) ->
     (models / "vad" / "model.toml").write_text('executors = ["flaky-sim"]\ninstances = 1\n')
     corpus.place(models, corpus.CORPUS[3])  # ocr_cls, on cpu-onnx
     fault = tmp_path / "fault"
-    fault.write_text("hang")
+    flaky_sim.set_fault(fault, "hang")
     daemon = DaemonProcess(
         ["--models", str(models), "--grpc-address", "127.0.0.1:0"],
         env={

@@ -112,7 +112,7 @@ async def _until(check: Callable[[], bool]) -> None:
 async def test_a_failing_executor_fails_over_and_recovers_after_the_trial(rig: Rig) -> None:
     assert rig.kind() == "flaky-sim"
     healthy = (await rig.manager.infer(_request())).outputs
-    rig.fault.write_text("raise")
+    flaky_sim.set_fault(rig.fault, "raise")
     for _ in range(2):  # failure_threshold: the second failure opens the breaker
         with pytest.raises(ExecutorError, match="simulated device fault"):
             await rig.manager.infer(_request())
@@ -147,13 +147,13 @@ async def test_a_failing_executor_fails_over_and_recovers_after_the_trial(rig: R
 
 
 async def test_a_trial_that_answers_differently_is_refused(rig: Rig) -> None:
-    rig.fault.write_text("raise")
+    flaky_sim.set_fault(rig.fault, "raise")
     for _ in range(2):
         with pytest.raises(ExecutorError):
             await rig.manager.infer(_request())
     await rig.manager.infer(_request())
     assert rig.kind() == "cpu-onnx"
-    rig.fault.write_text("corrupt")  # the device answers again, but wrongly
+    flaky_sim.set_fault(rig.fault, "corrupt")  # the device answers again, but wrongly
     rig.clock.advance(RETRY_AFTER_S + 1)
     await _until(lambda: rig.breaker("flaky-sim") is BreakerState.OPEN)
     assert rig.kind() == "cpu-onnx"
@@ -161,7 +161,7 @@ async def test_a_trial_that_answers_differently_is_refused(rig: Rig) -> None:
 
 
 async def test_a_reload_keeps_the_moved_copy_and_an_unload_ends_recovery(rig: Rig) -> None:
-    rig.fault.write_text("raise")
+    flaky_sim.set_fault(rig.fault, "raise")
     for _ in range(2):
         with pytest.raises(ExecutorError):
             await rig.manager.infer(_request())
@@ -178,7 +178,7 @@ async def test_a_reload_keeps_the_moved_copy_and_an_unload_ends_recovery(rig: Ri
 
 
 async def test_without_another_candidate_the_version_stays_and_resumes(rig: Rig) -> None:
-    rig.fault.write_text("raise")
+    flaky_sim.set_fault(rig.fault, "raise")
     for _ in range(2):
         with pytest.raises(ExecutorError):
             await rig.manager.infer(_request("alone"))
@@ -189,3 +189,20 @@ async def test_without_another_candidate_the_version_stays_and_resumes(rig: Rig)
     assert not rig.manager.failovers
     rig.fault.unlink()  # requests keep going to the only executor there is
     assert (await rig.manager.infer(_request("alone"))).model_version == "1"
+
+
+def test_the_sim_changes_fault_mode_without_a_moment_of_empty_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty control file means "raise": a mode written in place (truncate, then write) let
+    # a request that read it in between fail with the device error instead of hanging (the
+    # e2e hanging-executor test's INTERNAL failure). set_fault replaces the file whole: a
+    # device that opened it before the change still reads all of the old mode, never "".
+    fault = tmp_path / "fault"
+    monkeypatch.setenv("FLAKY_SIM_FAULT_FILE", str(fault))
+    flaky_sim.set_fault(fault, "corrupt")
+    with fault.open() as before:
+        flaky_sim.set_fault(fault, "hang")
+        assert before.read() == "corrupt"
+    assert flaky_sim._fault() == "hang"
+    assert not list(tmp_path.glob(".fault.tmp-*"))

@@ -33,6 +33,7 @@ from hal import registry
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.executor import Executor, ExecutorOptions, LoadedModel, ModelArtifact
 from tests.flaky_sim import KIND as FLAKY
+from tests.flaky_sim import set_fault
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKBONE = ROOT / "models" / "digits_learn" / "1" / "backbone.onnx"
@@ -121,11 +122,11 @@ def test_features_come_from_the_executor_that_runs_them(
         np.testing.assert_allclose(
             backbone.features(inputs), _ort_features(BACKBONE, inputs), rtol=1e-5, atol=1e-6
         )
-        fault.write_text("corrupt")
+        set_fault(fault, "corrupt")
         np.testing.assert_allclose(
             backbone.features(inputs), _ort_features(BACKBONE, inputs) + 1, rtol=1e-5, atol=1e-5
         )
-        fault.write_text("raise")
+        set_fault(fault, "raise")
         with pytest.raises(ExecutorError, match="simulated device fault"):
             backbone.features(inputs)
     finally:
