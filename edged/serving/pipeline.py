@@ -43,7 +43,7 @@ from edged.core.types import Array, InferRequest, InferResponse, Signature, Tens
 from edged.core.views import PipelineStepView
 from edged.serving.model import ModelVersion
 from edged.serving.repository import ModelSpec, PipelineStep, TensorDecl
-from edged.serving.scheduler import Execution
+from edged.serving.scheduler import Execution, settle
 from edged.serving.stats import ModelStats
 from edged.serving.validate import request_options, validate_request
 
@@ -308,15 +308,6 @@ def _answered_already() -> bool:
     return False
 
 
-def _settle(future: asyncio.Future[InferResponse], outcome: InferResponse | EdgedError) -> None:
-    if future.done():  # the caller went away
-        return
-    if isinstance(outcome, EdgedError):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
 class Pipeline:
     """A served pipeline: runs its plan's steps as requests to their models, each step
     posted from the previous one's reply on the thread that answered it."""
@@ -404,7 +395,7 @@ class Pipeline:
         future: asyncio.Future[InferResponse] = loop.create_future()
 
         def reply(outcome: InferResponse | EdgedError) -> None:
-            loop.call_soon_threadsafe(_settle, future, outcome)
+            loop.call_soon_threadsafe(settle, future, outcome)
 
         withdraw = self.submit(request, reply)
         try:

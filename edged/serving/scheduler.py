@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -50,6 +51,8 @@ from edged.core.errors import (
 from edged.core.types import Array
 from edged.serving.batching import BatchKey, BatchPolicy, batch_key, merge, split, take
 from hal import LoadedModel
+
+T = TypeVar("T")
 
 log = structlog.get_logger("edged.serving")
 
@@ -162,7 +165,9 @@ class _Running:
         self.inline = False
 
 
-def _settle(future: asyncio.Future[Result], outcome: Result | EdgedError) -> None:
+def settle(future: asyncio.Future[T], outcome: T | EdgedError) -> None:
+    """Answer an asyncio caller from the loop (``call_soon_threadsafe``): the outcome, or
+    the error; nothing when the caller went away."""
     if future.done():  # the caller went away
         return
     if isinstance(outcome, EdgedError):
@@ -384,7 +389,7 @@ class Scheduler:
         future: asyncio.Future[Result] = loop.create_future()
 
         def reply(outcome: Result | EdgedError) -> None:
-            loop.call_soon_threadsafe(_settle, future, outcome)
+            loop.call_soon_threadsafe(settle, future, outcome)
 
         self.post(inputs, size, priority, timeout_ns, reply, future=future)
         return await future
