@@ -1083,7 +1083,6 @@ def _train(
     out = head.copy()
     params = out.params()
     velocity = [np.zeros_like(p) for p in params]
-    lr, mu, wd = _F32(hyper.lr), _F32(hyper.momentum), _F32(hyper.weight_decay)
     n = x.shape[0]
     # The old head's outputs, computed once: the LwF targets of every new and replayed sample.
     # LwF distils on the replayed inputs when there are any, else on the new ones.
@@ -1116,17 +1115,26 @@ def _train(
                 dlogits[distil] += g
             grads = _backward(model, acts, dlogits)
             _add_penalties(grads, params, hyper, ewc, prox)
-            for i in range(0, len(grads), 2):  # weights only, not biases
-                grads[i] += wd * params[i]
-            norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-            factor = _F32(hyper.clip_norm / norm) if norm > hyper.clip_norm else _F32(1.0)
-            for i, g in enumerate(grads):
-                velocity[i] *= mu
-                velocity[i] += factor * g
-                params[i] -= lr * velocity[i]
+            sgd_step(grads, params, velocity, hyper)
         if progress is not None:
             progress((epoch + 1) / hyper.epochs)
     return out
+
+
+def sgd_step(
+    grads: list[np.ndarray], params: list[np.ndarray], velocity: list[np.ndarray], hyper: Hyper
+) -> None:
+    """One step of SGD with momentum, in place: weight decay on the weights (every other
+    array; not the biases), the gradients clipped to ``hyper.clip_norm`` together."""
+    lr, mu, wd = _F32(hyper.lr), _F32(hyper.momentum), _F32(hyper.weight_decay)
+    for i in range(0, len(grads), 2):  # weights only, not biases
+        grads[i] += wd * params[i]
+    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    factor = _F32(hyper.clip_norm / norm) if norm > hyper.clip_norm else _F32(1.0)
+    for i, g in enumerate(grads):
+        velocity[i] *= mu
+        velocity[i] += factor * g
+        params[i] -= lr * velocity[i]
 
 
 def _add_penalties(

@@ -32,14 +32,13 @@ backbone gives, through this head.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from edged.learn.head import Head, softmax
-from edged.learn.strategies import Hyper, cross_entropy
+from edged.learn.strategies import Hyper, cross_entropy, sgd_step
 
 WEIGHT_QMAX = 127
 """ONNX Runtime's symmetric int8 weight range is ``[-127, 127]`` (``get_qmin_qmax_for_qType``
@@ -224,7 +223,6 @@ def train_qat(
     out = head.copy()
     params = out.params()
     velocity = [np.zeros_like(p) for p in params]
-    lr, mu, wd = _F32(hyper.lr), _F32(hyper.momentum), _F32(hyper.weight_decay)
     rng = np.random.default_rng([seed, 0])
     n = x.shape[0]
     for epoch in range(hyper.epochs):
@@ -235,14 +233,7 @@ def train_qat(
             logits, acts, weights, masks = sim.forward(x[idx], out)
             _, dlogits = cross_entropy(logits, y[idx])
             grads = _backward(acts, weights, masks, dlogits)
-            for i in range(0, len(grads), 2):  # weights only, not biases
-                grads[i] += wd * params[i]
-            norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-            factor = _F32(hyper.clip_norm / norm) if norm > hyper.clip_norm else _F32(1.0)
-            for i, g in enumerate(grads):
-                velocity[i] *= mu
-                velocity[i] += factor * g
-                params[i] -= lr * velocity[i]
+            sgd_step(grads, params, velocity, hyper)
         if progress is not None:
             progress((epoch + 1) / hyper.epochs)
     return out
