@@ -43,9 +43,11 @@ class ZmqClientError(Exception):
         self.message = message
 
 
-def _outcome(frames: Sequence[wire.Frame]) -> tuple[dict[str, Any], dict[str, Array]]:
+def _outcome(
+    reader: wire.ReplyReader, frames: Sequence[wire.Frame]
+) -> tuple[dict[str, Any], dict[str, Array]]:
     try:
-        header, outputs = wire.decode_reply(frames)
+        header, outputs = reader.read(frames)
     except InvalidInputError as e:
         raise ZmqClientError("INTERNAL", f"malformed reply: {e}") from e
     if not header.get("ok"):
@@ -99,6 +101,7 @@ class ZmqClient:
         self._socket: zmq.Socket[bytes] = _socket(zmq.Context.instance(), address, curve)
         self._auth: dict[str, Any] = {"token": token} if token else {}
         self._encoder = wire.RequestEncoder(**self._auth)
+        self._replies = wire.ReplyReader()
         self._timeout = timeout
         self._receive_ms = -2  # RCVTIMEO now set on the socket (-2: not yet)
         self._ids = itertools.count(1)
@@ -132,7 +135,7 @@ class ZmqClient:
                 reply = wire.recv_frames(self._socket)
             except zmq.Again:
                 raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
-            header, outputs = _outcome([f.buffer for f in reply])
+            header, outputs = _outcome(self._replies, [f.buffer for f in reply])
             if header.get("id") == request_id:  # replies to requests that timed out are dropped
                 return header, outputs
             # a stale reply: wait for what is left of this request's time
@@ -235,6 +238,7 @@ class AsyncZmqClient:
         self._socket: zmq.Socket[bytes] = _socket(zmq.Context.instance(), address, curve)
         self._auth: dict[str, Any] = {"token": token} if token else {}
         self._encoder = wire.RequestEncoder(**self._auth)
+        self._replies = wire.ReplyReader()
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[list[zmq.Frame]]] = {}
@@ -313,7 +317,7 @@ class AsyncZmqClient:
         finally:
             self._waiting.pop(key, None)
             self._deadlines.pop(key, None)
-        return _outcome([f.buffer for f in reply])
+        return _outcome(self._replies, [f.buffer for f in reply])
 
     def _sweep_after(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweep is not None:

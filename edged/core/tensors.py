@@ -81,8 +81,14 @@ def decode_raw(
             f"tensor '{clip(name)}': {len(raw)} bytes of raw contents, but {datatype} with shape "
             f"{list(dims)} needs {expected}"
         )
-    array = np.frombuffer(raw, dtype=datatype.numpy_dtype.newbyteorder("<"), count=count)
-    if datatype is DataType.BOOL and count and array.view(np.uint8).max() > 1:
+    return view_raw(raw, datatype.numpy_dtype.newbyteorder("<"), count, dims)
+
+
+def view_raw(raw: bytes | memoryview, dtype: np.dtype, count: int, dims: tuple[int, ...]) -> Array:
+    """``decode_raw`` after its checks: ``raw`` (``count`` elements of the little-endian
+    fixed-size ``dtype``, its length checked) viewed as an array of ``dims``."""
+    array = np.frombuffer(raw, dtype=dtype, count=count)
+    if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
         # Any non-zero byte is true, as in Triton (whose perf_analyzer sends random bytes);
         # normalise so that numpy and the runtimes see canonical 0/1 booleans.
         array = array.view(np.uint8) != 0

@@ -110,6 +110,7 @@ class ZmqFrontend:
         self.curve: CurveServer | None = None
         self._plane = plane
         self._limits = plane.limits
+        self._reader = wire.RequestReader(plane.limits)  # the I/O thread's
         self._control = control or ControlPlane()
         self._addresses = list(addresses)
         self._max_message_bytes = max_message_bytes
@@ -285,18 +286,18 @@ class ZmqFrontend:
         try:
             if not body:
                 raise InvalidInputError("empty message: a header frame is required")
-            header = wire.read_header(body[0].buffer)
+            header, seen = self._reader.header(body[0].buffer)
             message.request_id = wire.request_id(header)
             op = header.get("op")
             call = f"zmq/{op}"
             message.args = self._audit_args(header) if audited(call) else None
             if op in wire.OPS:
-                message.decision = self._access.check(
-                    call, self._credentials(body[0], self._kinds[sock], header), message.args
+                message.decision = self._decide(
+                    call, body[0], self._kinds[sock], header, message.args
                 )
             tensors = [f.buffer for f in body[1:]]
-            if op == "infer" and wire.decodes_inline(header):
-                request = wire.decode_body(header, tensors, self._limits)
+            if op == "infer" and self._reader.inline(header, seen):
+                request = self._reader.body(header, tensors, seen)
                 assert request is not None
                 rid = header["id"]
 
@@ -325,6 +326,30 @@ class ZmqFrontend:
         task = asyncio.get_running_loop().create_task(self._handle_async(message, header, tensors))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _decide(
+        self,
+        call: str,
+        frame: zmq.Frame,
+        kind: str,
+        header: dict[str, Any],
+        args: dict[str, Any] | None,
+    ) -> Decision:
+        """The access check; a caller without a token allowed before, known by its socket,
+        address and CURVE key, is not checked again (``AccessControl.cached``)."""
+        caller: Any = None
+        if not isinstance(header.get("token"), str):
+            if kind == "ipc":
+                caller = kind
+            elif kind == "curve":
+                caller = (kind, frame.get("Peer-Address"), frame.get("User-Id"))
+            else:
+                caller = (kind, frame.get("Peer-Address"))
+            decision = self._access.cached(call, caller)
+            if decision is not None:
+                return decision
+        credentials = self._credentials(frame, kind, header)
+        return self._access.check(call, credentials, args, caller=caller)
 
     @staticmethod
     def _credentials(frame: zmq.Frame, kind: str, header: dict[str, Any]) -> Credentials:

@@ -11,6 +11,7 @@ socket the caller owns, for the hot paths of the server's I/O thread and the cli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import zmq
 
 from edged.core.errors import InvalidInputError, clip
 from edged.core.limits import RequestLimits
-from edged.core.tensors import decode_raw, encode_raw
+from edged.core.tensors import decode_raw, encode_raw, view_raw
 from edged.core.types import Array, DataType, InferRequest, InferResponse
 
 VERSION = 1
@@ -348,6 +349,165 @@ def decode_body(
     return request
 
 
+# -- headers read once per layout ----------------------------------------------------------
+
+#: headers up to this size are remembered by layout (``RequestReader``, ``ReplyReader``)
+LAYOUT_MAX_BYTES = 4096
+#: layouts one reader keeps (cleared when full)
+LAYOUT_CACHE = 64
+#: a request id that needs no JSON unescaping: printable ASCII but the quote and backslash
+_PLAIN_ID = re.compile(rb"[ !#-\[\]-~]*")
+
+
+def _split_id(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """A header's bytes around its request id, (head, id, tail), when the string "id"
+    occurs in it once, as a key followed by a plain string (``_PLAIN_ID``); else None. In
+    valid JSON a quoted "id" is a whole string token (a quote inside a string is escaped),
+    so two valid headers with the same head and tail differ in nothing but that string."""
+    if raw.count(b'"id"') != 1:
+        return None
+    start = raw.find(b'"id":') + 5
+    if start < 5:
+        return None
+    if raw[start : start + 1] == b" ":
+        start += 1
+    if raw[start : start + 1] != b'"':
+        return None
+    end = raw.find(b'"', start + 1)
+    if end < 0 or not _PLAIN_ID.fullmatch(raw, start + 1, end):
+        return None
+    return raw[: start + 1], raw[start + 1 : end], raw[end:]
+
+
+class _Layout:
+    """A header read before (all but its id), and how to view its tensor frames."""
+
+    __slots__ = ("header", "inline", "known", "tensors")
+
+    def __init__(
+        self, header: dict[str, Any], tensors: Mapping[str, Array], known: Any = None
+    ) -> None:
+        self.header = header  # shared: never changed (each message gets a copy)
+        # (name, little-endian dtype, element count, byte length, dims) per tensor frame
+        self.tensors = tuple(
+            (name, a.dtype.newbyteorder("<"), a.size, a.nbytes, a.shape)
+            for name, a in tensors.items()
+        )
+        self.inline = decodes_inline(header)
+        self.known = known  # the rest of what the first message decoded to
+
+    @staticmethod
+    def fits(tensors: Mapping[str, Array]) -> bool:
+        """Whether a plan can view these tensors: fixed-size types only (a BYTES tensor's
+        frame is split element by element)."""
+        return all(a.dtype.kind not in "OSUV" for a in tensors.values())
+
+    def view(self, frames: Sequence[Frame]) -> dict[str, Array] | None:
+        """The tensors, viewing ``frames``; None when their number or a frame's length is
+        not the layout's (the full decoding then says what is wrong)."""
+        if len(frames) != len(self.tensors):
+            return None
+        tensors: dict[str, Array] = {}
+        for (name, dtype, count, nbytes, dims), frame in zip(self.tensors, frames, strict=True):
+            if len(frame) != nbytes:
+                return None
+            tensors[name] = view_raw(frame, dtype, count, dims)
+        return tensors
+
+
+Seen = _Layout | tuple[bytes, bytes] | None
+
+
+class _Layouts:
+    """Layouts by a header's bytes around its id; bounded (cleared when full)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[bytes, bytes], _Layout] = {}
+
+    def read(self, frame: Frame) -> tuple[dict[str, Any], Seen]:
+        """``read_header(frame)``; with it, the layout when one is known (the header is then
+        a copy of the layout's, with this message's id), else the key to remember its layout
+        under (None: it cannot be remembered)."""
+        if len(frame) > LAYOUT_MAX_BYTES:
+            return read_header(frame), None
+        raw = bytes(frame)
+        split = _split_id(raw)
+        if split is None:
+            return read_header(raw), None
+        head, rid, tail = split
+        layout = self._known.get((head, tail))
+        if layout is not None:
+            header = layout.header.copy()
+            header["id"] = rid.decode()
+            return header, layout
+        header = read_header(raw)
+        return header, (head, tail) if header.get("id") == rid.decode() else None
+
+    def remember(self, key: Seen, layout: _Layout) -> None:
+        if not isinstance(key, tuple):
+            return
+        if len(self._known) >= LAYOUT_CACHE:
+            self._known.clear()
+        self._known[key] = layout
+
+
+class RequestReader:
+    """``read_header`` and ``decode_body`` for a server, "infer" headers read once per
+    layout (model, version, the inputs' names, types and shapes, outputs, parameters,
+    token): a header that differs from one read before only in its request id (a plain
+    string) is not parsed again, and its tensor frames are viewed by the plan made the
+    first time, only their number and lengths checked. Anything else is decoded in full,
+    so a bad message is refused with the same error as by ``decode_body``."""
+
+    def __init__(self, limits: RequestLimits = RequestLimits()) -> None:  # noqa: B008 - frozen
+        self._limits = limits
+        self._layouts = _Layouts()
+
+    def header(self, frame: Frame) -> tuple[dict[str, Any], Seen]:
+        """The header (``read_header``), and what ``body`` needs with it.
+
+        Raises:
+            InvalidInputError: not a JSON object, too big, or another wire version.
+        """
+        return self._layouts.read(frame)
+
+    @staticmethod
+    def inline(header: dict[str, Any], seen: Seen) -> bool:
+        """``decodes_inline(header)``, known for a layout read before."""
+        return seen.inline if isinstance(seen, _Layout) else decodes_inline(header)
+
+    def body(
+        self, header: dict[str, Any], frames: Sequence[Frame], seen: Seen
+    ) -> InferRequest | None:
+        """``decode_body(header, frames)``; ``seen``: what ``header`` returned with it.
+
+        Raises:
+            InvalidInputError: a malformed header or tensor, naming the field.
+            OverloadedError: more inputs, outputs or parameters than the limits allow.
+        """
+        if isinstance(seen, _Layout):
+            inputs = seen.view(frames)
+            if inputs is not None:
+                model, version, outputs, parameters = seen.known
+                return InferRequest(model, inputs, version, header["id"], outputs, dict(parameters))
+        request = decode_body(header, frames, self._limits)
+        if (
+            request is not None
+            and isinstance(seen, tuple)
+            and header["op"] == "infer"
+            and _Layout.fits(request.inputs)
+        ):
+            # not the request itself: its tensors view this message's frames
+            known = (
+                request.model_name,
+                request.model_version,
+                request.requested_outputs,
+                dict(request.parameters),
+            )
+            self._layouts.remember(seen, _Layout(header.copy(), request.inputs, known))
+        return request
+
+
 # -- replies -------------------------------------------------------------------------------
 
 
@@ -415,3 +575,32 @@ def decode_reply(frames: Sequence[Frame]) -> tuple[dict[str, Any], dict[str, Arr
     if not header.get("ok") or "result" in header:
         return header, {}
     return header, _tensors(header, "outputs", frames[1:])
+
+
+class ReplyReader:
+    """``decode_reply`` for a client, infer replies read once per layout (as
+    ``RequestReader``: a reply header that differs from one read before only in its id is
+    not parsed again; its output frames are viewed by the plan made the first time)."""
+
+    def __init__(self) -> None:
+        self._layouts = _Layouts()
+
+    def read(self, frames: Sequence[Frame]) -> tuple[dict[str, Any], dict[str, Array]]:
+        """``decode_reply(frames)``.
+
+        Raises:
+            InvalidInputError: a malformed reply.
+        """
+        if not frames:
+            raise InvalidInputError("empty reply")
+        header, seen = self._layouts.read(frames[0])
+        if not header.get("ok") or "result" in header:
+            return header, {}
+        if isinstance(seen, _Layout):
+            outputs = seen.view(frames[1:])
+            if outputs is not None:
+                return header, outputs
+        outputs = _tensors(header, "outputs", frames[1:])
+        if isinstance(seen, tuple) and _Layout.fits(outputs):
+            self._layouts.remember(seen, _Layout(header.copy(), outputs))
+        return header, outputs

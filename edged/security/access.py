@@ -22,7 +22,7 @@ Who gets which roles:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ audit_log = structlog.get_logger("edged.audit")
 
 #: longest string kept of one audited argument
 MAX_ARG_CHARS = 128
+#: allowances kept for callers without a token (``AccessControl.cached``; cleared when full)
+DECISION_CACHE = 1024
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class AccessControl:
     identities_configured: bool = False
     _counts: dict[tuple[str, str], int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _allowed: dict[tuple[str, Hashable], Decision] = field(default_factory=dict)
 
     @property
     def credentials_configured(self) -> bool:
@@ -137,11 +140,27 @@ class AccessControl:
             who or "anonymous", frozenset(roles), credentials.peer, credentials.transport
         )
 
+    def cached(self, call: str, caller: Hashable) -> Decision | None:
+        """The decision ``check`` made before for ``call`` and a caller without a token
+        that the frontend knows by ``caller`` (what its ``Credentials`` are made of: the
+        socket, the peer's address, its verified names), when it allowed the call; None:
+        call ``check``. What a caller without a token may do follows from the policy fixed
+        at start (identities, anonymous roles, loopback trust), not from the tokens file
+        that ``refresh`` re-reads, so a kept allowance is what ``check`` would decide again.
+        Refusals are not kept: each one is counted and audited."""
+        return self._allowed.get((call, caller))
+
     def check(
-        self, call: str, credentials: Credentials, args: Mapping[str, Any] | None = None
+        self,
+        call: str,
+        credentials: Credentials,
+        args: Mapping[str, Any] | None = None,
+        *,
+        caller: Hashable = None,
     ) -> Decision:
         """Allow ``call`` for ``credentials`` or raise; a refusal is counted and, for an
-        audited call (or any refusal), written to the audit log with ``args``.
+        audited call (or any refusal), written to the audit log with ``args``. ``caller``:
+        the key under which ``cached`` finds an allowance of a caller without a token.
 
         Raises:
             UnauthenticatedError: an invalid token, or no credentials for a call that needs
@@ -162,6 +181,10 @@ class AccessControl:
             self._refused(call, role, credentials, "PERMISSION_DENIED", message, args, principal)
             raise PermissionDeniedError(message)
         if role is None or role in principal.roles:
+            if caller is not None and credentials.token is None:
+                if len(self._allowed) >= DECISION_CACHE:
+                    self._allowed.clear()
+                self._allowed[(call, caller)] = decision
             return decision
         anonymous = credentials.token is None and not credentials.names
         if anonymous and self.credentials_configured:

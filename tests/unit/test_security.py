@@ -133,6 +133,35 @@ def test_tokens_roles_and_revocation(tmp_path: Path) -> None:
     assert counts[("manage", "UNAUTHENTICATED")] == 2
 
 
+def test_allowances_are_kept_only_for_callers_without_a_token(tmp_path: Path) -> None:
+    """AccessControl.cached: an allowance for a caller without a token is kept by the key
+    its frontend knows it by; a token's decision never is (a revoked token is refused at
+    once), nor is a refusal (each one counted)."""
+    access = AccessControl()
+    allowed = access.check(INFER, REMOTE, caller=("tcp", "10.0.0.9:1"))
+    assert access.cached(INFER, ("tcp", "10.0.0.9:1")) is allowed
+    assert access.cached(INFER, ("tcp", "10.0.0.8:1")) is None
+    assert access.cached(LOAD, ("tcp", "10.0.0.9:1")) is None
+    for _ in range(2):
+        with pytest.raises(PermissionDeniedError):
+            access.check(LOAD, REMOTE, caller=("tcp", "10.0.0.9:1"))
+        assert access.cached(LOAD, ("tcp", "10.0.0.9:1")) is None
+    assert access.counts()[("manage", "PERMISSION_DENIED")] == 2
+
+    path = tmp_path / "tokens.json"
+    token = add_token(path, "fleet", [Role.MANAGE])
+    store = TokenStore(path)
+    store.refresh()
+    access = AccessControl(tokens=store)
+    creds = Credentials("zmq", "tcp:10.0.0.9", local=False, token=token)
+    access.check(LOAD, creds, caller=("tcp", "10.0.0.9:1"))
+    assert access.cached(LOAD, ("tcp", "10.0.0.9:1")) is None
+    revoke_token(path, "fleet")
+    store.refresh()
+    with pytest.raises(UnauthenticatedError):
+        access.check(LOAD, creds, caller=("tcp", "10.0.0.9:1"))
+
+
 def test_token_names_and_roles_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     with pytest.raises(ConfigError, match="token name"):

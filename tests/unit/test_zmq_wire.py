@@ -205,3 +205,159 @@ def test_the_templated_reply_header_is_the_full_encoders_header(
         assert header["id"] == request_id
         for name, value in outputs.items():
             assert _same(decoded[name], value)
+
+
+def _decoded_alike(got: InferRequest | None, want: InferRequest | None) -> None:
+    assert got is not None
+    assert want is not None
+    assert (got.model_name, got.model_version, got.id) == (
+        want.model_name,
+        want.model_version,
+        want.id,
+    )
+    assert (got.requested_outputs, got.parameters) == (want.requested_outputs, want.parameters)
+    assert got.inputs.keys() == want.inputs.keys()
+    for name, value in want.inputs.items():
+        assert _same(got.inputs[name], value), name
+
+
+# ids a reader must take from the JSON, not from the bytes: escapes, non-ASCII, quotes
+AWKWARD_IDS = ["", "a1", "x y", 'q"uote', "back\\slash", "é", "tab\there", "\u2028"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(tensors(), min_size=1, max_size=3),
+    st.lists(st.sampled_from(AWKWARD_IDS) | st.text(max_size=6), min_size=2, max_size=5),
+    st.booleans(),
+)
+def test_a_request_reader_decodes_as_decode_request_message_after_message(
+    arrays: list[np.ndarray], ids: list[str], with_parameters: bool
+) -> None:
+    """RequestReader reads an "infer" header once per layout and views the tensor frames
+    of the next messages by the plan made then: whatever the ids, message after message
+    it decodes exactly what read_header + decode_body decode."""
+    inputs = {f"in{i}": a for i, a in enumerate(arrays)}
+    parameters = {"priority": 1} if with_parameters else None
+    reader = wire.RequestReader()
+    for rid in ids:
+        request = InferRequest("m", dict(inputs), parameters=parameters or {})
+        frames = [bytes(f) for f in wire.encode_request("infer", rid, request=request, token="t")]
+        header, seen = reader.header(frames[0])
+        assert header == wire.read_header(frames[0])
+        assert reader.inline(header, seen) == wire.decodes_inline(header)
+        got = reader.body(header, frames[1:], seen)
+        _, want = wire.decode_request(frames)
+        _decoded_alike(got, want)
+
+
+def test_a_request_reader_parses_a_header_once_per_layout(monkeypatch) -> None:
+    """Two requests that differ only in their plain ids: the second header is not parsed
+    again; its id and tensors are its own (the first one's frames are not kept)."""
+    parsed: list[bytes] = []
+    full = wire.read_header
+    monkeypatch.setattr(wire, "read_header", lambda frame: parsed.append(frame) or full(frame))
+    reader = wire.RequestReader()
+    encoder = wire.RequestEncoder()
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    second = first * 10
+    requests = []
+    for rid, x in (("c1", first), ("c2", second)):
+        frames = encoder.infer(rid, "m", {"x": x}, ("y",), "2")
+        header, seen = reader.header(frames[0])
+        requests.append(reader.body(header, [bytearray(bytes(frames[1]))], seen))
+    assert len(parsed) == 1
+    assert [r.id for r in requests] == ["c1", "c2"]
+    assert requests[1].inputs["x"].tolist() == second.tolist()
+    assert requests[1].requested_outputs == ("y",)
+    assert requests[1].model_version == "2"
+    assert requests[0].parameters is not requests[1].parameters
+
+
+@pytest.mark.parametrize(
+    ("tensor", "words"),
+    [
+        (b"12345678", "'x': 8 bytes of raw contents"),  # one float short
+        (None, "1 inputs but 0 tensor frames"),
+    ],
+)
+def test_a_remembered_layout_refuses_bad_frames_as_decode_body_does(tensor, words) -> None:
+    reader = wire.RequestReader()
+    encoder = wire.RequestEncoder()
+    x = np.zeros(3, dtype=np.float32)
+    good = encoder.infer("c1", "m", {"x": x})
+    header, seen = reader.header(good[0])
+    reader.body(header, good[1:], seen)
+    bad = encoder.infer("c2", "m", {"x": x})
+    header, seen = reader.header(bad[0])
+    with pytest.raises(InvalidInputError) as err:
+        reader.body(header, [] if tensor is None else [tensor], seen)
+    assert words in str(err.value)
+
+
+def test_a_remembered_bool_layout_still_normalises_true_bytes() -> None:
+    reader = wire.RequestReader()
+    encoder = wire.RequestEncoder()
+    flags = np.array([True, False, True])
+    for rid, raw in (("c1", b"\x01\x00\x01"), ("c2", b"\x07\x00\xff")):
+        frames = encoder.infer(rid, "m", {"b": flags})
+        header, seen = reader.header(frames[0])
+        request = reader.body(header, [raw], seen)
+        assert request is not None
+        assert request.inputs["b"].tolist() == [True, False, True]
+        assert request.inputs["b"].view(np.uint8).tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # "id" twice (the last wins in JSON), nested, or a key that only contains it
+        b'{"v":1,"op":"infer","id":"a","model":"m","inputs":[],"id":"b"}',
+        b'{"v":1,"op":"infer","model":"m","inputs":[],"parameters":{"id":"p"}}',
+        b'{"v":1,"op":"infer","model":"m","inputs":[],"parameters":{"id":"p"},"id":"q"}',
+        b'{"v":1,"op":"infer","model":"m","inputs":[],"xid":"r","id":"s"}',
+        b'{"v": 1, "op": "infer", "model": "m", "inputs": [], "id": "t"}',
+        b'{"v":1,"op":"infer","id":"\\u0075","model":"m","inputs":[]}',
+    ],
+)
+def test_a_request_reader_reads_odd_headers_as_json_does(text: bytes) -> None:
+    reader = wire.RequestReader()
+    for _ in range(3):  # a remembered layout (if any) must give the same
+        header, seen = reader.header(text)
+        assert header == json.loads(text)
+        request = reader.body(header, [], seen)
+        assert request is not None
+        assert request.id == json.loads(text).get("id", "")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.lists(st.text(max_size=6), min_size=2))
+def test_a_reply_reader_decodes_as_decode_reply(arrays: list[np.ndarray], ids: list[str]) -> None:
+    outputs = {f"out{i}": a for i, a in enumerate(arrays)}
+    reader = wire.ReplyReader()
+    replies = [wire.encode_response(rid, InferResponse("m", "1", dict(outputs))) for rid in ids]
+    replies += [wire.encode_error("e", "NOT_FOUND", "no model"), wire.encode_value("v", {"a": 1})]
+    for reply in replies:
+        frames = [bytes(f) for f in reply]
+        header, got = reader.read(frames)
+        want_header, want = wire.decode_reply(frames)
+        assert header == want_header
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert _same(got[name], value)
+
+
+def test_a_request_reader_is_not_fooled_by_an_id_that_occurs_twice() -> None:
+    """A nested "id" equal to the top-level one in the first message: a layout remembered
+    around the wrong one would give the next message a wrong id and stale parameters."""
+    reader = wire.RequestReader()
+    for nested, top in (("p", "p"), ("z", "p"), ("p", "z")):
+        text = json.dumps(
+            {"v": 1, "op": "infer", "model": "m", "inputs": [], "parameters": {"id": nested}}
+        )[:-1]
+        text = (text + f', "id": "{top}"}}').encode()
+        header, seen = reader.header(text)
+        assert header == json.loads(text)
+        request = reader.body(header, [], seen)
+        assert request is not None
+        assert (request.id, request.parameters) == (top, {"id": nested})
