@@ -241,8 +241,8 @@ class AsyncZmqClient:
         self._replies = wire.ReplyReader()
         self._timeout = timeout
         self._ids = itertools.count(1)
-        self._waiting: dict[bytes, asyncio.Future[list[zmq.Frame]]] = {}
-        self._deadlines: dict[bytes, float] = {}  # by request id, in the loop's time
+        self._waiting: dict[str, asyncio.Future[tuple[dict[str, Any], dict[str, Array]]]] = {}
+        self._deadlines: dict[str, float] = {}  # by request id, in the loop's time
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,21 +279,43 @@ class AsyncZmqClient:
         return loop
 
     def _read(self) -> None:
-        """Every reply that has arrived, each to the request waiting for it (the socket's
-        descriptor is edge-triggered: read until there is none)."""
+        """Every reply that has arrived, decoded, each to the request waiting for it (the
+        socket's descriptor is edge-triggered: read until there is none). Once no request
+        waits, what is left (replies to requests that timed out) is read by the next
+        request's send, not now: the caller just answered runs a look at the socket sooner."""
         socket = self._socket
+        waiting = self._waiting
         while wire.readable(socket):
-            reply = wire.recv_frames(socket, wire.NOBLOCK)
+            self._settle(wire.recv_frames(socket, wire.NOBLOCK))
+            if not waiting:
+                return
+
+    def _settle(self, reply: list[zmq.Frame]) -> None:
+        """Answer the request ``reply`` is for: its header and outputs, or the error it
+        carries (a malformed reply: INTERNAL); nothing when no one waits for it."""
+        try:
+            header, outputs = self._replies.read([f.buffer for f in reply])
+        except InvalidInputError as e:
             future = self._waiting.pop(_reply_id(reply), None)
             if future is not None and not future.done():
-                future.set_result(reply)
+                future.set_exception(ZmqClientError("INTERNAL", f"malformed reply: {e}"))
+            return
+        rid = header.get("id")
+        future = self._waiting.pop(rid if isinstance(rid, str) else "", None)
+        if future is None or future.done():
+            return
+        if header.get("ok"):
+            future.set_result((header, outputs))
+        else:
+            code, message = header.get("code", "UNKNOWN"), header.get("error", "")
+            future.set_exception(ZmqClientError(str(code), str(message)))
 
     async def _call(
         self, frames: list[wire.Frame], request_id: str, timeout: float | None
     ) -> tuple[dict[str, Any], dict[str, Array]]:
         loop = self._watch()
-        future: asyncio.Future[list[zmq.Frame]] = loop.create_future()
-        key = request_id.encode()
+        future: asyncio.Future[tuple[dict[str, Any], dict[str, Array]]] = loop.create_future()
+        key = request_id
         self._waiting[key] = future
         limit = self._timeout if timeout is None else timeout
         deadline = loop.time() + limit
@@ -311,13 +333,12 @@ class AsyncZmqClient:
                     await asyncio.sleep(0.001)
             # a reply may have arrived while sending; the descriptor may not signal it
             self._read()
-            reply = await future
+            return await future
         except TimeoutError:
             raise ZmqClientError("DEADLINE_EXCEEDED", f"no reply within {limit}s") from None
         finally:
             self._waiting.pop(key, None)
             self._deadlines.pop(key, None)
-        return _outcome(self._replies, [f.buffer for f in reply])
 
     def _sweep_after(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweep is not None:
@@ -395,21 +416,20 @@ class AsyncZmqClient:
         return await self._op("server_metadata")
 
 
-def _reply_id(reply: Sequence[zmq.Frame]) -> bytes:
-    """A reply's request id: read from the header's head when it is written as edged
-    writes it (``"id":"..."`` right after ``"v"``, compact), else from the parsed header;
-    b"" when it has none."""
+def _reply_id(reply: Sequence[zmq.Frame]) -> str:
+    """The request id of a reply that cannot be decoded: from its header if that parses,
+    else from the header's head as edged writes it (``"id":"..."``, compact); "" when it
+    has none."""
     if not reply:
-        return b""
-    head = reply[0].bytes[:256]
-    start = head.find(b'"id":"')
-    if start >= 0:
-        start += 6
-        end = head.find(b'"', start)
-        if end > 0 and b"\\" not in head[start:end]:
-            return head[start:end]
+        return ""
     try:
         rid = wire.read_header(reply[0].buffer).get("id")
+        return rid if isinstance(rid, str) else ""
     except InvalidInputError:
-        return b""
-    return rid.encode() if isinstance(rid, str) else b""
+        pass
+    head = reply[0].bytes[:256]
+    start = head.find(b'"id":"')
+    if start < 0:
+        return ""
+    end = head.find(b'"', start + 6)
+    return head[start + 6 : end].decode(errors="replace") if end > 0 else ""

@@ -20,6 +20,8 @@ from sklearn.datasets import load_digits
 from zmq.auth.thread import ThreadAuthenticator
 
 from edged.client import COPY_THRESHOLD, AsyncZmqClient, ZmqClient, ZmqClientError
+from edged.core.types import InferResponse
+from edged.frontends import zmq_wire
 from tests import modelgen
 from tests.daemon_process import DaemonProcess, copy_example_models
 from tests.integration.test_grpc_triton import make_inputs, multi_io_inputs
@@ -316,6 +318,47 @@ def test_too_many_inputs_are_resource_exhausted(zmq_address: str, client: ZmqCli
     assert reply["code"] == "RESOURCE_EXHAUSTED"
     assert "limits.max_inputs" in reply["error"]
     assert client.is_ready()
+
+
+def test_the_async_client_raises_error_and_malformed_replies_for_their_request() -> None:
+    """AsyncZmqClient decodes replies as they are read: an error reply fails its own request
+    with the reply's code, a malformed one with INTERNAL, and a good infer reply after them
+    (its layout remembered from the first) still carries its own tensors."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+        def answer(kind: str, value: float = 0.0) -> None:
+            frames = router.recv_multipart()
+            rid = json.loads(frames[1])["id"]
+            if kind == "error":
+                reply = [zmq_wire.encode_error(rid, "NOT_FOUND", "no such model")[0]]
+            else:
+                y = np.full((1, 2), value, dtype=np.float32)
+                reply = zmq_wire.encode_response(rid, InferResponse("m", "1", {"y": y}))
+                if kind == "short":
+                    reply = [reply[0], b"\0\0\0"]
+            router.send_multipart([frames[0], *map(bytes, reply)])
+
+        async def main() -> None:
+            async with AsyncZmqClient(address, timeout=20) as client:
+                x = {"x": np.zeros((1, 2), dtype=np.float32)}
+                for kind, value in (("ok", 1.5), ("error", 0), ("short", 0), ("ok", 2.5)):
+                    answering = threading.Thread(target=answer, args=(kind, value))
+                    answering.start()
+                    try:
+                        if kind == "ok":
+                            outputs = await client.infer("m", x)
+                            assert outputs["y"].tolist() == [[value, value]]
+                            continue
+                        with pytest.raises(ZmqClientError) as failed:
+                            await client.infer("m", x)
+                        code = "NOT_FOUND" if kind == "error" else "INTERNAL"
+                        assert failed.value.code == code
+                    finally:
+                        await asyncio.to_thread(answering.join)
+
+        asyncio.run(main())
 
 
 def test_clients_time_out_and_drop_a_late_reply() -> None:
