@@ -68,10 +68,11 @@ def _samples(
     )
 
 
-#: frames up to this size are copied into the message when sent (pyzmq's default: 64 KiB).
-#: A zero-copy frame is released on pyzmq's garbage-collector thread (an inproc message and
-#: a GIL hand-off per frame, ~50 us of CPU); copying 256 KiB costs ~6 us (docs/performance.md)
-COPY_THRESHOLD = 256 * 1024
+#: frames smaller than this are copied into the message when sent, larger ones go by
+#: reference (``zmq_wire.COPY_THRESHOLD``, the daemon's replies alike): a zero-copy frame is
+#: released on pyzmq's garbage-collector thread (an inproc message and a GIL hand-off per
+#: frame, ~50 us of CPU); copying 256 KiB costs ~6 us (docs/performance.md)
+COPY_THRESHOLD = wire.COPY_THRESHOLD
 
 
 def _socket(

@@ -53,6 +53,9 @@ log = structlog.get_logger("edged.zmq")
 
 #: messages read from one socket per poll before the others get a turn
 READ_BURST = 64
+#: reply frames smaller than this are copied into the message, larger ones sent by reference
+#: (``zmq_wire.COPY_THRESHOLD``; benchmarks/zmq_copy_threshold.py varies it)
+REPLY_COPY_THRESHOLD = wire.COPY_THRESHOLD
 
 Socket = zmq.Socket[bytes]
 
@@ -170,6 +173,7 @@ class ZmqFrontend:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.copy_threshold = REPLY_COPY_THRESHOLD
         if curve:
             assert self.curve is not None
             self.curve.apply(sock)

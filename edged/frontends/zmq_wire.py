@@ -32,6 +32,12 @@ TENSOR_OPS = frozenset({"infer", "add_samples"})
 MAX_HEADER_BYTES = 64 * 1024
 #: a request listing more tensors than this, or any BYTES tensor, is decoded on a worker thread
 INLINE_MAX_TENSORS = 8
+#: frames smaller than this are copied into the message when sent, larger ones go by
+#: reference (pyzmq's default: 64 KiB), by the clients and the daemon's reply sockets. A frame
+#: sent by reference is released on pyzmq's garbage-collector thread (an inproc message, a
+#: wake-up and a GIL hand-off per frame): copying costs less up to about 256 KiB, more above
+#: (docs/performance.md, "Reply copy threshold")
+COPY_THRESHOLD = 256 * 1024
 
 Frame = bytes | memoryview
 
