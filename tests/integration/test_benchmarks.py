@@ -131,6 +131,32 @@ def test_paired_trees_runs_each_variant_with_its_own_code_tree(tmp_path: Path) -
         assert over == pytest.approx([a - b for a, b in zip(p50, limit, strict=True)])
 
 
+@pytest.mark.slow
+def test_the_copy_threshold_benchmark_answers_as_onnx_runtime(tmp_path: Path) -> None:
+    """benchmarks/zmq_copy_threshold.py: a daemon per reply threshold, large outputs copied
+    or sent by reference; every window's answer is byte-identical to in-process ONNX
+    Runtime (the benchmark compares), and each threshold and size has its figures."""
+    out = tmp_path / "threshold.json"
+    command = [
+        sys.executable,
+        str(BENCH / "zmq_copy_threshold.py"),
+        "--rounds=1",
+        "--seconds=0.2",
+        "--thresholds=65536,16777216",
+        "--sizes=131072,1048576",
+        f"--out={out}",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {f"{t} {s}" for t in (65536, 16777216) for s in (131072, 1048576)}
+    for row in rows.values():
+        assert row["identical"] is True
+        assert len(row["server_cpu_ms_per_infer"]) == 1
+
+
 def _start(argv: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, cwd=BENCH)
     assert proc.stdout is not None
