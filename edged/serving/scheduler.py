@@ -517,11 +517,13 @@ class Scheduler:
         after: list[Callable[[], None]] = []
         _answering.after = after
         try:
+            # counted before its callers hear of it: one that reads the statistics once
+            # answered must find its batch in them
+            if self._on_execution is not None:
+                self._on_execution(execution)
             for p, part, ok in zip(batch, parts, live, strict=True):
                 if ok:
                     self._answer(p, (part, execution))
-            if self._on_execution is not None:
-                self._on_execution(execution)
         finally:
             _answering.after = None
             for callback in after:

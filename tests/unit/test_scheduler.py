@@ -472,6 +472,34 @@ async def test_every_thread_side_success_and_failure_reaches_the_breaker_in_orde
     await scheduler.stop()
 
 
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_batch_is_counted_before_its_callers_are_answered(inline: bool) -> None:
+    """on_execution (the model's statistics) hears of a batch before any of its callers is
+    answered, on a worker thread or inline: a caller that reads the statistics once answered
+    finds its batch there (asyncio callers are answered through the loop, which may run
+    before the worker thread's next statement)."""
+    counted: list[int] = []
+    seen_at_reply: list[list[int]] = []
+    scheduler = Scheduler(
+        "m/1",
+        [Recording()],
+        BatchPolicy(16),
+        QueuePolicy(),
+        lambda execution: counted.append(execution.batch_size),
+    )
+    scheduler.start()
+    done = threading.Event()
+
+    def reply(outcome: object) -> None:
+        seen_at_reply.append(list(counted))
+        done.set()
+
+    scheduler.post(x(1), 1, 0, 0, reply, inline=inline)
+    assert await asyncio.to_thread(done.wait, 10)
+    assert seen_at_reply == [[1]]
+    await scheduler.stop()
+
+
 async def test_a_success_begun_before_a_failure_came_back_does_not_reset_the_breaker() -> None:
     # one device, two instances: ``late`` took a batch before the device failed and answers
     # after the other instance's failure came back (what a busy box does to a thread now and
