@@ -514,16 +514,33 @@ class Scheduler:
         parts, execution = outcome
         if self.on_outcome is not None:
             self._owe_success(run)
+        self._deliver(batch, parts, live, execution)
+
+    def _deliver(
+        self,
+        batch: list[Pending],
+        parts: list[dict[str, Array]],
+        live: list[bool],
+        execution: Execution,
+    ) -> None:
+        """Answer the callers of a batch that ran (those still waiting: ``live``) and count
+        it (``on_execution``). An asyncio caller is answered through the event loop, which
+        may run it before this thread's next statement: such a batch is counted first, so
+        that the statistics its callers read once answered hold it. Thread-side callers
+        (ZeroMQ's I/O thread) are answered first, their replies on the wire before the count
+        (which would cost the c=1 path)."""
+        count = self._on_execution
+        first = count is not None and any(p.future is not None for p in batch)
         after: list[Callable[[], None]] = []
         _answering.after = after
         try:
-            # counted before its callers hear of it: one that reads the statistics once
-            # answered must find its batch in them
-            if self._on_execution is not None:
-                self._on_execution(execution)
+            if first and count is not None:
+                count(execution)
             for p, part, ok in zip(batch, parts, live, strict=True):
                 if ok:
                     self._answer(p, (part, execution))
+            if not first and count is not None:
+                count(execution)
         finally:
             _answering.after = None
             for callback in after:
