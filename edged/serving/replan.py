@@ -240,6 +240,21 @@ class Decision:
     """The cuts the last plan planned on factors of their own (``Calibration.per_cut``)."""
 
 
+def factors_moved(
+    spec: PartitionSpec,
+    scale: Scale,
+    per_cut: Mapping[str, Scale],
+    planned_scale: Scale,
+    planned_per_cut: Mapping[str, Scale],
+) -> bool:
+    """Pure: whether any cut's factors (its own in ``per_cut``, else ``scale``) moved by
+    more than ``spec.threshold`` since the last plan's."""
+    return any(
+        per_cut.get(c.cut, scale).moved(planned_per_cut.get(c.cut, planned_scale), spec.threshold)
+        for c in spec.costs
+    )
+
+
 def decide(
     spec: PartitionSpec,
     current: str,
@@ -262,11 +277,8 @@ def decide(
     old plan stands and the next look tries again). ``local``: all local may be chosen (the
     model has an executor other than ``remote``)."""
     own, planned_own = per_cut or {}, planned_per_cut or {}
-    factors_moved = any(
-        own.get(c.cut, scale).moved(planned_own.get(c.cut, planned_scale), spec.threshold)
-        for c in spec.costs
-    )
-    if planned is not None and not moved(planned, measured, spec.threshold) and not factors_moved:
+    factors = factors_moved(spec, scale, own, planned_scale, planned_own)
+    if planned is not None and not moved(planned, measured, spec.threshold) and not factors:
         return Decision(planned, scale=planned_scale, per_cut=planned_own)
     costs = scaled([c for c in spec.costs if local or c.cut != ALL_LOCAL], scale, own)
     choice = plan(costs, measured, spec.objective, spec.byte_cost_s).choice.cut
@@ -557,9 +569,10 @@ class Replanner:
             per_cut=per_cut,
             planned_per_cut=watch.planned_per_cut,
         )
-        if partition.calibrate and (
-            decision.scale != watch.planned_scale or decision.per_cut != watch.planned_per_cut
+        if partition.calibrate and factors_moved(
+            partition, decision.scale, decision.per_cut, watch.planned_scale, watch.planned_per_cut
         ):
+            # the factors made this plan (not only the link): what they were, and its choice
             log.info(
                 "partition_calibrated",
                 model=current.name,
