@@ -79,6 +79,13 @@ MAX_SCALE = 20.0
 #: (geometrically): the profile for a side the served cut does not run, the served cut's
 #: factor for a cut served before (see ``relaxed``)
 FORGET_HALF_LIFE_S = 20.0
+#: the factors are moving averages over time with this half-life: one look's samples (a
+#: quarter second of requests) swing 0.9x..10x under a CPU quota, and one swing planned on
+#: sent the cut to the wrong end of the model; a 2x change crosses a 25 % threshold in 1.3 s
+SMOOTH_HALF_LIFE_S = 2.0
+#: a switch must gain this fraction of the served cut's estimate: two cuts whose estimates
+#: lie within the noise of the measurements are not worth a swap at every look
+SWITCH_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,18 @@ def relaxed(
     if math.isinf(age_s):
         return toward
     return float(toward * (factor / toward) ** (0.5 ** (age_s / half_life_s)))
+
+
+def smoothed(
+    old: float, sample: float, since_s: float, half_life_s: float = SMOOTH_HALF_LIFE_S
+) -> float:
+    """Pure: a factor's moving average over time (geometric: 2x and 0.5x average to 1x):
+    ``sample`` weighs what ``since_s`` seconds since the last sample leave of
+    ``half_life_s``; after a long silence, the sample alone."""
+    if not since_s > 0:
+        return old
+    weight = 1.0 - 0.5 ** (since_s / half_life_s) if math.isfinite(since_s) else 1.0
+    return float(old * (sample / old) ** weight)
 
 
 def _sample(seconds: float | None) -> bool:
@@ -194,13 +213,14 @@ class Calibration:
         last = Scale(self.device, self.server)
         got = served_scale(costs, cut, device_s, server_s, last)
         cost = next((c for c in costs if c.cut == cut), None)
-        device_at, server_at = self.device_at, self.server_at
+        device, device_at = self.device, self.device_at
+        server, server_at = self.server, self.server_at
         if cost is not None and _sample(device_s) and cost.head_s > 0:
-            device_at = now
+            device, device_at = smoothed(self.device, got.device, now - self.device_at), now
         if cost is not None and _sample(server_s) and cost.tail_s > 0:
-            server_at = now
+            server, server_at = smoothed(self.server, got.server, now - self.server_at), now
         after = dataclasses.replace(
-            self, device=got.device, device_at=device_at, server=got.server, server_at=server_at
+            self, device=device, device_at=device_at, server=server, server_at=server_at
         )
         kept = tuple(c for c in self.cuts if c[0] != cut)
         return dataclasses.replace(after, cuts=(*kept, (cut, after.scale(now), now)))
@@ -281,8 +301,13 @@ def decide(
     if planned is not None and not moved(planned, measured, spec.threshold) and not factors:
         return Decision(planned, scale=planned_scale, per_cut=planned_own)
     costs = scaled([c for c in spec.costs if local or c.cut != ALL_LOCAL], scale, own)
-    choice = plan(costs, measured, spec.objective, spec.byte_cost_s).choice.cut
-    if choice == current:
+    result = plan(costs, measured, spec.objective, spec.byte_cost_s)
+    choice = result.choice.cut
+    served = next((e for e in result.estimates if e.cut == current), None)
+    if choice == current or (
+        served is not None
+        and result.choice.objective_s > served.objective_s * (1.0 - SWITCH_MARGIN)
+    ):
         return Decision(measured, scale=scale, per_cut=own)
     if since_switch_s < spec.min_interval_s:
         return Decision(planned, scale=planned_scale, per_cut=planned_own)

@@ -30,6 +30,7 @@ from edged.serving.partition_spec import CutTarget, PartitionSpec
 from edged.serving.replan import (
     FORGET_HALF_LIFE_S,
     MAX_SCALE,
+    SMOOTH_HALF_LIFE_S,
     Calibration,
     Scale,
     ServedTimes,
@@ -37,6 +38,7 @@ from edged.serving.replan import (
     decide,
     relaxed,
     served_scale,
+    smoothed,
 )
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.remote import RemoteExecutor
@@ -82,6 +84,10 @@ SLOW = Link(0.001, 2 * MBIT)  # mid: 47 ms: all local
         (INPUTS_CUT, FAST, SLOW, 1.0, True, (FAST, None)),
         # moved, planned again, same cut: stay but remember the new link
         (ALL_LOCAL, SLOW, Link(0.001, MBIT), 0.0, True, (Link(0.001, MBIT), None)),
+        # mid (28.5 ms) beats local (30) by less than SWITCH_MARGIN: not worth a swap
+        (ALL_LOCAL, SLOW, Link(0.001, 3.72 * MBIT), 100.0, True, (Link(0.001, 3.72 * MBIT), None)),
+        # by more (24.8 ms): switch
+        (ALL_LOCAL, SLOW, Link(0.001, 4.5 * MBIT), 100.0, True, (Link(0.001, 4.5 * MBIT), "mid")),
     ],
 )
 def test_the_decision(
@@ -177,9 +183,8 @@ def test_a_cut_left_is_planned_on_its_own_factors_not_its_successors() -> None:
     has aged."""
     # served long, 3x: short 3 + 12.6 = 15.6 ms, long 15 + 5.4 = 20.4 -> short
     assert decide(HEADS, "long", LINK, LINK, 100.0, scale=Scale(3.0)).switch_to == "short"
-    calibration = Calibration().measured(HEADS.costs, "long", 0.015, 0.004, now=0.0)
-    calibration = calibration.measured(HEADS.costs, "short", 0.0013, 0.010, now=0.0)
-    assert calibration.scale(0.0) == Scale(pytest.approx(1.3), pytest.approx(1.0))
+    # then served short, 1.3x measured there; long remembered at the 3x it measured
+    calibration = Calibration(1.3, 0.0, 1.0, 0.0, cuts=(("long", Scale(3.0), 0.0),))
     own = calibration.per_cut("short", 0.0)
     assert own == {"long": Scale(pytest.approx(3.0), pytest.approx(1.0))}
     # on 1.3x alone: long 6.5 + 5.4 = 11.9 against short 13.9 -> back to long
@@ -197,9 +202,10 @@ def test_a_cut_left_is_planned_on_its_own_factors_not_its_successors() -> None:
         per_cut=own,
     )
     assert (stay.switch_to, stay.per_cut) == (None, own)
-    # two half-lives later the long head's 3x is believed as 1.3 * (3 / 1.3) ** 0.25 = 1.6x:
-    # 8 + 5.4 = 13.4 ms < 13.9 -> it is tried again
-    later = 2 * FORGET_HALF_LIFE_S
+    # three half-lives later (nothing measured meanwhile: no requests) the common factor is
+    # believed as 1.3 ** 0.125 = 1.03x and the long head's as 1.03 * (3 / 1.03) ** 0.125 =
+    # 1.18x: long 5.9 + 5.4 = 11.3 ms, short 1.03 + 12.6 = 13.6 -> it is tried again
+    later = 3 * FORGET_HALF_LIFE_S
     retry = decide(
         HEADS,
         "short",
@@ -212,6 +218,23 @@ def test_a_cut_left_is_planned_on_its_own_factors_not_its_successors() -> None:
         planned_per_cut=stay.per_cut,
     )
     assert retry.switch_to == "long"
+
+
+def test_one_looks_swing_is_averaged_not_planned_on() -> None:
+    """The factors are averages over time (SMOOTH_HALF_LIFE_S): one look's 10x among 1x
+    samples (a stall under a quota) moves the factor by less than the threshold; a real
+    change (2x) moves it past the threshold within two seconds."""
+    assert smoothed(1.0, 10.0, math.inf) == 10.0  # the first sample: itself
+    assert smoothed(2.0, 8.0, 0.0) == 2.0  # no time since the last: no weight
+    assert smoothed(2.0, 8.0, SMOOTH_HALF_LIFE_S) == pytest.approx(4.0)  # geometric mean
+    calibration = Calibration().measured(SPEC.costs, "mid", 0.005, None, now=0.0)
+    assert calibration.scale(0.0).device == 1.0
+    calibration = calibration.measured(SPEC.costs, "mid", 0.050, None, now=0.25)  # one swing
+    assert calibration.scale(0.25).device < 1.0 + SPEC.threshold
+    calibration = Calibration().measured(SPEC.costs, "mid", 0.005, None, now=0.0)
+    for look in range(1, 9):  # 2x from here on, a look every quarter second
+        calibration = calibration.measured(SPEC.costs, "mid", 0.010, None, now=look / 4)
+    assert calibration.scale(2.0).device > 1.0 + SPEC.threshold
 
 
 def test_a_side_the_served_cut_does_not_run_is_believed_less_as_it_ages() -> None:
