@@ -83,6 +83,8 @@ class LinkSnapshot:
     """Monotonic time of the last sample (None: none yet)."""
     bandwidth_at: float | None = None
     """Monotonic time of the last payload sample (None: none yet)."""
+    least_rtt_s: float | None = None
+    """The least round trip of the last ``MIN_RTT_WINDOW_S`` (None: no sample that recent)."""
 
 
 class WindowMin:
@@ -261,6 +263,7 @@ class LinkEstimator:
                 seconds=self._seconds,
                 updated_at=self._updated,
                 bandwidth_at=self._bandwidth_at,
+                least_rtt_s=self._least_rtt.value(self._clock()),
             )
 
 

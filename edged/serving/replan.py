@@ -49,6 +49,7 @@ from hal.remote_link import (
     DEFAULT_HALF_LIFE_S,
     CutTimes,
     LinkEstimator,
+    LinkSnapshot,
     ProbeError,
     TimeAverage,
     estimator_for,
@@ -314,6 +315,21 @@ def decide(
     return Decision(measured, choice, scale, own)
 
 
+def planning_link(snap: LinkSnapshot, *, least_rtt: bool = False) -> Link | None:
+    """Pure: the link to plan on from ``snap`` (None: not measured yet, or nonsense). With
+    ``least_rtt`` (calibrate) the round trip is the least of the last window, not the
+    average: the device's waits for its CPU are in its factor, and charged again in the
+    round trip they would weigh on the remote cuts alone (probes made while all local keeps
+    the CPU busy read 5-50 ms on a sub-millisecond link)."""
+    if snap.rtt_s is None or snap.bandwidth_bps is None:
+        return None
+    rtt_s = snap.least_rtt_s if least_rtt and snap.least_rtt_s is not None else snap.rtt_s
+    try:
+        return Link(rtt_s, snap.bandwidth_bps)
+    except ConfigError:
+        return None
+
+
 def target_for(spec: PartitionSpec, remote: RemoteTarget, cut: str) -> RemoteTarget:
     """``remote`` pointed at ``cut``'s head and tail, with the tail's profiled time (so the
     link estimate does not count the server's work as link time)."""
@@ -570,12 +586,8 @@ class Replanner:
         now = self._clock()
         if any(b.state(now) is not BreakerState.CLOSED for b in breakers.values()):
             return  # failover or recovery owns the placement now
-        snap = link.snapshot()
-        if snap.rtt_s is None or snap.bandwidth_bps is None:
-            return
-        try:
-            measured = Link(snap.rtt_s, snap.bandwidth_bps)
-        except ConfigError:
+        measured = planning_link(link.snapshot(), least_rtt=partition.calibrate)
+        if measured is None:
             return
         local = tuple(k for k in candidates if k != REMOTE)
         scale, per_cut = Scale(), {}

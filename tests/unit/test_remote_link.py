@@ -82,12 +82,14 @@ def test_a_round_trip_that_waited_for_the_cpu_is_not_taken_off_a_payload() -> No
     snap = link.snapshot()
     assert snap.bandwidth_bps == pytest.approx(100 * MBIT)
     assert 0.003 < (snap.rtt_s or 0) < 0.007
+    assert snap.least_rtt_s == pytest.approx(0.001)
     # no round-trip sample in the window (no probes): the average stands in, as before
     clock.now += MIN_RTT_WINDOW_S + 1
     link.record(55_296, 16, call_s(55_312, 0.001, 100))
     fallback = link.snapshot().bandwidth_bps
     assert fallback is not None
     assert fallback > 110 * MBIT
+    assert link.snapshot().least_rtt_s is None
 
 
 def test_the_servers_time_is_not_link_time() -> None:

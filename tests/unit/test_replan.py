@@ -36,13 +36,14 @@ from edged.serving.replan import (
     ServedTimes,
     cut_of,
     decide,
+    planning_link,
     relaxed,
     served_scale,
     smoothed,
 )
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.remote import RemoteExecutor
-from hal.remote_link import CutTimes, LinkEstimator, tail_key
+from hal.remote_link import CutTimes, LinkEstimator, LinkSnapshot, tail_key
 from tests.daemon_process import DaemonProcess
 from tests.digits_variants import SAMPLE
 from tests.split_models import HEAD, WHOLE, device_repo, server_repo
@@ -100,6 +101,28 @@ def test_the_decision(
 ) -> None:
     decision = decide(SPEC, current, planned, measured, since_s, local=local)
     assert (decision.planned, decision.switch_to) == expected
+
+
+@pytest.mark.parametrize(
+    ("rtt_s", "least_s", "bandwidth", "least_rtt", "expected"),
+    [
+        (0.020, 0.001, 25 * MBIT, False, Link(0.020, 25 * MBIT)),  # the average round trip
+        (0.020, 0.001, 25 * MBIT, True, Link(0.001, 25 * MBIT)),  # calibrated: the least
+        (0.020, None, 25 * MBIT, True, Link(0.020, 25 * MBIT)),  # none that recent
+        (None, None, 25 * MBIT, True, None),  # nothing measured yet
+        (0.020, 0.001, None, True, None),
+        (0.020, 0.001, 0.0, False, None),  # nonsense
+    ],
+)
+def test_the_link_planned_on(
+    rtt_s: float | None,
+    least_s: float | None,
+    bandwidth: float | None,
+    least_rtt: bool,
+    expected: Link | None,
+) -> None:
+    snap = LinkSnapshot("h:1", rtt_s, bandwidth, 1, 0, 0, 0.0, 0.0, least_rtt_s=least_s)
+    assert planning_link(snap, least_rtt=least_rtt) == expected
 
 
 def test_the_device_cpu_objective_decides_on_cpu_not_on_the_link() -> None:
