@@ -26,9 +26,10 @@ fed a batch of ``--lines`` rendered text lines, every cut with a head sending FP
    under the new condition (sequential requests in rounds, the ``cls`` client paused) and the
    finalists again; then the change is undone and the way back is read the same way.
 
-With ``calibrate = false`` the daemon keeps the cut the profiles chose (the link does not
-change here): the cut served before the change, whose latency under the new condition the
-exhaustive measurement gives.
+With ``calibrate = false`` the daemon keeps the cut the profiles choose on the link (which
+does not change here): that cut (the pure planner on the two profiles, the shaped rate and a
+1 ms round trip) is among those measured again, and its latency under the new condition is
+the uncalibrated figure.
 
     sudo .venv/bin/python benchmarks/partition_calibrate.py [--bandwidths 25,100]
         [--changes device,server] [--device-quota 25] [--slow-device-quota 12.5]
@@ -74,8 +75,8 @@ from benchmarks.partition import (  # noqa: E402
     shape,
 )
 from edged.partition import graph  # noqa: E402
-from edged.partition.planner import ALL_LOCAL  # noqa: E402
-from edged.partition.profile import select  # noqa: E402
+from edged.partition.planner import ALL_LOCAL, Link, plan  # noqa: E402
+from edged.partition.profile import Profile, cost_table, select  # noqa: E402
 from tests import corpus  # noqa: E402
 
 SERVER_CGROUP = Path("/sys/fs/cgroup/cpu/edged-calib-server")
@@ -310,6 +311,15 @@ def sweep(
     }
 
 
+def profiles_choice(results: dict[str, Any], mbit: float) -> str:
+    """The cut the profiles alone choose on the shaped rate and a 1 ms round trip: what a
+    daemon without ``calibrate`` serves on this link (it re-plans on the link only)."""
+    device, server = (
+        Profile.from_json(results["profiles"][side], side) for side in ("device", "server")
+    )
+    return plan(cost_table(device, server), Link(0.001, mbit * 1e6)).choice.cut
+
+
 def scenario(
     args: argparse.Namespace,
     mbit: float,
@@ -319,6 +329,7 @@ def scenario(
     client: Client,
     names: dict[str, str],
     x: np.ndarray,
+    results: dict[str, Any],
 ) -> dict[str, Any]:
     shape(mbit, 0)
     changed(args, "device", False)
@@ -334,7 +345,8 @@ def scenario(
     after = reaction(events, client, at, args)
     client.go.clear()
     time.sleep(0.5)
-    measured = sweep(device, names, x, args, {before_cut, after["cut"]})
+    uncalibrated = profiles_choice(results, mbit)
+    measured = sweep(device, names, x, args, {before_cut, after["cut"], uncalibrated})
     confirmed = measured["confirmed_ms"]
     client.go.set()
     back_at = time.time()
@@ -351,15 +363,16 @@ def scenario(
         "after": after,
         "exhaustive": measured,
         "calibrated_cut_ms": confirmed.get(after["cut"]),
-        "uncalibrated_cut_ms": confirmed.get(before_cut),
+        "profiles_choice": uncalibrated,
+        "uncalibrated_cut_ms": confirmed.get(uncalibrated),
         "calibrated_over_best": (
             round(confirmed[after["cut"]] / measured["best_ms"], 3)
             if after["cut"] in confirmed
             else None
         ),
         "uncalibrated_over_best": (
-            round(confirmed[before_cut] / measured["best_ms"], 3)
-            if before_cut in confirmed
+            round(confirmed[uncalibrated] / measured["best_ms"], 3)
+            if uncalibrated in confirmed
             else None
         ),
         "back": back,
@@ -369,7 +382,7 @@ def scenario(
         f"{after['last_switch_s']} s, {len(after['switches'])} switches, settled "
         f"{after['settled']}), served {after['latency']['median_ms']} ms; exhaustive best "
         f"{measured['best_cut']} {measured['best_ms']} ms, calibrated cut "
-        f"{row['calibrated_cut_ms']} ms, uncalibrated (kept {before_cut}) "
+        f"{row['calibrated_cut_ms']} ms, uncalibrated (the profiles' {uncalibrated}) "
         f"{row['uncalibrated_cut_ms']} ms; undone: back to {back['cut']} "
         f"({len(back['switches'])} switches, last {back['last_switch_s']} s)"
     )
@@ -403,7 +416,7 @@ def serve(
             for mbit in (float(b) for b in args.bandwidths.split(",")):
                 for change in args.changes.split(","):
                     results["scenarios"].append(
-                        scenario(args, mbit, change, device, events, client, names, x)
+                        scenario(args, mbit, change, device, events, client, names, x, results)
                     )
                     if args.out:  # what is measured so far survives a failure later
                         args.out.write_text(json.dumps(results, indent=2) + "\n")
