@@ -342,7 +342,7 @@ def scenario(
     before = client.window(at - args.window, at)
     what = changed(args, change, True)
     log(f"{mbit:g} Mbit/s: {what}; cls at {before_cut} ({before['median_ms']} ms)")
-    after = reaction(events, client, at, args)
+    after = reaction(events, client, at, args, args.change_wait)
     client.go.clear()
     time.sleep(0.5)
     uncalibrated = profiles_choice(results, mbit)
@@ -453,6 +453,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--confirm", type=int, default=30, help="exhaustive: the finalists")
     parser.add_argument("--settle", type=float, default=8.0, help="s without a switch: settled")
     parser.add_argument("--limit", type=float, default=60.0, help="s at most to settle")
+    parser.add_argument("--change-wait", type=float, default=20.0, help="s at least after a change")
     parser.add_argument(
         "--back-wait", type=float, default=40.0, help="s at least after undoing a change"
     )
