@@ -22,9 +22,10 @@ fed a batch of ``--lines`` rendered text lines, every cut with a head sending FP
    on its core; ``server``: the server's cgroup given ``--slow-server-quota`` % of one core,
    as a load on it): settle at the normal condition; apply the change; read the daemon's log
    for the factors it measured (``partition_calibrated``) and the switches
-   (``partition_replanned``) until none came for ``--settle`` s; then every cut is measured
-   under the new condition (sequential requests in rounds, the ``cls`` client paused) and the
-   finalists again; then the change is undone and the way back is read the same way.
+   (``partition_replanned``) until none came for ``--settle`` s and ``--change-wait`` s have
+   passed; then every cut is measured under the new condition (sequential requests in
+   rounds, the ``cls`` client paused) and the finalists again; then the change is undone and
+   the way back is read the same way (for at least ``--back-wait`` s).
 
 With ``calibrate = false`` the daemon keeps the cut the profiles choose on the link (which
 does not change here): that cut (the pure planner on the two profiles, the shaped rate and a
