@@ -294,8 +294,9 @@ def decide(
     (``scale``, see ``served_scale``, or the cut's own in ``per_cut``, see ``Calibration``;
     the last plan's: ``planned_scale``, ``planned_per_cut``) moved beyond it; the plan runs
     on the profiles' costs ``scaled`` by them. Switches when the plan picks another cut than
-    ``current`` and ``spec.min_interval_s`` has passed since the last switch (if not, the
-    old plan stands and the next look tries again). ``local``: all local may be chosen (the
+    ``current`` whose estimate is at least ``SWITCH_MARGIN`` below ``current``'s, and
+    ``spec.min_interval_s`` has passed since the last switch (if not, the old plan stands
+    and the next look tries again). ``local``: all local may be chosen (the
     model has an executor other than ``remote``)."""
     own, planned_own = per_cut or {}, planned_per_cut or {}
     factors = factors_moved(spec, scale, own, planned_scale, planned_own)
