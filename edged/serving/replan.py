@@ -19,6 +19,11 @@ beside the serving one, its answers to the version's reference sample must agree
 serving copy's (the gate), the requests queued on the old copy are handed over, the old copy
 drains its in-flight requests and closes. No request fails for a switch.
 
+With ``calibrate = true`` the plan runs on the profiles' costs scaled by what the served cut
+measures against its profile (its head here, the server's own time on its tail there):
+``Calibration``, averaged over time, forgotten as it ages where not measured, kept per cut
+for the cuts served before (docs/partition.md "Served times").
+
 While a breaker of the version is not closed, failover and recovery own its placement and
 re-planning waits. Time comes from the injected ``clock``/``sleep``; the probe is an attribute
 (tests replace it).
