@@ -5,11 +5,14 @@ A call carrying B bytes (request tensors plus answered tensors) takes
 
     round trip + B * 8 / bandwidth + the server's own time
 
-so a call that carries a payload gives the bandwidth once the round trip (the estimate so
-far) and the server's time are taken off, and a call that carries almost nothing
-(``LinkEstimator.record`` with fewer than ``MIN_TRANSFER_BYTES``) gives the round trip once
-its few bytes' transfer at the bandwidth measured so far is taken off (at 0.1 Mbit/s, 4 KiB
-is 0.33 s: counted as round trip it would make every remote cut look that much slower).
+so a call that carries a payload gives the bandwidth once the round trip and the server's
+time are taken off — the *least* round trip of the last ``MIN_RTT_WINDOW_S`` (a probe that
+waited for a busy CPU or a queue read more than the payload call paid: taking the average
+off read 25 Mbit/s as up to 225 on a real split), the average where none is that recent —
+and a call that carries almost nothing (``LinkEstimator.record`` with fewer than
+``MIN_TRANSFER_BYTES``) gives the round trip once its few bytes' transfer at the bandwidth
+measured so far is taken off (at 0.1 Mbit/s, 4 KiB is 0.33 s: counted as round trip it
+would make every remote cut look that much slower).
 
 The server's time is what the server itself measured, where known: the re-planner reads the
 tail model's statistics on the server (KServe ModelStatistics, which edged and Triton both
@@ -33,6 +36,7 @@ executor's worker threads record, the metrics thread and the re-planner read.
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -52,6 +56,10 @@ DEFAULT_HALF_LIFE_S = 0.25
 PROBE_MODEL = "edged-link-probe"
 #: a transfer shorter than this is counted as this (a bandwidth sample is never infinite)
 _MIN_TRANSFER_S = 1e-6
+#: a payload's transfer is its call's time less the *least* round trip of this window (BBR's
+#: min_rtt): a round-trip sample that waited for a busy CPU or a queue is not the fixed cost
+#: of the payload call
+MIN_RTT_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,27 @@ class LinkSnapshot:
     """Monotonic time of the last sample (None: none yet)."""
     bandwidth_at: float | None = None
     """Monotonic time of the last payload sample (None: none yet)."""
+    least_rtt_s: float | None = None
+    """The least round trip of the last ``MIN_RTT_WINDOW_S`` (None: no sample that recent)."""
+
+
+class WindowMin:
+    """The least sample of the last ``window_s`` seconds (not thread-safe: its owner's lock
+    guards it); None when none is that recent."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._samples: collections.deque[tuple[float, float]] = collections.deque()
+
+    def add(self, sample: float, now: float) -> None:
+        while self._samples and self._samples[-1][1] >= sample:
+            self._samples.pop()  # never the least again: a smaller, newer one is here
+        self._samples.append((now, sample))
+
+    def value(self, now: float) -> float | None:
+        while self._samples and self._samples[0][0] < now - self._window_s:
+            self._samples.popleft()
+        return self._samples[0][1] if self._samples else None
 
 
 class TimeAverage:
@@ -139,6 +168,7 @@ class LinkEstimator:
         self._clock = clock
         self._lock = threading.Lock()
         self._rtt = TimeAverage(half_life_s)
+        self._least_rtt = WindowMin(MIN_RTT_WINDOW_S)
         self._seconds_per_bit = TimeAverage(half_life_s)
         self._calls = 0
         self._sent = 0
@@ -184,9 +214,12 @@ class LinkEstimator:
             per_bit = self._seconds_per_bit.value
             if payload < MIN_TRANSFER_BYTES:
                 # what the few bytes took at the bandwidth known so far is not round trip
-                self._rtt.add(max(0.0, wire_s - payload * 8 * (per_bit or 0.0)), now)
+                rtt_s = max(0.0, wire_s - payload * 8 * (per_bit or 0.0))
+                self._rtt.add(rtt_s, now)
+                self._least_rtt.add(rtt_s, now)
                 return
-            rtt = self._rtt.value or 0.0
+            least = self._least_rtt.value(now)
+            rtt = least if least is not None else (self._rtt.value or 0.0)
             transfer = max(_MIN_TRANSFER_S, wire_s - rtt)
             self._seconds_per_bit.add(transfer / (payload * 8), now)
             self._bandwidth_at = now
@@ -230,6 +263,7 @@ class LinkEstimator:
                 seconds=self._seconds,
                 updated_at=self._updated,
                 bandwidth_at=self._bandwidth_at,
+                least_rtt_s=self._least_rtt.value(self._clock()),
             )
 
 

@@ -19,6 +19,11 @@ beside the serving one, its answers to the version's reference sample must agree
 serving copy's (the gate), the requests queued on the old copy are handed over, the old copy
 drains its in-flight requests and closes. No request fails for a switch.
 
+With ``calibrate = true`` the plan runs on the profiles' costs scaled by what the served cut
+measures against its profile (its head here, the server's own time on its tail there):
+``Calibration``, averaged over time, forgotten as it ages where not measured, kept per cut
+for the cuts served before (docs/partition.md "Served times").
+
 While a breaker of the version is not closed, failover and recovery own its placement and
 re-planning waits. Time comes from the injected ``clock``/``sleep``; the probe is an attribute
 (tests replace it).
@@ -49,6 +54,7 @@ from hal.remote_link import (
     DEFAULT_HALF_LIFE_S,
     CutTimes,
     LinkEstimator,
+    LinkSnapshot,
     ProbeError,
     TimeAverage,
     estimator_for,
@@ -75,6 +81,17 @@ Move = Callable[
 _NO_CUT = CutTimes(None, None, None, None)
 #: a served/profiled factor is kept within [1/this, this] (a stalled sample is no figure)
 MAX_SCALE = 20.0
+#: a factor not measured for this long is believed half as far from what it relaxes toward
+#: (geometrically): the profile for a side the served cut does not run, the served cut's
+#: factor for a cut served before (see ``relaxed``)
+FORGET_HALF_LIFE_S = 20.0
+#: the factors are moving averages over time with this half-life: one look's samples (a
+#: quarter second of requests) swing 0.9x..10x under a CPU quota, and one swing planned on
+#: sent the cut to the wrong end of the model; a 2x change crosses a 25 % threshold in 1.3 s
+SMOOTH_HALF_LIFE_S = 2.0
+#: a switch must gain this fraction of the served cut's estimate: two cuts whose estimates
+#: lie within the noise of the measurements are not worth a swap at every look
+SWITCH_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -93,13 +110,49 @@ class Scale:
         )
 
 
-def scaled(costs: Sequence[CutCost], scale: Scale) -> list[CutCost]:
+def scaled(
+    costs: Sequence[CutCost], scale: Scale, per_cut: Mapping[str, Scale] | None = None
+) -> list[CutCost]:
     """Pure: the profiled ``costs`` with the device's times times ``scale.device`` and the
-    server's times ``scale.server``."""
+    server's times ``scale.server``; a cut in ``per_cut`` by its own factors instead."""
+    own = per_cut or {}
     return [
-        dataclasses.replace(c, head_s=c.head_s * scale.device, tail_s=c.tail_s * scale.server)
+        dataclasses.replace(
+            c,
+            head_s=c.head_s * own.get(c.cut, scale).device,
+            tail_s=c.tail_s * own.get(c.cut, scale).server,
+        )
         for c in costs
     ]
+
+
+def relaxed(
+    factor: float, toward: float, age_s: float, half_life_s: float = FORGET_HALF_LIFE_S
+) -> float:
+    """Pure: a factor measured ``age_s`` ago, believed less as it ages: its ratio to
+    ``toward`` shrinks geometrically, halving (in log terms) every ``half_life_s`` (8x
+    becomes 2.8x after one half-life, 1.7x after two)."""
+    if not age_s > 0 or not factor > 0 or not toward > 0:
+        return factor
+    if math.isinf(age_s):
+        return toward
+    return float(toward * (factor / toward) ** (0.5 ** (age_s / half_life_s)))
+
+
+def smoothed(
+    old: float, sample: float, since_s: float, half_life_s: float = SMOOTH_HALF_LIFE_S
+) -> float:
+    """Pure: a factor's moving average over time (geometric: 2x and 0.5x average to 1x):
+    ``sample`` weighs what ``since_s`` seconds since the last sample leave of
+    ``half_life_s``; after a long silence, the sample alone."""
+    if not since_s > 0:
+        return old
+    weight = 1.0 - 0.5 ** (since_s / half_life_s) if math.isfinite(since_s) else 1.0
+    return float(old * (sample / old) ** weight)
+
+
+def _sample(seconds: float | None) -> bool:
+    return seconds is not None and math.isfinite(seconds)
 
 
 def _factor(measured: float | None, profiled: float, old: float) -> float:
@@ -128,6 +181,78 @@ def served_scale(
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What the served cuts measured (pure; each look makes the next with ``measured``): the
+    last factor of each side and when it was measured, and for the cuts served before, the
+    factors they measured themselves and when they were left.
+
+    Two things follow from it, both ``relaxed`` as they age (``FORGET_HALF_LIFE_S``):
+
+    - ``scale``: the factors every cut is planned on. A side the served cut does not run (the
+      server's all local, the device's all remote) is not measured: its last factor relaxes
+      toward 1 (the profile), so that a server that was slow and recovered is tried again
+      rather than avoided for ever; if it is still slow, the try measures it again.
+    - ``per_cut``: a cut served before is planned on its own factors, relaxing toward
+      ``scale``. A slowdown is rarely the same for every cut (a CPU shared by time slices or
+      a quota lets short heads run at full speed and stalls long ones; a server's fixed cost
+      per request weighs more on a short tail): planning the cut just left on the factor its
+      successor measures brings it straight back, and the next look leaves it again.
+    """
+
+    device: float = 1.0
+    device_at: float = -math.inf
+    server: float = 1.0
+    server_at: float = -math.inf
+    cuts: tuple[tuple[str, Scale, float], ...] = ()
+    """(cut, its factors as served, when) for the cuts served before, the latest last."""
+
+    def measured(
+        self,
+        costs: Sequence[CutCost],
+        cut: str,
+        device_s: float | None,
+        server_s: float | None,
+        now: float,
+    ) -> Calibration:
+        """This look's samples of the cut served (``served_scale``'s arguments; None: not
+        measured since the last look) taken in at ``now``."""
+        last = Scale(self.device, self.server)
+        got = served_scale(costs, cut, device_s, server_s, last)
+        cost = next((c for c in costs if c.cut == cut), None)
+        device, device_at = self.device, self.device_at
+        server, server_at = self.server, self.server_at
+        if cost is not None and _sample(device_s) and cost.head_s > 0:
+            device, device_at = smoothed(self.device, got.device, now - self.device_at), now
+        if cost is not None and _sample(server_s) and cost.tail_s > 0:
+            server, server_at = smoothed(self.server, got.server, now - self.server_at), now
+        after = dataclasses.replace(
+            self, device=device, device_at=device_at, server=server, server_at=server_at
+        )
+        kept = tuple(c for c in self.cuts if c[0] != cut)
+        return dataclasses.replace(after, cuts=(*kept, (cut, after.scale(now), now)))
+
+    def scale(self, now: float) -> Scale:
+        """The factors as believed at ``now``: each side's last, relaxed toward 1 by its age."""
+        return Scale(
+            relaxed(self.device, 1.0, now - self.device_at),
+            relaxed(self.server, 1.0, now - self.server_at),
+        )
+
+    def per_cut(self, served: str, now: float) -> dict[str, Scale]:
+        """The cuts served before ``served`` and the factors they are planned on at ``now``:
+        their own, relaxed toward ``scale`` since they were left."""
+        common = self.scale(now)
+        return {
+            cut: Scale(
+                relaxed(own.device, common.device, now - at),
+                relaxed(own.server, common.server, now - at),
+            )
+            for cut, own, at in self.cuts
+            if cut != served
+        }
+
+
+@dataclass(frozen=True)
 class Decision:
     """What one look at the link decided."""
 
@@ -137,6 +262,23 @@ class Decision:
     """The cut to switch to; None: stay."""
     scale: Scale = Scale()
     """The served/profiled factors the last plan used, after this look."""
+    per_cut: Mapping[str, Scale] = dataclasses.field(default_factory=dict)
+    """The cuts the last plan planned on factors of their own (``Calibration.per_cut``)."""
+
+
+def factors_moved(
+    spec: PartitionSpec,
+    scale: Scale,
+    per_cut: Mapping[str, Scale],
+    planned_scale: Scale,
+    planned_per_cut: Mapping[str, Scale],
+) -> bool:
+    """Pure: whether any cut's factors (its own in ``per_cut``, else ``scale``) moved by
+    more than ``spec.threshold`` since the last plan's."""
+    return any(
+        per_cut.get(c.cut, scale).moved(planned_per_cut.get(c.cut, planned_scale), spec.threshold)
+        for c in spec.costs
+    )
 
 
 def decide(
@@ -149,27 +291,49 @@ def decide(
     local: bool = True,
     scale: Scale = Scale(),
     planned_scale: Scale = Scale(),
+    per_cut: Mapping[str, Scale] | None = None,
+    planned_per_cut: Mapping[str, Scale] | None = None,
 ) -> Decision:
     """Pure: whether to plan again and where to go. Plans when nothing was planned yet, the
-    link ``moved`` beyond ``spec.threshold``, or the served/profiled factors (``scale``, see
-    ``served_scale``; the last plan's: ``planned_scale``) moved beyond it; the plan runs on
-    the profiles' costs ``scaled`` by ``scale``. Switches when the plan picks another cut
-    than ``current`` and ``spec.min_interval_s`` has passed since the last switch (if not,
-    the old plan stands and the next look tries again). ``local``: all local may be chosen
-    (the model has an executor other than ``remote``)."""
-    if (
-        planned is not None
-        and not moved(planned, measured, spec.threshold)
-        and not scale.moved(planned_scale, spec.threshold)
+    link ``moved`` beyond ``spec.threshold``, or the served/profiled factors of any cut
+    (``scale``, see ``served_scale``, or the cut's own in ``per_cut``, see ``Calibration``;
+    the last plan's: ``planned_scale``, ``planned_per_cut``) moved beyond it; the plan runs
+    on the profiles' costs ``scaled`` by them. Switches when the plan picks another cut than
+    ``current`` whose estimate is at least ``SWITCH_MARGIN`` below ``current``'s, and
+    ``spec.min_interval_s`` has passed since the last switch (if not, the old plan stands
+    and the next look tries again). ``local``: all local may be chosen (the
+    model has an executor other than ``remote``)."""
+    own, planned_own = per_cut or {}, planned_per_cut or {}
+    factors = factors_moved(spec, scale, own, planned_scale, planned_own)
+    if planned is not None and not moved(planned, measured, spec.threshold) and not factors:
+        return Decision(planned, scale=planned_scale, per_cut=planned_own)
+    costs = scaled([c for c in spec.costs if local or c.cut != ALL_LOCAL], scale, own)
+    result = plan(costs, measured, spec.objective, spec.byte_cost_s)
+    choice = result.choice.cut
+    served = next((e for e in result.estimates if e.cut == current), None)
+    if choice == current or (
+        served is not None
+        and result.choice.objective_s > served.objective_s * (1.0 - SWITCH_MARGIN)
     ):
-        return Decision(planned, scale=planned_scale)
-    costs = scaled([c for c in spec.costs if local or c.cut != ALL_LOCAL], scale)
-    choice = plan(costs, measured, spec.objective, spec.byte_cost_s).choice.cut
-    if choice == current:
-        return Decision(measured, scale=scale)
+        return Decision(measured, scale=scale, per_cut=own)
     if since_switch_s < spec.min_interval_s:
-        return Decision(planned, scale=planned_scale)
-    return Decision(measured, choice, scale)
+        return Decision(planned, scale=planned_scale, per_cut=planned_own)
+    return Decision(measured, choice, scale, own)
+
+
+def planning_link(snap: LinkSnapshot, *, least_rtt: bool = False) -> Link | None:
+    """Pure: the link to plan on from ``snap`` (None: not measured yet, or nonsense). With
+    ``least_rtt`` (calibrate) the round trip is the least of the last window, not the
+    average: the device's waits for its CPU are in its factor, and charged again in the
+    round trip they would weigh on the remote cuts alone (probes made while all local keeps
+    the CPU busy read 5-50 ms on a sub-millisecond link)."""
+    if snap.rtt_s is None or snap.bandwidth_bps is None:
+        return None
+    rtt_s = snap.least_rtt_s if least_rtt and snap.least_rtt_s is not None else snap.rtt_s
+    try:
+        return Link(rtt_s, snap.bandwidth_bps)
+    except ConfigError:
+        return None
 
 
 def target_for(spec: PartitionSpec, remote: RemoteTarget, cut: str) -> RemoteTarget:
@@ -258,7 +422,8 @@ class _Watch:
     planned: Link | None = None
     switched_at: float = -math.inf
     planned_scale: Scale = Scale()
-    scale: Scale = Scale()
+    planned_per_cut: Mapping[str, Scale] = dataclasses.field(default_factory=dict)
+    calibration: Calibration = Calibration()
     served: ServedTimes = dataclasses.field(default_factory=ServedTimes)
 
 
@@ -408,6 +573,7 @@ class Replanner:
             server_s = await self._server_time(
                 link, watch.served, partition.target(cut), channel, timeout_s, metadata
             )
+        device_s: float | None = None
         if partition.calibrate:
             head = _NO_CUT
             if cut != ALL_LOCAL:
@@ -419,19 +585,21 @@ class Replanner:
                 head,
                 self._clock(),
             )
-            watch.scale = served_scale(partition.costs, cut, device_s, server_s, watch.scale)
+            watch.calibration = watch.calibration.measured(
+                partition.costs, cut, device_s, server_s, self._clock()
+            )
         candidates, breakers = self._health(model, current.version)
         now = self._clock()
         if any(b.state(now) is not BreakerState.CLOSED for b in breakers.values()):
             return  # failover or recovery owns the placement now
-        snap = link.snapshot()
-        if snap.rtt_s is None or snap.bandwidth_bps is None:
-            return
-        try:
-            measured = Link(snap.rtt_s, snap.bandwidth_bps)
-        except ConfigError:
+        measured = planning_link(link.snapshot(), least_rtt=partition.calibrate)
+        if measured is None:
             return
         local = tuple(k for k in candidates if k != REMOTE)
+        scale, per_cut = Scale(), {}
+        if partition.calibrate:
+            scale = watch.calibration.scale(now)
+            per_cut = watch.calibration.per_cut(cut, now)
         decision = decide(
             partition,
             cut,
@@ -439,14 +607,33 @@ class Replanner:
             measured,
             now - watch.switched_at,
             local=bool(local),
-            scale=watch.scale,
+            scale=scale,
             planned_scale=watch.planned_scale,
+            per_cut=per_cut,
+            planned_per_cut=watch.planned_per_cut,
         )
+        if partition.calibrate and factors_moved(
+            partition, decision.scale, decision.per_cut, watch.planned_scale, watch.planned_per_cut
+        ):
+            # the factors made this plan (not only the link): what they were, and its choice
+            log.info(
+                "partition_calibrated",
+                model=current.name,
+                version=current.version,
+                cut=cut,
+                device_scale=round(decision.scale.device, 3),
+                server_scale=round(decision.scale.server, 3),
+                device_ms=None if device_s is None else round(device_s * 1000, 3),
+                server_ms=None if server_s is None else round(server_s * 1000, 3),
+                choice=decision.switch_to or cut,
+                own={c: [round(f.device, 3), round(f.server, 3)] for c, f in per_cut.items()},
+            )
         watch.planned = decision.planned
         watch.planned_scale = decision.scale
+        watch.planned_per_cut = decision.per_cut
         if decision.switch_to is not None:
             await self._switch(
-                model, current, partition, remote, decision.switch_to, local, measured
+                model, current, partition, remote, decision.switch_to, local, measured, scale
             )
             watch.switched_at = self._clock()
 
@@ -484,6 +671,7 @@ class Replanner:
         cut: str,
         local: tuple[str, ...],
         measured: Link,
+        scale: Scale,
     ) -> None:
         before = cut_of(current)
         labels = {"model": current.name, "version": current.version}
@@ -523,6 +711,11 @@ class Replanner:
             rtt_ms=round(measured.rtt_s * 1000, 3),
             bandwidth_mbit=round(measured.bandwidth_bps / 1e6, 3),
             objective=partition.objective,
+            **(
+                {"device_scale": round(scale.device, 3), "server_scale": round(scale.server, 3)}
+                if partition.calibrate
+                else {}
+            ),
             handed_over=swapped.handed_over,
             seconds=round(self._clock() - started, 4),
         )

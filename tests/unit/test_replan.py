@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,10 +27,23 @@ from edged.partition.planner import ALL_LOCAL, CutCost, Link
 from edged.serving.dataplane import DataPlane
 from edged.serving.manager import ModelManager
 from edged.serving.partition_spec import CutTarget, PartitionSpec
-from edged.serving.replan import MAX_SCALE, Scale, ServedTimes, cut_of, decide, served_scale
+from edged.serving.replan import (
+    FORGET_HALF_LIFE_S,
+    MAX_SCALE,
+    SMOOTH_HALF_LIFE_S,
+    Calibration,
+    Scale,
+    ServedTimes,
+    cut_of,
+    decide,
+    planning_link,
+    relaxed,
+    served_scale,
+    smoothed,
+)
 from hal.cpu_onnx import OnnxCpuExecutor
 from hal.remote import RemoteExecutor
-from hal.remote_link import CutTimes, LinkEstimator, tail_key
+from hal.remote_link import CutTimes, LinkEstimator, LinkSnapshot, tail_key
 from tests.daemon_process import DaemonProcess
 from tests.digits_variants import SAMPLE
 from tests.split_models import HEAD, WHOLE, device_repo, server_repo
@@ -71,6 +85,10 @@ SLOW = Link(0.001, 2 * MBIT)  # mid: 47 ms: all local
         (INPUTS_CUT, FAST, SLOW, 1.0, True, (FAST, None)),
         # moved, planned again, same cut: stay but remember the new link
         (ALL_LOCAL, SLOW, Link(0.001, MBIT), 0.0, True, (Link(0.001, MBIT), None)),
+        # mid (28.5 ms) beats local (30) by less than SWITCH_MARGIN: not worth a swap
+        (ALL_LOCAL, SLOW, Link(0.001, 3.72 * MBIT), 100.0, True, (Link(0.001, 3.72 * MBIT), None)),
+        # by more (24.8 ms): switch
+        (ALL_LOCAL, SLOW, Link(0.001, 4.5 * MBIT), 100.0, True, (Link(0.001, 4.5 * MBIT), "mid")),
     ],
 )
 def test_the_decision(
@@ -83,6 +101,28 @@ def test_the_decision(
 ) -> None:
     decision = decide(SPEC, current, planned, measured, since_s, local=local)
     assert (decision.planned, decision.switch_to) == expected
+
+
+@pytest.mark.parametrize(
+    ("rtt_s", "least_s", "bandwidth", "least_rtt", "expected"),
+    [
+        (0.020, 0.001, 25 * MBIT, False, Link(0.020, 25 * MBIT)),  # the average round trip
+        (0.020, 0.001, 25 * MBIT, True, Link(0.001, 25 * MBIT)),  # calibrated: the least
+        (0.020, None, 25 * MBIT, True, Link(0.020, 25 * MBIT)),  # none that recent
+        (None, None, 25 * MBIT, True, None),  # nothing measured yet
+        (0.020, 0.001, None, True, None),
+        (0.020, 0.001, 0.0, False, None),  # nonsense
+    ],
+)
+def test_the_link_planned_on(
+    rtt_s: float | None,
+    least_s: float | None,
+    bandwidth: float | None,
+    least_rtt: bool,
+    expected: Link | None,
+) -> None:
+    snap = LinkSnapshot("h:1", rtt_s, bandwidth, 1, 0, 0, 0.0, 0.0, least_rtt_s=least_s)
+    assert planning_link(snap, least_rtt=least_rtt) == expected
 
 
 def test_the_device_cpu_objective_decides_on_cpu_not_on_the_link() -> None:
@@ -125,6 +165,121 @@ def test_a_device_slower_than_its_profile_moves_the_cut_to_the_server() -> None:
     # a busy server (tails 40x: inputs 41.8 ms, mid 46 ms) brings the model home at FAST
     busy = decide(SPEC, INPUTS_CUT, FAST, FAST, 100.0, scale=Scale(1.0, 40.0))
     assert busy.switch_to == ALL_LOCAL
+
+
+@pytest.mark.parametrize(
+    ("factor", "toward", "age_s", "expected"),
+    [
+        (8.0, 1.0, 0.0, 8.0),  # just measured: believed as it is
+        (8.0, 1.0, FORGET_HALF_LIFE_S, 8.0**0.5),  # one half-life: half as far (in log)
+        (8.0, 1.0, 2 * FORGET_HALF_LIFE_S, 8.0**0.25),
+        (0.25, 1.0, FORGET_HALF_LIFE_S, 0.5),  # faster than profiled relaxes the same way
+        (3.0, 1.5, FORGET_HALF_LIFE_S, 1.5 * 2.0**0.5),  # toward another factor
+        (8.0, 1.0, math.inf, 1.0),  # never measured: the reference
+        (8.0, 1.0, -1.0, 8.0),  # a clock that stepped back: as measured
+    ],
+)
+def test_a_factor_is_believed_less_as_it_ages(
+    factor: float, toward: float, age_s: float, expected: float
+) -> None:
+    assert relaxed(factor, toward, age_s) == pytest.approx(expected)
+
+
+# two cuts with a head: a long head with a short tail, a short head with a long tail
+HEADS = replace(
+    SPEC,
+    cuts=(CutTarget("short", "s.onnx", "m_s"), CutTarget("long", "l.onnx", "m_l")),
+    costs=(
+        CutCost("short", head_s=0.001, tail_s=0.010, sent_bytes=20_000),
+        CutCost("long", head_s=0.005, tail_s=0.004, sent_bytes=5_000),
+        CutCost(ALL_LOCAL, head_s=0.040, tail_s=0.0, sent_bytes=0),
+    ),
+)
+LINK = Link(0.001, 100 * MBIT)  # short 1 + 1 + 1.6 + 10 = 13.6 ms, long 5 + 1 + 0.4 + 4 = 10.4
+
+
+def test_a_cut_left_is_planned_on_its_own_factors_not_its_successors() -> None:
+    """A slowdown that is not the same for every head (a quota or time slices stall a
+    long head, a short one runs at full speed): 3x measured on the long head moves the cut
+    to the short one, where 1.3x is measured; planned on 1.3x the long head would be best
+    again (the flapping the benchmark showed); planned on its own 3x it is not, until that
+    has aged."""
+    # served long, 3x: short 3 + 12.6 = 15.6 ms, long 15 + 5.4 = 20.4 -> short
+    assert decide(HEADS, "long", LINK, LINK, 100.0, scale=Scale(3.0)).switch_to == "short"
+    # then served short, 1.3x measured there; long remembered at the 3x it measured
+    calibration = Calibration(1.3, 0.0, 1.0, 0.0, cuts=(("long", Scale(3.0), 0.0),))
+    own = calibration.per_cut("short", 0.0)
+    assert own == {"long": Scale(pytest.approx(3.0), pytest.approx(1.0))}
+    # on 1.3x alone: long 6.5 + 5.4 = 11.9 against short 13.9 -> back to long
+    flap = decide(HEADS, "short", LINK, LINK, 100.0, scale=Scale(1.3), planned_scale=Scale(3.0))
+    assert flap.switch_to == "long"
+    # on its own factor: long stays 20.4 -> stay
+    stay = decide(
+        HEADS,
+        "short",
+        LINK,
+        LINK,
+        100.0,
+        scale=calibration.scale(0.0),
+        planned_scale=Scale(3.0),
+        per_cut=own,
+    )
+    assert (stay.switch_to, stay.per_cut) == (None, own)
+    # three half-lives later (nothing measured meanwhile: no requests) the common factor is
+    # believed as 1.3 ** 0.125 = 1.03x and the long head's as 1.03 * (3 / 1.03) ** 0.125 =
+    # 1.18x: long 5.9 + 5.4 = 11.3 ms, short 1.03 + 12.6 = 13.6 -> it is tried again
+    later = 3 * FORGET_HALF_LIFE_S
+    retry = decide(
+        HEADS,
+        "short",
+        LINK,
+        LINK,
+        100.0,
+        scale=calibration.scale(later),
+        planned_scale=stay.scale,
+        per_cut=calibration.per_cut("short", later),
+        planned_per_cut=stay.per_cut,
+    )
+    assert retry.switch_to == "long"
+
+
+def test_one_looks_swing_is_averaged_not_planned_on() -> None:
+    """The factors are averages over time (SMOOTH_HALF_LIFE_S): one look's 10x among 1x
+    samples (a stall under a quota) moves the factor by less than the threshold; a real
+    change (2x) moves it past the threshold within two seconds."""
+    assert smoothed(1.0, 10.0, math.inf) == 10.0  # the first sample: itself
+    assert smoothed(2.0, 8.0, 0.0) == 2.0  # no time since the last: no weight
+    assert smoothed(2.0, 8.0, SMOOTH_HALF_LIFE_S) == pytest.approx(4.0)  # geometric mean
+    calibration = Calibration().measured(SPEC.costs, "mid", 0.005, None, now=0.0)
+    assert calibration.scale(0.0).device == 1.0
+    calibration = calibration.measured(SPEC.costs, "mid", 0.050, None, now=0.25)  # one swing
+    assert calibration.scale(0.25).device < 1.0 + SPEC.threshold
+    calibration = Calibration().measured(SPEC.costs, "mid", 0.005, None, now=0.0)
+    for look in range(1, 9):  # 2x from here on, a look every quarter second
+        calibration = calibration.measured(SPEC.costs, "mid", 0.010, None, now=look / 4)
+    assert calibration.scale(2.0).device > 1.0 + SPEC.threshold
+
+
+def test_a_side_the_served_cut_does_not_run_is_believed_less_as_it_ages() -> None:
+    """All local the server is not measured, all remote the device: the last factor of
+    that side relaxes toward the profile, so that a server that was slow and recovered is
+    tried again rather than avoided for ever."""
+    calibration = Calibration().measured(SPEC.costs, "mid", 0.005, 0.008, now=0.0)  # 1x, 8x
+    assert calibration.scale(0.0) == Scale(pytest.approx(1.0), pytest.approx(8.0))
+    for second in range(1, 41):  # all local from here: the whole model as profiled
+        calibration = calibration.measured(SPEC.costs, ALL_LOCAL, 0.030, None, now=second)
+    assert calibration.scale(40.0).device == pytest.approx(1.0)
+    assert calibration.scale(40.0).server == pytest.approx(8.0**0.25)
+    # nothing measured (no requests): the device's factor relaxes too, from its last sample
+    assert calibration.scale(40.0 + FORGET_HALF_LIFE_S).device == pytest.approx(1.0)
+    # all remote: no head, the device is not measured; the server is
+    slow = Calibration().measured(SPEC.costs, ALL_LOCAL, 0.090, None, now=0.0)  # 3x
+    slow = slow.measured(SPEC.costs, INPUTS_CUT, None, 0.001, now=1.0)
+    assert slow.scale(1.0 + FORGET_HALF_LIFE_S).device == pytest.approx(3.0**0.5, rel=0.03)
+    assert slow.scale(1.0).server == pytest.approx(1.0)
+    # a cut not in the table, or a sample that is no figure, measures nothing
+    assert Calibration().measured(SPEC.costs, "gone", 1.0, 1.0, now=0.0).device_at == -math.inf
+    assert Calibration().measured(SPEC.costs, "mid", math.nan, None, now=0.0).device == 1.0
 
 
 def test_served_times_on_a_fake_clock() -> None:
@@ -389,7 +544,9 @@ async def test_calibrated_plans_follow_the_served_times_not_only_the_profiles(
 ) -> None:
     """With ``calibrate``, a server that answers 60x slower than its profile (20x at most
     is believed) moves the cut off all remote, and a head that runs 10x slower as served
-    than profiled moves it back (the link stays at 100 Mbit/s throughout)."""
+    than profiled moves it back (the link stays at 100 Mbit/s throughout). All remote, the
+    device is not measured: its factor ages, the head is tried again, measured slow again,
+    and the cut goes back."""
     rig = calibrated_rig
     server = SimulatedServer({"digits": 0.0005, "digits_hidden": 0.0002})
     rig.manager.failover.replanner.statistics = server.statistics
@@ -415,3 +572,12 @@ async def test_calibrated_plans_follow_the_served_times_not_only_the_profiles(
     await _until(lambda: replans[("digits", "1", "hidden", INPUTS_CUT)] == 1, rig)
     assert replans[("digits", "1", INPUTS_CUT, "hidden")] == 1
     assert sum(replans.values()) == 2
+    # all remote runs no head: the device's 10x is not measured again, and is believed less
+    # as it ages (the server still slow: hidden 2f + 1 + 4 ms beats inputs 11 ms once the
+    # factor f is under ~3): the head is tried again rather than avoided for ever ...
+    await _until(lambda: rig.cut() == "hidden", rig)
+    await _until(lambda: replans[("digits", "1", INPUTS_CUT, "hidden")] == 2, rig)
+    # ... and measured again: still slow, back to all remote
+    await _until(slow_head, rig)
+    await _until(lambda: replans[("digits", "1", "hidden", INPUTS_CUT)] == 2, rig)
+    assert sum(replans.values()) == 4
