@@ -17,6 +17,9 @@ import pytest
 
 from tests import shared_cache
 
+#: each case starts fresh interpreters: slow on a starved box, so more than the default 120 s
+pytestmark = pytest.mark.timeout(300)
+
 FAMILY = "bookworm-amd64"
 CTX = multiprocessing.get_context("spawn")
 
