@@ -12,8 +12,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_MODELS = REPO_ROOT / "models"
@@ -138,6 +141,27 @@ class DaemonProcess:
         self.metrics_address = event.get("metrics_address", "")
         self.http_address = event.get("http_address", "")
         return self.address
+
+    def in_flight(self, model: str) -> float:
+        """The daemon's own count of ``model``'s requests queued or running
+        (edged_inflight_requests on its metrics port)."""
+        url = f"http://{self.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "edged_inflight_requests" and sample.labels.get("model") == model:
+                    return float(sample.value)
+        return 0.0
+
+    def wait_in_flight(self, model: str, at_least: int, timeout: float = 60.0) -> None:
+        """Wait until the daemon has at least ``at_least`` of ``model``'s requests queued or
+        running: sent is not arrived, on a busy machine."""
+        deadline = time.monotonic() + timeout
+        while (count := self.in_flight(model)) < at_least:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model}: {count} requests in flight, not {at_least}")
+            time.sleep(0.005)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the daemon and wait for it to exit; returns its exit code."""

@@ -263,24 +263,33 @@ def _slow_graph(iterations: int) -> onnx.ModelProto:
 
 @functools.cache
 def calibrate_slow_iteration_seconds() -> float:
-    """Seconds one iteration of :func:`slow_model`'s loop takes here (fastest of a few runs).
+    """CPU seconds one iteration of :func:`slow_model`'s loop takes here (fastest of a few runs).
 
-    Measured once per process with a default CPU onnxruntime session. Taking the fastest run
-    makes the estimate err low, so a model sized from it errs towards running longer.
+    Measured once per process on a one-thread CPU onnxruntime session, by this thread's CPU
+    time, not the wall clock: time the thread spends waiting for a CPU on a busy machine does
+    not count. (A wall-clock calibration run while the box was starved read 1,100-4,900 us per
+    iteration instead of ~7, and sized a "200 ms" model that answered in a few ms, inside a
+    50 ms deadline a test relied on missing.) One thread is this loop's fastest setting, so a
+    daemon's session cannot run an iteration in less, and a busy machine only makes the model
+    take longer than asked, never shorter.
     """
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     sess = ort.InferenceSession(
         _slow_graph(_CALIBRATION_ITERATIONS).SerializeToString(),
+        options,
         providers=["CPUExecutionProvider"],
     )
     feed = {"x": np.zeros((1, 4), dtype=np.float32)}
     sess.run(None, feed)  # warm-up
     best = float("inf")
     for _ in range(3):
-        start = time.perf_counter()
+        start = time.thread_time()
         sess.run(None, feed)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return best / _CALIBRATION_ITERATIONS
 
 
@@ -292,10 +301,10 @@ def slow_model(
     For tests that need requests in flight (graceful shutdown, deadlines). No custom ops: the
     delay is a Loop of 64x64 MatMul+Tanh steps, whose trip count is fixed in the file. Unless
     ``iterations`` is given, the trip count is sized from a calibration run of onnxruntime on
-    this CPU (about 0.1 s, once per process). The delay is therefore approximate: it varies
-    with machine load and the session's thread settings, and it is per inference call,
-    whatever the batch size. Calibration uses the fastest of several runs, so on a busy machine
-    the model tends to take longer than ``delay_ms``, not shorter.
+    this CPU (about 0.05 s of CPU, once per process). The delay is therefore approximate and
+    per inference call, whatever the batch size; it is a lower bound in practice: calibration
+    counts CPU time on one thread (the fastest setting), so a busy machine or other thread
+    settings make the model take longer than ``delay_ms``, not shorter.
     """
     if delay_ms < 0:
         raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")

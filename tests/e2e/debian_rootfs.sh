@@ -8,7 +8,9 @@
 # with python3, python3-venv and adduser: what the edged .deb depends on. A foreign architecture
 # bootstraps with --foreign and runs the second stage under qemu-user-static (binfmt_misc must
 # be mounted and qemu-aarch64 registered). Built in a temporary folder and renamed into place,
-# so an interrupted build leaves no half tarball; a present tarball is reused as is.
+# so an interrupted build leaves no half tarball; a present tarball is reused as is. Concurrent
+# callers (several test sessions) build it once: the build runs under an flock on
+# CACHE_DIR/.rootfs-SUITE-ARCH.lock, and a caller that waited finds the tarball made.
 set -euo pipefail
 
 suite=${1:?suite}
@@ -22,6 +24,12 @@ if [ -f "$tarball" ]; then
     exit 0
 fi
 mkdir -p "$cache"
+exec 9>>"$cache/.rootfs-$suite-$arch.lock"
+flock 9
+if [ -f "$tarball" ]; then
+    echo "$tarball"
+    exit 0
+fi
 work=$(mktemp -d "$cache/.build-$suite-$arch.XXXXXX")
 trap 'umount -R "$work/root/proc" 2>/dev/null || true; rm -rf "$work"' EXIT
 root=$work/root

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import shared_cache
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -62,17 +63,15 @@ def inputs_digest(suite: str, arch: str) -> str:
 def build(suite: str, arch: str) -> tuple[Path, Path]:
     """(edged, edged-learn) .deb for ``suite`` and ``arch``: packaging/build-deb.sh's, or the
     ones it built from the same inputs in an earlier session (EDGED_TEST_REBUILD_DEBS=1 builds
-    anew). Built once per session at most."""
+    anew). Built once per session at most. The cache is shared with concurrent sessions
+    (tests/shared_cache.py): one builds while the others wait, none sees a half-written
+    package, and packages a running session uses are not removed under it."""
     if (suite, arch) in _built:
         return _built[(suite, arch)]
     tag = SUITES[suite][0]
-    out = DEB_CACHE / f"{suite}-{arch}-{inputs_digest(suite, arch)}"
-    base, learn = (out / f"{n}_{VERSION}-1~{tag}_{arch}.deb" for n in ("edged", "edged-learn"))
-    if os.environ.get("EDGED_TEST_REBUILD_DEBS") or not (base.exists() and learn.exists()):
-        for old in DEB_CACHE.glob(f"{suite}-{arch}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"edged-deb-{suite}-{arch}-"))
-        started = time.monotonic()
+    names = [f"{n}_{VERSION}-1~{tag}_{arch}.deb" for n in ("edged", "edged-learn")]
+
+    def build_into(staging: Path) -> None:
         result = subprocess.run(
             [str(REPO / "packaging" / "build-deb.sh"), "--arch", arch, "--suite", suite,
              "--out", str(staging)],
@@ -87,9 +86,16 @@ def build(suite: str, arch: str) -> tuple[Path, Path]:
                 "packaging/build-deb.sh failed (the wheels come from the package index: is it "
                 f"reachable?)\n{result.stderr[-4000:]}"
             )
-        assert result.stdout.split() == [str(staging / base.name), str(staging / learn.name)]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(staging, out)
+        assert result.stdout.split() == [str(staging / name) for name in names]
+
+    started = time.monotonic()
+    out, built = shared_cache.entry(
+        DEB_CACHE, f"{suite}-{arch}", inputs_digest(suite, arch), build_into,
+        complete=lambda folder: all((folder / name).is_file() for name in names),
+        rebuild=bool(os.environ.get("EDGED_TEST_REBUILD_DEBS")),
+    )  # fmt: skip
+    base, learn = (out / name for name in names)
+    if built:
         sizes = ", ".join(f"{d.name} {d.stat().st_size / 2**20:.1f} MiB" for d in (base, learn))
         print(f"built {sizes} in {time.monotonic() - started:.0f} s")
     else:

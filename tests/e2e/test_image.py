@@ -13,11 +13,13 @@ with the reason, only where binfmt_misc cannot be mounted (or without root)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
 BASE = "localhost/edged-test-base:bookworm-arm64"
-IMAGE = "localhost/edged-test:arm64"
+#: this session's image: a fixed tag would be re-tagged, or removed, by a concurrent session
+IMAGE = f"localhost/edged-test:arm64-{uuid.uuid4().hex[:12]}"
 
 
 def _buildah(*args: str, timeout: float = 600) -> str:
@@ -43,7 +46,15 @@ def _buildah(*args: str, timeout: float = 600) -> str:
 
 
 def _base_image() -> None:
-    """The debootstrapped Debian 12 arm64 root filesystem as an image, FROM scratch."""
+    """The debootstrapped Debian 12 arm64 root filesystem as an image, FROM scratch (made by
+    one session at a time: a concurrent one waits, then finds it)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".base-image.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _make_base_image()
+
+
+def _make_base_image() -> None:
     if subprocess.run(["buildah", "inspect", "--type", "image", BASE],
                       capture_output=True, check=False).returncode == 0:  # fmt: skip
         return

@@ -44,13 +44,18 @@ def test_live_before_slow_model_is_ready(slow_repo: Path) -> None:
             assert client.is_server_ready()
         loaded = daemon.wait_for("model_version_loaded", model="slow")
         live = daemon.wait_for("server_live")
-        assert live["_t"] < loaded["_t"]
+        # the daemon's own order of lines, not when this process got round to reading them
+        assert daemon.events.index(live) < daemon.events.index(loaded)
     finally:
         assert daemon.stop() == 0
 
 
+@pytest.mark.timeout(300)
 def test_sigterm_lets_in_flight_requests_finish(slow_repo: Path) -> None:
-    daemon = serve(slow_repo)
+    # three runs of ~1 s of CPU one after the other: the default 10 s grace is not enough on a
+    # busy box (2 of 5 runs at load ~7 cut the third off); what is tested is that they finish,
+    # not how fast
+    daemon = serve(slow_repo, env={"EDGED_SERVER_SHUTDOWN_GRACE_S": "120"})
     results: list[object] = []
     try:
         address = daemon.wait_live()
@@ -69,7 +74,9 @@ def test_sigterm_lets_in_flight_requests_finish(slow_repo: Path) -> None:
         threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.5)  # all three are in flight: one running, two waiting for the instance
+        # all three in the daemon (one running, two waiting for the instance) before SIGTERM:
+        # a request still on its way when the listener closes is refused, and rightly so
+        daemon.wait_in_flight("slow", 3)
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for("shutdown_started", timeout=10)
         tensor = grpcclient.InferInput("input", [1, 64], "FP32")
@@ -80,12 +87,13 @@ def test_sigterm_lets_in_flight_requests_finish(slow_repo: Path) -> None:
         ):
             late.infer("digits", [tensor], client_timeout=5)
         for t in threads:
-            t.join(30)
+            t.join(150)
     finally:
-        code = daemon.stop()
+        code = daemon.stop(timeout=150)
     assert code == 0, daemon.stderr
     assert len(results) == 3
-    assert all(isinstance(r, np.ndarray) for r in results), results
+    shutdown = [e for e in daemon.events if e["event"].startswith("shutdown")]
+    assert all(isinstance(r, np.ndarray) for r in results), (results, shutdown)
     assert sorted(float(r[0, 0]) for r in results) == [0.0, 1.0, 2.0]
     events = [e["event"] for e in daemon.events]
     assert events.index("shutdown_started") < events.index("shutdown_complete")

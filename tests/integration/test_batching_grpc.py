@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
 from tests import modelgen
@@ -61,17 +59,6 @@ def batching_daemon(repo: Path) -> Iterator[DaemonProcess]:
 @pytest.fixture(scope="module")
 def address(batching_daemon: DaemonProcess) -> str:
     return batching_daemon.address
-
-
-def in_flight(daemon: DaemonProcess, model: str) -> float:
-    """The daemon's own count of ``model``'s requests queued or running (Prometheus)."""
-    with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "edged_inflight_requests" and sample.labels.get("model") == model:
-                return sample.value
-    return 0.0
 
 
 def digit(i: int) -> np.ndarray:
@@ -175,10 +162,7 @@ def test_request_timeout_parameter(batching_daemon: DaemonProcess, address: str)
             target=lambda: client.infer("slow", [infer_input("x", np.zeros((1, 4), np.float32))])
         )
         blocker.start()
-        waited = 0
-        while in_flight(batching_daemon, "slow") < 1 and waited < 3000:
-            time.sleep(0.005)
-            waited += 1
+        batching_daemon.wait_in_flight("slow", 1)
         with pytest.raises(grpcclient.InferenceServerException) as err:
             client.infer("slow", [infer_input("x", np.ones((1, 4), np.float32))], timeout=50_000)
         blocker.join()

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tests import modelgen
 from tests.conftest import write_model
 from tests.daemon_process import DaemonProcess
-from tests.integration.test_batching_grpc import in_flight, infer_input
+from tests.integration.test_batching_grpc import infer_input
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +54,17 @@ def occupy(daemon: DaemonProcess, value: float) -> threading.Thread:
 
     thread = threading.Thread(target=call)
     thread.start()
-    for _ in range(3000):
-        if in_flight(daemon, "slow") >= 1:
-            break
-        time.sleep(0.005)
+    daemon.wait_in_flight("slow", 1)
     return thread
 
 
 def settled(daemon: DaemonProcess) -> None:
     """Wait until the model has nothing in flight (fails if it never gets there)."""
     for _ in range(2000):
-        if in_flight(daemon, "slow") == 0:
+        if daemon.in_flight("slow") == 0:
             return
         time.sleep(0.01)
-    raise AssertionError(f"still in flight: {in_flight(daemon, 'slow')}")
+    raise AssertionError(f"still in flight: {daemon.in_flight('slow')}")
 
 
 def test_a_unary_call_past_its_deadline_is_dropped_from_the_queue(daemon: DaemonProcess) -> None:
@@ -100,11 +97,8 @@ def test_a_cancelled_stream_drops_its_queued_requests(daemon: DaemonProcess) -> 
             message.inputs.add(name="x", datatype="FP32", shape=[1, 4])
             message.raw_input_contents.append(np.full((1, 4), i, np.float32).tobytes())
             outgoing.put(message)
-        for _ in range(3000):  # all three in: one running, two queued
-            if in_flight(daemon, "slow") >= 3:
-                break
-            time.sleep(0.005)
-        assert in_flight(daemon, "slow") == 3
+        daemon.wait_in_flight("slow", 3)  # all three in: one running, two queued
+        assert daemon.in_flight("slow") == 3
         replies.cancel()
         outgoing.put(None)
     settled(daemon)

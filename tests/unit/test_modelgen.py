@@ -164,6 +164,26 @@ def test_slow_model_is_identity_and_sized_from_calibration(tmp_path: Path) -> No
     assert path.stat().st_size < 32_000
 
 
+def test_slow_model_calibration_ignores_time_spent_waiting_for_a_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A starved test process once calibrated ~1-5 ms per iteration instead of ~7 us, and its
+    "200 ms" model answered inside a 50 ms deadline. Here every wall clock jumps a second
+    between two readings (a thread that waits that long for a CPU): the calibration, which
+    counts the thread's CPU time, still reads less than a tenth of what a wall-clock one
+    would (at least 1 s / 2000 iterations)."""
+    wall = {"now": 0.0}
+
+    def jumping() -> float:
+        wall["now"] += 1.0
+        return wall["now"]
+
+    for clock in ("perf_counter", "monotonic", "time"):
+        monkeypatch.setattr(modelgen.time, clock, jumping)
+    per_iteration = modelgen.calibrate_slow_iteration_seconds.__wrapped__()
+    assert 0 < per_iteration < 0.1 * 1.0 / modelgen._CALIBRATION_ITERATIONS
+
+
 def test_slow_model_loop_runs_its_trip_count(tmp_path: Path) -> None:
     """The delay is real work: the Loop's carried state after N iterations equals N steps of
     tanh(state @ W) computed in NumPy from the file's own weight, so ONNX Runtime runs every
