@@ -84,6 +84,11 @@ SHAPE = (1, 3, 96, 384)
 """The classifier's input: twice its native 48x192 per side, so that compute, not the
 serving path's fixed cost, dominates (the model takes any height and width)."""
 PYTHON = sys.executable
+#: --device-emulation qemu-arm64: the arm64 root file system the device runs in (made from
+#: the tests' cached Debian root and .debs when missing), and the Python of edged's .deb there
+ARM64_ROOT = Path("/var/tmp/edged-bench-arm64")
+ARM64_PYTHON = "/opt/edged/venv/bin/python"
+TEST_CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
 #: the device cgroup's cpu.shares with --priority (a task's weight at nice -10 is 9548)
 PRIORITY_SHARES = 10240
 
@@ -149,7 +154,14 @@ def shape(mbit: float, delay_ms: float) -> str:
 class Daemon:
     """``edged serve`` behind a command prefix (a namespace, a cgroup), its JSON log read."""
 
-    def __init__(self, prefix: list[str], models: Path, address: str, env: dict[str, str]):
+    def __init__(
+        self,
+        prefix: list[str],
+        models: Path,
+        address: str,
+        env: dict[str, str],
+        python: str = PYTHON,
+    ):
         full = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
         full |= {
             "EDGED_ZMQ_ENABLED": "false",
@@ -159,7 +171,7 @@ class Daemon:
             "PYTHONPATH": str(ROOT),
             **env,
         }
-        cmd = [*prefix, PYTHON, "-m", "edged.cli", "serve", "--models", str(models)]
+        cmd = [*prefix, python, "-m", "edged.cli", "serve", "--models", str(models)]
         self.proc = subprocess.Popen(
             [*cmd, "--grpc-address", address],
             stdout=subprocess.PIPE,
@@ -209,14 +221,79 @@ def in_cgroup() -> list[str]:
 
 def set_quota(percent: float) -> None:
     """``percent`` of one core: 1 ms of CPU per period (the kernel's least quota), the period
-    as short as that allows, so that the slowdown is smooth rather than bursts and stalls."""
+    as short as that allows (still: work shorter than 1 ms may run at full speed, longer work
+    stalls a period at a time). 100 or more: no quota."""
     CGROUP.mkdir(exist_ok=True)
     # the group's weight against the rest of a shared machine: the quota, not other work,
     # is what slows the device (10240: a task's weight at nice -10)
     (CGROUP / "cpu.shares").write_text(str(PRIORITY_SHARES))
     (CGROUP / "cpu.cfs_quota_us").write_text("-1")
-    (CGROUP / "cpu.cfs_period_us").write_text(str(round(100_000 / percent)))
-    (CGROUP / "cpu.cfs_quota_us").write_text("1000")
+    if percent < 100:
+        (CGROUP / "cpu.cfs_period_us").write_text(str(round(100_000 / percent)))
+        (CGROUP / "cpu.cfs_quota_us").write_text("1000")
+
+
+class DeviceSide:
+    """How the simulated device runs a command: in the cgroup (``quota``: host code at host
+    speed under the CPU quota), or also under qemu-aarch64 in an arm64 root file system
+    (``qemu-arm64``: every instruction emulated, Python, gRPC and ONNX Runtime's arm64
+    kernels alike; the paths in ``shared`` bind-mounted at the same place there)."""
+
+    def __init__(self, emulation: str, arm64_root: Path) -> None:
+        self.emulation = emulation
+        self.root = arm64_root
+        self.python = PYTHON if emulation == "quota" else ARM64_PYTHON
+
+    def prefix(self) -> list[str]:
+        if self.emulation == "quota":
+            return in_cgroup()
+        return [*in_cgroup(), "chroot", str(self.root), "env", "PYTHONDONTWRITEBYTECODE=1"]
+
+    @contextlib.contextmanager
+    def mounted(self, *shared: Path) -> Iterator[None]:
+        if self.emulation == "quota":
+            yield
+            return
+        arm64_root(self.root)
+        points: list[Path] = []
+        try:
+            # not /sys: ONNX Runtime's cpuinfo, built for arm64, crashes on the host's
+            # x86 /sys/devices/system/cpu (without it, it warns and runs)
+            for path in (Path("/dev"), Path("/proc"), *shared):
+                inside = self.root / path.relative_to("/")
+                inside.mkdir(parents=True, exist_ok=True)
+                sh("mount", "--bind", str(path), str(inside))
+                points.append(inside)
+            yield
+        finally:
+            for inside in reversed(points):
+                sh("umount", "-l", str(inside), check=False)
+
+
+def arm64_root(root: Path) -> None:
+    """An arm64 Debian root with edged's .debs installed (their venv: arm64 Python, ONNX
+    Runtime, gRPC, onnx), from what tests/e2e/test_deb_chroot.py caches: the root file system
+    tarball and the built packages. The benchmark runs this checkout's code with that venv."""
+    if (root / ARM64_PYTHON.lstrip("/")).exists():
+        return
+    tarball = TEST_CACHE / "rootfs-bookworm-arm64.tar"
+    debs = sorted(TEST_CACHE.glob("debs/bookworm-arm64-*/*.deb"))
+    if not tarball.exists() or len(debs) < 2:
+        raise RuntimeError(
+            f"no arm64 root at {root}, and no {tarball} and .debs to make one: run "
+            "tests/e2e/test_deb_chroot.py's arm64 case once (it caches them)"
+        )
+    log(f"making the arm64 root {root} (the cached Debian root, dpkg -i edged's .debs)")
+    root.mkdir(parents=True, exist_ok=True)
+    sh("tar", "--numeric-owner", "-xf", str(tarball), "-C", str(root))
+    for deb in debs:
+        shutil.copy(deb, root / "tmp" / deb.name)
+    sh("mount", "-t", "proc", "proc", str(root / "proc"))
+    try:
+        sh("chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive", "dpkg", "-i",
+           *(f"/tmp/{deb.name}" for deb in debs))  # fmt: skip
+    finally:
+        sh("umount", "-l", str(root / "proc"), check=False)
 
 
 # -- repositories --------------------------------------------------------------------------
@@ -259,10 +336,15 @@ def build_repos(
 
 
 def partition(
-    prefix: list[str], whole: Path, threads: int, args: argparse.Namespace, *flags: str
+    prefix: list[str],
+    whole: Path,
+    threads: int,
+    args: argparse.Namespace,
+    *flags: str,
+    python: str = PYTHON,
 ) -> str:
     """``edged partition`` behind ``prefix`` (a namespace, the device's cgroup); its stdout."""
-    cmd = [*prefix, PYTHON, "-m", "edged.cli", "partition", str(whole), *flags]
+    cmd = [*prefix, python, "-m", "edged.cli", "partition", str(whole), *flags]
     cmd += ["--threads", str(threads), "--every", str(args.every), "--runs", "9"]
     cmd += ["--input", f"x={args.input_file}"]
     if args.wire_dtype:
@@ -305,7 +387,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=2, help="--replan: client threads")
     parser.add_argument("--proxy", action="store_true", help="--replan: a TCP proxy, not tc")
     parser.add_argument("--bandwidths", default="1,10,100", help="Mbit/s, comma-separated")
-    parser.add_argument("--quotas", default="50,20", help="device CPU quota, % of one core")
+    parser.add_argument(
+        "--quotas",
+        default="50,20",
+        help="device CPU quota, %% of one core (100: none)",
+    )
+    parser.add_argument(
+        "--device-emulation",
+        choices=("quota", "qemu-arm64"),
+        default="quota",
+        help="how the slower device is simulated: host code in a CPU quota, or also emulated "
+        "as arm64 by qemu-aarch64 (TCG: every instruction slower, no stalls; needs binfmt "
+        "for aarch64 and the tests' cached arm64 root and .debs, or --arm64-root)",
+    )
+    parser.add_argument(
+        "--profile-once",
+        action="store_true",
+        help="profile the device once per quota (edged partition --profile-out in its "
+        "cgroup) and plan every bandwidth with it (--explain --profile), instead of profiling "
+        "again for each bandwidth (qemu-arm64: a profile takes minutes)",
+    )
+    parser.add_argument(
+        "--arm64-root",
+        type=Path,
+        default=ARM64_ROOT,
+        help="qemu-arm64: the arm64 root file system (made when missing)",
+    )
     parser.add_argument(
         "--shape",
         default=",".join(map(str, SHAPE)),
@@ -383,14 +490,24 @@ def main() -> int:
         "input_bytes": int(x.nbytes),
         "wire_dtype": args.wire_dtype or "the cut tensor's own",
         "cuts": len(cuts) + 1,
-        "device": "edged on the host, 1 runtime thread, 1 instance, cgroup cpu quota",
+        "device": (
+            "edged on the host, 1 runtime thread, 1 instance, cgroup cpu quota"
+            if args.device_emulation == "quota"
+            else "edged under qemu-aarch64 (arm64 emulated on the host), 1 runtime thread, "
+            "1 instance, in a cgroup (cpu quota when below 100 %)"
+        ),
+        "device_emulation": args.device_emulation,
         "server": "edged in a network namespace, 2 runtime threads, 1 instance",
         "cpu": os.cpu_count(),
         "priority": "nice -10, device cgroup cpu.shares 10240" if args.priority else "none",
         "settings": [],
     }
-    with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, namespace():
-        work = Path(tmp)
+    side = DeviceSide(args.device_emulation, args.arm64_root)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edged-bench-")))
+        stack.enter_context(namespace())
+        stack.enter_context(side.mounted(ROOT, work))  # qemu-arm64: seen from its root too
+        whole = Path(shutil.copyfile(whole, work / whole.name))
         args.input_file = work / "x.npy"
         np.save(args.input_file, x)
         server_repo, device_repo, names = build_repos(whole, cuts, work, args.wire_dtype)
@@ -409,26 +526,7 @@ def main() -> int:
         server.wait_ready()
         try:
             for quota in (float(q) for q in args.quotas.split(",")):
-                set_quota(quota)
-                shape(1000, 0)  # the device loads its models (asks the server) quickly
-                device = Daemon(
-                    in_cgroup(),
-                    device_repo,
-                    "127.0.0.1:0",
-                    {"EDGED_MODELS_THREADS": "1", "EDGED_MODELS_INSTANCES": "1"},
-                )
-                device.wait_ready()
-                try:
-                    for mbit in (float(b) for b in args.bandwidths.split(",")):
-                        results["settings"].append(
-                            measure_setting(
-                                args, quota, mbit, device, whole, work / "server.json", names, x
-                            )
-                        )
-                        if args.out:  # what is measured so far survives a failure later
-                            args.out.write_text(json.dumps(results, indent=2) + "\n")
-                finally:
-                    device.stop()
+                run_quota(args, side, quota, device_repo, whole, work, names, x, results)
         finally:
             server.stop()
             with contextlib.suppress(OSError):
@@ -438,6 +536,45 @@ def main() -> int:
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def run_quota(
+    args: argparse.Namespace,
+    side: DeviceSide,
+    quota: float,
+    device_repo: Path,
+    whole: Path,
+    work: Path,
+    names: dict[str, str],
+    x: np.ndarray,
+    results: dict[str, Any],
+) -> None:
+    """The device daemon in ``quota``, every bandwidth measured against it."""
+    set_quota(quota)
+    shape(1000, 0)  # the device loads its models (asks the server) quickly
+    device = Daemon(
+        side.prefix(),
+        device_repo,
+        "127.0.0.1:0",
+        {"EDGED_MODELS_THREADS": "1", "EDGED_MODELS_INSTANCES": "1"},
+        python=side.python,
+    )
+    try:
+        device.wait_ready(timeout=1800)
+        args.device_profile = None
+        if args.profile_once:
+            log(f"quota {quota:g}%: the device is ready; profiling it once")
+            args.device_profile = work / f"device-{quota:g}.json"
+            flags = ("--profile-out", str(args.device_profile))
+            partition(side.prefix(), whole, 1, args, *flags, python=side.python)
+        for mbit in (float(b) for b in args.bandwidths.split(",")):
+            server_profile = work / "server.json"
+            row = measure_setting(args, side, quota, mbit, device, whole, server_profile, names, x)
+            results["settings"].append(row)
+            if args.out:  # what is measured so far survives a failure later
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        device.stop()
 
 
 def accuracy_main(args: argparse.Namespace) -> int:
@@ -494,6 +631,7 @@ def accuracy_main(args: argparse.Namespace) -> int:
 
 def measure_setting(
     args: argparse.Namespace,
+    side: DeviceSide,
     quota: float,
     mbit: float,
     device: Daemon,
@@ -506,7 +644,11 @@ def measure_setting(
     # the operator's command, run on the "device" (its cgroup): profiles the heads there,
     # measures the link from there, and plans with the server's profile
     server = ["--server-profile", str(server_profile), "--server", f"{NS_IP}:{SERVER_PORT}"]
-    out = partition(in_cgroup(), whole, 1, args, "--explain", "--json", *server)
+    if args.device_profile is not None:
+        server += ["--profile", str(args.device_profile)]
+    out = partition(
+        side.prefix(), whole, 1, args, "--explain", "--json", *server, python=side.python
+    )
     explained = json.loads(out)
     choice = explained["choice"]
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
@@ -529,11 +671,15 @@ def measure_setting(
     split_best = min(v for c, v in measured.items() if c not in (ALL_LOCAL, graph.INPUTS_CUT))
     load = os.getloadavg()[0]
     row = {
+        "device_emulation": side.emulation,
         "quota_percent": quota,
         "bandwidth_mbit": mbit,
         "shaping": how,
         "load_average_1min": round(load, 2),
         "device_whole_profiled_ms": round(rows[ALL_LOCAL]["head_ms"], 3),
+        "server_whole_profiled_ms": round(
+            json.loads(server_profile.read_text())["whole_s"] * 1000, 3
+        ),
         "link_measured": {
             "rtt_ms": round(explained["link"]["rtt_ms"], 3),
             "bandwidth_mbit": round(explained["link"]["bandwidth_mbit"], 3),

@@ -41,6 +41,8 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT;
                               --objective device_cpu (--byte-cost-ns N) minimises the device's
                               CPU time instead of the latency
+  --explain --profile FILE    plan with this machine's profile written before by
+                              --profile-out (profile once, plan for many links)
 """
 
 
@@ -61,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="where --cut writes them")
     parser.add_argument("--explain", action="store_true", help="print the plan and its choice")
     parser.add_argument("--profile-out", type=Path, metavar="FILE", help="write this profile")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="--explain: this machine's profile, written before with --profile-out (instead "
+        "of profiling now: profile once, plan for many links)",
+    )
     parser.add_argument(
         "--server-profile", type=Path, metavar="FILE", help="the server's --profile-out file"
     )
@@ -158,11 +167,11 @@ def _link(args: argparse.Namespace) -> tuple[Link, str]:
     return link, f"measured to {args.server}"
 
 
-def _read_profile(path: Path) -> Profile:
+def _read_profile(path: Path, flag: str = "--server-profile") -> Profile:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--server-profile {path}: {e}") from e
+        raise ConfigError(f"{flag} {path}: {e}") from e
     return Profile.from_json(data, str(path))
 
 
@@ -239,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: a bad flag, a tensor that is no cut, a file that is no model.
     """
+    if args.profile is not None and not args.explain:
+        raise ConfigError("--profile is what --explain plans with: add --explain")
     if not (args.list or args.cut or args.explain or args.profile_out):
         raise ConfigError("say what to do: --list, --cut, --profile-out or --explain")
     model = graph.load(args.model)
@@ -303,15 +314,20 @@ def _cuts(model: Any, args: argparse.Namespace) -> None:
 
 
 def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
-    mine = profile(
-        args.model,
-        _feed(model, args),
-        executor=args.executor,
-        threads=args.threads,
-        runs=args.runs,
-        every=args.every,
-        wire_dtype=args.wire_dtype,
-    )
+    if args.profile is not None:
+        if args.profile_out:
+            raise ConfigError("--profile reads a profile, --profile-out writes one: not both")
+        mine = _read_profile(args.profile, "--profile")
+    else:
+        mine = profile(
+            args.model,
+            _feed(model, args),
+            executor=args.executor,
+            threads=args.threads,
+            runs=args.runs,
+            every=args.every,
+            wire_dtype=args.wire_dtype,
+        )
     if args.profile_out:
         data = (json.dumps(mine.to_json(), indent=2) + "\n").encode()
         write_atomic(args.profile_out, lambda f: f.write(data))
