@@ -93,6 +93,16 @@ TEST_CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
 PRIORITY_SHARES = 10240
 
 
+def use_instance(n: int) -> None:
+    """Names of instance ``n`` (namespace, veth, addresses, cgroup), so that two runs of
+    this benchmark can share the machine."""
+    global NS, HOST_IF, NS_IF, HOST_IP, NS_IP, CGROUP  # noqa: PLW0603 - set once, at start
+    if n:
+        NS, HOST_IF, NS_IF = f"edged-bench-srv-{n}", f"edb-host{n}", f"edb-srv{n}"
+        HOST_IP, NS_IP = f"10.77.{n}.1", f"10.77.{n}.2"
+        CGROUP = CGROUP.with_name(f"edged-bench-device-{n}")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -401,6 +411,12 @@ def parse_args() -> argparse.Namespace:
         "for aarch64 and the tests' cached arm64 root and .debs, or --arm64-root)",
     )
     parser.add_argument(
+        "--statistics",
+        default="wall",
+        help="plan with each of these head statistics (edged partition --statistic), from "
+        "one device profile per setting, side by side: e.g. wall,cpu",
+    )
+    parser.add_argument(
         "--profile-once",
         action="store_true",
         help="profile the device once per quota (edged partition --profile-out in its "
@@ -451,6 +467,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delay-ms", type=float, default=2.0, help="RTT added with netem")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
+        "--instance",
+        type=int,
+        default=0,
+        choices=range(10),
+        help="another run beside this one: its own namespace, veth, addresses and cgroup",
+    )
+    parser.add_argument(
         "--accuracy",
         type=int,
         default=0,
@@ -463,6 +486,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    use_instance(args.instance)
     if args.replan:
         return replan_main(args)
     if args.accuracy:
@@ -644,12 +668,23 @@ def measure_setting(
     # the operator's command, run on the "device" (its cgroup): profiles the heads there,
     # measures the link from there, and plans with the server's profile
     server = ["--server-profile", str(server_profile), "--server", f"{NS_IP}:{SERVER_PORT}"]
-    if args.device_profile is not None:
-        server += ["--profile", str(args.device_profile)]
-    out = partition(
-        side.prefix(), whole, 1, args, "--explain", "--json", *server, python=side.python
-    )
-    explained = json.loads(out)
+    stats = args.statistics.split(",")
+    device_profile = args.device_profile
+    if device_profile is None and len(stats) > 1:
+        # one profile, planned with each statistic: the choices differ by the statistic only
+        device_profile = server_profile.with_name("device-setting.json")
+        flags = ("--profile-out", str(device_profile))
+        partition(side.prefix(), whole, 1, args, *flags, python=side.python)
+    if device_profile is not None:
+        server += ["--profile", str(device_profile)]
+    plans = {}
+    for statistic in stats:
+        out = partition(
+            side.prefix(), whole, 1, args, "--explain", "--json", *server,
+            "--statistic", statistic, python=side.python,
+        )  # fmt: skip
+        plans[statistic] = json.loads(out)
+    explained = plans[stats[0]]
     choice = explained["choice"]
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
     rows = {e["cut"]: e for e in explained["estimates"]}
@@ -660,7 +695,8 @@ def measure_setting(
     # remote and the three best of the screening are measured again, --confirm requests each
     splits = [c for c in screened if c not in (ALL_LOCAL, graph.INPUTS_CUT)]
     best_three = sorted(splits, key=lambda c: screened[c])[:3]
-    finalists = {choice, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
+    choices = {p["choice"] for p in plans.values()}
+    finalists = {*choices, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
     confirm = max(5, args.confirm // 3) if mbit < 5 else args.confirm
     measured = end_to_end_ms(
         device.address, {c: n for c, n in names.items() if c in finalists}, x, confirm
@@ -697,6 +733,20 @@ def measure_setting(
         "chosen_speedup_over_better_of_local_remote": round(
             min(local, remote_only) / measured[choice], 3
         ),
+        "planner_by_statistic": {
+            statistic: {
+                "choice": p["choice"],
+                "estimated_ms": round(p["choice_total_ms"], 3),
+                "measured_ms": round(measured[p["choice"]], 3),
+                "choice_over_best": round(measured[p["choice"]] / measured[best], 3),
+                "chosen_speedup_over_better_of_local_remote": round(
+                    min(local, remote_only) / measured[p["choice"]], 3
+                ),
+                "noisy_heads": p.get("noisy_heads", []),
+                "estimated_ms_per_cut": {e["cut"]: round(e["total_ms"], 3) for e in p["estimates"]},
+            }
+            for statistic, p in plans.items()
+        },
         "requests_per_cut": {"screening": requests, "confirmation": confirm},
         "per_cut": {
             c: {
@@ -715,7 +765,11 @@ def measure_setting(
         f" {row['link_measured']['bandwidth_mbit']} Mbit/s): planner {choice} "
         f"{row['planner_choice_measured_ms']} ms; best {best} {row['best_measured_ms']} ms; "
         f"local {row['all_local_ms']} ms, remote {row['all_remote_ms']} ms, "
-        f"best split {row['best_split_ms']} ms"
+        f"best split {row['best_split_ms']} ms; by statistic: "
+        + ", ".join(
+            f"{k} {v['choice']} {v['measured_ms']} ms"
+            for k, v in row["planner_by_statistic"].items()
+        )
     )
     return row
 

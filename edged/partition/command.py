@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,16 @@ from edged.core.errors import ConfigError
 from edged.core.types import Array
 from edged.partition import graph
 from edged.partition.planner import OBJECTIVES, Link, Plan, plan
-from edged.partition.profile import DEFAULT_RUNS, Profile, cost_table, measure_link, profile
+from edged.partition.profile import (
+    DEFAULT_RUNS,
+    NOISY_SPREAD,
+    STATISTICS,
+    Profile,
+    cost_table,
+    measure_link,
+    noisy_heads,
+    profile,
+)
 from edged.security import client as client_auth
 from edged.storage import write_atomic
 
@@ -43,6 +52,8 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               CPU time instead of the latency
   --explain --profile FILE    plan with this machine's profile written before by
                               --profile-out (profile once, plan for many links)
+  --statistic cpu             a head costs its CPU time times the device's wall/CPU ratio,
+                              not its median wall time (a CPU quota's stalls; one thread)
 """
 
 
@@ -108,6 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=graph.WIRE_DTYPES,
         default="",
         help="send the cut tensor in this datatype (the cuts that have a head; default: its own)",
+    )
+    parser.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default="wall",
+        help="what a head costs: its median wall time (default), or its median CPU time times "
+        "the device's wall/CPU ratio over the profile (for a device slowed in stalls, a CPU "
+        "quota; needs --threads 1)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
@@ -175,8 +194,16 @@ def _read_profile(path: Path, flag: str = "--server-profile") -> Profile:
     return Profile.from_json(data, str(path))
 
 
-def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dict[str, Any]:
-    """The plan as JSON: every row's parts in milliseconds, the link, the choice."""
+def explain_json(
+    result: Plan,
+    link: Link,
+    link_source: str,
+    server: str,
+    statistic: str = "wall",
+    noisy: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The plan as JSON: every row's parts in milliseconds, the link, the choice, the
+    statistic of the heads, and the cuts whose heads' runs disagreed."""
     return {
         "link": {
             "rtt_ms": link.rtt_s * 1000,
@@ -197,6 +224,8 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
             for e in result.estimates
         ],
         "objective": result.objective,
+        "statistic": statistic,
+        "noisy_heads": list(noisy),
         "choice": result.choice.cut,
         "choice_total_ms": result.choice.total_s * 1000,
         **(
@@ -207,8 +236,15 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
     }
 
 
-def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str:
-    """The plan as a table, the chosen row marked."""
+def explain_text(
+    result: Plan,
+    link: Link,
+    link_source: str,
+    server: str,
+    statistic: str = "wall",
+    noisy: Sequence[str] = (),
+) -> str:
+    """The plan as a table, the chosen row marked, noisy heads named."""
     width = max(len(e.cut) for e in result.estimates)
     cpu = result.objective == "device_cpu"
     lines = [
@@ -233,8 +269,16 @@ def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str
         f"link: rtt {link.rtt_s * 1000:.3f} ms, {link.bandwidth_bps / 1e6:.3f} Mbit/s "
         f"({link_source})",
         f"server: {server}",
-        f"choice: {result.choice.cut} ({what})",
     ]
+    if statistic != "wall":
+        lines.append(f"heads: {statistic} time x the device's wall/CPU ratio")
+    if noisy:
+        lines.append(
+            f"noisy: {len(noisy)} heads' runs disagree (interquartile range over "
+            f"{NOISY_SPREAD:.0%} of the median): {', '.join(noisy)}; a CPU quota's stalls? "
+            "--statistic cpu charges each its CPU time"
+        )
+    lines.append(f"choice: {result.choice.cut} ({what})")
     return "\n".join(lines) + "\n"
 
 
@@ -340,8 +384,10 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
-    result = plan(cost_table(mine, theirs), link, args.objective, args.byte_cost_ns * 1e-9)
+    table = cost_table(mine, theirs, args.statistic)
+    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9)
+    noisy = noisy_heads(mine)
     if args.json:
-        _write(explain_json(result, link, source, server), True)
+        _write(explain_json(result, link, source, server, args.statistic, noisy), True)
     else:
-        _write(explain_text(result, link, source, server), False)
+        _write(explain_text(result, link, source, server, args.statistic, noisy), False)
