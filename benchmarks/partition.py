@@ -18,7 +18,8 @@ veth's own round trip and only the bandwidth is shaped: the output says which.
 
     sudo .venv/bin/python benchmarks/partition.py [--bandwidths 1,10,100] [--quotas 50,20]
         [--every 6] [--requests 15] [--confirm 45] [--delay-ms 2] [--lines 6 | --shape N,3,H,W]
-        [--wire-dtype FP16] [--out FILE]
+        [--wire-dtype FP16] [--device-emulation quota|qemu-arm64] [--profile-once]
+        [--statistics wall,cpu] [--instance N] [--out FILE]
 
 The input is random values of ``--shape`` (default 1x3x96x384), or ``--lines N`` text lines
 rendered at the classifier's native 48x192 (PP-OCR classifies a page's lines in batches of
@@ -26,6 +27,26 @@ rendered at the classifier's native 48x192 (PP-OCR classifies a page's lines in 
 all remote, sends the request's FP32 inputs as they are). Every cut is screened with
 ``--requests`` requests, then the planner's choice, the three best, all local and all remote
 are measured again with ``--confirm`` requests each: the headline figures are those.
+
+How the slower device is simulated (``--device-emulation``):
+
+- ``quota`` (default): host code at host speed in a cgroup v1 CPU quota of 1 ms per period.
+  Not a slower CPU: work shorter than the quota can run at full speed, longer work waits a
+  period at a time, so the heads near 1 ms profile at full speed in one run and a period
+  slower in the next.
+- ``qemu-arm64``: the device daemon (and its ``edged partition``) run this checkout's code
+  under qemu-aarch64 (TCG) in an arm64 Debian root with edged's arm64 .deb installed (its
+  venv: arm64 CPython, ONNX Runtime, gRPC), made from what tests/e2e/test_deb_chroot.py
+  caches (``--arm64-root``). Every instruction is emulated, so there are no stalls; but the
+  slowdown is not a real core's either: ONNX Runtime's vector kernels ~120x, Python ~8x on
+  this machine. ``--quotas 100`` runs it without a quota; a quota on top slows it further
+  (its stalls are small beside heads of hundreds of ms). ``--profile-once`` profiles the
+  device once per quota and plans each bandwidth with that profile (a profile takes
+  minutes under emulation).
+
+``--statistics wall,cpu`` plans each setting with both head statistics of ``edged partition
+--statistic`` from one device profile, side by side (both choices are confirmed).
+``--instance N`` runs beside another run (its own namespace, veth, addresses, cgroup).
 
 ``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
 text lines (no root, no daemons).

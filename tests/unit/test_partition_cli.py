@@ -100,6 +100,7 @@ def test_explain_plans_with_a_profile_taken_before(tmp_path: Path) -> None:
     data["whole_s"] = 100.0
     for row in data["cuts"]:  # (no --server-profile: its tails stand in for the server's)
         row["head_s"] = row["tail_s"] = 100.0 if row["cut"] != "hidden" else 0.0
+        row["head_spread"] = 0.9 if row["cut"] == "fc1" else 0.1
     device.write_text(json.dumps(data))
     link = ["--rtt-ms", "1", "--bandwidth-mbit", "100", "--json"]
     explained = run_cli("partition", str(DIGITS), "--explain", "--profile", str(device), *link)
@@ -108,6 +109,18 @@ def test_explain_plans_with_a_profile_taken_before(tmp_path: Path) -> None:
     rows = {r["cut"]: r for r in result["estimates"]}
     assert rows[ALL_LOCAL]["head_ms"] == 100_000.0
     assert result["choice"] == "hidden"
+    assert (result["statistic"], result["noisy_heads"]) == ("wall", ["fc1"])
+    # the CPU statistic: the profile's CPU times (measured, untouched) x its wall/CPU ratio
+    by_cpu = run_cli(
+        "partition", str(DIGITS), "--explain", "--profile", str(device), *link,
+        "--statistic", "cpu",
+    )  # fmt: skip
+    assert by_cpu.returncode == 0, by_cpu.stderr
+    rows = {r["cut"]: r for r in json.loads(by_cpu.stdout)["estimates"]}
+    want = data["whole_cpu_s"] * data["wall_per_cpu"] * 1000
+    assert rows[ALL_LOCAL]["head_ms"] == pytest.approx(want)
+    text = run_cli("partition", str(DIGITS), "--explain", "--profile", str(device), *link[:4])
+    assert "noisy: 1 heads' runs disagree" in text.stdout
     for flags, message in (
         (["--profile", str(device)], "--profile is what --explain plans with"),
         (
