@@ -54,6 +54,8 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               --profile-out (profile once, plan for many links)
   --statistic cpu             a head costs its CPU time times the device's wall/CPU ratio,
                               not its median wall time (a CPU quota's stalls; one thread)
+  --margin 0.1                a split only where it is estimated >10 % faster than the
+                              better of all local and all remote
 """
 
 
@@ -127,6 +129,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what a head costs: its median wall time (default), or its median CPU time times "
         "the device's wall/CPU ratio over the profile (for a device slowed in stalls, a CPU "
         "quota; needs --threads 1)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="choose a split only if it is estimated faster than the better of all local and "
+        "all remote by more than this fraction of it (default 0)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
@@ -385,7 +395,7 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
     table = cost_table(mine, theirs, args.statistic)
-    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9)
+    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9, args.margin)
     noisy = noisy_heads(mine)
     if args.json:
         _write(explain_json(result, link, source, server, args.statistic, noisy), True)

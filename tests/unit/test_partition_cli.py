@@ -165,6 +165,7 @@ def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
         (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
         (["--explain"], "--explain needs the link"),
         (["--cut", "hidden", "--wire-dtype", "INT8", "--out", "x"], "invalid choice: 'INT8'"),
+        (["--explain", "--rtt-ms", "1", "--bandwidth-mbit", "1", "--margin", "2"], "margin 2.0"),
     ],
 )
 def test_bad_requests_are_named(flags: list[str], message: str) -> None:
