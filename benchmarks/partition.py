@@ -387,6 +387,16 @@ def partition(
     return done.stdout
 
 
+def plan_flags(spec: str) -> list[str]:
+    """``edged partition`` flags of a --statistics entry: ``cpu+smooth+margin=0.05``."""
+    statistic, *extras = spec.split("+")
+    flags = ["--statistic", statistic]
+    for extra in extras:
+        name, _, value = extra.partition("=")
+        flags += [f"--{name}", *([value] if value else [])]
+    return flags
+
+
 def end_to_end_ms(
     address: str, models: dict[str, str], x: np.ndarray, rounds: int
 ) -> dict[str, float]:
@@ -434,8 +444,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--statistics",
         default="wall",
-        help="plan with each of these head statistics (edged partition --statistic), from "
-        "one device profile per setting, side by side: e.g. wall,cpu",
+        help="plan with each of these (edged partition --statistic, +smooth for --smooth, "
+        "+margin=F for --margin F), from one device profile per setting, side by side: "
+        "e.g. wall,cpu,wall+smooth,wall+margin=0.05",
     )
     parser.add_argument(
         "--profile-once",
@@ -702,7 +713,7 @@ def measure_setting(
     for statistic in stats:
         out = partition(
             side.prefix(), whole, 1, args, "--explain", "--json", *server,
-            "--statistic", statistic, python=side.python,
+            *plan_flags(statistic), python=side.python,
         )  # fmt: skip
         plans[statistic] = json.loads(out)
     explained = plans[stats[0]]
