@@ -54,8 +54,6 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               --profile-out (profile once, plan for many links)
   --statistic cpu             a head costs its CPU time times the device's wall/CPU ratio,
                               not its median wall time (a CPU quota's stalls; one thread)
-  --smooth                    heads non-decreasing, tails non-increasing along the graph
-                              (least squares): neighbouring cuts' noise averaged
   --margin 0.1                a split only where it is estimated >10 % faster than the
                               better of all local and all remote
 """
@@ -131,12 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what a head costs: its median wall time (default), or its median CPU time times "
         "the device's wall/CPU ratio over the profile (for a device slowed in stalls, a CPU "
         "quota; needs --threads 1)",
-    )
-    parser.add_argument(
-        "--smooth",
-        action="store_true",
-        help="make the heads non-decreasing and the tails non-increasing along the graph "
-        "(least squares), averaging neighbouring cuts' noise",
     )
     parser.add_argument(
         "--margin",
@@ -402,7 +394,7 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
-    table = cost_table(mine, theirs, args.statistic, args.smooth)
+    table = cost_table(mine, theirs, args.statistic)
     result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9, args.margin)
     noisy = noisy_heads(mine)
     if args.json:

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -301,9 +301,7 @@ def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
     return chosen
 
 
-def cost_table(
-    device: Profile, server: Profile, statistic: Statistic = "wall", smooth: bool = False
-) -> list[CutCost]:
+def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") -> list[CutCost]:
     """The planner's table: heads and bytes measured on the device, tails on the server, for
     the cuts both profiled, then all local.
 
@@ -315,13 +313,6 @@ def cost_table(
     its median is one or the other from run to run); it charges every part the device's
     average slowness. It needs a one-thread device profile (the runtime computes on the
     timed thread) that recorded CPU times. Tails are the server's wall medians either way.
-
-    ``smooth``: each cut's head is a superset of an earlier cut's head and its tail a subset
-    of an earlier cut's tail, so along the graph the heads (then the whole model) cannot get
-    cheaper nor the tails dearer; measured ones do, by noise. With ``smooth`` the heads are
-    replaced by the closest non-decreasing sequence and the tails by the closest
-    non-increasing one (least squares: :func:`monotone`), which averages neighbouring cuts'
-    noise where their order contradicts the graph's.
 
     Raises:
         ConfigError: the two profiles share no cut (different models, or --every), or were
@@ -350,29 +341,7 @@ def cost_table(
             f"the device profile ({device.model}) and the server profile ({server.model}) "
             "share no cut"
         )
-    if smooth:
-        heads = monotone([*(r.head_s for r in rows), whole], increasing=True)
-        tails_ = monotone([r.tail_s for r in rows], increasing=False)
-        whole = heads[-1]
-        rows = [
-            replace(r, head_s=h, tail_s=t) for r, h, t in zip(rows, heads, tails_, strict=False)
-        ]
     return [*rows, CutCost(ALL_LOCAL, whole, 0.0, 0)]
-
-
-def monotone(values: Sequence[float], increasing: bool) -> list[float]:
-    """The non-decreasing (``increasing``) or non-increasing sequence closest to ``values`` in
-    least squares: runs that break the order are replaced by their mean (pool adjacent
-    violators)."""
-    sign = 1.0 if increasing else -1.0
-    blocks: list[tuple[float, int]] = []  # (sum, count) of each pooled run
-    for value in values:
-        total, count = sign * value, 1
-        while blocks and blocks[-1][0] / blocks[-1][1] > total / count:
-            before, n = blocks.pop()
-            total, count = total + before, count + n
-        blocks.append((total, count))
-    return [sign * total / count for total, count in blocks for _ in range(count)]
 
 
 def _head_costs(

@@ -157,37 +157,3 @@ def test_profiles_taken_with_different_wire_datatypes_are_not_joined() -> None:
     # a profile written before the field existed reads as the tensors' own datatype
     old = {k: v for k, v in fp32.to_json().items() if k != "wire_dtype"}
     assert profile.Profile.from_json(old, "old.json").wire_dtype == ""
-
-
-@pytest.mark.parametrize(
-    ("values", "increasing", "want"),
-    [
-        ([1.0, 2.0, 3.0], True, [1.0, 2.0, 3.0]),  # already in order: unchanged
-        ([1.0, 3.0, 2.0, 4.0], True, [1.0, 2.5, 2.5, 4.0]),  # one violation: its pair's mean
-        ([3.0, 1.0, 2.0], True, [2.0, 2.0, 2.0]),  # pooled back to the start
-        ([5.0, 6.0, 1.0, 2.0], False, [5.5, 5.5, 1.5, 1.5]),  # non-increasing
-        ([], True, []),
-    ],
-)
-def test_monotone_pools_the_runs_that_break_the_order(
-    values: list[float], increasing: bool, want: list[float]
-) -> None:
-    assert profile.monotone(values, increasing) == pytest.approx(want)
-
-
-def test_smoothing_makes_heads_grow_and_tails_shrink_along_the_graph() -> None:
-    rows = (
-        profile.CutProfile(graph.INPUTS_CUT, 0.0, 0.020, 600_000),
-        profile.CutProfile("a", 0.004, 0.014, 50_000),  # head measured high
-        profile.CutProfile("b", 0.002, 0.010, 50_000),  # tail measured low
-        profile.CutProfile("c", 0.006, 0.012, 50_000),
-    )
-    device = profile.Profile("m.onnx", "cpu-onnx", 1, 0.010, 8, rows)
-    raw = {c.cut: c for c in profile.cost_table(device, device)}
-    assert (raw["b"].head_s, raw["c"].tail_s) == (0.002, 0.012)
-    table = profile.cost_table(device, device, smooth=True)
-    heads = [c.head_s for c in table]
-    tails = [c.tail_s for c in table[:-1]]
-    assert heads == pytest.approx([0.0, 0.003, 0.003, 0.006, 0.010])
-    assert tails == pytest.approx([0.020, 0.014, 0.011, 0.011])
-    assert [c.sent_bytes for c in table] == [c.sent_bytes for c in raw.values()]
