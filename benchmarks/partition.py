@@ -388,7 +388,7 @@ def partition(
 
 
 def plan_flags(spec: str) -> list[str]:
-    """``edged partition`` flags of a --statistics entry: ``cpu+smooth+margin=0.05``."""
+    """``edged partition`` flags of a --statistics entry: ``cpu+margin=0.05``."""
     statistic, *extras = spec.split("+")
     flags = ["--statistic", statistic]
     for extra in extras:
@@ -444,9 +444,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--statistics",
         default="wall",
-        help="plan with each of these (edged partition --statistic, +smooth for --smooth, "
-        "+margin=F for --margin F), from one device profile per setting, side by side: "
-        "e.g. wall,cpu,wall+smooth,wall+margin=0.05",
+        help="plan with each of these (edged partition --statistic, +margin=F for --margin "
+        "F), from one device profile per setting, side by side: e.g. wall,cpu,wall+margin=0.05",
     )
     parser.add_argument(
         "--profile-once",
