@@ -37,12 +37,13 @@ How the slower device is simulated (``--device-emulation``):
 - ``qemu-arm64``: the device daemon (and its ``edged partition``) run this checkout's code
   under qemu-aarch64 (TCG) in an arm64 Debian root with edged's arm64 .deb installed (its
   venv: arm64 CPython, ONNX Runtime, gRPC), made from what tests/e2e/test_deb_chroot.py
-  caches (``--arm64-root``). Every instruction is emulated, so there are no stalls; but the
-  slowdown is not a real core's either: ONNX Runtime's vector kernels ~120x, Python ~8x on
-  this machine. ``--quotas 100`` runs it without a quota; a quota on top slows it further
-  (its stalls are small beside heads of hundreds of ms). ``--profile-once`` profiles the
-  device once per quota and plans each bandwidth with that profile (a profile takes
-  minutes under emulation).
+  caches (``--arm64-root``). Every instruction is emulated, so there is no quota slice; but
+  the slowdown is not a real core's either: ONNX Runtime's vector kernels ~120x, Python ~8x
+  on this machine, and the daemon's times under it swung 5-17x between measurements
+  (docs/partition.md, run 4): not the smooth device it was meant to be. ``--quotas 100``
+  runs it without a quota; a quota on top slows it further. ``--profile-once`` profiles
+  the device once per quota and plans each bandwidth with that profile (a profile takes
+  half an hour under emulation).
 
 ``--statistics wall,cpu`` plans each setting with both head statistics of ``edged partition
 --statistic`` from one device profile, side by side (both choices are confirmed).
