@@ -18,7 +18,8 @@ veth's own round trip and only the bandwidth is shaped: the output says which.
 
     sudo .venv/bin/python benchmarks/partition.py [--bandwidths 1,10,100] [--quotas 50,20]
         [--every 6] [--requests 15] [--confirm 45] [--delay-ms 2] [--lines 6 | --shape N,3,H,W]
-        [--wire-dtype FP16] [--out FILE]
+        [--wire-dtype FP16] [--device-emulation quota|qemu-arm64] [--profile-once]
+        [--statistics wall,cpu] [--instance N] [--out FILE]
 
 The input is random values of ``--shape`` (default 1x3x96x384), or ``--lines N`` text lines
 rendered at the classifier's native 48x192 (PP-OCR classifies a page's lines in batches of
@@ -26,6 +27,27 @@ rendered at the classifier's native 48x192 (PP-OCR classifies a page's lines in 
 all remote, sends the request's FP32 inputs as they are). Every cut is screened with
 ``--requests`` requests, then the planner's choice, the three best, all local and all remote
 are measured again with ``--confirm`` requests each: the headline figures are those.
+
+How the slower device is simulated (``--device-emulation``):
+
+- ``quota`` (default): host code at host speed in a cgroup v1 CPU quota of 1 ms per period.
+  Not a slower CPU: work shorter than the quota can run at full speed, longer work waits a
+  period at a time, so the heads near 1 ms profile at full speed in one run and a period
+  slower in the next.
+- ``qemu-arm64``: the device daemon (and its ``edged partition``) run this checkout's code
+  under qemu-aarch64 (TCG) in an arm64 Debian root with edged's arm64 .deb installed (its
+  venv: arm64 CPython, ONNX Runtime, gRPC), made from what tests/e2e/test_deb_chroot.py
+  caches (``--arm64-root``). Every instruction is emulated, so there is no quota slice; but
+  the slowdown is not a real core's either: ONNX Runtime's vector kernels ~120x, Python ~8x
+  on this machine, and the daemon's times under it swung 5-17x between measurements
+  (docs/partition.md, run 4): not the smooth device it was meant to be. ``--quotas 100``
+  runs it without a quota; a quota on top slows it further. ``--profile-once`` profiles
+  the device once per quota and plans each bandwidth with that profile (a profile takes
+  half an hour under emulation).
+
+``--statistics wall,cpu`` plans each setting with both head statistics of ``edged partition
+--statistic`` from one device profile, side by side (both choices are confirmed).
+``--instance N`` runs beside another run (its own namespace, veth, addresses, cgroup).
 
 ``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
 text lines (no root, no daemons).
@@ -84,8 +106,23 @@ SHAPE = (1, 3, 96, 384)
 """The classifier's input: twice its native 48x192 per side, so that compute, not the
 serving path's fixed cost, dominates (the model takes any height and width)."""
 PYTHON = sys.executable
+#: --device-emulation qemu-arm64: the arm64 root file system the device runs in (made from
+#: the tests' cached Debian root and .debs when missing), and the Python of edged's .deb there
+ARM64_ROOT = Path("/var/tmp/edged-bench-arm64")
+ARM64_PYTHON = "/opt/edged/venv/bin/python"
+TEST_CACHE = Path(os.environ.get("EDGED_TEST_CACHE", "/var/cache/edged-test"))
 #: the device cgroup's cpu.shares with --priority (a task's weight at nice -10 is 9548)
 PRIORITY_SHARES = 10240
+
+
+def use_instance(n: int) -> None:
+    """Names of instance ``n`` (namespace, veth, addresses, cgroup), so that two runs of
+    this benchmark can share the machine."""
+    global NS, HOST_IF, NS_IF, HOST_IP, NS_IP, CGROUP  # noqa: PLW0603 - set once, at start
+    if n:
+        NS, HOST_IF, NS_IF = f"edged-bench-srv-{n}", f"edb-host{n}", f"edb-srv{n}"
+        HOST_IP, NS_IP = f"10.77.{n}.1", f"10.77.{n}.2"
+        CGROUP = CGROUP.with_name(f"edged-bench-device-{n}")
 
 
 def log(message: str) -> None:
@@ -149,7 +186,14 @@ def shape(mbit: float, delay_ms: float) -> str:
 class Daemon:
     """``edged serve`` behind a command prefix (a namespace, a cgroup), its JSON log read."""
 
-    def __init__(self, prefix: list[str], models: Path, address: str, env: dict[str, str]):
+    def __init__(
+        self,
+        prefix: list[str],
+        models: Path,
+        address: str,
+        env: dict[str, str],
+        python: str = PYTHON,
+    ):
         full = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
         full |= {
             "EDGED_ZMQ_ENABLED": "false",
@@ -159,7 +203,7 @@ class Daemon:
             "PYTHONPATH": str(ROOT),
             **env,
         }
-        cmd = [*prefix, PYTHON, "-m", "edged.cli", "serve", "--models", str(models)]
+        cmd = [*prefix, python, "-m", "edged.cli", "serve", "--models", str(models)]
         self.proc = subprocess.Popen(
             [*cmd, "--grpc-address", address],
             stdout=subprocess.PIPE,
@@ -209,14 +253,79 @@ def in_cgroup() -> list[str]:
 
 def set_quota(percent: float) -> None:
     """``percent`` of one core: 1 ms of CPU per period (the kernel's least quota), the period
-    as short as that allows, so that the slowdown is smooth rather than bursts and stalls."""
+    as short as that allows (still: work shorter than 1 ms may run at full speed, longer work
+    stalls a period at a time). 100 or more: no quota."""
     CGROUP.mkdir(exist_ok=True)
     # the group's weight against the rest of a shared machine: the quota, not other work,
     # is what slows the device (10240: a task's weight at nice -10)
     (CGROUP / "cpu.shares").write_text(str(PRIORITY_SHARES))
     (CGROUP / "cpu.cfs_quota_us").write_text("-1")
-    (CGROUP / "cpu.cfs_period_us").write_text(str(round(100_000 / percent)))
-    (CGROUP / "cpu.cfs_quota_us").write_text("1000")
+    if percent < 100:
+        (CGROUP / "cpu.cfs_period_us").write_text(str(round(100_000 / percent)))
+        (CGROUP / "cpu.cfs_quota_us").write_text("1000")
+
+
+class DeviceSide:
+    """How the simulated device runs a command: in the cgroup (``quota``: host code at host
+    speed under the CPU quota), or also under qemu-aarch64 in an arm64 root file system
+    (``qemu-arm64``: every instruction emulated, Python, gRPC and ONNX Runtime's arm64
+    kernels alike; the paths in ``shared`` bind-mounted at the same place there)."""
+
+    def __init__(self, emulation: str, arm64_root: Path) -> None:
+        self.emulation = emulation
+        self.root = arm64_root
+        self.python = PYTHON if emulation == "quota" else ARM64_PYTHON
+
+    def prefix(self) -> list[str]:
+        if self.emulation == "quota":
+            return in_cgroup()
+        return [*in_cgroup(), "chroot", str(self.root), "env", "PYTHONDONTWRITEBYTECODE=1"]
+
+    @contextlib.contextmanager
+    def mounted(self, *shared: Path) -> Iterator[None]:
+        if self.emulation == "quota":
+            yield
+            return
+        arm64_root(self.root)
+        points: list[Path] = []
+        try:
+            # not /sys: ONNX Runtime's cpuinfo, built for arm64, crashes on the host's
+            # x86 /sys/devices/system/cpu (without it, it warns and runs)
+            for path in (Path("/dev"), Path("/proc"), *shared):
+                inside = self.root / path.relative_to("/")
+                inside.mkdir(parents=True, exist_ok=True)
+                sh("mount", "--bind", str(path), str(inside))
+                points.append(inside)
+            yield
+        finally:
+            for inside in reversed(points):
+                sh("umount", "-l", str(inside), check=False)
+
+
+def arm64_root(root: Path) -> None:
+    """An arm64 Debian root with edged's .debs installed (their venv: arm64 Python, ONNX
+    Runtime, gRPC, onnx), from what tests/e2e/test_deb_chroot.py caches: the root file system
+    tarball and the built packages. The benchmark runs this checkout's code with that venv."""
+    if (root / ARM64_PYTHON.lstrip("/")).exists():
+        return
+    tarball = TEST_CACHE / "rootfs-bookworm-arm64.tar"
+    debs = sorted(TEST_CACHE.glob("debs/bookworm-arm64-*/*.deb"))
+    if not tarball.exists() or len(debs) < 2:
+        raise RuntimeError(
+            f"no arm64 root at {root}, and no {tarball} and .debs to make one: run "
+            "tests/e2e/test_deb_chroot.py's arm64 case once (it caches them)"
+        )
+    log(f"making the arm64 root {root} (the cached Debian root, dpkg -i edged's .debs)")
+    root.mkdir(parents=True, exist_ok=True)
+    sh("tar", "--numeric-owner", "-xf", str(tarball), "-C", str(root))
+    for deb in debs:
+        shutil.copy(deb, root / "tmp" / deb.name)
+    sh("mount", "-t", "proc", "proc", str(root / "proc"))
+    try:
+        sh("chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive", "dpkg", "-i",
+           *(f"/tmp/{deb.name}" for deb in debs))  # fmt: skip
+    finally:
+        sh("umount", "-l", str(root / "proc"), check=False)
 
 
 # -- repositories --------------------------------------------------------------------------
@@ -259,10 +368,15 @@ def build_repos(
 
 
 def partition(
-    prefix: list[str], whole: Path, threads: int, args: argparse.Namespace, *flags: str
+    prefix: list[str],
+    whole: Path,
+    threads: int,
+    args: argparse.Namespace,
+    *flags: str,
+    python: str = PYTHON,
 ) -> str:
     """``edged partition`` behind ``prefix`` (a namespace, the device's cgroup); its stdout."""
-    cmd = [*prefix, PYTHON, "-m", "edged.cli", "partition", str(whole), *flags]
+    cmd = [*prefix, python, "-m", "edged.cli", "partition", str(whole), *flags]
     cmd += ["--threads", str(threads), "--every", str(args.every), "--runs", "9"]
     cmd += ["--input", f"x={args.input_file}"]
     if args.wire_dtype:
@@ -272,6 +386,16 @@ def partition(
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     return done.stdout
+
+
+def plan_flags(spec: str) -> list[str]:
+    """``edged partition`` flags of a --statistics entry: ``cpu+margin=0.05``."""
+    statistic, *extras = spec.split("+")
+    flags = ["--statistic", statistic]
+    for extra in extras:
+        name, _, value = extra.partition("=")
+        flags += [f"--{name}", *([value] if value else [])]
+    return flags
 
 
 def end_to_end_ms(
@@ -305,7 +429,38 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=2, help="--replan: client threads")
     parser.add_argument("--proxy", action="store_true", help="--replan: a TCP proxy, not tc")
     parser.add_argument("--bandwidths", default="1,10,100", help="Mbit/s, comma-separated")
-    parser.add_argument("--quotas", default="50,20", help="device CPU quota, % of one core")
+    parser.add_argument(
+        "--quotas",
+        default="50,20",
+        help="device CPU quota, %% of one core (100: none)",
+    )
+    parser.add_argument(
+        "--device-emulation",
+        choices=("quota", "qemu-arm64"),
+        default="quota",
+        help="how the slower device is simulated: host code in a CPU quota, or also emulated "
+        "as arm64 by qemu-aarch64 (TCG: every instruction slower, no stalls; needs binfmt "
+        "for aarch64 and the tests' cached arm64 root and .debs, or --arm64-root)",
+    )
+    parser.add_argument(
+        "--statistics",
+        default="wall",
+        help="plan with each of these (edged partition --statistic, +margin=F for --margin "
+        "F), from one device profile per setting, side by side: e.g. wall,cpu,wall+margin=0.05",
+    )
+    parser.add_argument(
+        "--profile-once",
+        action="store_true",
+        help="profile the device once per quota (edged partition --profile-out in its "
+        "cgroup) and plan every bandwidth with it (--explain --profile), instead of profiling "
+        "again for each bandwidth (qemu-arm64: a profile takes minutes)",
+    )
+    parser.add_argument(
+        "--arm64-root",
+        type=Path,
+        default=ARM64_ROOT,
+        help="qemu-arm64: the arm64 root file system (made when missing)",
+    )
     parser.add_argument(
         "--shape",
         default=",".join(map(str, SHAPE)),
@@ -344,6 +499,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delay-ms", type=float, default=2.0, help="RTT added with netem")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
+        "--instance",
+        type=int,
+        default=0,
+        choices=range(10),
+        help="another run beside this one: its own namespace, veth, addresses and cgroup",
+    )
+    parser.add_argument(
         "--accuracy",
         type=int,
         default=0,
@@ -356,6 +518,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    use_instance(args.instance)
     if args.replan:
         return replan_main(args)
     if args.accuracy:
@@ -383,14 +546,24 @@ def main() -> int:
         "input_bytes": int(x.nbytes),
         "wire_dtype": args.wire_dtype or "the cut tensor's own",
         "cuts": len(cuts) + 1,
-        "device": "edged on the host, 1 runtime thread, 1 instance, cgroup cpu quota",
+        "device": (
+            "edged on the host, 1 runtime thread, 1 instance, cgroup cpu quota"
+            if args.device_emulation == "quota"
+            else "edged under qemu-aarch64 (arm64 emulated on the host), 1 runtime thread, "
+            "1 instance, in a cgroup (cpu quota when below 100 %)"
+        ),
+        "device_emulation": args.device_emulation,
         "server": "edged in a network namespace, 2 runtime threads, 1 instance",
         "cpu": os.cpu_count(),
         "priority": "nice -10, device cgroup cpu.shares 10240" if args.priority else "none",
         "settings": [],
     }
-    with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp, namespace():
-        work = Path(tmp)
+    side = DeviceSide(args.device_emulation, args.arm64_root)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edged-bench-")))
+        stack.enter_context(namespace())
+        stack.enter_context(side.mounted(ROOT, work))  # qemu-arm64: seen from its root too
+        whole = Path(shutil.copyfile(whole, work / whole.name))
         args.input_file = work / "x.npy"
         np.save(args.input_file, x)
         server_repo, device_repo, names = build_repos(whole, cuts, work, args.wire_dtype)
@@ -409,26 +582,7 @@ def main() -> int:
         server.wait_ready()
         try:
             for quota in (float(q) for q in args.quotas.split(",")):
-                set_quota(quota)
-                shape(1000, 0)  # the device loads its models (asks the server) quickly
-                device = Daemon(
-                    in_cgroup(),
-                    device_repo,
-                    "127.0.0.1:0",
-                    {"EDGED_MODELS_THREADS": "1", "EDGED_MODELS_INSTANCES": "1"},
-                )
-                device.wait_ready()
-                try:
-                    for mbit in (float(b) for b in args.bandwidths.split(",")):
-                        results["settings"].append(
-                            measure_setting(
-                                args, quota, mbit, device, whole, work / "server.json", names, x
-                            )
-                        )
-                        if args.out:  # what is measured so far survives a failure later
-                            args.out.write_text(json.dumps(results, indent=2) + "\n")
-                finally:
-                    device.stop()
+                run_quota(args, side, quota, device_repo, whole, work, names, x, results)
         finally:
             server.stop()
             with contextlib.suppress(OSError):
@@ -438,6 +592,45 @@ def main() -> int:
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def run_quota(
+    args: argparse.Namespace,
+    side: DeviceSide,
+    quota: float,
+    device_repo: Path,
+    whole: Path,
+    work: Path,
+    names: dict[str, str],
+    x: np.ndarray,
+    results: dict[str, Any],
+) -> None:
+    """The device daemon in ``quota``, every bandwidth measured against it."""
+    set_quota(quota)
+    shape(1000, 0)  # the device loads its models (asks the server) quickly
+    device = Daemon(
+        side.prefix(),
+        device_repo,
+        "127.0.0.1:0",
+        {"EDGED_MODELS_THREADS": "1", "EDGED_MODELS_INSTANCES": "1"},
+        python=side.python,
+    )
+    try:
+        device.wait_ready(timeout=1800)
+        args.device_profile = None
+        if args.profile_once:
+            log(f"quota {quota:g}%: the device is ready; profiling it once")
+            args.device_profile = work / f"device-{quota:g}.json"
+            flags = ("--profile-out", str(args.device_profile))
+            partition(side.prefix(), whole, 1, args, *flags, python=side.python)
+        for mbit in (float(b) for b in args.bandwidths.split(",")):
+            server_profile = work / "server.json"
+            row = measure_setting(args, side, quota, mbit, device, whole, server_profile, names, x)
+            results["settings"].append(row)
+            if args.out:  # what is measured so far survives a failure later
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        device.stop()
 
 
 def accuracy_main(args: argparse.Namespace) -> int:
@@ -494,6 +687,7 @@ def accuracy_main(args: argparse.Namespace) -> int:
 
 def measure_setting(
     args: argparse.Namespace,
+    side: DeviceSide,
     quota: float,
     mbit: float,
     device: Daemon,
@@ -506,8 +700,23 @@ def measure_setting(
     # the operator's command, run on the "device" (its cgroup): profiles the heads there,
     # measures the link from there, and plans with the server's profile
     server = ["--server-profile", str(server_profile), "--server", f"{NS_IP}:{SERVER_PORT}"]
-    out = partition(in_cgroup(), whole, 1, args, "--explain", "--json", *server)
-    explained = json.loads(out)
+    stats = args.statistics.split(",")
+    device_profile = args.device_profile
+    if device_profile is None and len(stats) > 1:
+        # one profile, planned with each statistic: the choices differ by the statistic only
+        device_profile = server_profile.with_name("device-setting.json")
+        flags = ("--profile-out", str(device_profile))
+        partition(side.prefix(), whole, 1, args, *flags, python=side.python)
+    if device_profile is not None:
+        server += ["--profile", str(device_profile)]
+    plans = {}
+    for statistic in stats:
+        out = partition(
+            side.prefix(), whole, 1, args, "--explain", "--json", *server,
+            *plan_flags(statistic), python=side.python,
+        )  # fmt: skip
+        plans[statistic] = json.loads(out)
+    explained = plans[stats[0]]
     choice = explained["choice"]
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
     rows = {e["cut"]: e for e in explained["estimates"]}
@@ -518,7 +727,8 @@ def measure_setting(
     # remote and the three best of the screening are measured again, --confirm requests each
     splits = [c for c in screened if c not in (ALL_LOCAL, graph.INPUTS_CUT)]
     best_three = sorted(splits, key=lambda c: screened[c])[:3]
-    finalists = {choice, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
+    choices = {p["choice"] for p in plans.values()}
+    finalists = {*choices, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
     confirm = max(5, args.confirm // 3) if mbit < 5 else args.confirm
     measured = end_to_end_ms(
         device.address, {c: n for c, n in names.items() if c in finalists}, x, confirm
@@ -529,11 +739,15 @@ def measure_setting(
     split_best = min(v for c, v in measured.items() if c not in (ALL_LOCAL, graph.INPUTS_CUT))
     load = os.getloadavg()[0]
     row = {
+        "device_emulation": side.emulation,
         "quota_percent": quota,
         "bandwidth_mbit": mbit,
         "shaping": how,
         "load_average_1min": round(load, 2),
         "device_whole_profiled_ms": round(rows[ALL_LOCAL]["head_ms"], 3),
+        "server_whole_profiled_ms": round(
+            json.loads(server_profile.read_text())["whole_s"] * 1000, 3
+        ),
         "link_measured": {
             "rtt_ms": round(explained["link"]["rtt_ms"], 3),
             "bandwidth_mbit": round(explained["link"]["bandwidth_mbit"], 3),
@@ -551,6 +765,20 @@ def measure_setting(
         "chosen_speedup_over_better_of_local_remote": round(
             min(local, remote_only) / measured[choice], 3
         ),
+        "planner_by_statistic": {
+            statistic: {
+                "choice": p["choice"],
+                "estimated_ms": round(p["choice_total_ms"], 3),
+                "measured_ms": round(measured[p["choice"]], 3),
+                "choice_over_best": round(measured[p["choice"]] / measured[best], 3),
+                "chosen_speedup_over_better_of_local_remote": round(
+                    min(local, remote_only) / measured[p["choice"]], 3
+                ),
+                "noisy_heads": p.get("noisy_heads", []),
+                "estimated_ms_per_cut": {e["cut"]: round(e["total_ms"], 3) for e in p["estimates"]},
+            }
+            for statistic, p in plans.items()
+        },
         "requests_per_cut": {"screening": requests, "confirmation": confirm},
         "per_cut": {
             c: {
@@ -569,7 +797,11 @@ def measure_setting(
         f" {row['link_measured']['bandwidth_mbit']} Mbit/s): planner {choice} "
         f"{row['planner_choice_measured_ms']} ms; best {best} {row['best_measured_ms']} ms; "
         f"local {row['all_local_ms']} ms, remote {row['all_remote_ms']} ms, "
-        f"best split {row['best_split_ms']} ms"
+        f"best split {row['best_split_ms']} ms; by statistic: "
+        + ", ".join(
+            f"{k} {v['choice']} {v['measured_ms']} ms"
+            for k, v in row["planner_by_statistic"].items()
+        )
     )
     return row
 

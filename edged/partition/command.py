@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,16 @@ from edged.core.errors import ConfigError
 from edged.core.types import Array
 from edged.partition import graph
 from edged.partition.planner import OBJECTIVES, Link, Plan, plan
-from edged.partition.profile import DEFAULT_RUNS, Profile, cost_table, measure_link, profile
+from edged.partition.profile import (
+    DEFAULT_RUNS,
+    NOISY_SPREAD,
+    STATISTICS,
+    Profile,
+    cost_table,
+    measure_link,
+    noisy_heads,
+    profile,
+)
 from edged.security import client as client_auth
 from edged.storage import write_atomic
 
@@ -41,6 +50,12 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               --rtt-ms/--bandwidth-mbit, or measured with --server HOST:PORT;
                               --objective device_cpu (--byte-cost-ns N) minimises the device's
                               CPU time instead of the latency
+  --explain --profile FILE    plan with this machine's profile written before by
+                              --profile-out (profile once, plan for many links)
+  --statistic cpu             a head costs its CPU time times the device's wall/CPU ratio,
+                              not its median wall time (a CPU quota's stalls; one thread)
+  --margin 0.1                a split only where it is estimated >10 % faster than the
+                              better of all local and all remote
 """
 
 
@@ -61,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="where --cut writes them")
     parser.add_argument("--explain", action="store_true", help="print the plan and its choice")
     parser.add_argument("--profile-out", type=Path, metavar="FILE", help="write this profile")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="--explain: this machine's profile, written before with --profile-out (instead "
+        "of profiling now: profile once, plan for many links)",
+    )
     parser.add_argument(
         "--server-profile", type=Path, metavar="FILE", help="the server's --profile-out file"
     )
@@ -99,6 +121,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=graph.WIRE_DTYPES,
         default="",
         help="send the cut tensor in this datatype (the cuts that have a head; default: its own)",
+    )
+    parser.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default="wall",
+        help="what a head costs: its median wall time (default), or its median CPU time times "
+        "the device's wall/CPU ratio over the profile (for a device slowed in stalls, a CPU "
+        "quota; needs --threads 1)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="choose a split only if it is estimated faster than the better of all local and "
+        "all remote by more than this fraction of it (default 0)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     client_auth.add_arguments(parser)
@@ -158,16 +196,24 @@ def _link(args: argparse.Namespace) -> tuple[Link, str]:
     return link, f"measured to {args.server}"
 
 
-def _read_profile(path: Path) -> Profile:
+def _read_profile(path: Path, flag: str = "--server-profile") -> Profile:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--server-profile {path}: {e}") from e
+        raise ConfigError(f"{flag} {path}: {e}") from e
     return Profile.from_json(data, str(path))
 
 
-def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dict[str, Any]:
-    """The plan as JSON: every row's parts in milliseconds, the link, the choice."""
+def explain_json(
+    result: Plan,
+    link: Link,
+    link_source: str,
+    server: str,
+    statistic: str = "wall",
+    noisy: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The plan as JSON: every row's parts in milliseconds, the link, the choice, the
+    statistic of the heads, and the cuts whose heads' runs disagreed."""
     return {
         "link": {
             "rtt_ms": link.rtt_s * 1000,
@@ -188,6 +234,8 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
             for e in result.estimates
         ],
         "objective": result.objective,
+        "statistic": statistic,
+        "noisy_heads": list(noisy),
         "choice": result.choice.cut,
         "choice_total_ms": result.choice.total_s * 1000,
         **(
@@ -198,8 +246,15 @@ def explain_json(result: Plan, link: Link, link_source: str, server: str) -> dic
     }
 
 
-def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str:
-    """The plan as a table, the chosen row marked."""
+def explain_text(
+    result: Plan,
+    link: Link,
+    link_source: str,
+    server: str,
+    statistic: str = "wall",
+    noisy: Sequence[str] = (),
+) -> str:
+    """The plan as a table, the chosen row marked, noisy heads named."""
     width = max(len(e.cut) for e in result.estimates)
     cpu = result.objective == "device_cpu"
     lines = [
@@ -224,8 +279,16 @@ def explain_text(result: Plan, link: Link, link_source: str, server: str) -> str
         f"link: rtt {link.rtt_s * 1000:.3f} ms, {link.bandwidth_bps / 1e6:.3f} Mbit/s "
         f"({link_source})",
         f"server: {server}",
-        f"choice: {result.choice.cut} ({what})",
     ]
+    if statistic != "wall":
+        lines.append(f"heads: {statistic} time x the device's wall/CPU ratio")
+    if noisy:
+        lines.append(
+            f"noisy: {len(noisy)} heads' runs disagree (interquartile range over "
+            f"{NOISY_SPREAD:.0%} of the median): {', '.join(noisy)}; a CPU quota's stalls? "
+            "--statistic cpu charges each its CPU time"
+        )
+    lines.append(f"choice: {result.choice.cut} ({what})")
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: a bad flag, a tensor that is no cut, a file that is no model.
     """
+    if args.profile is not None and not args.explain:
+        raise ConfigError("--profile is what --explain plans with: add --explain")
     if not (args.list or args.cut or args.explain or args.profile_out):
         raise ConfigError("say what to do: --list, --cut, --profile-out or --explain")
     model = graph.load(args.model)
@@ -303,15 +368,20 @@ def _cuts(model: Any, args: argparse.Namespace) -> None:
 
 
 def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
-    mine = profile(
-        args.model,
-        _feed(model, args),
-        executor=args.executor,
-        threads=args.threads,
-        runs=args.runs,
-        every=args.every,
-        wire_dtype=args.wire_dtype,
-    )
+    if args.profile is not None:
+        if args.profile_out:
+            raise ConfigError("--profile reads a profile, --profile-out writes one: not both")
+        mine = _read_profile(args.profile, "--profile")
+    else:
+        mine = profile(
+            args.model,
+            _feed(model, args),
+            executor=args.executor,
+            threads=args.threads,
+            runs=args.runs,
+            every=args.every,
+            wire_dtype=args.wire_dtype,
+        )
     if args.profile_out:
         data = (json.dumps(mine.to_json(), indent=2) + "\n").encode()
         write_atomic(args.profile_out, lambda f: f.write(data))
@@ -324,8 +394,10 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
     link, source = _link(args)
-    result = plan(cost_table(mine, theirs), link, args.objective, args.byte_cost_ns * 1e-9)
+    table = cost_table(mine, theirs, args.statistic)
+    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9, args.margin)
+    noisy = noisy_heads(mine)
     if args.json:
-        _write(explain_json(result, link, source, server), True)
+        _write(explain_json(result, link, source, server, args.statistic, noisy), True)
     else:
-        _write(explain_text(result, link, source, server), False)
+        _write(explain_text(result, link, source, server, args.statistic, noisy), False)

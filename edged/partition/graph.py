@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.core.errors import ConfigError
+from edged.partition.planner import ALL_REMOTE
 from edged.storage import write_atomic
 
 if TYPE_CHECKING:
     import onnx
 
 #: the name of the cut that sends the graph inputs themselves (no head: all remote)
-INPUTS_CUT = "<inputs>"
+INPUTS_CUT = ALL_REMOTE
 
 #: where the head and tail of a split model live beside the whole model (a version folder)
 HEAD_FILE = "head.onnx"

@@ -33,6 +33,8 @@ from edged.core.errors import ConfigError
 
 #: the cut that sends nothing: the whole model runs here
 ALL_LOCAL = "<local>"
+#: the cut that runs nothing here: the request's inputs are sent (graph.INPUTS_CUT)
+ALL_REMOTE = "<inputs>"
 
 #: what the planner minimises
 Objective = Literal["latency", "device_cpu"]
@@ -131,16 +133,24 @@ def plan(
     link: Link,
     objective: Objective = "latency",
     byte_cost_s: float = 0.0,
+    margin: float = 0.0,
 ) -> Plan:
     """The cut of least estimated cost among ``costs``: latency, or with ``device_cpu`` the
     device's CPU time (``byte_cost_s``: CPU seconds per byte on the wire). Ties go to the cut
     that needs the link least: all local, else the one sending fewer bytes, else the later
     (more local) one.
 
+    ``margin`` (a fraction, 0 by default): a split (a cut with a head, sent to the server) is
+    chosen only if its estimate is below the better of all local and all remote by more than
+    ``margin`` of that; otherwise the better of the two is. A guard for profiles whose errors
+    are of that size: a split that the estimates favour by less than their error can lose.
+
     Raises:
         ConfigError: ``costs`` is empty, names a cut twice, holds a negative cost, or the
-            objective is unknown or its byte cost negative.
+            objective is unknown, its byte cost negative or the margin outside [0, 1).
     """
+    if not 0.0 <= margin < 1.0:
+        raise ConfigError(f"margin {margin!r} must be in [0, 1)")
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not (byte_cost_s >= 0 and math.isfinite(byte_cost_s)):
@@ -156,10 +166,16 @@ def plan(
             raise ConfigError(f"cut '{cost.cut}' has a negative cost")
     estimates = tuple(estimate(c, link, objective, byte_cost_s) for c in costs)
     order = {e.cut: i for i, e in enumerate(estimates)}
-    choice = min(
-        estimates,
-        key=lambda e: (e.objective_s, e.cut != ALL_LOCAL, e.sent_bytes, -order[e.cut]),
-    )
+
+    def key(e: Estimate) -> tuple[float, bool, int, int]:
+        return (e.objective_s, e.cut != ALL_LOCAL, e.sent_bytes, -order[e.cut])
+
+    choice = min(estimates, key=key)
+    whole = [e for e in estimates if e.cut in (ALL_LOCAL, ALL_REMOTE)]
+    if margin and whole and choice.cut not in (ALL_LOCAL, ALL_REMOTE):
+        better = min(whole, key=key)
+        if choice.objective_s > (1.0 - margin) * better.objective_s:
+            choice = better
     return Plan(estimates, choice, objective)
 
 

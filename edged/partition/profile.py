@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 #: timed runs per part (after one untimed warm-up run)
 DEFAULT_RUNS = 5
 
+#: what a device's head costs in the planner's table (:func:`cost_table`)
+Statistic = Literal["wall", "cpu"]
+STATISTICS: tuple[Statistic, ...] = ("wall", "cpu")
+#: a part whose timed runs' interquartile range exceeds this fraction of their median is noisy
+NOISY_SPREAD = 0.5
+
 
 @dataclass(frozen=True)
 class CutProfile:
@@ -47,6 +53,12 @@ class CutProfile:
     """Median latency of the tail here."""
     sent_bytes: int
     """Bytes of the cut tensor(s) for the profiled input."""
+    head_cpu_s: float = 0.0
+    """Median CPU time of the head's runs on the calling thread (0: not recorded)."""
+    tail_cpu_s: float = 0.0
+    """Median CPU time of the tail's runs on the calling thread (0: not recorded)."""
+    head_spread: float = 0.0
+    """Interquartile range of the head's timed runs over their median (0: steady)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,12 @@ class Profile:
     wire_dtype: str = ""
     """The datatype the cuts with a head were profiled sending (``--wire-dtype``; "" for
     each tensor's own): a device's and a server's profile must agree on it."""
+    whole_cpu_s: float = 0.0
+    """Median CPU time of the whole model's runs on the calling thread (0: not recorded)."""
+    wall_per_cpu: float = 0.0
+    """Wall seconds per CPU second over every timed run of the profile: how much slower than
+    its CPU time this machine ran the parts, busy (a CPU quota, other work); 0: not
+    recorded."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +103,8 @@ class Profile:
                 answer_bytes=int(data["answer_bytes"]),
                 cuts=cuts,
                 wire_dtype=str(data.get("wire_dtype", "")),
+                whole_cpu_s=float(data.get("whole_cpu_s", 0.0)),
+                wall_per_cpu=float(data.get("wall_per_cpu", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a partition profile: {e!r}") from e
@@ -95,18 +115,43 @@ class Profile:
 ROUND_PARTS = 24
 
 
-def _medians_s(runs: Sequence[Callable[[], object]], rounds: int) -> list[float]:
-    """The median seconds of each of ``runs``, after one warm-up run each, timed in
-    ``rounds`` rounds of one run of each (interleaved, not one part after the other)."""
+@dataclass(frozen=True)
+class Timing:
+    """One part's timed runs."""
+
+    wall_s: float
+    """Median wall time."""
+    cpu_s: float
+    """Median CPU time of the calling thread (where ONNX Runtime computes with one thread)."""
+    spread: float
+    """Interquartile range of the wall times over their median."""
+    wall_total_s: float
+    cpu_total_s: float
+
+
+def _timings(runs: Sequence[Callable[[], object]], rounds: int) -> list[Timing]:
+    """The timings of each of ``runs``, after one warm-up run each, timed in ``rounds``
+    rounds of one run of each (interleaved, not one part after the other)."""
     for run in runs:
         run()  # warm-up
-    times: list[list[float]] = [[] for _ in runs]
+    walls: list[list[float]] = [[] for _ in runs]
+    cpus: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for run, taken in zip(runs, times, strict=True):
-            started = time.perf_counter()
+        for run, wall, cpu in zip(runs, walls, cpus, strict=True):
+            started, started_cpu = time.perf_counter(), time.thread_time()
             run()
-            taken.append(time.perf_counter() - started)
-    return [float(statistics.median(t)) for t in times]
+            cpu.append(time.thread_time() - started_cpu)
+            wall.append(time.perf_counter() - started)
+    return [_timing(wall, cpu) for wall, cpu in zip(walls, cpus, strict=True)]
+
+
+def _timing(wall: Sequence[float], cpu: Sequence[float]) -> Timing:
+    median = float(statistics.median(wall))
+    spread = 0.0
+    if len(wall) >= 2 and median > 0:
+        low, _, high = statistics.quantiles(wall, n=4, method="inclusive")
+        spread = (high - low) / median
+    return Timing(median, float(statistics.median(cpu)), spread, sum(wall), sum(cpu))
 
 
 class _Runner:
@@ -129,17 +174,17 @@ class _Runner:
 
     def time(
         self, parts: Sequence[tuple[onnx.ModelProto, Mapping[str, Array]]], runs: int
-    ) -> list[float]:
-        """The median latency of each of ``parts`` (a model and its input), timed in rounds
+    ) -> list[Timing]:
+        """The timings of each of ``parts`` (a model and its input), timed in rounds
         :data:`ROUND_PARTS` parts at a time."""
-        medians: list[float] = []
+        medians: list[Timing] = []
         for start in range(0, len(parts), ROUND_PARTS):
             loaded: list[LoadedModel] = []
             try:
                 for model, _ in parts[start : start + ROUND_PARTS]:
                     loaded.append(self._load(model))
                 feeds = [feed for _, feed in parts[start : start + ROUND_PARTS]]
-                medians += _medians_s(
+                medians += _timings(
                     [partial(m.infer, f) for m, f in zip(loaded, feeds, strict=True)], runs
                 )
             finally:
@@ -219,13 +264,31 @@ def profile(
                 else [(split.head, feed), (split.tail, middle)]
             )
             sizes.append(sum(int(np.asarray(v).nbytes) for v in middle.values()))
-        timed = iter(runner.time(parts, runs))
-        whole_s = next(timed)
+        timings = runner.time(parts, runs)
+        timed = iter(timings)
+        whole = next(timed)
+        none = Timing(0.0, 0.0, 0.0, 0.0, 0.0)
         rows = []
         for cut, sent in zip(cuts, sizes, strict=True):
-            head_s = 0.0 if cut.tensor == graph.INPUTS_CUT else next(timed)
-            rows.append(CutProfile(cut.tensor, head_s, next(timed), sent))
-    return Profile(path.name, executor, threads, whole_s, answer_bytes, tuple(rows), wire_dtype)
+            head = none if cut.tensor == graph.INPUTS_CUT else next(timed)
+            tail = next(timed)
+            rows.append(
+                CutProfile(
+                    cut.tensor,
+                    head.wall_s,
+                    tail.wall_s,
+                    sent,
+                    head.cpu_s,
+                    tail.cpu_s,
+                    round(head.spread, 4),
+                )
+            )
+    cpu_total = sum(t.cpu_total_s for t in timings)
+    return Profile(
+        path.name, executor, threads, whole.wall_s, answer_bytes, tuple(rows), wire_dtype,
+        whole_cpu_s=whole.cpu_s,
+        wall_per_cpu=sum(t.wall_total_s for t in timings) / cpu_total if cpu_total > 0 else 0.0,
+    )  # fmt: skip
 
 
 def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
@@ -238,15 +301,27 @@ def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
     return chosen
 
 
-def cost_table(device: Profile, server: Profile) -> list[CutCost]:
+def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") -> list[CutCost]:
     """The planner's table: heads and bytes measured on the device, tails on the server, for
     the cuts both profiled, then all local.
+
+    ``statistic`` is what a head (and the whole model, all local) costs: ``wall``, the median
+    of its timed runs' wall time; ``cpu``, the median of their CPU time times the device's
+    wall seconds per CPU second over the whole profile (:attr:`Profile.wall_per_cpu`). The
+    second is for a device whose slowness comes in stalls rather than evenly (a CFS CPU
+    quota: a part shorter than the quota's slice runs at full speed or waits a period, so
+    its median is one or the other from run to run); it charges every part the device's
+    average slowness. It needs a one-thread device profile (the runtime computes on the
+    timed thread) that recorded CPU times. Tails are the server's wall medians either way.
 
     Raises:
         ConfigError: the two profiles share no cut (different models, or --every), or were
             taken with different wire datatypes (the heads' bytes and the tails' casts
-            would not be those deployed).
+            would not be those deployed), or ``statistic`` is unknown or ``cpu`` cannot be
+            had from the device's profile.
     """
+    if statistic not in STATISTICS:
+        raise ConfigError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
     if device.wire_dtype != server.wire_dtype:
         raise ConfigError(
             f"the device profile ({device.model}) sends cuts as "
@@ -254,9 +329,10 @@ def cost_table(device: Profile, server: Profile) -> list[CutCost]:
             f"{server.wire_dtype or 'their own datatype'}: profile both with the same "
             "--wire-dtype"
         )
+    head, whole = _head_costs(device, statistic)
     tails = {c.cut: c.tail_s for c in server.cuts}
     rows = [
-        CutCost(c.cut, c.head_s, tails[c.cut], c.sent_bytes, device.answer_bytes)
+        CutCost(c.cut, head(c), tails[c.cut], c.sent_bytes, device.answer_bytes)
         for c in device.cuts
         if c.cut in tails
     ]
@@ -265,7 +341,34 @@ def cost_table(device: Profile, server: Profile) -> list[CutCost]:
             f"the device profile ({device.model}) and the server profile ({server.model}) "
             "share no cut"
         )
-    return [*rows, CutCost(ALL_LOCAL, device.whole_s, 0.0, 0)]
+    return [*rows, CutCost(ALL_LOCAL, whole, 0.0, 0)]
+
+
+def _head_costs(
+    device: Profile, statistic: Statistic
+) -> tuple[Callable[[CutProfile], float], float]:
+    """How a head costs by ``statistic``, and what the whole model costs."""
+    if statistic == "wall":
+        return (lambda c: c.head_s), device.whole_s
+    if device.threads != 1:
+        raise ConfigError(
+            f"statistic cpu needs a device profile taken with 1 thread ({device.model} was "
+            f"taken with {device.threads}: the runtime's other threads are not timed)"
+        )
+    if device.wall_per_cpu <= 0 or device.whole_cpu_s <= 0:
+        raise ConfigError(
+            f"statistic cpu: the device profile of {device.model} has no CPU times (taken "
+            "before they were recorded): profile it again"
+        )
+    scale = device.wall_per_cpu
+    return (lambda c: c.head_cpu_s * scale), device.whole_cpu_s * scale
+
+
+def noisy_heads(device: Profile, limit: float = NOISY_SPREAD) -> list[str]:
+    """The cuts whose head's timed runs disagree: interquartile range over median above
+    ``limit`` (on a CFS quota, the heads near its slice: full speed in some runs, a
+    period's stall in others)."""
+    return [c.cut for c in device.cuts if c.head_spread > limit]
 
 
 def measure_link(

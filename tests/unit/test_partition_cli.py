@@ -91,6 +91,49 @@ def test_explain_prints_every_cut_and_chooses_the_least_total(tmp_path: Path) ->
     assert f"server: profile {profile} (cpu-onnx, 2 threads)" in table.stdout
 
 
+def test_explain_plans_with_a_profile_taken_before(tmp_path: Path) -> None:
+    device = tmp_path / "device.json"
+    done = run_cli("partition", str(DIGITS), "--profile-out", str(device), "--runs", "3")
+    assert done.returncode == 0, done.stderr
+    # made-up costs: the profile file, not a new measurement, is what the plan reads
+    data = json.loads(device.read_text())
+    data["whole_s"] = 100.0
+    for row in data["cuts"]:  # (no --server-profile: its tails stand in for the server's)
+        row["head_s"] = row["tail_s"] = 100.0 if row["cut"] != "hidden" else 0.0
+        row["head_spread"] = 0.9 if row["cut"] == "fc1" else 0.1
+    device.write_text(json.dumps(data))
+    link = ["--rtt-ms", "1", "--bandwidth-mbit", "100", "--json"]
+    explained = run_cli("partition", str(DIGITS), "--explain", "--profile", str(device), *link)
+    assert explained.returncode == 0, explained.stderr
+    result = json.loads(explained.stdout)
+    rows = {r["cut"]: r for r in result["estimates"]}
+    assert rows[ALL_LOCAL]["head_ms"] == 100_000.0
+    assert result["choice"] == "hidden"
+    assert (result["statistic"], result["noisy_heads"]) == ("wall", ["fc1"])
+    # the CPU statistic: the profile's CPU times (measured, untouched) x its wall/CPU ratio
+    by_cpu = run_cli(
+        "partition", str(DIGITS), "--explain", "--profile", str(device), *link,
+        "--statistic", "cpu",
+    )  # fmt: skip
+    assert by_cpu.returncode == 0, by_cpu.stderr
+    rows = {r["cut"]: r for r in json.loads(by_cpu.stdout)["estimates"]}
+    want = data["whole_cpu_s"] * data["wall_per_cpu"] * 1000
+    assert rows[ALL_LOCAL]["head_ms"] == pytest.approx(want)
+    text = run_cli("partition", str(DIGITS), "--explain", "--profile", str(device), *link[:4])
+    assert "noisy: 1 heads' runs disagree" in text.stdout
+    for flags, message in (
+        (["--profile", str(device)], "--profile is what --explain plans with"),
+        (
+            ["--explain", "--profile", str(device), "--profile-out", str(device), *link],
+            "not both",
+        ),
+        (["--explain", "--profile", str(tmp_path / "none.json"), *link], "--profile "),
+    ):
+        refused = run_cli("partition", str(DIGITS), *flags)
+        assert refused.returncode == 2, refused.stderr
+        assert message in refused.stderr
+
+
 def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
     args = ["partition", str(DIGITS), "--explain", "--rtt-ms", "1", "--bandwidth-mbit", "100"]
     # a byte on the wire costs the device 1 ms: only all local sends none
@@ -122,6 +165,7 @@ def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
         (["--cut", "input", "--out", "x"], "tensor 'input' is not a cut"),
         (["--explain"], "--explain needs the link"),
         (["--cut", "hidden", "--wire-dtype", "INT8", "--out", "x"], "invalid choice: 'INT8'"),
+        (["--explain", "--rtt-ms", "1", "--bandwidth-mbit", "1", "--margin", "2"], "margin 2.0"),
     ],
 )
 def test_bad_requests_are_named(flags: list[str], message: str) -> None:

@@ -166,3 +166,39 @@ def test_the_link_moved_beyond_the_threshold(
     old = Link(planned[0], planned[1] * MB)
     new = Link(measured[0], measured[1] * MB)
     assert moved(old, new, threshold) is again
+
+
+# The early cut's estimate is 10 % under all local's; the late one's 2 % under.
+CLOSE = (
+    CutCost(INPUTS_CUT, head_s=0.0, tail_s=0.010, sent_bytes=1_000_000),  # 90 ms at 100 Mbit/s
+    CutCost("early", head_s=0.010, tail_s=0.012, sent_bytes=100_000),  # 10 + 8 + 12 = 30 ms
+    CutCost("late", head_s=0.030, tail_s=0.0017, sent_bytes=2_000),  # 30 + 0.16 + 1.7
+    CutCost(ALL_LOCAL, head_s=0.0333, tail_s=0.0, sent_bytes=0),
+)
+
+
+@pytest.mark.parametrize(
+    ("costs", "margin", "chosen"),
+    [
+        (CLOSE, 0.0, "early"),  # no margin: the least estimate
+        (CLOSE, 0.05, "early"),  # 30 ms beats 33.3 by 10 %: more than the margin
+        (CLOSE, 0.15, ALL_LOCAL),  # by less than the margin: the better of local and remote
+        (CLOSE[2:], 0.01, "late"),  # 31.9 ms beats 33.3 by 4 %
+        (CLOSE[2:], 0.05, ALL_LOCAL),
+        (CLOSE[:2], 0.75, INPUTS_CUT),  # no all local: 30 ms is not 75 % under all remote
+        (CLOSE[1:3], 0.5, "early"),  # neither all local nor all remote: nothing to fall back to
+    ],
+)
+def test_a_split_must_beat_local_and_remote_by_the_margin(
+    costs: tuple[CutCost, ...], margin: float, chosen: str
+) -> None:
+    link = Link(rtt_s=0.0, bandwidth_bps=100 * MB)
+    assert plan(costs, link, margin=margin).choice.cut == chosen
+
+
+def test_the_margin_never_moves_a_choice_of_all_local_or_all_remote() -> None:
+    fast = Link(rtt_s=0.0, bandwidth_bps=100_000 * MB)  # the inputs cost nothing to send
+    assert plan(CLOSE, fast, margin=0.9).choice.cut == INPUTS_CUT
+    assert plan(CLOSE, fast).choice.cut == INPUTS_CUT
+    with pytest.raises(ConfigError, match=r"margin 1\.0 must be in"):
+        plan(CLOSE, fast, margin=1.0)

@@ -19,11 +19,103 @@ DIGITS = ROOT / "models/digits/1/model.onnx"
 def test_parts_are_timed_in_rounds_not_one_after_the_other() -> None:
     calls: list[str] = []
     runs = [lambda name=name: calls.append(name) for name in ("a", "b", "c")]
-    medians = profile._medians_s(runs, 3)
-    assert len(medians) == 3
-    assert all(m >= 0 for m in medians)
+    timings = profile._timings(runs, 3)
+    assert len(timings) == 3
+    assert all(t.wall_s >= 0 and t.cpu_s >= 0 for t in timings)
     # one warm-up each, then three rounds of one run of each
     assert calls == ["a", "b", "c"] * 4
+
+
+def test_a_timing_keeps_the_median_cpu_and_the_spread_of_the_runs() -> None:
+    steady = profile._timing([0.010, 0.011, 0.010, 0.010, 0.012], [0.009] * 5)
+    assert (steady.wall_s, steady.cpu_s) == (0.010, 0.009)
+    assert steady.spread <= 0.1
+    assert (steady.wall_total_s, steady.cpu_total_s) == pytest.approx((0.053, 0.045))
+    # a CFS quota's head: full speed in some runs, a period's stall in others
+    bimodal = profile._timing([0.001, 0.009, 0.001, 0.009, 0.009], [0.001] * 5)
+    assert bimodal.wall_s == 0.009
+    assert bimodal.spread > profile.NOISY_SPREAD
+    assert profile._timing([0.002], [0.001]).spread == 0.0
+
+
+def _measured(threads: int = 1, wall_per_cpu: float = 4.0, cpu: bool = True) -> profile.Profile:
+    """A device profile under a 25 % quota, made up: ``head_s`` medians one mode or the
+    other, CPU times steady."""
+    rows = (
+        profile.CutProfile(graph.INPUTS_CUT, 0.0, 0.010, 600_000),
+        # wall median caught at full speed (1 ms) though it averages 4 ms; noisy runs
+        profile.CutProfile("early", 0.001, 0.009, 50_000, 0.001 * cpu, 0.009, 3.2),
+        # wall median caught stalled (10 ms) though it averages 4.4 ms
+        profile.CutProfile("also_early", 0.010, 0.009, 50_000, 0.0011 * cpu, 0.009, 2.5),
+        profile.CutProfile("late", 0.060, 0.001, 4_000, 0.015 * cpu, 0.001, 0.05),
+    )
+    return profile.Profile(
+        "m.onnx", "cpu-onnx", threads, 0.070, 8, rows,
+        whole_cpu_s=0.018 * cpu, wall_per_cpu=wall_per_cpu if cpu else 0.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("statistic", "heads", "whole"),
+    [
+        # the medians as timed: "early" looks ten times cheaper than "also_early"
+        ("wall", {"early": 0.001, "also_early": 0.010, "late": 0.060}, 0.070),
+        # CPU time x 4 wall s per CPU s: both early heads cost what they average
+        ("cpu", {"early": 0.004, "also_early": 0.0044, "late": 0.060}, 0.072),
+    ],
+)
+def test_the_cost_table_charges_heads_by_the_statistic(
+    statistic: profile.Statistic, heads: dict[str, float], whole: float
+) -> None:
+    device = _measured()
+    table = {c.cut: c for c in profile.cost_table(device, device, statistic)}
+    assert table[graph.INPUTS_CUT].head_s == 0.0
+    for cut, want in heads.items():
+        assert table[cut].head_s == pytest.approx(want), cut
+        assert table[cut].tail_s == {"early": 0.009, "also_early": 0.009, "late": 0.001}[cut]
+    assert table["<local>"].head_s == pytest.approx(whole)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        (_measured(threads=2), "needs a device profile taken with 1 thread"),
+        (_measured(cpu=False), "has no CPU times"),
+    ],
+)
+def test_the_cpu_statistic_is_refused_where_it_cannot_be_had(
+    device: profile.Profile, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        profile.cost_table(device, device, "cpu")
+    assert len(profile.cost_table(device, device)) == 5  # wall: always
+    with pytest.raises(ConfigError, match="statistic 'mean' is not one of wall, cpu"):
+        profile.cost_table(device, device, "mean")  # type: ignore[arg-type]
+
+
+def test_noisy_heads_are_named() -> None:
+    assert profile.noisy_heads(_measured()) == ["early", "also_early"]
+    assert profile.noisy_heads(_measured(), limit=3.0) == ["early"]
+
+
+def test_a_profile_records_cpu_times_and_reads_back() -> None:
+    x = np.random.default_rng(4).random((2, 64), dtype=np.float32) * 16
+    measured = profile.profile(DIGITS, {"input": x}, runs=3)
+    assert measured.whole_cpu_s > 0
+    assert measured.wall_per_cpu > 0
+    assert all(c.head_cpu_s > 0 for c in measured.cuts if c.cut != graph.INPUTS_CUT)
+    assert profile.Profile.from_json(measured.to_json(), "p.json") == measured
+    # a profile written before CPU times were recorded reads with none
+    old = measured.to_json()
+    for key in ("whole_cpu_s", "wall_per_cpu"):
+        del old[key]
+    for row in old["cuts"]:
+        for key in ("head_cpu_s", "tail_cpu_s", "head_spread"):
+            del row[key]
+    again = profile.Profile.from_json(old, "old.json")
+    assert (again.wall_per_cpu, again.cuts[1].head_cpu_s) == (0.0, 0.0)
+    with pytest.raises(ConfigError, match="has no CPU times"):
+        profile.cost_table(again, again, "cpu")
 
 
 @pytest.mark.parametrize("round_parts", [1, 2, profile.ROUND_PARTS])
