@@ -106,6 +106,12 @@ class WindowMin:
         return self._samples[0][1] if self._samples else None
 
 
+def sample_weight(since_s: float, half_life_s: float) -> float:
+    """What a new sample weighs in a moving average over time whose last sample came
+    ``since_s`` seconds ago: what ``half_life_s`` leaves of the old value, taken away."""
+    return float(1.0 - 0.5 ** (since_s / half_life_s))
+
+
 class TimeAverage:
     """An exponentially weighted moving average over time (not thread-safe: its owner's lock
     guards it): a sample's weight is what the half-life left of the old value's since the
@@ -120,7 +126,7 @@ class TimeAverage:
         if self.value is None:
             self.value = sample
         else:
-            weight = 1.0 - 0.5 ** (max(0.0, now - self._at) / self._half_life_s)
+            weight = sample_weight(max(0.0, now - self._at), self._half_life_s)
             self.value += weight * (sample - self.value)
         self._at = now
 

@@ -59,6 +59,7 @@ from hal.remote_link import (
     TimeAverage,
     estimator_for,
     probe,
+    sample_weight,
     served_requests,
     tail_key,
 )
@@ -147,7 +148,7 @@ def smoothed(
     ``half_life_s``; after a long silence, the sample alone."""
     if not since_s > 0:
         return old
-    weight = 1.0 - 0.5 ** (since_s / half_life_s) if math.isfinite(since_s) else 1.0
+    weight = sample_weight(since_s, half_life_s) if math.isfinite(since_s) else 1.0
     return float(old * (sample / old) ** weight)
 
 
