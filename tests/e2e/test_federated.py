@@ -264,8 +264,15 @@ def test_dp_and_a_device_killed_mid_round_do_not_stall_the_federation(
     rounds = json.loads((tmp_path / "history.json").read_text())["rounds"]
     assert len(rounds) == 6, rounds
     assert all("accuracy" in r for r in rounds), rounds  # every round completed
-    assert rounds[0]["clients"] == 3, rounds
-    assert all(r["clients"] == 2 for r in rounds[2:]), rounds  # the survivors go on
+    clients = [r["clients"] for r in rounds]
+    assert clients[0] == 3, rounds
+    # the kill lands in round 2 (or later, when this process is starved for a round or more):
+    # the rounds before it had all three, every round from the first without it has the two
+    # survivors, and the federation went on without it to the end
+    assert clients[-1] == 2, rounds
+    died = clients.index(2)
+    assert all(c == 3 for c in clients[:died]), rounds
+    assert all(c == 2 for c in clients[died:]), rounds
     assert rounds[-1]["accuracy"] > 0.3, rounds  # noisy, but it trains
     judged = daemons[0].wait_for("federated_candidate_judged", timeout=120)
     assert judged["strategy"] == "fedavg+dp"
