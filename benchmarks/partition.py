@@ -46,7 +46,12 @@ How the slower device is simulated (``--device-emulation``):
   half an hour under emulation).
 
 ``--statistics wall,cpu`` plans each setting with both head statistics of ``edged partition
---statistic`` from one device profile, side by side (both choices are confirmed).
+--statistic`` from one device profile, side by side (both choices are confirmed). ``quota``
+among them plans with the device's CPU limit (its cgroup's quota, found by ``edged partition``
+itself) and the device's CPU per request besides the model, measured first on the served
+all-local and all-remote cuts (the cgroup's cpuacct, less the profile's CPU for the model):
+a cost per request and a cost per byte on the wire (``--request-cpu-ms``,
+``--byte-cost-ns``), what a deployed device can measure of itself.
 ``--instance N`` runs beside another run (its own namespace, veth, addresses, cgroup).
 
 ``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
@@ -102,6 +107,8 @@ HOST_IF, NS_IF = "edb-host", "edb-srv"
 HOST_IP, NS_IP = "10.77.0.1", "10.77.0.2"
 SERVER_PORT = 18001
 CGROUP = Path("/sys/fs/cgroup/cpu/edged-bench-device")
+#: the same processes' CPU time, to the nanosecond (cgroup v1 keeps it in its own hierarchy)
+CPUACCT = Path("/sys/fs/cgroup/cpuacct/edged-bench-device")
 SHAPE = (1, 3, 96, 384)
 """The classifier's input: twice its native 48x192 per side, so that compute, not the
 serving path's fixed cost, dominates (the model takes any height and width)."""
@@ -248,7 +255,21 @@ class Daemon:
 
 
 def in_cgroup() -> list[str]:
-    return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"]
+    enter = f"echo $$ > {CGROUP}/cgroup.procs"
+    if CPUACCT.is_dir():
+        enter += f" && echo $$ > {CPUACCT}/cgroup.procs"
+    return ["sh", "-c", f'{enter} && exec "$@"', "sh"]
+
+
+def device_clock() -> tuple[int, int] | None:
+    """The device cgroup's (CPU ns used, ns throttled by its quota) so far; None where the
+    kernel does not keep them (no cgroup v1 cpuacct, not root)."""
+    try:
+        used = int((CPUACCT / "cpuacct.usage").read_text())
+        stat = dict(line.split() for line in (CGROUP / "cpu.stat").read_text().splitlines())
+        return used, int(stat["throttled_time"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def set_quota(percent: float) -> None:
@@ -256,6 +277,8 @@ def set_quota(percent: float) -> None:
     as short as that allows (still: work shorter than 1 ms may run at full speed, longer work
     stalls a period at a time). 100 or more: no quota."""
     CGROUP.mkdir(exist_ok=True)
+    with contextlib.suppress(OSError):
+        CPUACCT.mkdir(exist_ok=True)
     # the group's weight against the rest of a shared machine: the quota, not other work,
     # is what slows the device (10240: a task's weight at nice -10)
     (CGROUP / "cpu.shares").write_text(str(PRIORITY_SHARES))
@@ -398,15 +421,48 @@ def plan_flags(spec: str) -> list[str]:
     return flags
 
 
+def device_request_cost(
+    address: str, names: dict[str, str], x: np.ndarray, device_profile: Path, rounds: int = 15
+) -> dict[str, float]:
+    """What the device spends per request besides the model, from served requests: the
+    device cgroup's CPU per request all local (less the model's CPU time in the profile) is
+    the cost of a request; all remote's, less that, over the bytes it sends and is answered,
+    the cost of a byte. As ``edged partition`` flags' names: ``request_cpu_ms``,
+    ``byte_cost_ns``."""
+    cuts = (ALL_LOCAL, graph.INPUTS_CUT)
+    served = end_to_end(address, {c: names[c] for c in cuts}, x, rounds)
+    if any("device_cpu_ms" not in served[c] for c in cuts):
+        raise SystemExit("--statistics quota: the device cgroup's CPU time is not kept (cpuacct)")
+    profiled = json.loads(device_profile.read_text())
+    inputs = next(c for c in profiled["cuts"] if c["cut"] == graph.INPUTS_CUT)
+    request_ms = max(served[ALL_LOCAL]["device_cpu_ms"] - profiled["whole_cpu_s"] * 1000, 0.0)
+    wire = inputs["sent_bytes"] + profiled["answer_bytes"]
+    per_byte_ns = max(served[graph.INPUTS_CUT]["device_cpu_ms"] - request_ms, 0.0) * 1e6 / wire
+    log(f"device: {request_ms:.3f} ms of CPU a request besides the model, {per_byte_ns:.3f} ns/B")
+    return {"request_cpu_ms": round(request_ms, 4), "byte_cost_ns": round(per_byte_ns, 4)}
+
+
 def end_to_end_ms(
     address: str, models: dict[str, str], x: np.ndarray, rounds: int
 ) -> dict[str, float]:
     """Median end-to-end latency per cut (``models``: cut -> device model), from sequential
     requests taken in rounds (one request per cut a round), so that load from elsewhere on
     the machine falls on every cut alike rather than on whichever was measured then."""
+    return {cut: m["ms"] for cut, m in end_to_end(address, models, x, rounds).items()}
+
+
+def end_to_end(
+    address: str, models: dict[str, str], x: np.ndarray, rounds: int
+) -> dict[str, dict[str, float]]:
+    """:func:`end_to_end_ms`, with what the device cgroup spent on each request where the
+    kernel says: ``ms`` (median latency), and ``device_cpu_ms`` (median CPU time of the
+    device's processes during a request) and ``throttled_ms`` (mean time its CPU quota held
+    them back during one)."""
     import tritonclient.grpc as grpcclient
 
     times: dict[str, list[float]] = {cut: [] for cut in models}
+    cpu: dict[str, list[int]] = {cut: [] for cut in models}
+    held: dict[str, list[int]] = {cut: [] for cut in models}
     with grpcclient.InferenceServerClient(address) as client:
         tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
@@ -414,10 +470,21 @@ def end_to_end_ms(
             client.infer(model, [tensor])
         for _ in range(rounds):
             for cut, model in models.items():
+                before = device_clock()
                 started = time.perf_counter()
                 client.infer(model, [tensor])
                 times[cut].append(time.perf_counter() - started)
-    return {cut: statistics.median(t) * 1000 for cut, t in times.items()}
+                after = device_clock()
+                if before is not None and after is not None:
+                    cpu[cut].append(after[0] - before[0])
+                    held[cut].append(after[1] - before[1])
+    out: dict[str, dict[str, float]] = {}
+    for cut, t in times.items():
+        out[cut] = {"ms": statistics.median(t) * 1000}
+        if cpu[cut]:
+            out[cut]["device_cpu_ms"] = statistics.median(cpu[cut]) / 1e6
+            out[cut]["throttled_ms"] = statistics.fmean(held[cut]) / 1e6
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -700,23 +767,36 @@ def measure_setting(
     # the operator's command, run on the "device" (its cgroup): profiles the heads there,
     # measures the link from there, and plans with the server's profile
     server = ["--server-profile", str(server_profile), "--server", f"{NS_IP}:{SERVER_PORT}"]
-    stats = args.statistics.split(",")
+    # no quota (100 %): nothing for --statistic quota to plan with
+    stats = [s for s in args.statistics.split(",") if quota < 100 or not s.startswith("quota")]
     device_profile = args.device_profile
-    if device_profile is None and len(stats) > 1:
+    quota_planned = any(spec.split("+")[0] == "quota" for spec in stats)
+    if device_profile is None and (len(stats) > 1 or quota_planned):
         # one profile, planned with each statistic: the choices differ by the statistic only
         device_profile = server_profile.with_name("device-setting.json")
         flags = ("--profile-out", str(device_profile))
         partition(side.prefix(), whole, 1, args, *flags, python=side.python)
     if device_profile is not None:
         server += ["--profile", str(device_profile)]
+    request_cost: dict[str, float] = {}
+    if quota_planned and device_profile is not None:
+        request_cost = device_request_cost(device.address, names, x, Path(device_profile))
     plans = {}
     for statistic in stats:
+        measured_cost = []
+        if statistic.split("+")[0] == "quota":
+            measured_cost = [f"--{k.replace('_', '-')}={v:.6g}" for k, v in request_cost.items()]
         out = partition(
             side.prefix(), whole, 1, args, "--explain", "--json", *server,
-            *plan_flags(statistic), python=side.python,
+            *plan_flags(statistic), *measured_cost, python=side.python,
         )  # fmt: skip
         plans[statistic] = json.loads(out)
     explained = plans[stats[0]]
+    head_cpu: dict[str, float] = {}
+    if device_profile is not None:
+        profiled = json.loads(Path(device_profile).read_text())
+        head_cpu = {c["cut"]: c.get("head_cpu_s", 0.0) * 1000 for c in profiled["cuts"]}
+        head_cpu[ALL_LOCAL] = profiled.get("whole_cpu_s", 0.0) * 1000
     choice = explained["choice"]
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
     rows = {e["cut"]: e for e in explained["estimates"]}
@@ -730,9 +810,10 @@ def measure_setting(
     choices = {p["choice"] for p in plans.values()}
     finalists = {*choices, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
     confirm = max(5, args.confirm // 3) if mbit < 5 else args.confirm
-    measured = end_to_end_ms(
+    detail = end_to_end(
         device.address, {c: n for c, n in names.items() if c in finalists}, x, confirm
     )
+    measured = {c: m["ms"] for c, m in detail.items()}
     best = min(measured, key=lambda c: measured[c])
     remote_only = measured[graph.INPUTS_CUT]
     local = measured[ALL_LOCAL]
@@ -780,12 +861,19 @@ def measure_setting(
             for statistic, p in plans.items()
         },
         "requests_per_cut": {"screening": requests, "confirmation": confirm},
+        **({"device_request_cost": request_cost} if request_cost else {}),
         "per_cut": {
             c: {
                 "estimated_ms": round(estimates[c], 3),
                 "measured_ms": round(m, 3),
                 **({"confirmed_ms": round(measured[c], 3)} if c in measured else {}),
+                **{
+                    k: round(v, 3)
+                    for k, v in detail.get(c, {}).items()
+                    if k in ("device_cpu_ms", "throttled_ms")
+                },
                 "head_ms": round(rows[c]["head_ms"], 3),
+                **({"head_cpu_ms": round(head_cpu[c], 3)} if c in head_cpu else {}),
                 "tail_ms": round(rows[c]["tail_ms"], 3),
                 "sent_bytes": rows[c]["sent_bytes"],
             }

@@ -27,6 +27,7 @@ from edged.partition.profile import (
     noisy_heads,
     profile,
 )
+from edged.partition.quota import CpuLimit, detect
 from edged.security import client as client_auth
 from edged.storage import write_atomic
 
@@ -54,6 +55,11 @@ Split execution of one ONNX model between this device and a server (docs/partiti
                               --profile-out (profile once, plan for many links)
   --statistic cpu             a head costs its CPU time times the device's wall/CPU ratio,
                               not its median wall time (a CPU quota's stalls; one thread)
+  --statistic quota           on a device under a CPU limit (a CFS quota: --cpu-limit, else
+                              this process's cgroup): a head costs its CPU time, and a cut
+                              costs at least what the limit lets the device's CPU per
+                              request take (--request-cpu-ms, plus --byte-cost-ns per byte
+                              on the wire, plus the head); one thread
   --margin 0.1                a split only where it is estimated >10 % faster than the
                               better of all local and all remote
 """
@@ -114,7 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--byte-cost-ns",
         type=float,
         default=0.0,
-        help="device_cpu: the device's CPU nanoseconds per byte sent or answered",
+        help="device_cpu and --statistic quota: the device's CPU nanoseconds per byte sent "
+        "or answered",
+    )
+    parser.add_argument(
+        "--request-cpu-ms",
+        type=float,
+        default=0.0,
+        help="--statistic quota: the device's CPU milliseconds per request besides the model "
+        "and the bytes (reading the request, answering it; measure the served daemon's)",
+    )
+    parser.add_argument(
+        "--cpu-limit",
+        default="auto",
+        metavar="QUOTA_MS/PERIOD_MS",
+        help="--statistic quota: the device's CPU limit, e.g. 1/8; auto (default): this "
+        "process's cgroup's CFS quota",
     )
     parser.add_argument(
         "--wire-dtype",
@@ -126,9 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--statistic",
         choices=STATISTICS,
         default="wall",
-        help="what a head costs: its median wall time (default), or its median CPU time times "
-        "the device's wall/CPU ratio over the profile (for a device slowed in stalls, a CPU "
-        "quota; needs --threads 1)",
+        help="what a head costs: its median wall time (default); cpu: its median CPU time "
+        "times the device's wall/CPU ratio over the profile; quota: its CPU time, each cut "
+        "bounded by the device's CPU limit (--cpu-limit); cpu and quota need --threads 1",
     )
     parser.add_argument(
         "--margin",
@@ -211,9 +232,11 @@ def explain_json(
     server: str,
     statistic: str = "wall",
     noisy: Sequence[str] = (),
+    cpu_limit: CpuLimit | None = None,
 ) -> dict[str, Any]:
     """The plan as JSON: every row's parts in milliseconds, the link, the choice, the
-    statistic of the heads, and the cuts whose heads' runs disagreed."""
+    statistic of the heads, the cuts whose heads' runs disagreed, and the device's CPU limit
+    with each row's bound where one was planned with."""
     return {
         "link": {
             "rtt_ms": link.rtt_s * 1000,
@@ -230,9 +253,20 @@ def explain_json(
                 "sent_bytes": e.sent_bytes,
                 "total_ms": e.total_s * 1000,
                 **({"device_cpu_ms": e.objective_s * 1000} if e.cost_s is not None else {}),
+                **({"bound_ms": e.bound_s * 1000} if cpu_limit is not None else {}),
             }
             for e in result.estimates
         ],
+        **(
+            {
+                "cpu_limit": {
+                    "quota_ms": cpu_limit.quota_s * 1000,
+                    "period_ms": cpu_limit.period_s * 1000,
+                }
+            }
+            if cpu_limit is not None
+            else {}
+        ),
         "objective": result.objective,
         "statistic": statistic,
         "noisy_heads": list(noisy),
@@ -253,21 +287,26 @@ def explain_text(
     server: str,
     statistic: str = "wall",
     noisy: Sequence[str] = (),
+    cpu_limit: CpuLimit | None = None,
 ) -> str:
     """The plan as a table, the chosen row marked, noisy heads named."""
     width = max(len(e.cut) for e in result.estimates)
     cpu = result.objective == "device_cpu"
     lines = [
         f"{'cut':{width}}  {'head ms':>9}  {'link ms':>9}  {'tail ms':>9}  "
-        f"{'sent KiB':>9}  {'total ms':>9}" + ("  device CPU ms" if cpu else "")
+        f"{'sent KiB':>9}"
+        + (f"  {'limit ms':>9}" if cpu_limit is not None else "")
+        + f"  {'total ms':>9}"
+        + ("  device CPU ms" if cpu else "")
     ]
     for e in result.estimates:
         mark = "  <- chosen" if e is result.choice else ""
         extra = f"  {e.objective_s * 1000:13.3f}" if cpu else ""
+        bound = f"  {e.bound_s * 1000:9.3f}" if cpu_limit is not None else ""
         lines.append(
             f"{e.cut:{width}}  {e.head_s * 1000:9.3f}  {e.transfer_s * 1000:9.3f}  "
-            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}  {e.total_s * 1000:9.3f}"
-            f"{extra}{mark}"
+            f"{e.tail_s * 1000:9.3f}  {e.sent_bytes / 1024:9.1f}{bound}  "
+            f"{e.total_s * 1000:9.3f}{extra}{mark}"
         )
     what = (
         f"{result.choice.objective_s * 1000:.3f} ms of device CPU, "
@@ -280,8 +319,13 @@ def explain_text(
         f"({link_source})",
         f"server: {server}",
     ]
-    if statistic != "wall":
+    if statistic == "cpu":
         lines.append(f"heads: {statistic} time x the device's wall/CPU ratio")
+    if cpu_limit is not None:
+        lines.append(
+            f"heads: CPU time; the device's CPU limit, {cpu_limit.describe()}, bounds each "
+            "cut by its CPU per request (limit ms)"
+        )
     if noisy:
         lines.append(
             f"noisy: {len(noisy)} heads' runs disagree (interquartile range over "
@@ -393,11 +437,40 @@ def _profile_and_plan(model: Any, args: argparse.Namespace) -> None:
     else:
         theirs = mine
         server = "this machine's own profile stands in for the server's (no --server-profile)"
+    limit = _cpu_limit(args)
     link, source = _link(args)
-    table = cost_table(mine, theirs, args.statistic)
-    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9, args.margin)
+    table = cost_table(
+        mine,
+        theirs,
+        args.statistic,
+        request_cpu_s=args.request_cpu_ms / 1000,
+        byte_cost_s=args.byte_cost_ns * 1e-9,
+    )
+    result = plan(table, link, args.objective, args.byte_cost_ns * 1e-9, args.margin, limit)
     noisy = noisy_heads(mine)
     if args.json:
-        _write(explain_json(result, link, source, server, args.statistic, noisy), True)
+        _write(explain_json(result, link, source, server, args.statistic, noisy, limit), True)
     else:
-        _write(explain_text(result, link, source, server, args.statistic, noisy), False)
+        _write(explain_text(result, link, source, server, args.statistic, noisy, limit), False)
+
+
+def _cpu_limit(args: argparse.Namespace) -> CpuLimit | None:
+    """The device's CPU limit for ``--statistic quota`` (None for the other statistics).
+
+    Raises:
+        ConfigError: --cpu-limit does not parse, or is auto and this process has no quota;
+            or a per-request cost is negative.
+    """
+    if args.request_cpu_ms < 0 or args.byte_cost_ns < 0:
+        raise ConfigError("--request-cpu-ms and --byte-cost-ns must be >= 0")
+    if args.statistic != "quota":
+        return None
+    if args.cpu_limit != "auto":
+        return CpuLimit.parse(args.cpu_limit)
+    found = detect()
+    if found is None:
+        raise ConfigError(
+            "--statistic quota: this process runs under no CPU quota (cgroup cpu.max or "
+            "cpu.cfs_quota_us); give the device's as --cpu-limit QUOTA_MS/PERIOD_MS"
+        )
+    return found

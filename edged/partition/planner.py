@@ -20,6 +20,11 @@ Pure: no I/O, no clock. Two objectives:
 All local is the whole model here, and all remote is the inputs cut (no head). The costs come
 from :mod:`edged.partition.profile` (measured on each side) and the link from measurements
 (or the operator's figures).
+
+On a device under a CPU limit (a CFS quota, :mod:`edged.partition.quota`) a cut's latency is
+also at least what the limit lets the device's CPU per request take (the model's part, the
+daemon's own work per request, the bytes): the estimate is the greater of the two, because
+the device's waits for its next period overlap the transfer and the server's tail.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edged.core.errors import ConfigError
+from edged.partition.quota import CpuLimit
 
 #: the cut that sends nothing: the whole model runs here
 ALL_LOCAL = "<local>"
@@ -57,6 +63,10 @@ class CutCost:
     """Bytes of the tensor(s) sent to the server (0 for ALL_LOCAL)."""
     answer_bytes: int = 0
     """Bytes of the outputs the server answers (0 for ALL_LOCAL)."""
+    device_cpu_s: float | None = None
+    """The device's CPU time per request at this cut: its part of the model, the daemon's
+    own work per request, the bytes on the wire (None: not known; a CPU limit then bounds
+    nothing)."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +102,15 @@ class Estimate:
     cost_s: float | None = None
     """What the objective minimises, when it is not the latency (device_cpu: the device's
     CPU seconds); None: the latency, ``total_s``."""
+    bound_s: float = 0.0
+    """The least time the device's CPU limit lets its CPU per request take (0: no limit,
+    or the CPU per request is not known)."""
 
     @property
     def total_s(self) -> float:
-        """The estimated end-to-end latency."""
-        return self.head_s + self.transfer_s + self.tail_s
+        """The estimated end-to-end latency: the parts in turn, or the device's CPU limit's
+        bound where that is longer."""
+        return max(self.head_s + self.transfer_s + self.tail_s, self.bound_s)
 
     @property
     def objective_s(self) -> float:
@@ -114,18 +128,26 @@ class Plan:
 
 
 def estimate(
-    cost: CutCost, link: Link, objective: Objective = "latency", byte_cost_s: float = 0.0
+    cost: CutCost,
+    link: Link,
+    objective: Objective = "latency",
+    byte_cost_s: float = 0.0,
+    cpu_limit: CpuLimit | None = None,
 ) -> Estimate:
     """The end-to-end latency of ``cost``'s cut over ``link``, and with ``device_cpu`` the
-    device's CPU time (head plus ``byte_cost_s`` per byte sent or answered)."""
+    device's CPU time (head plus ``byte_cost_s`` per byte sent or answered). With
+    ``cpu_limit``, the latency is at least the limit's bound on the cut's device CPU."""
+    bound = 0.0
+    if cpu_limit is not None and cost.device_cpu_s is not None:
+        bound = cpu_limit.bound_s(cost.device_cpu_s)
     if cost.cut == ALL_LOCAL:
         cpu_here = None if objective == "latency" else cost.head_s
-        return Estimate(cost.cut, cost.head_s, 0.0, 0.0, 0, cpu_here)
+        return Estimate(cost.cut, cost.head_s, 0.0, 0.0, 0, cpu_here, bound)
     transfer = link.rtt_s + link.transfer_s(cost.sent_bytes + cost.answer_bytes)
     cpu = None
     if objective == "device_cpu":
         cpu = cost.head_s + (cost.sent_bytes + cost.answer_bytes) * byte_cost_s
-    return Estimate(cost.cut, cost.head_s, transfer, cost.tail_s, cost.sent_bytes, cpu)
+    return Estimate(cost.cut, cost.head_s, transfer, cost.tail_s, cost.sent_bytes, cpu, bound)
 
 
 def plan(
@@ -134,11 +156,15 @@ def plan(
     objective: Objective = "latency",
     byte_cost_s: float = 0.0,
     margin: float = 0.0,
+    cpu_limit: CpuLimit | None = None,
 ) -> Plan:
     """The cut of least estimated cost among ``costs``: latency, or with ``device_cpu`` the
     device's CPU time (``byte_cost_s``: CPU seconds per byte on the wire). Ties go to the cut
     that needs the link least: all local, else the one sending fewer bytes, else the later
     (more local) one.
+
+    ``cpu_limit``: the device's CPU limit, which bounds each cut's latency from below by
+    what it lets the cut's ``device_cpu_s`` take (cuts without one are not bounded).
 
     ``margin`` (a fraction, 0 by default): a split (a cut with a head, sent to the server) is
     chosen only if its estimate is below the better of all local and all remote by more than
@@ -162,9 +188,10 @@ def plan(
         if cost.cut in seen:
             raise ConfigError(f"cut '{cost.cut}' is listed twice")
         seen.add(cost.cut)
-        if min(cost.head_s, cost.tail_s, cost.sent_bytes, cost.answer_bytes) < 0:
+        cpu = 0.0 if cost.device_cpu_s is None else cost.device_cpu_s
+        if min(cost.head_s, cost.tail_s, cost.sent_bytes, cost.answer_bytes, cpu) < 0:
             raise ConfigError(f"cut '{cost.cut}' has a negative cost")
-    estimates = tuple(estimate(c, link, objective, byte_cost_s) for c in costs)
+    estimates = tuple(estimate(c, link, objective, byte_cost_s, cpu_limit) for c in costs)
     order = {e.cut: i for i, e in enumerate(estimates)}
 
     def key(e: Estimate) -> tuple[float, bool, int, int]:

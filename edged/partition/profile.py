@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 DEFAULT_RUNS = 5
 
 #: what a device's head costs in the planner's table (:func:`cost_table`)
-Statistic = Literal["wall", "cpu"]
-STATISTICS: tuple[Statistic, ...] = ("wall", "cpu")
+Statistic = Literal["wall", "cpu", "quota"]
+STATISTICS: tuple[Statistic, ...] = ("wall", "cpu", "quota")
 #: a part whose timed runs' interquartile range exceeds this fraction of their median is noisy
 NOISY_SPREAD = 0.5
 
@@ -301,7 +301,14 @@ def select(cuts: Sequence[graph.Cut], every: int) -> list[graph.Cut]:
     return chosen
 
 
-def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") -> list[CutCost]:
+def cost_table(
+    device: Profile,
+    server: Profile,
+    statistic: Statistic = "wall",
+    *,
+    request_cpu_s: float = 0.0,
+    byte_cost_s: float = 0.0,
+) -> list[CutCost]:
     """The planner's table: heads and bytes measured on the device, tails on the server, for
     the cuts both profiled, then all local.
 
@@ -311,17 +318,26 @@ def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") 
     second is for a device whose slowness comes in stalls rather than evenly (a CFS CPU
     quota: a part shorter than the quota's slice runs at full speed or waits a period, so
     its median is one or the other from run to run); it charges every part the device's
-    average slowness. It needs a one-thread device profile (the runtime computes on the
-    timed thread) that recorded CPU times. Tails are the server's wall medians either way.
+    average slowness. ``quota``: a head costs its CPU time (what it takes when the device's
+    CPU limit lets it run), and each row carries the device's CPU per request,
+    ``request_cpu_s`` (the daemon's own work on a request: reading it, answering it) plus
+    the head's CPU time plus ``byte_cost_s`` per byte sent or answered, for the planner to
+    bound by the device's :class:`~edged.partition.quota.CpuLimit`. ``cpu`` and ``quota``
+    need a one-thread device profile (the runtime computes on the timed thread) that
+    recorded CPU times. Tails are the server's wall medians either way.
 
     Raises:
         ConfigError: the two profiles share no cut (different models, or --every), or were
             taken with different wire datatypes (the heads' bytes and the tails' casts
-            would not be those deployed), or ``statistic`` is unknown or ``cpu`` cannot be
-            had from the device's profile.
+            would not be those deployed), or ``statistic`` is unknown or ``cpu``/``quota``
+            cannot be had from the device's profile, or a per-request cost is negative.
     """
     if statistic not in STATISTICS:
         raise ConfigError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
+    if not (request_cpu_s >= 0 and byte_cost_s >= 0):
+        raise ConfigError(
+            f"request CPU {request_cpu_s!r} s and byte cost {byte_cost_s!r} s must be >= 0"
+        )
     if device.wire_dtype != server.wire_dtype:
         raise ConfigError(
             f"the device profile ({device.model}) sends cuts as "
@@ -331,8 +347,21 @@ def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") 
         )
     head, whole = _head_costs(device, statistic)
     tails = {c.cut: c.tail_s for c in server.cuts}
+
+    def cpu(head_cpu_s: float, wire_bytes: int) -> float | None:
+        if statistic != "quota":
+            return None
+        return request_cpu_s + head_cpu_s + wire_bytes * byte_cost_s
+
     rows = [
-        CutCost(c.cut, head(c), tails[c.cut], c.sent_bytes, device.answer_bytes)
+        CutCost(
+            c.cut,
+            head(c),
+            tails[c.cut],
+            c.sent_bytes,
+            device.answer_bytes,
+            cpu(c.head_cpu_s, c.sent_bytes + device.answer_bytes),
+        )
         for c in device.cuts
         if c.cut in tails
     ]
@@ -341,7 +370,7 @@ def cost_table(device: Profile, server: Profile, statistic: Statistic = "wall") 
             f"the device profile ({device.model}) and the server profile ({server.model}) "
             "share no cut"
         )
-    return [*rows, CutCost(ALL_LOCAL, whole, 0.0, 0)]
+    return [*rows, CutCost(ALL_LOCAL, whole, 0.0, 0, 0, cpu(device.whole_cpu_s, 0))]
 
 
 def _head_costs(
@@ -352,14 +381,16 @@ def _head_costs(
         return (lambda c: c.head_s), device.whole_s
     if device.threads != 1:
         raise ConfigError(
-            f"statistic cpu needs a device profile taken with 1 thread ({device.model} was "
-            f"taken with {device.threads}: the runtime's other threads are not timed)"
+            f"statistic {statistic} needs a device profile taken with 1 thread ({device.model} "
+            f"was taken with {device.threads}: the runtime's other threads are not timed)"
         )
     if device.wall_per_cpu <= 0 or device.whole_cpu_s <= 0:
         raise ConfigError(
-            f"statistic cpu: the device profile of {device.model} has no CPU times (taken "
-            "before they were recorded): profile it again"
+            f"statistic {statistic}: the device profile of {device.model} has no CPU times "
+            "(taken before they were recorded): profile it again"
         )
+    if statistic == "quota":
+        return (lambda c: c.head_cpu_s), device.whole_cpu_s
     scale = device.wall_per_cpu
     return (lambda c: c.head_cpu_s * scale), device.whole_cpu_s * scale
 
