@@ -4,6 +4,7 @@ and tail, profile and explain the plan, measure the link to a running daemon."""
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_explain_plans_with_a_profile_taken_before(tmp_path: Path) -> None:
     assert rows[ALL_LOCAL]["head_ms"] == pytest.approx(want)
     text = run_cli("partition", str(DIGITS), "--explain", "--profile", str(device), *link[:4])
     assert "noisy: 1 heads' runs disagree" in text.stdout
+    # the quota statistic: heads at their CPU time, every row bounded by the CPU limit given
+    by_quota = run_cli(
+        "partition", str(DIGITS), "--explain", "--profile", str(device), *link,
+        "--statistic", "quota", "--cpu-limit", "1/8", "--request-cpu-ms", "3",
+    )  # fmt: skip
+    assert by_quota.returncode == 0, by_quota.stderr
+    planned = json.loads(by_quota.stdout)
+    assert planned["cpu_limit"] == {"quota_ms": 1.0, "period_ms": 8.0}
+    rows = {r["cut"]: r for r in planned["estimates"]}
+    local_cpu = 3 + data["whole_cpu_s"] * 1000  # >= 3 ms of CPU: three periods' waits
+    assert rows[ALL_LOCAL]["head_ms"] == pytest.approx(data["whole_cpu_s"] * 1000)
+    assert rows[ALL_LOCAL]["bound_ms"] == pytest.approx(
+        (math.ceil(local_cpu) - 1) * 8 + local_cpu - (math.ceil(local_cpu) - 1)
+    )
+    assert rows[ALL_LOCAL]["total_ms"] == pytest.approx(rows[ALL_LOCAL]["bound_ms"])
+    table = run_cli(
+        "partition", str(DIGITS), "--explain", "--profile", str(device), *link[:4],
+        "--statistic", "quota", "--cpu-limit", "1/8",
+    )  # fmt: skip
+    assert "limit ms" in table.stdout.splitlines()[0]
+    assert "1 ms of CPU per 8 ms (12.5% of a CPU)" in table.stdout
     for flags, message in (
         (["--profile", str(device)], "--profile is what --explain plans with"),
         (
@@ -166,6 +188,24 @@ def test_explain_for_the_devices_cpu(tmp_path: Path) -> None:
         (["--explain"], "--explain needs the link"),
         (["--cut", "hidden", "--wire-dtype", "INT8", "--out", "x"], "invalid choice: 'INT8'"),
         (["--explain", "--rtt-ms", "1", "--bandwidth-mbit", "1", "--margin", "2"], "margin 2.0"),
+        (
+            [
+                "--explain",
+                "--rtt-ms",
+                "1",
+                "--bandwidth-mbit",
+                "1",
+                "--statistic",
+                "quota",
+                "--cpu-limit",
+                "8",
+            ],
+            "expected QUOTA_MS/PERIOD_MS",
+        ),
+        (
+            ["--explain", "--rtt-ms", "1", "--bandwidth-mbit", "1", "--request-cpu-ms", "-1"],
+            "--request-cpu-ms and --byte-cost-ns must be >= 0",
+        ),
     ],
 )
 def test_bad_requests_are_named(flags: list[str], message: str) -> None:

@@ -202,3 +202,33 @@ def test_the_margin_never_moves_a_choice_of_all_local_or_all_remote() -> None:
     assert plan(CLOSE, fast).choice.cut == INPUTS_CUT
     with pytest.raises(ConfigError, match=r"margin 1\.0 must be in"):
         plan(CLOSE, fast, margin=1.0)
+
+
+def test_a_cpu_limit_bounds_each_cut_by_its_cpu_per_request() -> None:
+    """Under 1 ms of CPU per 8 ms, a cut whose request needs 4.1 ms of device CPU waits four
+    periods where one needing 3.9 ms waits three: the plan sees it though the parts' sums
+    say otherwise (the shape measured in docs/partition.md, Run 6)."""
+    from edged.partition.quota import CpuLimit
+
+    link = Link(rtt_s=0.005, bandwidth_bps=80 * MB)
+    costs = (
+        # sends more, a shorter head: 3.9 ms of device CPU a request
+        CutCost("early", head_s=0.0007, tail_s=0.0065, sent_bytes=110_000, device_cpu_s=0.0039),
+        # sends less, a longer head: 4.1 ms
+        CutCost("late", head_s=0.0014, tail_s=0.0055, sent_bytes=55_000, device_cpu_s=0.0041),
+        CutCost(ALL_LOCAL, head_s=0.006, tail_s=0.0, sent_bytes=0, device_cpu_s=0.009),
+    )
+    assert plan(costs, link).choice.cut == ALL_LOCAL  # no limit: the sums (6 ms)
+    limit = CpuLimit(0.001, 0.008)
+    bounded = plan(costs, link, cpu_limit=limit)
+    rows = {e.cut: e for e in bounded.estimates}
+    assert rows["early"].bound_s == pytest.approx(0.0249)
+    assert rows["late"].bound_s == pytest.approx(0.0321)
+    assert rows[ALL_LOCAL].total_s == pytest.approx(0.065)
+    assert rows["early"].total_s == pytest.approx(0.0249)  # the bound, not the sum (23.2)
+    assert bounded.choice.cut == "early"
+    # without a CPU figure a row is not bounded; a negative one is refused
+    unknown = plan((CutCost("x", 0.001, 0.001, 10),), link, cpu_limit=limit)
+    assert unknown.choice.bound_s == 0.0
+    with pytest.raises(ConfigError, match="negative cost"):
+        plan((CutCost("x", 0.001, 0.001, 10, device_cpu_s=-1.0),), link, cpu_limit=limit)

@@ -76,6 +76,26 @@ def test_the_cost_table_charges_heads_by_the_statistic(
     assert table["<local>"].head_s == pytest.approx(whole)
 
 
+def test_the_quota_statistic_charges_cpu_and_carries_the_cpu_per_request() -> None:
+    device = _measured()
+    table = {
+        c.cut: c
+        for c in profile.cost_table(device, device, "quota", request_cpu_s=0.003, byte_cost_s=1e-9)
+    }
+    # a head costs its CPU time; the request's device CPU adds the daemon's and the bytes'
+    assert table["early"].head_s == pytest.approx(0.001)
+    assert table["early"].device_cpu_s == pytest.approx(0.003 + 0.001 + (50_000 + 8) * 1e-9)
+    assert table[graph.INPUTS_CUT].device_cpu_s == pytest.approx(0.003 + 600_008e-9)
+    assert table["<local>"].head_s == pytest.approx(0.018)
+    assert table["<local>"].device_cpu_s == pytest.approx(0.021)
+    # the other statistics carry none: nothing for a limit to bound
+    assert all(c.device_cpu_s is None for c in profile.cost_table(device, device, "cpu"))
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        profile.cost_table(device, device, "quota", request_cpu_s=-0.001)
+    with pytest.raises(ConfigError, match="statistic quota needs a device profile taken"):
+        profile.cost_table(_measured(threads=2), device, "quota")
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [
