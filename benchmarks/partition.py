@@ -57,8 +57,10 @@ a cost per request and a cost per byte on the wire (``--request-cpu-ms``,
 ``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
 text lines (no root, no daemons).
 
-Needs root (network namespaces, tc, cgroup v1 cpu). Prints a table on stderr, JSON on stdout.
-Never pass/fail.
+Needs root (network namespaces, tc, cgroup v1 cpu). Where cgroup v1 ``cpuacct`` is mounted
+too, every confirmed cut also records the device's CPU per request (``device_cpu_ms``) and
+the time its quota held it back (``throttled_ms``), beside its head's profiled CPU time
+(``head_cpu_ms``). Prints a table on stderr, JSON on stdout. Never pass/fail.
 
 ``--replan``: the daemon's re-planning instead (docs/partition.md "Re-planning"). The same
 namespace and veth, the server in the namespace serving the digits model's tails, the device

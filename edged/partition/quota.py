@@ -5,9 +5,10 @@ what it does to one request's time on the device.
 Under a quota the kernel lets the group's threads run ``quota`` of CPU time per ``period``
 and then holds them until the period ends. A request that needs more CPU than one quota
 pays the rest of a period for each quota it uses up, however short its parts are: measured
-on a device at 1 ms per 8 ms (docs/partition.md, "Run 6"), a request's latency was
-:meth:`CpuLimit.bound_s` of the CPU the device spent on it to within a few per cent for 7
-of 9 cuts, where the profile's per-part wall times missed by a period either way.
+on a device at 1 ms per 8 ms (docs/partition.md, "Run 6"), the latency of 6 of 7 cuts was
+the greater of :meth:`CpuLimit.bound_s` of the CPU the device spent on a request and the
+parts' sum, to within 5 %; the seventh took one period more. The profile's per-part wall
+times had missed by a period either way.
 
 Pure but for :func:`detect`, which reads this process's cgroup files.
 """
