@@ -52,6 +52,9 @@ itself) and the device's CPU per request besides the model, measured first on th
 all-local and all-remote cuts (the cgroup's cpuacct, less the profile's CPU for the model):
 a cost per request and a cost per byte on the wire (``--request-cpu-ms``,
 ``--byte-cost-ns``), what a deployed device can measure of itself.
+``--trial K`` prototypes a daemon that tries its finalists as served: each statistic's K cuts
+of least estimate are served ``--requests`` requests each and the fastest kept (``trial`` in
+the JSON; its choice is confirmed like the planner's).
 ``--instance N`` runs beside another run (its own namespace, veth, addresses, cgroup).
 
 ``--accuracy N``: what FP16 on the wire does to the answers, at every cut, for N rendered
@@ -518,6 +521,15 @@ def parse_args() -> argparse.Namespace:
         "F), from one device profile per setting, side by side: e.g. wall,cpu,wall+margin=0.05",
     )
     parser.add_argument(
+        "--trial",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also serve each statistic's K cuts of least estimate, --requests requests "
+        "each, and keep the fastest (a prototype of the daemon trying finalists); its choice "
+        "is confirmed with the others",
+    )
+    parser.add_argument(
         "--profile-once",
         action="store_true",
         help="profile the device once per quota (edged partition --profile-out in its "
@@ -803,13 +815,26 @@ def measure_setting(
     estimates = {e["cut"]: e["total_ms"] for e in explained["estimates"]}
     rows = {e["cut"]: e for e in explained["estimates"]}
     requests = max(5, args.requests // 3) if mbit < 5 else args.requests
+    trial: dict[str, Any] = {}
+    if args.trial:
+        # a prototype of serving the finalists: each statistic's --trial cuts of least
+        # estimate, served --requests requests each (in rounds), the fastest kept
+        finalists = sorted(
+            {
+                e["cut"]
+                for p in plans.values()
+                for e in sorted(p["estimates"], key=lambda e: e["total_ms"])[: args.trial]
+            }
+        )
+        tried = end_to_end_ms(device.address, {c: names[c] for c in finalists}, x, requests)
+        trial = {"finalists": tried, "choice": min(tried, key=lambda c: tried[c])}
     screened = end_to_end_ms(device.address, names, x, requests)
     # the minimum of many noisy medians is biased low (the winner's curse), and neighbouring
     # cuts differ by less than this machine's noise: the planner's choice, all local, all
     # remote and the three best of the screening are measured again, --confirm requests each
     splits = [c for c in screened if c not in (ALL_LOCAL, graph.INPUTS_CUT)]
     best_three = sorted(splits, key=lambda c: screened[c])[:3]
-    choices = {p["choice"] for p in plans.values()}
+    choices = {p["choice"] for p in plans.values()} | ({trial["choice"]} if trial else set())
     finalists = {*choices, ALL_LOCAL, graph.INPUTS_CUT, *best_three}
     confirm = max(5, args.confirm // 3) if mbit < 5 else args.confirm
     detail = end_to_end(
@@ -862,6 +887,21 @@ def measure_setting(
             }
             for statistic, p in plans.items()
         },
+        **(
+            {
+                "trial": {
+                    "finalists_ms": {c: round(v, 3) for c, v in trial["finalists"].items()},
+                    "choice": trial["choice"],
+                    "measured_ms": round(measured[trial["choice"]], 3),
+                    "choice_over_best": round(measured[trial["choice"]] / measured[best], 3),
+                    "chosen_speedup_over_better_of_local_remote": round(
+                        min(local, remote_only) / measured[trial["choice"]], 3
+                    ),
+                }
+            }
+            if trial
+            else {}
+        ),
         "requests_per_cut": {"screening": requests, "confirmation": confirm},
         **({"device_request_cost": request_cost} if request_cost else {}),
         "per_cut": {
@@ -891,6 +931,12 @@ def measure_setting(
         + ", ".join(
             f"{k} {v['choice']} {v['measured_ms']} ms"
             for k, v in row["planner_by_statistic"].items()
+        )
+        + (
+            f"; trial of {len(trial['finalists'])}: {trial['choice']} "
+            f"{row['trial']['measured_ms']} ms"
+            if trial
+            else ""
         )
     )
     return row
