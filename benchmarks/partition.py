@@ -666,8 +666,9 @@ def main() -> int:
                 run_quota(args, side, quota, device_repo, whole, work, names, x, results)
         finally:
             server.stop()
-            with contextlib.suppress(OSError):
-                CGROUP.rmdir()
+            for group in (CGROUP, CPUACCT):
+                with contextlib.suppress(OSError):
+                    group.rmdir()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
