@@ -112,8 +112,8 @@ HOST_IF, NS_IF = "edb-host", "edb-srv"
 HOST_IP, NS_IP = "10.77.0.1", "10.77.0.2"
 SERVER_PORT = 18001
 CGROUP = Path("/sys/fs/cgroup/cpu/edged-bench-device")
-#: the same processes' CPU time, to the nanosecond (cgroup v1 keeps it in its own hierarchy)
-CPUACCT = Path("/sys/fs/cgroup/cpuacct/edged-bench-device")
+#: where cgroup v1 keeps the same processes' CPU time, to the nanosecond
+CPUACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
 SHAPE = (1, 3, 96, 384)
 """The classifier's input: twice its native 48x192 per side, so that compute, not the
 serving path's fixed cost, dominates (the model takes any height and width)."""
@@ -259,10 +259,16 @@ class Daemon:
             self.proc.kill()
 
 
+def cpuacct() -> Path:
+    """The device's cpuacct group: named as its cpu group (:data:`CGROUP`, which an instance
+    or another benchmark renames)."""
+    return CPUACCT_ROOT / CGROUP.name
+
+
 def in_cgroup() -> list[str]:
     enter = f"echo $$ > {CGROUP}/cgroup.procs"
-    if CPUACCT.is_dir():
-        enter += f" && echo $$ > {CPUACCT}/cgroup.procs"
+    if cpuacct().is_dir():
+        enter += f" && echo $$ > {cpuacct()}/cgroup.procs"
     return ["sh", "-c", f'{enter} && exec "$@"', "sh"]
 
 
@@ -270,7 +276,7 @@ def device_clock() -> tuple[int, int] | None:
     """The device cgroup's (CPU ns used, ns throttled by its quota) so far; None where the
     kernel does not keep them (no cgroup v1 cpuacct, not root)."""
     try:
-        used = int((CPUACCT / "cpuacct.usage").read_text())
+        used = int((cpuacct() / "cpuacct.usage").read_text())
         stat = dict(line.split() for line in (CGROUP / "cpu.stat").read_text().splitlines())
         return used, int(stat["throttled_time"])
     except (OSError, KeyError, ValueError):
@@ -283,7 +289,7 @@ def set_quota(percent: float) -> None:
     stalls a period at a time). 100 or more: no quota."""
     CGROUP.mkdir(exist_ok=True)
     with contextlib.suppress(OSError):
-        CPUACCT.mkdir(exist_ok=True)
+        cpuacct().mkdir(exist_ok=True)
     # the group's weight against the rest of a shared machine: the quota, not other work,
     # is what slows the device (10240: a task's weight at nice -10)
     (CGROUP / "cpu.shares").write_text(str(PRIORITY_SHARES))
@@ -666,7 +672,7 @@ def main() -> int:
                 run_quota(args, side, quota, device_repo, whole, work, names, x, results)
         finally:
             server.stop()
-            for group in (CGROUP, CPUACCT):
+            for group in (CGROUP, cpuacct()):
                 with contextlib.suppress(OSError):
                     group.rmdir()
     text = json.dumps(results, indent=2)

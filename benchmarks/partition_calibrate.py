@@ -507,7 +507,7 @@ def main() -> int:
         try:
             serve(args, results, server_repo, device_repo, names, x)
         finally:
-            for group in (bench.CGROUP, SERVER_CGROUP):
+            for group in (bench.CGROUP, bench.cpuacct(), SERVER_CGROUP):
                 with contextlib.suppress(OSError):
                     group.rmdir()
     log(f"requests {results.get('requests_total')}, failed {results.get('requests_failed_total')}")
